@@ -1,0 +1,196 @@
+"""What exists in the cluster, read through the Proxmox API (read-only).
+
+One read is two calls: ``GET /access/permissions?path=/vms`` (a token without
+``VM.Audit`` gets an *empty list*, not an error, from the list endpoints, so the
+privilege is checked first) and ``GET /cluster/resources?type=vm``, which lists
+every guest of the cluster in one answer, offline nodes' guests included (with
+status ``unknown``).  Anything less than a complete, sure answer raises
+:class:`InventoryError`; callers then delete nothing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, Iterable
+
+import requests
+from proxmoxer import ProxmoxAPI
+from proxmoxer.core import ResourceException
+
+from .config import Settings
+from .timeutil import utcnow
+
+logger = logging.getLogger(__name__)
+
+DESTROY_TASK_TYPES = frozenset({"vzdestroy", "qmdestroy"})
+
+
+class InventoryError(Exception):
+    """The inventory could not be read completely and surely.
+
+    ``kind`` is a short machine word (unreachable, timeout, http, auth,
+    privilege, malformed) used in stats and metrics; the message says what
+    happened without any secret.
+    """
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Guest:
+    vmid: int
+    node: str
+    type: str
+    status: str
+    name: str | None = None
+    template: bool = False
+    lock: str | None = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    guests: dict[int, Guest]
+    read_at: datetime = field(default_factory=utcnow)
+    read_seconds: float = 0.0
+
+    def __contains__(self, vmid: object) -> bool:
+        return vmid in self.guests
+
+    def get(self, vmid: int) -> Guest | None:
+        return self.guests.get(vmid)
+
+    @classmethod
+    def of(cls, guests: Iterable[Guest], read_at: datetime | None = None) -> "Inventory":
+        return cls({g.vmid: g for g in guests}, read_at or utcnow())
+
+
+@dataclass(frozen=True)
+class Task:
+    upid: str
+    node: str
+    type: str
+    vmid: int | None
+    status: str | None
+    endtime: int | None
+
+
+def parse_guests(entries: object) -> dict[int, Guest]:
+    """Validate ``/cluster/resources?type=vm`` data; raise on anything odd.
+
+    A half-understood answer must not become "these guests are gone".
+    """
+    if not isinstance(entries, list):
+        raise InventoryError("malformed", "/cluster/resources did not return a list")
+    guests: dict[int, Guest] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise InventoryError("malformed", "/cluster/resources returned a non-object entry")
+        if entry.get("type") not in ("lxc", "qemu"):
+            continue  # nodes, storage, pools: not guests
+        vmid = entry.get("vmid")
+        if isinstance(vmid, str) and vmid.isdigit():
+            vmid = int(vmid)
+        if not isinstance(vmid, int) or isinstance(vmid, bool) or not isinstance(entry.get("node"), str):
+            raise InventoryError("malformed", "/cluster/resources returned a guest without vmid or node")
+        guests[vmid] = Guest(
+            vmid=vmid,
+            node=entry["node"],
+            type=entry["type"],
+            status=str(entry.get("status") or "unknown"),
+            name=entry.get("name"),
+            template=bool(entry.get("template")),
+            lock=entry.get("lock"),
+        )
+    return guests
+
+
+def parse_tasks(entries: object) -> list[Task]:
+    if not isinstance(entries, list):
+        raise InventoryError("malformed", "/cluster/tasks did not return a list")
+    tasks = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("upid"), str):
+            continue
+        raw_id = str(entry.get("id") or "")
+        tasks.append(Task(
+            upid=entry["upid"],
+            node=str(entry.get("node") or ""),
+            type=str(entry.get("type") or ""),
+            vmid=int(raw_id) if raw_id.isdigit() else None,
+            status=entry.get("status"),
+            endtime=entry.get("endtime") if isinstance(entry.get("endtime"), int) else None,
+        ))
+    return tasks
+
+
+class ProxmoxInventory:
+    """Reads the inventory with an API token; one instance per process."""
+
+    def __init__(self, settings: Settings, on_read: Callable[[float, str], None] | None = None):
+        self._settings = settings
+        self._api = ProxmoxAPI(
+            settings.pve_host,
+            port=settings.pve_port,
+            user=settings.pve_user,
+            token_name=settings.pve_token_name,
+            token_value=settings.pve_token_value,
+            verify_ssl=settings.pve_verify_ssl,
+            timeout=settings.pve_timeout,
+            service="PVE",
+        )
+        self._on_read = on_read
+
+    def _get(self, what: str, call: Callable[[], object]) -> object:
+        try:
+            return call()
+        except ResourceException as exc:
+            if exc.status_code == 401:
+                raise InventoryError("auth", f"{what}: HTTP 401, the API token was refused") from None
+            if exc.status_code == 403:
+                raise InventoryError("privilege", f"{what}: HTTP 403, the token lacks a privilege") from None
+            raise InventoryError("http", f"{what}: HTTP {exc.status_code} {exc.status_message}") from None
+        except requests.exceptions.Timeout:
+            raise InventoryError("timeout", f"{what}: no answer within {self._settings.pve_timeout:g} s") from None
+        except requests.exceptions.SSLError:
+            raise InventoryError("tls", f"{what}: TLS verification failed (see PVE_VERIFY_SSL)") from None
+        except requests.exceptions.ConnectionError:
+            raise InventoryError("unreachable", f"{what}: cannot connect to {self._settings.pve_host}:{self._settings.pve_port}") from None
+        except requests.exceptions.RequestException as exc:
+            raise InventoryError("http", f"{what}: {type(exc).__name__}") from None
+        except ValueError:
+            raise InventoryError("malformed", f"{what}: the answer is not JSON") from None
+
+    def check_privileges(self) -> None:
+        perms = self._get("/access/permissions", lambda: self._api.access.permissions.get(path="/vms"))
+        privileges = perms.get("/vms") if isinstance(perms, dict) else None
+        if not isinstance(privileges, dict) or not privileges.get("VM.Audit"):
+            raise InventoryError(
+                "privilege",
+                "the API token lacks VM.Audit on /vms: Proxmox would answer with an empty or partial "
+                "guest list (grant the PVEAuditor role, see docs/install.md)",
+            )
+
+    def read(self) -> Inventory:
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            self.check_privileges()
+            entries = self._get("/cluster/resources", lambda: self._api.cluster.resources.get(type="vm"))
+            guests = parse_guests(entries)
+            outcome = "ok"
+        finally:
+            elapsed = time.monotonic() - started
+            if self._on_read:
+                self._on_read(elapsed, outcome)
+        return Inventory(guests, utcnow(), elapsed)
+
+    def tasks(self) -> list[Task]:
+        return parse_tasks(self._get("/cluster/tasks", lambda: self._api.cluster.tasks.get()))
+
+    def version(self) -> dict:
+        data = self._get("/version", lambda: self._api.version.get())
+        return data if isinstance(data, dict) else {}

@@ -1,0 +1,101 @@
+"""Put a removed row back from its audit copy.
+
+A restore refuses, changing nothing, when the row's key or any UNIQUE value
+(VMID, hostname, ports...) is taken by now: the platform has moved on and a
+person must decide.  A marked row gets its old status back, if it still has
+the mark.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from . import store
+from .table import PlatformTable, write_transaction
+from .timeutil import utcnow
+
+logger = logging.getLogger(__name__)
+
+
+class RestoreRefused(Exception):
+    """The restore cannot be done safely; nothing was changed."""
+
+
+class AuditNotFound(Exception):
+    pass
+
+
+@dataclass
+class Restored:
+    audit_id: int
+    row_key: str
+    action: str
+    message: str
+
+
+def unique_column_sets(table: PlatformTable) -> list[tuple[str, ...]]:
+    inspector = sa.inspect(table.engine)
+    sets = [(table.pk.name,)]
+    for uc in inspector.get_unique_constraints(table.settings.table):
+        sets.append(tuple(uc["column_names"]))
+    for ix in inspector.get_indexes(table.settings.table):
+        if ix.get("unique") and all(ix.get("column_names") or [None]):
+            sets.append(tuple(ix["column_names"]))
+    return list(dict.fromkeys(sets))
+
+
+def restore(table: PlatformTable, audit_id: int) -> Restored:
+    t = table.table
+    unique_sets = unique_column_sets(table)
+    with write_transaction(table.engine) as conn:
+        entry = conn.execute(sa.select(store.audit).where(store.audit.c.id == audit_id)).mappings().first()
+        if entry is None:
+            raise AuditNotFound(f"no audit entry {audit_id}")
+        if entry["restored_at"] is not None:
+            raise RestoreRefused(f"audit entry {audit_id} was already restored at {entry['restored_at']:%Y-%m-%d %H:%M:%S} UTC")
+        if entry["table_name"] != table.settings.table:
+            raise RestoreRefused(f"audit entry {audit_id} is for table {entry['table_name']!r}, "
+                                 f"not {table.settings.table!r}")
+        row = store.decode_row(entry["row_json"])
+        key = row.get(table.pk.name)
+        if entry["action"] == "mark":
+            message = _unmark(conn, table, row, key)
+        else:
+            values = {k: v for k, v in row.items() if k in t.c}
+            for columns in unique_sets:
+                if any(values.get(c) is None for c in columns):
+                    continue  # NULLs never collide in a UNIQUE constraint
+                taken = conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                    sa.and_(*(t.c[c] == values[c] for c in columns)))).scalar_one()
+                if taken:
+                    shown = ", ".join(f"{c}={values[c]!r}" for c in columns)
+                    raise RestoreRefused(f"cannot restore audit entry {audit_id}: {shown} is taken by another row now")
+            try:
+                with conn.begin_nested():
+                    conn.execute(t.insert().values(values))
+            except IntegrityError as exc:
+                raise RestoreRefused(f"cannot restore audit entry {audit_id}: the database refused it "
+                                     f"({type(exc.orig).__name__}: a UNIQUE value or a reference is taken)") from None
+            message = f"row {key} (VMID {entry['vmid']}) is back in {table.settings.table}"
+        conn.execute(store.audit.update().where(store.audit.c.id == audit_id).values(restored_at=utcnow()))
+        store.add_counters(conn, {"rows_restored": 1})
+    logger.info("restored audit entry %s: %s", audit_id, message)
+    return Restored(audit_id, str(key), entry["action"], message)
+
+
+def _unmark(conn, table: PlatformTable, row: dict, key) -> str:
+    if table.status is None:
+        raise RestoreRefused("CLEANUP_STATUS_COLUMN is not set: cannot undo a mark")
+    old_status = row.get(table.status.name)
+    changed = conn.execute(
+        table.table.update()
+        .where(table.pk == key, table.status == table.settings.mark_status)
+        .values({table.status.name: old_status})
+    ).rowcount
+    if changed != 1:
+        raise RestoreRefused(f"row {key} no longer exists or no longer has status "
+                             f"{table.settings.mark_status!r}: nothing to undo")
+    return f"row {key} has status {old_status!r} again"

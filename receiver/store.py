@@ -1,0 +1,208 @@
+"""pve-janitor's own tables, kept in the platform database under ``janitor_``.
+
+Keeping them beside the platform table is what makes "audit in the same
+transaction as the deletion" possible, and lets counters, the event inbox and
+the sweep lease survive restarts and be shared by several receivers.
+
+Timestamps are stored as naive UTC (portable across SQLite, PostgreSQL and
+MariaDB) and come back timezone-aware.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import json
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .timeutil import isoformat, parse_timestamp, utcnow
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        return parse_timestamp(value)
+
+
+metadata = sa.MetaData()
+
+audit = sa.Table(
+    "janitor_audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("table_name", sa.String(128), nullable=False),
+    sa.Column("row_key", sa.String(255), nullable=False),
+    sa.Column("vmid", sa.BigInteger),
+    sa.Column("hostname", sa.String(255)),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("detail", sa.Text),
+    sa.Column("row_json", sa.Text, nullable=False),
+    sa.Column("removed_at", UTCDateTime, nullable=False),
+    sa.Column("restored_at", UTCDateTime),
+    sa.Index("ix_janitor_audit_removed_at", "removed_at"),
+)
+
+counters = sa.Table(
+    "janitor_counters", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+runs = sa.Table(
+    "janitor_runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("finished_at", UTCDateTime, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("planned", sa.Integer, nullable=False),
+    sa.Column("applied", sa.Integer, nullable=False),
+    sa.Column("duration_s", sa.Float, nullable=False),
+)
+
+errors = sa.Table(
+    "janitor_errors", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+COUNTERS = ("ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed",
+            "rows_marked", "rows_restored")
+KEEP_ERRORS = 50
+KEEP_RUNS = 500
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create our tables when missing and seed the counters (idempotent, safe to race)."""
+    metadata.create_all(engine, checkfirst=True)
+    with engine.begin() as conn:
+        present = set(conn.execute(sa.select(counters.c.name)).scalars())
+        missing = [{"name": n, "value": 0} for n in COUNTERS if n not in present]
+        if missing:
+            try:
+                with conn.begin_nested():
+                    conn.execute(counters.insert(), missing)
+            except sa.exc.IntegrityError:
+                pass  # another receiver seeded them first
+
+
+def add_counters(conn: Connection, deltas: dict[str, int]) -> None:
+    params = [{"n": name, "d": delta} for name, delta in deltas.items() if delta]
+    if params:
+        conn.execute(
+            counters.update().where(counters.c.name == sa.bindparam("n"))
+            .values(value=counters.c.value + sa.bindparam("d")),
+            params,
+        )
+
+
+def read_counters(conn: Connection) -> dict[str, int]:
+    values = {n: 0 for n in COUNTERS}
+    values.update({r.name: int(r.value) for r in conn.execute(sa.select(counters))})
+    return values
+
+
+def record_error(engine: Engine, source: str, message: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(errors.insert().values(at=utcnow(), source=source, message=message[:2000]))
+        oldest_kept = conn.execute(
+            sa.select(errors.c.id).order_by(errors.c.id.desc()).offset(KEEP_ERRORS).limit(1)
+        ).scalar()
+        if oldest_kept is not None:
+            conn.execute(errors.delete().where(errors.c.id <= oldest_kept))
+
+
+def recent_errors(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
+    rows = conn.execute(sa.select(errors).order_by(errors.c.id.desc()).limit(limit)).mappings()
+    return [{"at": isoformat(r["at"]), "source": r["source"], "message": r["message"]} for r in rows]
+
+
+def record_run(engine: Engine, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(runs.insert().values(**values))
+        oldest_kept = conn.execute(
+            sa.select(runs.c.id).order_by(runs.c.id.desc()).offset(KEEP_RUNS).limit(1)
+        ).scalar()
+        if oldest_kept is not None:
+            conn.execute(runs.delete().where(runs.c.id <= oldest_kept))
+
+
+def last_run(conn: Connection, source: str | None = None) -> dict[str, Any] | None:
+    stmt = sa.select(runs).order_by(runs.c.id.desc()).limit(1)
+    if source:
+        stmt = stmt.where(runs.c.source == source)
+    row = conn.execute(stmt).mappings().first()
+    if row is None:
+        return None
+    out = dict(row)
+    out["started_at"] = isoformat(out["started_at"])
+    out["finished_at"] = isoformat(out["finished_at"])
+    return out
+
+
+def last_success_time(conn: Connection) -> dt.datetime | None:
+    return conn.execute(
+        sa.select(sa.func.max(runs.c.finished_at)).where(runs.c.outcome.in_(("done", "nothing")))
+    ).scalar()
+
+
+# Row values <-> JSON, losslessly, for the audit copy.
+
+def encode_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dt.datetime):
+        return {"$t": "datetime", "v": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {"$t": "date", "v": value.isoformat()}
+    if isinstance(value, dt.time):
+        return {"$t": "time", "v": value.isoformat()}
+    if isinstance(value, decimal.Decimal):
+        return {"$t": "decimal", "v": str(value)}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$t": "bytes", "v": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, uuid.UUID):
+        return {"$t": "uuid", "v": str(value)}
+    if isinstance(value, (dict, list)):
+        return {"$t": "json", "v": value}
+    return {"$t": "str", "v": str(value)}
+
+
+def decode_value(value: Any) -> Any:
+    if not isinstance(value, dict) or "$t" not in value:
+        return value
+    kind, raw = value["$t"], value["v"]
+    return {
+        "datetime": dt.datetime.fromisoformat,
+        "date": dt.date.fromisoformat,
+        "time": dt.time.fromisoformat,
+        "decimal": decimal.Decimal,
+        "bytes": base64.b64decode,
+        "uuid": uuid.UUID,
+    }.get(kind, lambda v: v)(raw)
+
+
+def encode_row(row: dict[str, Any]) -> str:
+    return json.dumps({k: encode_value(v) for k, v in row.items()}, sort_keys=True)
+
+
+def decode_row(text: str) -> dict[str, Any]:
+    return {k: decode_value(v) for k, v in json.loads(text).items()}

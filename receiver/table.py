@@ -1,0 +1,215 @@
+"""The platform's table, reflected, and the engine that reaches it.
+
+pve-janitor never defines the platform's schema: it reflects the table named
+by ``CLEANUP_TABLE`` and checks, at start, that every mapped column exists.
+Columns outside the mapping are never written, but they are read whole into
+the audit copy so that a restore puts back exactly what was removed.
+
+SQLite gets a busy timeout and write transactions that take the write lock
+up front (``BEGIN IMMEDIATE``), so a concurrent platform writer waits briefly
+instead of failing with "database is locked" half-way through our change.
+On SQLite, date/time columns are read as the text that is stored: SQLite has
+no date type and platforms store several formats, which we parse ourselves
+(:mod:`receiver.timeutil`) and write back unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+
+from .config import ConfigError, Settings, redact_url
+from .plan import Row
+from .timeutil import parse_timestamp
+
+logger = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+CHUNK = 500  # keys per IN list: well under every backend's bound-parameter limit
+
+
+class DatabaseError(Exception):
+    """The database could not be reached or answered with an error."""
+
+
+def make_engine(url: str) -> Engine:
+    """One engine per process; SQLite with a busy timeout and IMMEDIATE writes."""
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise ConfigError([f"DATABASE_URL={redact_url(url)!r} cannot be used: {type(exc).__name__}: "
+                           f"{_first_line(exc)}"]) from None
+    if engine.dialect.name == "sqlite":
+        _tune_sqlite(engine)
+    return engine
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """The exception's kind and first line, without SQLAlchemy's SQL dump and parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {_first_line(orig)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised through every SQLite test
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves, below
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # pragma: no cover - exercised through every SQLite test
+        immediate = conn.get_execution_options().get("sqlite_immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A short transaction that will write; on SQLite it holds the write lock from the start."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn = conn.execution_options(sqlite_immediate=True)
+        with conn.begin():
+            yield conn
+
+
+def _sqlite_raw_times(inspector, table, column_info) -> None:
+    if isinstance(column_info["type"], (sa.DateTime, sa.Date, sa.Time)):
+        column_info["type"] = sa.String()
+
+
+class PlatformTable:
+    """The reflected platform table and the mapped columns in it."""
+
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        metadata = sa.MetaData()
+        listeners = []
+        if engine.dialect.name == "sqlite":
+            listeners = [("column_reflect", _sqlite_raw_times)]
+        try:
+            self.table = sa.Table(settings.table, metadata, autoload_with=engine, listeners=listeners)
+        except NoSuchTableError:
+            raise ConfigError([f"CLEANUP_TABLE={settings.table!r}: no such table in the database"]) from None
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot read the table {settings.table!r}: {describe_db_error(exc)}") from None
+        problems = [f"{name}={column!r}: no such column in table {settings.table!r}"
+                    for name, column in settings.mapped_columns().items()
+                    if column not in self.table.c]
+        pk = list(self.table.primary_key.columns)
+        if len(pk) != 1:
+            problems.append(f"CLEANUP_TABLE={settings.table!r} needs a single-column primary key "
+                            f"(found {len(pk)})")
+        if problems:
+            raise ConfigError(problems)
+        self.pk = pk[0]
+        self.vmid = self.table.c[settings.vmid_column]
+        self.updated = self.table.c[settings.updated_column] if settings.updated_column else None
+        self.status = self.table.c[settings.status_column] if settings.status_column else None
+
+    def _col(self, name: str) -> sa.Column | None:
+        return self.table.c[name] if name else None
+
+    def _select_mapped(self) -> sa.Select:
+        s = self.settings
+        columns = [self.pk, self.vmid]
+        for name in (s.hostname_column, s.status_column, s.created_column, s.updated_column, *s.port_columns):
+            if name:
+                columns.append(self.table.c[name])
+        return sa.select(*dict.fromkeys(columns))  # a column mapped twice is selected once
+
+    def _to_row(self, m: Any) -> Row:
+        s = self.settings
+        raw_vmid = m[self.vmid.name]
+        return Row(
+            key=m[self.pk.name],
+            vmid=_as_vmid(raw_vmid),
+            hostname=m[s.hostname_column] if s.hostname_column else None,
+            status=str(m[s.status_column]) if s.status_column and m[s.status_column] is not None else None,
+            created_at=parse_timestamp(m[s.created_column]) if s.created_column else None,
+            updated_at=parse_timestamp(m[s.updated_column]) if s.updated_column else None,
+            ports=tuple(m[c] for c in s.port_columns),
+            raw_vmid=raw_vmid,
+            raw_updated=m[s.updated_column] if s.updated_column else None,
+        )
+
+    def fetch_rows(self, vmids: Sequence[int] | None = None) -> list[Row]:
+        """The mapped columns of every row (or of rows with these VMIDs), in one read."""
+        stmt = self._select_mapped()
+        try:
+            with self.engine.connect() as conn:
+                if vmids is None:
+                    result = conn.execute(stmt).mappings().all()
+                else:
+                    result = []
+                    for part in chunks(sorted(set(vmids))):
+                        result.extend(conn.execute(stmt.where(self.vmid.in_(part))).mappings().all())
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot read table {self.settings.table!r}: {describe_db_error(exc)}") from None
+        return [self._to_row(m) for m in result]
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
+
+    def observed_guard(self, rows: Sequence[Row]) -> sa.ColumnElement[bool]:
+        """WHERE clause matching these rows only while key, VMID and updated_at are as observed.
+
+        Set-based: rows are grouped by which observed values are NULL, and
+        each group becomes one tuple IN list.
+        """
+        groups: dict[tuple[bool, bool], list[Row]] = {}
+        for row in rows:
+            groups.setdefault((row.raw_vmid is None, self.updated is None or row.raw_updated is None), []).append(row)
+        clauses = []
+        for (vmid_null, updated_null), members in groups.items():
+            cols = [self.pk]
+            conds = []
+            if vmid_null:
+                conds.append(self.vmid.is_(None))
+            else:
+                cols.append(self.vmid)
+            if self.updated is not None:
+                if updated_null:
+                    conds.append(self.updated.is_(None))
+                else:
+                    cols.append(self.updated)
+            values = []
+            for row in members:
+                value = [row.key]
+                if not vmid_null:
+                    value.append(row.raw_vmid)
+                if self.updated is not None and not updated_null:
+                    value.append(row.raw_updated)
+                values.append(tuple(value))
+            if len(cols) == 1:
+                match = self.pk.in_([v[0] for v in values])
+            else:
+                match = sa.tuple_(*cols).in_(values)
+            clauses.append(sa.and_(match, *conds))
+        return sa.or_(*clauses)
+
+
+def _as_vmid(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.isdigit() else None
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,154 @@
+"""Shared fixtures: real databases (SQLite files, PostgreSQL, MariaDB), the simulator, the CLI.
+
+PostgreSQL and MariaDB tests run when JANITOR_TEST_POSTGRES_URL /
+JANITOR_TEST_MYSQL_URL are set (``.ci/run`` sets both, so in CI they are
+mandatory: an unreachable server fails them) and skip with that reason
+otherwise.  Each test gets its own schema (PostgreSQL) or database (MariaDB),
+dropped afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from receiver.config import load_settings
+from receiver.fakepve import ProxmoxSimulator
+from receiver.runtime import Runtime
+from receiver.scene import load_into, seed_database
+from receiver.table import make_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ENV, MY_ENV = "JANITOR_TEST_POSTGRES_URL", "JANITOR_TEST_MYSQL_URL"
+
+
+@dataclass
+class Database:
+    kind: str
+    url: str
+    engine: sa.Engine
+
+
+def _server_database(kind: str) -> Iterator[Database]:
+    env = PG_ENV if kind == "postgres" else MY_ENV
+    base = os.environ.get(env)
+    if not base:
+        pytest.skip(f"{kind} tests need {env} (set by .ci/run; e.g. "
+                    f"{'postgresql+psycopg://postgres@127.0.0.1:5432/test' if kind == 'postgres' else 'mysql+pymysql://root@127.0.0.1:3306/test'})")
+    name = f"jt_{secrets.token_hex(6)}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    url_obj = sa.engine.make_url(base)
+    with admin.connect() as conn:
+        if kind == "postgres":
+            conn.exec_driver_sql(f"CREATE SCHEMA {name}")
+            url = url_obj.update_query_dict({"options": f"-csearch_path={name}"}).render_as_string(hide_password=False)
+        else:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+            url = url_obj.set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    try:
+        yield Database(kind, url, engine)
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {name} CASCADE" if kind == "postgres" else f"DROP DATABASE {name}")
+        admin.dispose()
+
+
+def _sqlite_database(tmp_path: Path) -> Iterator[Database]:
+    url = f"sqlite:///{tmp_path / 'platform.db'}"
+    engine = make_engine(url)
+    yield Database("sqlite", url, engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    yield from _sqlite_database(tmp_path)
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[Database]:
+    yield from _server_database("postgres")
+
+
+@pytest.fixture
+def mysql_db() -> Iterator[Database]:
+    yield from _server_database("mysql")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mysql", marks=pytest.mark.mysql)])
+def any_db(request, tmp_path) -> Iterator[Database]:
+    """The same test on SQLite, PostgreSQL and MariaDB."""
+    if request.param == "sqlite":
+        yield from _sqlite_database(tmp_path)
+    else:
+        yield from _server_database(request.param)
+
+
+@pytest.fixture
+def sim() -> Iterator[ProxmoxSimulator]:
+    with ProxmoxSimulator(nodes=("pve1", "pve2")).start() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def seed_sim(sim) -> ProxmoxSimulator:
+    load_into(sim, "seed")
+    return sim
+
+
+def janitor_env(sim: ProxmoxSimulator, db: Database, **extra: Any) -> dict[str, str]:
+    """The environment a user would export: simulator connection + database + extras."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEANUP_", "PVE_", "DATABASE_URL"))}
+    env.update(sim.env())
+    env["DATABASE_URL"] = db.url
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def make_runtime(sim: ProxmoxSimulator, db: Database, **overrides: Any) -> Runtime:
+    settings = load_settings(env=janitor_env(sim, db), overrides=overrides)
+    return Runtime.build(settings, engine=db.engine)
+
+
+def cli_command() -> list[str]:
+    script = Path(sys.executable).with_name("pve-janitor")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "receiver.cli"]
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> CliResult:
+    proc = subprocess.run(cli_command() + args, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def seeded(any_db) -> Database:
+    seed_database(any_db.engine)
+    return any_db
+
+
+def table_vmids(db: Database, table: str = "apps") -> list[int | None]:
+    with db.engine.connect() as conn:
+        return sorted(conn.execute(sa.text(f"SELECT lxc_id FROM {table}")).scalars(),
+                      key=lambda v: (v is None, v or 0))
