@@ -65,14 +65,16 @@ def restore(table: PlatformTable, audit_id: int) -> Restored:
             message = _unmark(conn, table, row, key)
         else:
             values = {k: v for k, v in row.items() if k in t.c}
+            taken = []
             for columns in unique_sets:
                 if any(values.get(c) is None for c in columns):
                     continue  # NULLs never collide in a UNIQUE constraint
-                taken = conn.execute(sa.select(sa.func.count()).select_from(t).where(
-                    sa.and_(*(t.c[c] == values[c] for c in columns)))).scalar_one()
-                if taken:
-                    shown = ", ".join(f"{c}={values[c]!r}" for c in columns)
-                    raise RestoreRefused(f"cannot restore audit entry {audit_id}: {shown} is taken by another row now")
+                if conn.execute(sa.select(sa.func.count()).select_from(t).where(
+                        sa.and_(*(t.c[c] == values[c] for c in columns)))).scalar_one():
+                    taken.append(", ".join(f"{c}={values[c]!r}" for c in columns))
+            if taken:
+                raise RestoreRefused(f"cannot restore audit entry {audit_id}: taken by another row now: "
+                                     + "; ".join(taken))
             try:
                 with conn.begin_nested():
                     conn.execute(t.insert().values(values))

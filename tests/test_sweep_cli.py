@@ -1,0 +1,194 @@
+"""`pve-janitor sweep`, `history`, `restore`, `check` as real subprocesses.
+
+Against the simulator over HTTPS, on SQLite files and (when configured, always
+in CI) PostgreSQL and MariaDB.
+"""
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from receiver import store
+from receiver.scene import ERROR_VMIDS, RUNNING_VMIDS, create_apps_table, app_row, seed_database
+from conftest import janitor_env, run_cli, table_vmids
+from datetime import timedelta
+
+
+def snapshot(db, table="apps"):
+    with db.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id")).mappings()]
+
+
+def audit_count(db):
+    with db.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(store.audit)).scalar_one()
+
+
+def counters(db):
+    with db.engine.connect() as conn:
+        return store.read_counters(conn)
+
+
+def test_seed_scene_guard_then_force_leaves_exactly_the_six(seed_sim, seeded):
+    env = janitor_env(seed_sim, seeded)
+    before = snapshot(seeded)
+    refused = run_cli(["sweep"], env)
+    assert refused.code == 3, refused.err
+    assert "CLEANUP_MAX_DELETE_PERCENT" in refused.out
+    assert snapshot(seeded) == before
+
+    forced = run_cli(["sweep", "--force", "--json"], env)
+    assert forced.code == 0, forced.err
+    result = forced.json()
+    assert result["outcome"] == "done" and result["applied"] == 41
+    assert table_vmids(seeded) == list(RUNNING_VMIDS)
+    assert audit_count(seeded) == 41
+    c = counters(seeded)
+    assert (c["ghost_apps_removed"], c["total_removed"], c["ports_freed"]) == (41, 41, 82)
+
+    again = run_cli(["sweep", "--json"], env)
+    assert again.code == 0 and again.json()["outcome"] == "nothing"
+    assert audit_count(seeded) == 41
+
+
+def test_dry_run_plans_and_changes_nothing(seed_sim, seeded):
+    env = janitor_env(seed_sim, seeded)
+    before = snapshot(seeded)
+    result = run_cli(["sweep", "--dry-run", "--force", "--json"], env)
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["outcome"] == "dry_run"
+    assert sorted(a["vmid"] for a in data["planned"]) == list(ERROR_VMIDS)
+    assert {a["reason"] for a in data["planned"]} == {"ghost"}
+    assert {r["kind"] for r in data["reports"]} == {"unmanaged_guest"}
+    assert snapshot(seeded) == before and audit_count(seeded) == 0
+    env["CLEANUP_DRY_RUN"] = "true"
+    assert run_cli(["sweep", "--force"], env).code == 0
+    assert snapshot(seeded) == before
+
+
+def test_readable_plan_table(seed_sim, seeded):
+    out = run_cli(["sweep", "--dry-run"], janitor_env(seed_sim, seeded)).out
+    header = next(line for line in out.splitlines() if "ACTION" in line)
+    for column in ("ROW", "VMID", "HOSTNAME", "STATUS", "AGE", "REASON"):
+        assert column in header
+    assert "app120.apps.local" in out and "unmanaged_guest" in out
+    assert out.strip().splitlines()[-1].startswith("sweep")
+
+
+FAIL_CLOSED = {
+    "refused": lambda sim, env: sim.set_fault("refuse"),
+    "timeout": lambda sim, env: (sim.set_fault("slow", delay=3.0), env.update(PVE_TIMEOUT="1")),
+    "http500": lambda sim, env: sim.set_fault("http500"),
+    "http401": lambda sim, env: env.update(PVE_TOKEN_VALUE="wrong-token-value"),
+    "no VM.Audit": lambda sim, env: sim.set_vm_audit(False),
+    "empty inventory": lambda sim, env: [sim.destroy_guest(v) if sim.guest(v) else None for v in list(sim.vmids())],
+}
+
+
+@pytest.mark.parametrize("fault", list(FAIL_CLOSED))
+def test_fail_closed_changes_nothing_and_exits_3_even_with_force(seed_sim, seeded, fault):
+    env = janitor_env(seed_sim, seeded)
+    for v in list(seed_sim.vmids()):
+        if seed_sim.guest(v)["status"] == "running" and fault == "empty inventory":
+            seed_sim.stop_guest(v)
+    FAIL_CLOSED[fault](seed_sim, env)
+    before = snapshot(seeded)
+    result = run_cli(["sweep", "--force", "--json"], env)
+    assert result.code == 3, (result.out, result.err)
+    assert result.json()["outcome"] == "refused"
+    assert snapshot(seeded) == before and audit_count(seeded) == 0
+    assert "wrong-token-value" not in result.out + result.err
+    assert seed_sim.env()["PVE_TOKEN_VALUE"] not in result.out + result.err
+
+
+def test_offline_node_rows_are_kept(seed_sim, seeded):
+    seed_sim.set_node_online("pve2", False)
+    result = run_cli(["sweep", "--force", "--json"], janitor_env(seed_sim, seeded))
+    assert result.code == 0, result.err
+    assert table_vmids(seeded) == list(RUNNING_VMIDS)  # pve2's running apps included
+
+
+def test_restore_round_trip_and_refusal_when_unique_value_taken(seed_sim, seeded):
+    env = janitor_env(seed_sim, seeded)
+    before = {r["lxc_id"]: r for r in snapshot(seeded)}
+    assert run_cli(["sweep", "--force"], env).code == 0
+    entries = run_cli(["history", "--limit", "100", "--json"], env).json()
+    assert len(entries) == 41 and all(e["reason"] == "ghost" for e in entries)
+    by_vmid = {e["vmid"]: e["id"] for e in entries}
+
+    ok = run_cli(["restore", str(by_vmid[120])], env)
+    assert ok.code == 0, ok.err
+    restored = {r["lxc_id"]: r for r in snapshot(seeded)}[120]
+    assert restored == before[120]
+    assert run_cli(["restore", str(by_vmid[120])], env).code == 3  # already restored
+
+    # The platform re-used app121's hostname for a new app: restoring 121 must refuse.
+    with seeded.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO apps (name, lxc_id, hostname, status) "
+                             "VALUES ('new', 500, 'app121.apps.local', 'running')"))
+    state = snapshot(seeded)
+    refused = run_cli(["restore", str(by_vmid[121])], env)
+    assert refused.code == 3 and "hostname" in refused.err and "taken" in refused.err
+    assert snapshot(seeded) == state
+    assert run_cli(["restore", "99999"], env).code == 1
+
+
+def test_mark_action_marks_and_restore_unmarks(seed_sim, seeded):
+    env = janitor_env(seed_sim, seeded, CLEANUP_ACTION="mark")
+    assert run_cli(["sweep", "--force"], env).code == 0
+    rows = snapshot(seeded)
+    assert len(rows) == 47
+    assert sorted(r["lxc_id"] for r in rows if r["status"] == "destroyed") == list(ERROR_VMIDS)
+    assert run_cli(["sweep", "--json"], env).json()["outcome"] == "nothing"
+    entry = run_cli(["history", "--limit", "1", "--json"], env).json()[0]
+    assert entry["action"] == "mark"
+    assert run_cli(["restore", str(entry["id"])], env).code == 0
+    assert {r["lxc_id"]: r["status"] for r in snapshot(seeded)}[entry["vmid"]] == "error"
+
+
+def test_bad_settings_exit_2_naming_every_variable(seed_sim, sqlite_db):
+    seed_database(sqlite_db.engine)
+    env = janitor_env(seed_sim, sqlite_db, CLEANUP_DRY_RUN="perhaps", CLEANUP_ACTION="nuke")
+    result = run_cli(["sweep"], env)
+    assert result.code == 2
+    assert "CLEANUP_DRY_RUN" in result.err and "CLEANUP_ACTION" in result.err
+    assert "Traceback" not in result.err
+
+    env = janitor_env(seed_sim, sqlite_db, CLEANUP_HOSTNAME_COLUMN="host_name", CLEANUP_TABLE="apps")
+    result = run_cli(["sweep"], env)
+    assert result.code == 2 and "CLEANUP_HOSTNAME_COLUMN" in result.err and "host_name" in result.err
+    result = run_cli(["sweep"], janitor_env(seed_sim, sqlite_db, CLEANUP_TABLE="deployments"))
+    assert result.code == 2 and "CLEANUP_TABLE" in result.err
+
+
+def test_unreachable_database_is_a_clear_error(seed_sim, tmp_path):
+    env = janitor_env(seed_sim, type("D", (), {"url": "postgresql+psycopg://nobody:pw@127.0.0.1:1/x"})())
+    result = run_cli(["sweep"], env)
+    assert result.code == 3 and "database" in result.err and "Traceback" not in result.err
+    assert "pw@" not in result.err
+
+
+def test_check_reports_each_line(seed_sim, seeded):
+    env = janitor_env(seed_sim, seeded)
+    ok = run_cli(["check"], env)
+    assert ok.code == 0, ok.out
+    assert [line.split()[0] for line in ok.out.splitlines()] == ["ok"] * 5
+    seed_sim.set_vm_audit(False)
+    bad = run_cli(["check"], env)
+    assert bad.code == 3 and "FAILED" in bad.out and "VM.Audit" in bad.out
+
+
+def test_young_and_protected_rows_survive_a_real_sweep(sim, sqlite_db):
+    table = create_apps_table(sqlite_db.engine)
+    sim.add_guest(100)
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(table.insert(), [
+            app_row(100, "running", age=timedelta(days=1)),
+            app_row(201, "deploying", age=timedelta(days=1)),
+            app_row(202, "running", age=timedelta(minutes=2)),
+            app_row(203, "running", age=timedelta(days=1)),
+        ])
+    result = run_cli(["sweep", "--json"], janitor_env(sim, sqlite_db))
+    assert result.code == 0, result.err
+    assert table_vmids(sqlite_db) == [100, 201, 202]
