@@ -84,6 +84,42 @@ errors = sa.Table(
     sa.Column("message", sa.Text, nullable=False),
 )
 
+inbox = sa.Table(
+    "janitor_inbox", metadata,
+    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("vmid", sa.BigInteger, nullable=False),
+    sa.Column("phase", sa.String(16), nullable=False),
+    sa.Column("node", sa.String(64), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("received_at", UTCDateTime, nullable=False),
+    sa.Column("processed_at", UTCDateTime),
+    sa.Index("ix_janitor_inbox_processed_at", "processed_at"),
+)
+
+watch = sa.Table(
+    "janitor_watch", metadata,
+    sa.Column("vmid", sa.BigInteger, primary_key=True),
+    sa.Column("since", UTCDateTime, nullable=False),
+    sa.Column("until", UTCDateTime, nullable=False),
+    sa.Column("hint", sa.String(16), nullable=False),  # stop event or destroy task
+    sa.Column("missing_reads", sa.Integer, nullable=False, server_default="0"),
+)
+
+stop_marks = sa.Table(
+    "janitor_stop_marks", metadata,
+    sa.Column("table_name", sa.String(128), primary_key=True),
+    sa.Column("row_key", sa.String(255), primary_key=True),
+    sa.Column("vmid", sa.BigInteger, nullable=False),
+    sa.Column("marked_at", UTCDateTime, nullable=False),
+)
+
+lease = sa.Table(
+    "janitor_lease", metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("holder", sa.String(128), nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)
+
 COUNTERS = ("ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed",
             "rows_marked", "rows_restored")
 KEEP_ERRORS = 50

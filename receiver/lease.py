@@ -1,0 +1,81 @@
+"""The sweep lease: with several receivers on one database, exactly one watches and sweeps.
+
+A row in ``janitor_lease`` names its holder and an expiry.  The holder renews
+it every watcher tick; when it dies, the row expires and the next receiver to
+try takes it over, within the TTL.  Receivers' clocks are compared, so keep
+them in NTP sync (the TTL is seconds; skew should be far below it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from . import store
+from .table import write_transaction
+from .timeutil import utcnow
+
+logger = logging.getLogger(__name__)
+
+NAME = "sweeper"
+
+
+class Lease:
+    def __init__(self, engine: Engine, ttl_seconds: float, holder: str | None = None):
+        self.engine = engine
+        self.ttl = timedelta(seconds=ttl_seconds)
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held = False
+
+    def acquire(self) -> bool:
+        """Take or renew the lease; True while this process holds it."""
+        t = store.lease
+        now = utcnow()
+        try:
+            with write_transaction(self.engine) as conn:
+                stmt = sa.select(t).where(t.c.name == NAME)
+                if conn.dialect.name != "sqlite":
+                    stmt = stmt.with_for_update()
+                row = conn.execute(stmt).mappings().first()
+                if row is None:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(t.insert().values(name=NAME, holder=self.holder, expires_at=now + self.ttl))
+                        held = True
+                    except IntegrityError:
+                        held = False
+                elif row["holder"] == self.holder or row["expires_at"] <= now:
+                    conn.execute(t.update().where(t.c.name == NAME)
+                                 .values(holder=self.holder, expires_at=now + self.ttl))
+                    held = True
+                else:
+                    held = False
+        except SQLAlchemyError as exc:
+            logger.warning("lease: database error %s; acting as follower", type(exc).__name__)
+            held = False
+        if held != self.held:
+            logger.info("lease %s by %s", "taken" if held else "lost", self.holder)
+        self.held = held
+        return held
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(store.lease.delete().where(store.lease.c.name == NAME,
+                                                        store.lease.c.holder == self.holder))
+        except SQLAlchemyError:
+            logger.warning("lease: could not release; it expires by itself")
+        self.held = False
+
+    def current_holder(self) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(store.lease).where(store.lease.c.name == NAME)).mappings().first()
+        return row["holder"] if row and row["expires_at"] > utcnow() else None

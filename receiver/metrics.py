@@ -1,0 +1,49 @@
+"""Prometheus metrics, on a registry of the app's own (so tests can build many apps).
+
+The watcher, the sweep and the HTTP side report here; ``GET /metrics`` renders it.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.removals = Counter("pve_janitor_rows_removed", "Rows removed or marked, by reason and source",
+                                ["reason", "source"], registry=r)
+        self.sweeps = Counter("pve_janitor_sweeps", "Sweeps, by outcome", ["outcome"], registry=r)
+        self.events = Counter("pve_janitor_events", "Hookscript events received, by phase and outcome",
+                              ["phase", "outcome"], registry=r)
+        self.inventory_reads = Histogram(
+            "pve_janitor_inventory_read_seconds", "Latency of inventory reads from the Proxmox API",
+            ["outcome"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.watched = Gauge("pve_janitor_watched_vmids", "VMIDs on the watch list", registry=r)
+        self.inbox_backlog = Gauge("pve_janitor_inbox_backlog", "Events received but not yet processed",
+                                   registry=r)
+        self.last_success = Gauge("pve_janitor_last_successful_sweep_timestamp_seconds",
+                                  "Unix time of the last sweep that completed (done or nothing to do)",
+                                  registry=r)
+        self.watcher_errors = Counter("pve_janitor_watcher_errors", "Watcher ticks that could not complete, "
+                                      "by kind", ["kind"], registry=r)
+        self.leader = Gauge("pve_janitor_leader", "1 when this receiver holds the sweep lease", registry=r)
+
+    def removal(self, reason: str, source: str, n: int = 1) -> None:
+        if n:
+            self.removals.labels(reason=reason, source=source).inc(n)
+
+    def sweep(self, outcome: str) -> None:
+        self.sweeps.labels(outcome=outcome).inc()
+
+    def event(self, phase: str, outcome: str) -> None:
+        self.events.labels(phase=phase, outcome=outcome).inc()
+
+    def inventory_read(self, seconds: float, outcome: str) -> None:
+        self.inventory_reads.labels(outcome=outcome).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
