@@ -66,6 +66,27 @@ def _init_logging(ctx: click.Context, settings: Settings, level: int | None = No
     setup_logging(level or ctx.obj["log_level"], settings.secrets())
 
 
+# --- serve -----------------------------------------------------------------
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the receiver: HTTP API, watcher and the scheduled sweep."""
+    from .serve import serve as run_server
+
+    settings = _settings()
+    _init_logging(ctx, settings, logging.INFO)
+    try:
+        code = run_server(settings)
+    except ConfigError as exc:
+        _fail(EXIT_CONFIG, ["configuration error:"] + [f"  {p}" for p in exc.problems])
+    except DatabaseError as exc:
+        _fail(EXIT_REFUSED, f"database error: {exc}")
+    except OSError as exc:
+        _fail(EXIT_CONFIG, f"CLEANUP_BIND={settings.bind_host}:{settings.bind_port}: cannot listen: {exc.strerror}")
+    sys.exit(code)
+
+
 # --- sweep -----------------------------------------------------------------
 
 @main.command()

@@ -118,8 +118,13 @@ class PlatformTable:
         self.updated = self.table.c[settings.updated_column] if settings.updated_column else None
         self.status = self.table.c[settings.status_column] if settings.status_column else None
 
-    def _col(self, name: str) -> sa.Column | None:
-        return self.table.c[name] if name else None
+    def key_from_text(self, text: str) -> Any:
+        """A primary key value stored as text (audit, stop marks) back in the column's type."""
+        try:
+            python_type = self.pk.type.python_type
+        except NotImplementedError:
+            return text
+        return int(text) if python_type is int else text
 
     def _select_mapped(self) -> sa.Select:
         s = self.settings

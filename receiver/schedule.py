@@ -1,0 +1,37 @@
+"""The periodic sweep, on APScheduler; started from ``serve`` only.
+
+One job: a sweep at start, then every ``CLEANUP_INTERVAL_MINUTES``.
+``max_instances=1`` and ``coalesce=True``: a slow sweep is never run twice at
+once, and missed runs collapse into one.  With several receivers, only the
+lease holder sweeps.
+"""
+from __future__ import annotations
+
+import logging
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from .lease import Lease
+from .sweep import Sweeper
+from .timeutil import utcnow
+
+logger = logging.getLogger(__name__)
+
+JOB_ID = "pve-janitor-sweep"
+
+
+def sweep_job(sweeper: Sweeper, lease: Lease | None) -> None:
+    if lease is not None and not lease.acquire():
+        logger.info("scheduled sweep skipped: another receiver holds the lease")
+        return
+    if sweeper.try_run(source="sweep") is None:
+        logger.info("scheduled sweep skipped: a sweep is already running")
+
+
+def make_scheduler(sweeper: Sweeper, interval_minutes: int, lease: Lease | None = None,
+                   first_run_now: bool = True) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(timezone="UTC", daemon=True)
+    first = {"next_run_time": utcnow()} if first_run_now else {}
+    scheduler.add_job(sweep_job, "interval", minutes=interval_minutes, args=(sweeper, lease), id=JOB_ID,
+                      max_instances=1, coalesce=True, misfire_grace_time=None, **first)
+    return scheduler

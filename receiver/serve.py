@@ -1,0 +1,81 @@
+"""``pve-janitor serve``: the receiver, its watcher and its scheduled sweep, in one process.
+
+Waitress serves the app: a pure-Python production WSGI server with a thread
+pool, no fork model to reason about (the watcher and the scheduler are threads
+of this one process) and clean shutdown on SIGTERM: it stops taking requests
+and lets the requests in flight finish.  Then the scheduler and the watcher
+are shut down (each finishes its transaction in flight) and the process exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import waitress
+
+from .app import create_app
+from .config import Settings
+from .inbox import Inbox
+from .lease import Lease
+from .metrics import Metrics
+from .plan import GHOST, OLD_ERROR
+from .runtime import Runtime
+from .schedule import make_scheduler
+from .sweep import SweepResult
+from .watcher import Watcher
+
+logger = logging.getLogger(__name__)
+
+HTTP_THREADS = 8
+
+
+def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
+    metrics.sweep(result.outcome)
+    if result.applied:
+        for reason in (GHOST, OLD_ERROR):
+            metrics.removal(reason, source, sum(1 for a in result.applied.applied if a.reason == reason))
+    if result.outcome in ("done", "nothing") and result.started_at is not None:
+        metrics.last_success.set(result.started_at.timestamp() + result.duration_s)
+
+
+def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Everything ``serve`` runs, wired but not started (tests start what they need)."""
+    metrics = Metrics()
+    runtime = runtime or Runtime.build(settings, on_read=metrics.inventory_read)
+    runtime.sweeper.on_result = lambda result, source: record_sweep(metrics, result, source)
+    inbox = Inbox(runtime.engine)
+    lease = Lease(runtime.engine, settings.lease_seconds)
+    watcher = Watcher(runtime, inbox, metrics, lease)
+    scheduler = make_scheduler(runtime.sweeper, settings.interval_minutes, lease)
+    app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics,
+                     scheduler=scheduler)
+    return {"runtime": runtime, "metrics": metrics, "inbox": inbox, "lease": lease, "watcher": watcher,
+            "scheduler": scheduler, "app": app}
+
+
+def _stop_on_signal(signum, _frame) -> None:
+    raise SystemExit(0)
+
+
+def serve(settings: Settings) -> int:
+    parts = build(settings)
+    server = waitress.create_server(parts["app"], host=settings.bind_host, port=settings.bind_port,
+                                    threads=HTTP_THREADS, ident="pve-janitor")
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    parts["watcher"].start()
+    parts["scheduler"].start()
+    logger.info("pve-janitor %s listening on http://%s:%s (sweep every %s min, %s)",
+                "receiver", settings.bind_host, server.effective_port, settings.interval_minutes,
+                "enabled" if settings.enabled else "DISABLED: nothing is changed")
+    try:
+        server.run()  # returns after SIGTERM/SIGINT, once requests in flight are done
+    finally:
+        logger.info("shutting down: scheduler, watcher")
+        server.close()
+        parts["scheduler"].shutdown(wait=True)
+        parts["watcher"].stop()
+        parts["runtime"].engine.dispose()
+    logger.info("stopped")
+    return 0

@@ -1,0 +1,315 @@
+"""The watcher: turns stop events and destroy tasks into removals within seconds.
+
+Proxmox has no destroy hook (PROXMOX.md).  A stop event only says "this guest
+may be about to disappear", so its VMID goes on a watch list (in the
+database: it survives restarts and fail-over).  Every tick reads the inventory
+ONCE for all watched VMIDs, however many there are:
+
+* gone on two consecutive reads: its rows go through the sweep's planner and
+  apply path (grace period, protected statuses, audit, observed-value guard),
+  with source ``event``;
+* stopped: rows in the running status are set to ``CLEANUP_STOP_STATUS`` (and
+  remembered, so a start can set them back);
+* running again after having been seen stopped, or a start event: off the
+  list, and the rows we had marked stopped go back to ``CLEANUP_RUNNING_STATUS``.
+
+Every ``CLEANUP_TASK_POLL_SECONDS`` it also reads ``/cluster/tasks``: a
+finished ``vzdestroy``/``qmdestroy`` not seen before puts its VMID on the list;
+that catches the destroy of a guest that was already stopped, which fires no
+hook.  An inventory failure removes nothing and keeps every VMID watched.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import store
+from .apply import apply_actions
+from .inbox import START_PHASES, STOP_PHASES, Inbox
+from .inventory import DESTROY_TASK_TYPES, Inventory, InventoryError
+from .lease import Lease
+from .metrics import Metrics
+from .plan import GHOST, make_plan
+from .runtime import Runtime
+from .table import chunks, write_transaction
+from .timeutil import isoformat, utcnow
+
+logger = logging.getLogger(__name__)
+
+CONFIRMING_READS = 2
+
+
+class Watcher:
+    def __init__(self, runtime: Runtime, inbox: Inbox, metrics: Metrics | None = None,
+                 lease: Lease | None = None, clock: Callable[[], datetime] = utcnow):
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.inbox = inbox
+        self.metrics = metrics or Metrics()
+        self.lease = lease
+        self.clock = clock
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen_tasks: set[str] = set()
+        self._next_task_poll = 0.0
+        self._last_status: dict[int, str] = {}
+        self.watched: list[int] = []
+        self.leader = lease is None
+        self.last_tick: datetime | None = None
+        self.last_error: str | None = None
+        self.ticks = 0
+
+    # --- thread ----------------------------------------------------------------
+
+    def start(self) -> "Watcher":
+        self._thread = threading.Thread(target=self._loop, name="pve-janitor-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Finish the tick in flight, then stop."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+        if self.lease:
+            self.lease.release()
+
+    def wake(self) -> None:
+        """An event arrived: drain the inbox now instead of at the next tick."""
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive())
+
+    def _loop(self) -> None:
+        interval = self.settings.watch_interval_seconds
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            woken = self._wake.wait(max(0.0, next_tick - time.monotonic()))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                if woken and time.monotonic() < next_tick:
+                    self.drain_inbox()  # cheap: no inventory read between ticks
+                    continue
+                next_tick = time.monotonic() + interval
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything; it says what
+                logger.exception("watcher tick failed")
+                self._error("internal", f"{type(exc).__name__}: {exc}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "watched": list(self.watched),
+            "leader": self.leader,
+            "alive": self.alive(),
+            "last_tick": isoformat(self.last_tick),
+            "last_error": self.last_error,
+        }
+
+    def _error(self, kind: str, message: str) -> None:
+        self.last_error = message
+        self.metrics.watcher_errors.labels(kind=kind).inc()
+        logger.warning("watcher: %s", message)
+        try:
+            store.record_error(self.runtime.engine, "watcher", message)
+        except SQLAlchemyError:
+            pass
+
+    # --- one tick --------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Drain events, poll tasks when due, read the inventory once, act."""
+        now = self.clock()
+        self.last_tick = now
+        self.ticks += 1
+        if self.lease is not None:
+            self.leader = self.lease.acquire()
+            self.metrics.leader.set(1 if self.leader else 0)
+            if not self.leader:
+                self.watched = []
+                return
+        if not self.settings.enabled:
+            return
+        try:
+            self.drain_inbox(now)
+            self._poll_tasks(now)
+            self._check_watched(now)
+        except SQLAlchemyError as exc:
+            self._error("database", f"database error {type(exc).__name__}; will retry")
+
+    def drain_inbox(self, now: datetime | None = None) -> int:
+        if (self.lease is not None and not self.leader) or not self.settings.enabled:
+            return 0
+        now = now or self.clock()
+        events = self.inbox.pending()
+        if not events:
+            return 0
+        until = now + timedelta(seconds=self.settings.watch_seconds)
+        started: set[int] = set()
+        with write_transaction(self.runtime.engine) as conn:
+            watched = _watch_rows(conn)
+            for event in events:
+                if event.phase in STOP_PHASES:
+                    _upsert_watch(conn, watched, event.vmid, now, until, "stop")
+                    started.discard(event.vmid)
+                elif event.phase in START_PHASES:
+                    if event.vmid in watched:
+                        conn.execute(store.watch.delete().where(store.watch.c.vmid == event.vmid))
+                        del watched[event.vmid]
+                    started.add(event.vmid)
+            self.inbox.mark_processed(conn, [e.event_id for e in events], now)
+            for vmid in started:
+                self._unmark_stopped(conn, vmid)
+                self._last_status.pop(vmid, None)
+            self.watched = sorted(watched)
+        self.metrics.watched.set(len(self.watched))
+        return len(events)
+
+    def _poll_tasks(self, now: datetime) -> None:
+        if time.monotonic() < self._next_task_poll:
+            return
+        self._next_task_poll = time.monotonic() + self.settings.task_poll_seconds
+        try:
+            tasks = self.runtime.inventory.tasks()
+        except InventoryError as exc:
+            self._error(exc.kind, f"task poll failed: {exc}")
+            return
+        current = {t.upid for t in tasks}
+        hints = [t for t in tasks if t.type in DESTROY_TASK_TYPES and t.endtime and t.vmid is not None
+                 and t.upid not in self._seen_tasks]
+        self._seen_tasks = (self._seen_tasks & current) | {t.upid for t in hints}
+        if not hints:
+            return
+        until = now + timedelta(seconds=self.settings.watch_seconds)
+        with write_transaction(self.runtime.engine) as conn:
+            watched = _watch_rows(conn)
+            for task in hints:
+                logger.info("watcher: %s of %s on %s finished: checking", task.type, task.vmid, task.node)
+                _upsert_watch(conn, watched, task.vmid, now, until, "task")
+
+    def _check_watched(self, now: datetime) -> None:
+        with write_transaction(self.runtime.engine) as conn:
+            conn.execute(store.watch.delete().where(store.watch.c.until < now))
+            watched = _watch_rows(conn)
+        self.watched = sorted(watched)
+        self.metrics.watched.set(len(watched))
+        if not watched:
+            return
+        try:
+            inventory = self.runtime.inventory.read()
+        except InventoryError as exc:
+            self._error(exc.kind, f"inventory unreadable, nothing removed, {len(watched)} VMIDs still "
+                                  f"watched: {exc}")
+            return
+        if not inventory.guests and self.runtime.table.count() > 0:
+            self._error("empty_inventory", "Proxmox listed no guests while the table has rows "
+                                           "(token without VM.Audit?): nothing removed")
+            return
+        self.last_error = None
+
+        gone, stopped, running_again, missing_counts = [], [], [], {}
+        for vmid, row in watched.items():
+            guest = inventory.get(vmid)
+            if guest is None:
+                missing_counts[vmid] = row["missing_reads"] + 1
+                if missing_counts[vmid] >= CONFIRMING_READS:
+                    gone.append(vmid)
+                continue
+            if row["missing_reads"]:
+                missing_counts[vmid] = 0
+            if guest.status == "stopped":
+                stopped.append(vmid)
+            elif guest.status == "running" and self._last_status.get(vmid) == "stopped":
+                running_again.append(vmid)
+            self._last_status[vmid] = guest.status
+
+        removed_vmids = self._remove_gone(gone, now) if gone else set()
+        with write_transaction(self.runtime.engine) as conn:
+            w = store.watch
+            for vmid, count in missing_counts.items():
+                if vmid not in removed_vmids:
+                    conn.execute(w.update().where(w.c.vmid == vmid).values(missing_reads=count))
+            done = sorted(removed_vmids | set(running_again))
+            for part in chunks(done):
+                conn.execute(w.delete().where(w.c.vmid.in_(part)))
+            for vmid in running_again:
+                self._unmark_stopped(conn, vmid)
+                self._last_status.pop(vmid, None)
+            if stopped and self.settings.stop_status and self.settings.status_column:
+                self._mark_stopped(conn, stopped, now)
+        self.watched = sorted(set(watched) - set(done))
+        self.metrics.watched.set(len(self.watched))
+
+    def _remove_gone(self, vmids: list[int], now: datetime) -> set[int]:
+        """Remove the rows of guests gone on two reads; return the VMIDs that are settled."""
+        rows = self.runtime.table.fetch_rows(vmids=vmids)
+        plan = make_plan(rows, Inventory({}, now), now, self.settings)
+        actions = [a for a in plan.actions if a.reason == GHOST]
+        if actions:
+            result = apply_actions(self.runtime.table, actions, source="event", now=now)
+            self.metrics.removal(GHOST, "event", len(result.applied))
+            for action in result.applied:
+                logger.info("watcher: %s row %s (VMID %s): %s", action.action, action.row.key,
+                            action.row.vmid, action.detail)
+            with write_transaction(self.runtime.engine) as conn:
+                for part in chunks([str(a.row.key) for a in result.applied]):
+                    conn.execute(store.stop_marks.delete().where(
+                        store.stop_marks.c.table_name == self.settings.table, store.stop_marks.c.row_key.in_(part)))
+        # A VMID stays watched while a row of it was kept (young, protected): the
+        # grace period may end before the watch does; the sweep is the safety net.
+        kept = {r.vmid for r in rows} - {a.row.vmid for a in actions}
+        for vmid in vmids:
+            self._last_status.pop(vmid, None)
+        return set(vmids) - kept
+
+    def _mark_stopped(self, conn: sa.Connection, vmids: list[int], now: datetime) -> None:
+        table = self.runtime.table
+        s = self.settings
+        keys = conn.execute(sa.select(table.pk, table.vmid).where(
+            table.vmid.in_(vmids), table.status == s.running_status)).all()
+        if not keys:
+            return
+        conn.execute(table.table.update().where(table.pk.in_([k for k, _ in keys]),
+                                                table.status == s.running_status)
+                     .values({table.status.name: s.stop_status}))
+        conn.execute(store.stop_marks.insert(), [
+            {"table_name": s.table, "row_key": str(k), "vmid": int(v), "marked_at": now} for k, v in keys])
+        logger.info("watcher: %d rows of stopped guests %s set to %r", len(keys), vmids, s.stop_status)
+
+    def _unmark_stopped(self, conn: sa.Connection, vmid: int) -> None:
+        s = self.settings
+        marks = store.stop_marks
+        keys = list(conn.execute(sa.select(marks.c.row_key).where(
+            marks.c.table_name == s.table, marks.c.vmid == vmid)).scalars())
+        if not keys or self.runtime.table.status is None:
+            return
+        table = self.runtime.table
+        conn.execute(table.table.update().where(table.pk.in_([table.key_from_text(k) for k in keys]),
+                                                table.status == s.stop_status)
+                     .values({table.status.name: s.running_status}))
+        conn.execute(marks.delete().where(marks.c.table_name == s.table, marks.c.vmid == vmid))
+
+
+def _watch_rows(conn: sa.Connection) -> dict[int, dict[str, Any]]:
+    return {int(r["vmid"]): dict(r) for r in conn.execute(sa.select(store.watch)).mappings()}
+
+
+def _upsert_watch(conn: sa.Connection, watched: dict[int, dict], vmid: int, now: datetime,
+                  until: datetime, hint: str) -> None:
+    w = store.watch
+    if vmid in watched:
+        conn.execute(w.update().where(w.c.vmid == vmid).values(until=until, hint=hint))
+        watched[vmid].update(until=until, hint=hint)
+    else:
+        conn.execute(w.insert().values(vmid=vmid, since=now, until=until, hint=hint, missing_reads=0))
+        watched[vmid] = {"vmid": vmid, "since": now, "until": until, "hint": hint, "missing_reads": 0}

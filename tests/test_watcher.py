@@ -1,0 +1,234 @@
+"""The watcher, tick by tick, against the simulator over HTTPS and a real database."""
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from receiver import store
+from receiver.inbox import Event, Inbox
+from receiver.lease import Lease
+from receiver.scene import app_row, create_apps_table
+from receiver.timeutil import utcnow
+from receiver.watcher import Watcher
+from conftest import make_runtime, table_vmids
+
+_ids = itertools.count(1)
+
+
+def event(vmid, phase, ts=None):
+    n = next(_ids)
+    return Event(f"ev-{n}", vmid, phase, "pve1", float(ts if ts is not None else n))
+
+
+def statuses(db):
+    with db.engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT lxc_id, status FROM apps")).all())
+
+
+def audit_sources(db):
+    with db.engine.connect() as conn:
+        return list(conn.execute(sa.select(store.audit.c.vmid, store.audit.c.source)).all())
+
+
+@pytest.fixture
+def world(sim, any_db):
+    """Guests 100-104 running, each with a day-old row."""
+    table = create_apps_table(any_db.engine)
+    with any_db.engine.begin() as conn:
+        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in range(100, 105)])
+    for v in range(100, 105):
+        sim.add_guest(v, node="pve1" if v % 2 else "pve2", name=f"app{v}.apps.local")
+    runtime = make_runtime(sim, any_db, CLEANUP_TASK_POLL_SECONDS=0.5)
+    inbox = Inbox(runtime.engine)
+    return sim, any_db, runtime, inbox, Watcher(runtime, inbox)
+
+
+def test_stop_then_destroy_removes_the_row_on_the_second_read(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(101)
+    inbox.accept(event(101, "pre-stop"))
+    inbox.accept(event(101, "post-stop"))
+    watcher.tick()
+    assert watcher.watched == [101]
+    assert statuses(db)[101] == "stopped"
+    sim.destroy_guest(101)
+    watcher.tick()
+    assert 101 in table_vmids(db)  # one read is not enough
+    watcher.tick()
+    assert 101 not in table_vmids(db)
+    assert audit_sources(db) == [(101, "event")]
+    assert watcher.watched == []
+    with db.engine.connect() as conn:
+        assert store.read_counters(conn)["ghost_apps_removed"] == 1
+
+
+def test_stopped_guest_is_marked_and_start_sets_it_back(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(102)
+    inbox.accept(event(102, "post-stop"))
+    watcher.tick()
+    watcher.tick()
+    assert statuses(db)[102] == "stopped" and 102 in table_vmids(db)
+    sim.start_guest(102)
+    inbox.accept(event(102, "post-start"))
+    watcher.tick()
+    assert statuses(db)[102] == "running" and watcher.watched == []
+
+
+def test_seen_running_again_after_stopped_leaves_the_list(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(103)
+    inbox.accept(event(103, "post-stop"))
+    watcher.tick()
+    sim.start_guest(103)  # no start event delivered
+    watcher.tick()
+    assert watcher.watched == [] and statuses(db)[103] == "running"
+
+
+def test_pre_stop_while_still_running_keeps_watching(world):
+    sim, db, runtime, inbox, watcher = world
+    inbox.accept(event(104, "pre-stop"))
+    watcher.tick()
+    watcher.tick()
+    assert watcher.watched == [104] and statuses(db)[104] == "running"
+
+
+def test_other_statuses_are_never_touched_on_start(world):
+    sim, db, runtime, inbox, watcher = world
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE apps SET status='maintenance' WHERE lxc_id=100"))
+    sim.stop_guest(100)
+    inbox.accept(event(100, "post-stop"))
+    watcher.tick()
+    assert statuses(db)[100] == "maintenance"
+    inbox.accept(event(100, "post-start"))
+    watcher.tick()
+    assert statuses(db)[100] == "maintenance"
+
+
+def test_destroy_of_stopped_guest_without_event_is_caught_by_the_task_tail(world):
+    sim, db, runtime, inbox, watcher = world
+    watcher.tick()  # first task poll: nothing to see yet
+    sim.stop_guest(104)
+    sim.destroy_guest(104)
+    watcher._next_task_poll = 0  # the next tick polls tasks
+    watcher.tick()
+    assert watcher.watched == [104]
+    watcher.tick()
+    assert 104 not in table_vmids(db)
+
+
+def test_proxmox_down_removes_nothing_then_recovers(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(101)
+    inbox.accept(event(101, "post-stop"))
+    watcher.tick()
+    sim.destroy_guest(101)
+    sim.set_fault("refuse")
+    for _ in range(3):
+        watcher.tick()
+    assert 101 in table_vmids(db) and watcher.watched == [101]
+    assert "inventory unreadable" in (watcher.last_error or "")
+    sim.set_fault(None)
+    watcher.tick()
+    watcher.tick()
+    assert 101 not in table_vmids(db)
+
+
+def test_token_without_vm_audit_removes_nothing(world):
+    sim, db, runtime, inbox, watcher = world
+    for v in (100, 101):
+        inbox.accept(event(v, "post-stop"))
+    sim.set_vm_audit(False)
+    for _ in range(3):
+        watcher.tick()
+    assert table_vmids(db) == [100, 101, 102, 103, 104]
+    assert "VM.Audit" in watcher.last_error
+
+
+def test_young_or_protected_row_of_a_gone_guest_is_kept(world):
+    sim, db, runtime, inbox, watcher = world
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE apps SET status='deploying' WHERE lxc_id=100"))
+    sim.stop_guest(100)
+    sim.destroy_guest(100)
+    inbox.accept(event(100, "post-stop"))
+    for _ in range(3):
+        watcher.tick()
+    assert 100 in table_vmids(db) and watcher.watched == [100]
+
+
+def test_one_inventory_read_per_tick_however_many_are_watched(sim, sqlite_db):
+    table = create_apps_table(sqlite_db.engine)
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in range(100, 400)])
+    for v in range(100, 400):
+        sim.add_guest(v)
+    runtime = make_runtime(sim, sqlite_db, CLEANUP_TASK_POLL_SECONDS=3600)
+    inbox = Inbox(runtime.engine)
+    watcher = Watcher(runtime, inbox)
+    watcher.tick()  # first task poll happens here
+    sim.reset_counts()
+    watcher.tick()
+    assert sim.request_count("/cluster/resources") == 0  # nothing watched: no inventory read
+    for v in range(100, 400):
+        inbox.accept(event(v, "post-stop"))
+    sim.reset_counts()
+    for _ in range(3):
+        watcher.tick()
+    assert len(watcher.watched) == 300
+    assert sim.request_count("/cluster/resources") == 3
+
+
+def test_replayed_and_reordered_events(world):
+    sim, db, runtime, inbox, watcher = world
+    stop = event(102, "post-stop", ts=10)
+    assert inbox.accept(stop) is True
+    assert inbox.accept(stop) is False  # replay: nothing done twice
+    inbox.accept(event(102, "pre-stop", ts=9))  # arrives after post-stop, happened before
+    inbox.accept(event(103, "post-start", ts=21))  # start after stop, delivered first
+    inbox.accept(event(103, "post-stop", ts=20))
+    watcher.tick()
+    assert watcher.watched == [102]
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.inbox)).scalar_one() == 4
+    assert inbox.backlog() == 0
+
+
+def test_inbox_backlog_left_by_a_crash_is_processed_by_a_new_watcher(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(101)
+    sim.destroy_guest(101)
+    inbox.accept(event(101, "post-stop"))
+    assert inbox.backlog() == 1
+    fresh = Watcher(runtime, Inbox(runtime.engine))
+    fresh.tick()
+    fresh.tick()
+    assert 101 not in table_vmids(db) and inbox.backlog() == 0
+
+
+def test_only_the_lease_holder_watches(world):
+    sim, db, runtime, inbox, _ = world
+    a = Watcher(runtime, inbox, lease=Lease(runtime.engine, 30, holder="a"))
+    b = Watcher(runtime, inbox, lease=Lease(runtime.engine, 30, holder="b"))
+    inbox.accept(event(101, "post-stop"))
+    a.tick()
+    b.tick()
+    assert (a.leader, b.leader) == (True, False)
+    assert a.watched == [101] and b.watched == []
+    a.lease.release()
+    b.tick()
+    assert b.leader
+
+
+def test_expired_lease_is_taken_over(world):
+    sim, db, runtime, inbox, _ = world
+    a = Lease(runtime.engine, 3, holder="a")
+    b = Lease(runtime.engine, 3, holder="b")
+    assert a.acquire() and not b.acquire()
+    with db.engine.begin() as conn:
+        conn.execute(store.lease.update().values(expires_at=utcnow() - timedelta(seconds=10)))
+    assert b.acquire() and not a.acquire()
