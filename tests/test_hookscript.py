@@ -1,0 +1,606 @@
+"""The Proxmox hookscript, run as Proxmox runs it: a real subprocess against a real
+HTTP receiver that checks the signature exactly as the public contract states.
+
+Fixtures live in this file on purpose: the hookscript is a standalone file with
+no package, and nothing here is shared with the receiver's tests.
+"""
+import hashlib
+import hmac
+import importlib.machinery
+import importlib.util
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+HOOK = Path(__file__).resolve().parent.parent / "hookscript" / "pve-janitor-hook"
+SECRET = "hook-test-secret-5f3a9c"
+NODE = "pve-test"
+PHASES = ("pre-start", "post-start", "pre-stop", "post-stop")
+# The interpreter the subprocess tests run the hook with: set it to check another
+# Python (PVE 7 ships 3.9, PVE 8 3.11, PVE 9 3.13).
+PYTHON = os.environ.get("HOOK_TEST_PYTHON", sys.executable)
+
+
+# --- a receiver that checks what the contract says ---------------------------------
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        server = self.server
+        raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        timestamp = self.headers.get("X-Janitor-Timestamp", "")
+        expected = "sha256=" + hmac.new(
+            server.secret.encode(), f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
+        signed = (
+            self.path == "/api/v1/events"
+            and self.headers.get("Content-Type") == "application/json"
+            and timestamp.isdigit()
+            and abs(time.time() - int(timestamp)) <= 300
+            and hmac.compare_digest(expected, self.headers.get("X-Janitor-Signature", ""))
+        )
+        if not signed:
+            status = 401
+        elif server.force_status is not None:
+            status = server.force_status
+        else:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict) or "event_id" not in event:
+                status = 400
+            elif event["event_id"] in server.seen:
+                status = 200
+            else:
+                server.seen.add(event["event_id"])
+                server.events.append(event)
+                status = 202
+        server.log.append((status, raw))
+        body = json.dumps({"status": status}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server.secret = SECRET
+    server.force_status = None
+    server.seen = set()
+    server.events = []  # accepted events, in arrival order
+    server.log = []  # (status, raw body) of every request
+    server.url = "http://127.0.0.1:%d" % server.server_port
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def refused_url():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return "http://127.0.0.1:%d" % port
+
+
+@pytest.fixture
+def black_hole_url():
+    """A port whose kernel completes the TCP handshake while nobody ever answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield "http://127.0.0.1:%d" % sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.fixture
+def drip_url():
+    """A server that answers one byte every 50 ms and never finishes its status line."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def drip():
+        conns = []
+        while not stop.is_set():
+            try:
+                conns.append(listener.accept()[0])
+            except OSError:
+                pass
+            for conn in list(conns):
+                try:
+                    conn.send(b"H")
+                except OSError:
+                    conns.remove(conn)
+                    conn.close()
+            time.sleep(0.05)
+        for conn in conns:
+            conn.close()
+
+    thread = threading.Thread(target=drip)
+    thread.start()
+    yield "http://127.0.0.1:%d" % listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+@pytest.fixture
+def spool_dir(tmp_path):
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def conf_env(tmp_path, spool_dir):
+    """Write hook.conf; returns the environment Proxmox would give the hook, plus the conf."""
+    def make(url, secret=SECRET, extra=""):
+        conf = tmp_path / "hook.conf"
+        conf.write_text(f"URL={url}\nSECRET={secret}\nSPOOL_DIR={spool_dir}\n{extra}")
+        return {
+            "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
+            "LC_ALL": "C",
+            "PVE_JANITOR_HOOK_CONF": str(conf),
+            "PVE_JANITOR_NODE": NODE,
+        }
+    return make
+
+
+@pytest.fixture(scope="module")
+def hook():
+    loader = importlib.machinery.SourceFileLoader("pve_janitor_hook", str(HOOK))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def in_process(hook, monkeypatch, spool_dir, capsys):
+    """Call main() in this process with the given environment; returns (code, stderr)."""
+    def call(argv, env):
+        for key in ("PVE_JANITOR_URL", "PVE_JANITOR_SECRET", "PVE_JANITOR_NODE", "PVE_JANITOR_HOOK_CONF"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(hook, "DEFAULT_SPOOL_DIR", str(spool_dir))  # never /var/lib in tests
+        code = hook.main(argv)
+        err = capsys.readouterr().err
+        assert SECRET not in err
+        assert "Traceback" not in err
+        return code, err
+    return call
+
+
+def run_hook(env, *args, hook_path=HOOK):
+    """Run the hookscript as Proxmox does (no shell); check it never leaks the secret."""
+    start = time.monotonic()
+    proc = subprocess.run([PYTHON, str(hook_path), *args], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=30)
+    proc.elapsed = time.monotonic() - start
+    assert SECRET not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def spooled(spool_dir):
+    return sorted(p.name for p in spool_dir.glob("*.json")) if spool_dir.exists() else []
+
+
+def spool_event(spool_dir, name, body):
+    spool_dir.mkdir(mode=0o700, exist_ok=True)
+    (spool_dir / name).write_bytes(body)
+
+
+# --- delivery ------------------------------------------------------------------------
+
+def test_event_is_signed_and_carries_the_contract_fields(receiver, conf_env, spool_dir):
+    before = time.time()
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+    after = time.time()
+
+    assert proc.returncode == 0
+    assert [status for status, _ in receiver.log] == [202]  # 401 if the signature were wrong
+    (event,) = receiver.events
+    assert set(event) == {"event_id", "vmid", "phase", "node", "ts"}
+    assert uuid.UUID(hex=event["event_id"]).hex == event["event_id"]
+    assert event["vmid"] == 101 and isinstance(event["vmid"], int)
+    assert event["phase"] == "post-stop"
+    assert event["node"] == NODE
+    assert before - 1 <= event["ts"] <= after + 1
+    assert "101 post-stop sent (202)" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert spooled(spool_dir) == []
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_every_phase_is_sent_and_exits_zero(receiver, conf_env, phase):
+    proc = run_hook(conf_env(receiver.url), "250", phase)
+    assert proc.returncode == 0
+    assert [(e["vmid"], e["phase"]) for e in receiver.events] == [(250, phase)]
+
+
+def test_event_ids_differ_between_runs(receiver, conf_env):
+    env = conf_env(receiver.url)
+    for _ in range(2):
+        assert run_hook(env, "101", "pre-stop").returncode == 0
+    ids = [e["event_id"] for e in receiver.events]
+    assert len(ids) == 2 and ids[0] != ids[1]
+
+
+def test_node_defaults_to_the_short_hostname(receiver, conf_env, in_process):
+    env = conf_env(receiver.url)
+    del env["PVE_JANITOR_NODE"]
+    code, _ = in_process(["101", "post-start"], env)
+    assert code == 0
+    assert receiver.events[0]["node"] == socket.gethostname().split(".")[0]
+
+
+def test_odd_node_names_survive_json_encoding(receiver, conf_env):
+    odd = 'nö"de\\x\t\U0001f600'
+    env = dict(conf_env(receiver.url), PVE_JANITOR_NODE=odd)
+    assert run_hook(env, "101", "post-stop").returncode == 0
+    assert receiver.events[0]["node"] == odd
+
+
+def test_a_200_duplicate_answer_counts_as_delivered(receiver, conf_env, spool_dir):
+    receiver.force_status = 200
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+    assert proc.returncode == 0
+    assert "sent (200)" in proc.stderr
+    assert spooled(spool_dir) == []
+
+
+def test_url_with_trailing_slash_and_prefix(receiver, conf_env):
+    # a prefix the receiver does not serve must fail, proving the prefix is kept
+    proc = run_hook(conf_env(receiver.url + "/janitor/"), "101", "post-stop")
+    assert proc.returncode == 0 and "spooled" in proc.stderr
+    proc = run_hook(conf_env(receiver.url + "/"), "101", "post-stop")
+    assert "sent (202)" in proc.stderr
+
+
+def test_hostname_url_is_resolved(receiver, conf_env):
+    proc = run_hook(conf_env("http://localhost:%d" % receiver.server_port), "101", "post-stop")
+    assert proc.returncode == 0
+    assert "sent (202)" in proc.stderr
+
+
+# --- failure: spool ------------------------------------------------------------------
+
+def test_receiver_down_spools_the_event(refused_url, conf_env, spool_dir):
+    proc = run_hook(conf_env(refused_url), "101", "post-stop")
+
+    assert proc.returncode == 0
+    assert "spooled (receiver unreachable" in proc.stderr
+    (name,) = spooled(spool_dir)
+    assert name[:20].isdigit() and name.endswith(".json")
+    event = json.loads((spool_dir / name).read_bytes())
+    assert (event["vmid"], event["phase"], event["node"]) == (101, "post-stop", NODE)
+    assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((spool_dir / name).stat().st_mode) == 0o600
+    assert not [p for p in spool_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("status", [500, 503, 400, 404])
+def test_error_answers_spool_the_event(receiver, conf_env, spool_dir, status):
+    receiver.force_status = status
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+    assert proc.returncode == 0
+    assert f"receiver answered {status}" in proc.stderr
+    assert len(spooled(spool_dir)) == 1
+
+
+def test_wrong_secret_is_rejected_and_spooled(receiver, conf_env, spool_dir):
+    proc = run_hook(conf_env(receiver.url, secret="not-the-secret"), "101", "post-stop")
+    assert proc.returncode == 0
+    assert [status for status, _ in receiver.log] == [401]
+    assert len(spooled(spool_dir)) == 1
+
+
+def test_black_holed_receiver_is_bounded_by_timeout(black_hole_url, conf_env, spool_dir):
+    proc = run_hook(conf_env(black_hole_url, extra="TIMEOUT=1\n"), "101", "pre-start")
+    assert proc.returncode == 0
+    assert proc.elapsed <= 1.5
+    assert "spooled (receiver unreachable" in proc.stderr
+    assert len(spooled(spool_dir)) == 1
+
+
+def test_black_holed_receiver_with_a_backlog_is_bounded_too(black_hole_url, conf_env, spool_dir):
+    for i in range(3):
+        spool_event(spool_dir, f"{i + 1:020d}-old{i}.json", b'{"event_id":"x%d"}' % i)
+    proc = run_hook(conf_env(black_hole_url, extra="TIMEOUT=1\n"), "101", "post-stop")
+    assert proc.returncode == 0
+    assert proc.elapsed <= 1.5
+    assert len(spooled(spool_dir)) == 4
+
+
+def test_a_server_dripping_bytes_cannot_stretch_the_run(drip_url, conf_env, spool_dir):
+    proc = run_hook(conf_env(drip_url, extra="TIMEOUT=1\n"), "101", "post-stop")
+    assert proc.returncode == 0
+    assert proc.elapsed <= 1.5
+    assert len(spooled(spool_dir)) == 1
+
+
+def test_https_url_against_a_plain_http_receiver_spools(receiver, conf_env, spool_dir):
+    proc = run_hook(conf_env("https://127.0.0.1:%d" % receiver.server_port, extra="TIMEOUT=1\n"),
+                    "101", "post-stop")
+    assert proc.returncode == 0
+    assert proc.elapsed <= 1.5
+    assert "spooled" in proc.stderr and len(spooled(spool_dir)) == 1
+
+
+# --- replay ----------------------------------------------------------------------
+
+def test_spooled_events_are_replayed_oldest_first(receiver, refused_url, conf_env, spool_dir):
+    down = conf_env(refused_url)
+    for vmid in ("101", "102", "103"):
+        assert run_hook(down, vmid, "post-stop").returncode == 0
+    assert len(spooled(spool_dir)) == 3
+
+    proc = run_hook(conf_env(receiver.url), "104", "post-stop")
+
+    assert proc.returncode == 0
+    assert [e["vmid"] for e in receiver.events] == [101, 102, 103, 104]
+    assert [status for status, _ in receiver.log] == [202] * 4  # each re-signed, fresh timestamp
+    assert spooled(spool_dir) == []
+    assert "replayed 3 of 3 spooled" in proc.stderr
+
+
+def test_old_spooled_events_are_resigned_with_a_fresh_timestamp(receiver, conf_env, spool_dir):
+    old = time.time() - 3600
+    body = b'{"event_id":"%s","vmid":7,"phase":"post-stop","node":"pve9","ts":%.3f}' % (
+        uuid.uuid4().hex.encode(), old)
+    spool_event(spool_dir, "%020d-old.json" % int(old * 1e9), body)
+
+    assert run_hook(conf_env(receiver.url), "8", "post-stop").returncode == 0
+
+    assert receiver.log[0] == (202, body)  # stored body sent byte for byte
+    assert receiver.events[0]["ts"] == pytest.approx(old, abs=0.01)
+    assert spooled(spool_dir) == []
+
+
+def test_an_already_delivered_spooled_event_is_removed_on_200(receiver, conf_env, spool_dir):
+    event_id = uuid.uuid4().hex
+    receiver.seen.add(event_id)
+    spool_event(spool_dir, f"{1:020d}-{event_id}.json",
+                b'{"event_id":"%s","vmid":5,"phase":"pre-stop","node":"n","ts":1}' % event_id.encode())
+    assert run_hook(conf_env(receiver.url), "6", "pre-stop").returncode == 0
+    assert [status for status, _ in receiver.log] == [200, 202]
+    assert spooled(spool_dir) == []
+
+
+def test_a_malformed_spooled_event_is_moved_aside(receiver, conf_env, spool_dir):
+    spool_event(spool_dir, f"{1:020d}-garbage.json", b"this is not json")
+    spool_event(spool_dir, f"{2:020d}-good.json",
+                b'{"event_id":"%s","vmid":9,"phase":"post-stop","node":"n","ts":1}' % uuid.uuid4().hex.encode())
+
+    proc = run_hook(conf_env(receiver.url), "10", "post-stop")
+
+    assert proc.returncode == 0
+    assert [e["vmid"] for e in receiver.events] == [9, 10]
+    assert spooled(spool_dir) == []
+    assert (spool_dir / "rejected" / f"{1:020d}-garbage.json").read_bytes() == b"this is not json"
+    assert "garbage.json was refused by the receiver (400)" in proc.stderr
+
+
+def test_replay_stops_at_the_first_server_error(receiver, conf_env, spool_dir):
+    for i in range(3):
+        spool_event(spool_dir, f"{i + 1:020d}-e{i}.json", b'{"event_id":"e%d"}' % i)
+    receiver.force_status = 500
+
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+
+    assert proc.returncode == 0
+    assert [status for status, _ in receiver.log] == [500, 500]  # oldest spooled, then this event
+    assert receiver.log[0][1] == b'{"event_id":"e0"}'
+    assert len(spooled(spool_dir)) == 4
+
+
+def test_spool_is_bounded_to_10000_files(refused_url, conf_env, spool_dir):
+    spool_dir.mkdir(mode=0o700)
+    for i in range(1, 10001):
+        with open(spool_dir / f"{i:020d}-pre{i}.json", "wb") as f:
+            f.write(b"{}")
+
+    proc = run_hook(conf_env(refused_url), "101", "post-stop")
+
+    assert proc.returncode == 0
+    names = spooled(spool_dir)
+    assert len(names) == 10000
+    assert names[0] == f"{2:020d}-pre2.json"  # the oldest one went
+    assert json.loads((spool_dir / names[-1]).read_bytes())["vmid"] == 101
+    assert "dropped the 1 oldest" in proc.stderr
+
+
+# --- always exit 0 -----------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [[], ["101"], ["abc", "post-stop"], ["-1", "post-stop"],
+                                  ["101", "destroy"], ["101", "post-stop", "extra"], ["१०१", "post-stop"]])
+def test_bad_arguments_print_usage_and_exit_zero(receiver, conf_env, in_process, argv):
+    code, err = in_process(argv, conf_env(receiver.url))
+    assert code == 0
+    assert err.startswith("pve-janitor-hook: usage:") and err.count("\n") == 1
+    assert receiver.log == []
+
+
+def test_bad_arguments_as_a_subprocess(receiver, conf_env):
+    proc = run_hook(conf_env(receiver.url))
+    assert proc.returncode == 0
+    assert "usage:" in proc.stderr and receiver.log == []
+
+
+def test_config_syntax_quotes_comments_unknown_keys(receiver, tmp_path, spool_dir, in_process):
+    conf = tmp_path / "hook.conf"
+    conf.write_bytes(
+        b"# pve-janitor hook\r\n\r\n"
+        b"SECRET=wrong\r\n"
+        b"  # SECRET=also-wrong\r\n"
+        + f'URL = "{receiver.url}/"\r\n'.encode()
+        + f"SECRET='{SECRET}'\r\n".encode()
+        + f"export SPOOL_DIR={spool_dir}\r\n".encode()
+        + b"COLOUR=blue\r\njust some words\r\n\xff\xfe garbage =\r\nTIMEOUT=1.5\r\n")
+    code, err = in_process(["101", "post-stop"], {"PVE_JANITOR_HOOK_CONF": str(conf)})
+    assert code == 0
+    assert "sent (202)" in err
+    assert len(receiver.events) == 1
+
+
+def test_environment_overrides_url_and_secret(receiver, refused_url, conf_env, spool_dir):
+    env = conf_env(refused_url, secret="stale-secret")
+    env.update(PVE_JANITOR_URL=receiver.url, PVE_JANITOR_SECRET=SECRET)
+    proc = run_hook(env, "101", "post-stop")
+    assert proc.returncode == 0
+    assert [status for status, _ in receiver.log] == [202]
+    assert spooled(spool_dir) == []
+
+
+def test_missing_config_exits_zero_and_spools(tmp_path, spool_dir, in_process):
+    code, err = in_process(["101", "post-stop"], {"PVE_JANITOR_HOOK_CONF": str(tmp_path / "nope.conf")})
+    assert code == 0
+    assert "spooled (URL not set)" in err and "nope.conf" in err
+    assert len(spooled(spool_dir)) == 1
+
+
+def test_unreadable_config_exits_zero(tmp_path, spool_dir, in_process):
+    code, err = in_process(["101", "post-stop"], {"PVE_JANITOR_HOOK_CONF": str(tmp_path)})  # a directory
+    assert code == 0
+    assert "config" in err and "spooled" in err
+    assert len(spooled(spool_dir)) == 1
+
+
+def test_garbled_config_exits_zero(tmp_path, in_process, spool_dir):
+    conf = tmp_path / "hook.conf"
+    conf.write_bytes(os.urandom(4096).replace(b"=", b"") + b"\n===\nURL\n=value\n")
+    code, err = in_process(["101", "post-stop"], {"PVE_JANITOR_HOOK_CONF": str(conf)})
+    assert code == 0
+    assert "spooled (URL not set)" in err
+
+
+@pytest.mark.parametrize("extra, why", [("TIMEOUT=soon\n", "TIMEOUT"), ("TIMEOUT=-3\n", "TIMEOUT"),
+                                        ("TIMEOUT=nan\n", "TIMEOUT")])
+def test_bad_timeout_falls_back_to_the_default(receiver, conf_env, in_process, extra, why):
+    code, err = in_process(["101", "post-stop"], conf_env(receiver.url, extra=extra))
+    assert code == 0
+    assert "sent (202)" in err and why in err
+
+
+@pytest.mark.parametrize("url", ["ftp://example.org", "no-scheme", "http://", "http://h:99999",
+                                 "http://user:pw@127.0.0.1:1"])
+def test_bad_url_spools(conf_env, in_process, spool_dir, url):
+    code, err = in_process(["101", "post-stop"], conf_env(url))
+    assert code == 0
+    assert "spooled (bad URL" in err
+    assert len(spooled(spool_dir)) == 1
+
+
+def test_unwritable_spool_dir_exits_zero(refused_url, tmp_path, in_process):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    conf = tmp_path / "hook.conf"
+    conf.write_text(f"URL={refused_url}\nSECRET={SECRET}\nSPOOL_DIR={blocker}/spool\n")
+    code, err = in_process(["101", "post-stop"], {"PVE_JANITOR_HOOK_CONF": str(conf)})
+    assert code == 0
+    assert "LOST, could not spool" in err
+
+
+def test_unwritable_spool_dir_does_not_stop_delivery(receiver, tmp_path, in_process):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    conf = tmp_path / "hook.conf"
+    conf.write_text(f"URL={receiver.url}\nSECRET={SECRET}\nSPOOL_DIR={blocker}/spool\n")
+    code, err = in_process(["101", "post-stop"], {"PVE_JANITOR_HOOK_CONF": str(conf)})
+    assert code == 0 and "sent (202)" in err
+
+
+def test_secret_is_scrubbed_from_every_message(hook, capsys, monkeypatch):
+    monkeypatch.setattr(hook, "_secret", SECRET)
+    hook.say(f"boom: key was {SECRET}")
+    err = capsys.readouterr().err
+    assert SECRET not in err and "***" in err
+
+
+# --- CHAIN ---------------------------------------------------------------------------
+
+@pytest.fixture
+def chained(tmp_path):
+    """A platform's own hookscript that records its argv and exits with a chosen code."""
+    def make(exit_code):
+        script = tmp_path / "platform-hook"
+        script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/chain.log\nexit {exit_code}\n')
+        script.chmod(0o755)
+        return script, tmp_path / "chain.log"
+    return make
+
+
+def test_chain_exit_code_is_passed_through_in_pre_start(receiver, conf_env, chained):
+    script, log = chained(1)
+    proc = run_hook(conf_env(receiver.url, extra=f"CHAIN={script}\n"), "101", "pre-start")
+    assert proc.returncode == 1
+    assert log.read_text() == "101 pre-start\n"
+    assert [(e["vmid"], e["phase"]) for e in receiver.events] == [(101, "pre-start")]
+    assert "CHAIN exited 1" in proc.stderr
+
+
+@pytest.mark.parametrize("phase", ["post-start", "pre-stop", "post-stop"])
+def test_chain_failure_is_ignored_in_other_phases(receiver, conf_env, chained, phase):
+    script, log = chained(3)
+    proc = run_hook(conf_env(receiver.url, extra=f"CHAIN={script}\n"), "101", phase)
+    assert proc.returncode == 0
+    assert log.read_text() == f"101 {phase}\n"
+    assert len(receiver.events) == 1
+
+
+def test_chain_success_in_pre_start(receiver, conf_env, chained):
+    script, _ = chained(0)
+    proc = run_hook(conf_env(receiver.url, extra=f"CHAIN={script}\n"), "101", "pre-start")
+    assert proc.returncode == 0 and len(receiver.events) == 1
+
+
+def test_missing_chain_script_does_not_block_the_start(receiver, conf_env, tmp_path):
+    proc = run_hook(conf_env(receiver.url, extra=f"CHAIN={tmp_path}/missing\n"), "101", "pre-start")
+    assert proc.returncode == 0
+    assert "CHAIN" in proc.stderr and "could not run" in proc.stderr
+    assert len(receiver.events) == 1
+
+
+def test_chain_pointing_at_itself_does_not_loop(receiver, conf_env):
+    proc = run_hook(conf_env(receiver.url, extra=f"CHAIN={HOOK}\n"), "101", "pre-start")
+    assert proc.returncode == 0
+    assert "CHAIN ignored" in proc.stderr
+
+
+# --- the file itself ----------------------------------------------------------------
+
+def test_file_is_an_executable_python3_script():
+    assert HOOK.read_text().startswith("#!/usr/bin/python3")
+    assert stat.S_IMODE(HOOK.stat().st_mode) == 0o755
+
+
+def test_runs_without_importing_expensive_modules(receiver, conf_env):
+    """Speed guard: the run should cost about a bare interpreter start (docs/hookscript.md)."""
+    proc = subprocess.run([PYTHON, "-I", "-S", "-X", "importtime", str(HOOK), "101", "post-stop"],
+                          env=conf_env(receiver.url), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "sent (202)" in proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
+    assert "_socket" in imported  # the parse works
+    assert not imported & {"http.client", "json", "urllib.request", "hmac", "socket", "ssl",
+                           "subprocess", "uuid", "email.parser", "threading"}
