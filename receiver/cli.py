@@ -251,6 +251,18 @@ def restore_cmd(ctx: click.Context, audit_id: int) -> None:
     click.echo(f"restored audit entry {audit_id}: {done.message}")
 
 
+# --- demo ------------------------------------------------------------------
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run the story and exit: 0 only if every step happened.")
+def demo(once: bool) -> None:
+    """Simulator + SQLite + receiver: watch ghosts get cleaned up, end to end."""
+    from .demo import run
+
+    setup_logging(logging.WARNING)
+    sys.exit(run(once=once, echo=click.echo))
+
+
 # --- simulator -------------------------------------------------------------
 
 @main.command()
