@@ -245,7 +245,7 @@ class Watcher:
             for vmid in running_again:
                 self._unmark_stopped(conn, vmid)
                 self._last_status.pop(vmid, None)
-            if stopped and self.settings.stop_status and self.settings.status_column:
+            if stopped and self.settings.stop_status and self.settings.status_column and not self.settings.dry_run:
                 self._mark_stopped(conn, stopped, now)
         self.watched = sorted(set(watched) - set(done))
         self.metrics.watched.set(len(self.watched))
@@ -255,7 +255,11 @@ class Watcher:
         rows = self.runtime.table.fetch_rows(vmids=vmids)
         plan = make_plan(rows, Inventory({}, now), now, self.settings)
         actions = [a for a in plan.actions if a.reason == GHOST]
-        if actions:
+        if actions and self.settings.dry_run:
+            for action in actions:
+                logger.info("DRY-RUN: watcher would %s row %s (VMID %s): %s", action.action, action.row.key,
+                            action.row.vmid, action.detail)
+        elif actions:
             result = apply_actions(self.runtime.table, actions, source="event", now=now)
             self.metrics.removal(GHOST, "event", len(result.applied))
             for action in result.applied:

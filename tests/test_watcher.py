@@ -232,3 +232,26 @@ def test_expired_lease_is_taken_over(world):
     with db.engine.begin() as conn:
         conn.execute(store.lease.update().values(expires_at=utcnow() - timedelta(seconds=10)))
     assert b.acquire() and not a.acquire()
+
+
+def test_dry_run_watcher_changes_nothing(sim, sqlite_db, caplog):
+    table = create_apps_table(sqlite_db.engine)
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in (100, 101)])
+    sim.add_guest(100)
+    sim.add_guest(101)
+    runtime = make_runtime(sim, sqlite_db, CLEANUP_DRY_RUN=True)
+    inbox = Inbox(runtime.engine)
+    watcher = Watcher(runtime, inbox)
+    sim.stop_guest(100)
+    sim.stop_guest(101)
+    sim.destroy_guest(101)
+    inbox.accept(event(100, "post-stop"))
+    inbox.accept(event(101, "post-stop"))
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            watcher.tick()
+    assert table_vmids(sqlite_db) == [100, 101]
+    assert statuses(sqlite_db) == {100: "running", 101: "running"}
+    assert "DRY-RUN: watcher would delete row" in caplog.text
+    assert audit_sources(sqlite_db) == []
