@@ -39,7 +39,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         timestamp = self.headers.get("X-Janitor-Timestamp", "")
         expected = "sha256=" + hmac.new(
-            server.secret.encode(), f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
+            server.secret.encode("utf-8", "surrogateescape"), f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
         signed = (
             self.path == "/api/v1/events"
             and self.headers.get("Content-Type") == "application/json"
@@ -367,11 +367,11 @@ def test_spooled_events_are_replayed_oldest_first(receiver, refused_url, conf_en
 
 def test_old_spooled_events_are_resigned_with_a_fresh_timestamp(receiver, conf_env, spool_dir):
     old = time.time() - 3600
-    body = b'{"event_id":"%s","vmid":7,"phase":"post-stop","node":"pve9","ts":%.3f}' % (
+    body = b'{"event_id":"%s","vmid":107,"phase":"post-stop","node":"pve9","ts":%.3f}' % (
         uuid.uuid4().hex.encode(), old)
     spool_event(spool_dir, "%020d-old.json" % int(old * 1e9), body)
 
-    assert run_hook(conf_env(receiver.url), "8", "post-stop").returncode == 0
+    assert run_hook(conf_env(receiver.url), "108", "post-stop").returncode == 0
 
     assert receiver.log[0] == (202, body)  # stored body sent byte for byte
     assert receiver.events[0]["ts"] == pytest.approx(old, abs=0.01)
@@ -382,8 +382,8 @@ def test_an_already_delivered_spooled_event_is_removed_on_200(receiver, conf_env
     event_id = uuid.uuid4().hex
     receiver.seen.add(event_id)
     spool_event(spool_dir, f"{1:020d}-{event_id}.json",
-                b'{"event_id":"%s","vmid":5,"phase":"pre-stop","node":"n","ts":1}' % event_id.encode())
-    assert run_hook(conf_env(receiver.url), "6", "pre-stop").returncode == 0
+                b'{"event_id":"%s","vmid":105,"phase":"pre-stop","node":"n","ts":1}' % event_id.encode())
+    assert run_hook(conf_env(receiver.url), "106", "pre-stop").returncode == 0
     assert [status for status, _ in receiver.log] == [200, 202]
     assert spooled(spool_dir) == []
 
@@ -391,12 +391,12 @@ def test_an_already_delivered_spooled_event_is_removed_on_200(receiver, conf_env
 def test_a_malformed_spooled_event_is_moved_aside(receiver, conf_env, spool_dir):
     spool_event(spool_dir, f"{1:020d}-garbage.json", b"this is not json")
     spool_event(spool_dir, f"{2:020d}-good.json",
-                b'{"event_id":"%s","vmid":9,"phase":"post-stop","node":"n","ts":1}' % uuid.uuid4().hex.encode())
+                b'{"event_id":"%s","vmid":109,"phase":"post-stop","node":"n","ts":1}' % uuid.uuid4().hex.encode())
 
-    proc = run_hook(conf_env(receiver.url), "10", "post-stop")
+    proc = run_hook(conf_env(receiver.url), "110", "post-stop")
 
     assert proc.returncode == 0
-    assert [e["vmid"] for e in receiver.events] == [9, 10]
+    assert [e["vmid"] for e in receiver.events] == [109, 110]
     assert spooled(spool_dir) == []
     assert (spool_dir / "rejected" / f"{1:020d}-garbage.json").read_bytes() == b"this is not json"
     assert "garbage.json was refused by the receiver (400)" in proc.stderr
@@ -434,7 +434,8 @@ def test_spool_is_bounded_to_10000_files(refused_url, conf_env, spool_dir):
 # --- always exit 0 -----------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [[], ["101"], ["abc", "post-stop"], ["-1", "post-stop"],
-                                  ["101", "destroy"], ["101", "post-stop", "extra"], ["१०१", "post-stop"]])
+                                  ["101", "destroy"], ["101", "post-stop", "extra"], ["१०१", "post-stop"],
+                                  ["99", "post-stop"], ["1000000000", "pre-start"]])
 def test_bad_arguments_print_usage_and_exit_zero(receiver, conf_env, in_process, argv):
     code, err = in_process(argv, conf_env(receiver.url))
     assert code == 0
@@ -471,6 +472,15 @@ def test_environment_overrides_url_and_secret(receiver, refused_url, conf_env, s
     assert proc.returncode == 0
     assert [status for status, _ in receiver.log] == [202]
     assert spooled(spool_dir) == []
+
+
+def test_a_secret_that_is_not_utf8_signs_its_exact_bytes(receiver, conf_env):
+    receiver.secret = b"\xff\xfe-latin1-\xe9".decode("utf-8", "surrogateescape")
+    env = {k.encode(): v.encode() for k, v in conf_env(receiver.url, secret="unused").items()}
+    env[b"PVE_JANITOR_SECRET"] = b"\xff\xfe-latin1-\xe9"
+    proc = run_hook(env, "101", "post-stop")
+    assert proc.returncode == 0
+    assert [status for status, _ in receiver.log] == [202]
 
 
 def test_missing_config_exits_zero_and_spools(tmp_path, spool_dir, in_process):
