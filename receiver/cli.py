@@ -13,17 +13,17 @@ from datetime import datetime
 from typing import Any, Callable
 
 import click
-import sqlalchemy as sa
 
-from . import __version__, store
+from . import __version__
 from .config import ConfigError, Settings, load_settings
 from .inventory import InventoryError
+from .history import audit_entries
 from .logs import setup_logging
 from .restore import AuditNotFound, RestoreRefused, restore
 from .runtime import Runtime
 from .sweep import SweepResult
 from .table import DatabaseError
-from .timeutil import isoformat, utcnow
+from .timeutil import utcnow
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -217,21 +217,6 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
              "restored" if e["restored_at"] else ""] for e in entries]
     for line in _table(rows, ["AUDIT", "WHEN (UTC)", "ACTION", "REASON", "SOURCE", "ROW", "VMID", "HOSTNAME", ""]):
         click.echo(line)
-
-
-def audit_entries(engine: sa.Engine, limit: int = 20, before: int | None = None) -> list[dict[str, Any]]:
-    a = store.audit
-    stmt = sa.select(a).order_by(a.c.id.desc()).limit(limit)
-    if before is not None:
-        stmt = stmt.where(a.c.id < before)
-    with engine.connect() as conn:
-        rows = conn.execute(stmt).mappings().all()
-    return [{
-        "id": r["id"], "table": r["table_name"], "row_key": r["row_key"], "vmid": r["vmid"],
-        "hostname": r["hostname"], "action": r["action"], "reason": r["reason"], "source": r["source"],
-        "detail": r["detail"], "removed_at": isoformat(r["removed_at"]),
-        "restored_at": isoformat(r["restored_at"]), "row": json.loads(r["row_json"]),
-    } for r in rows]
 
 
 @main.command(name="restore")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
 from datetime import timedelta
 
@@ -26,15 +27,43 @@ logger = logging.getLogger(__name__)
 NAME = "sweeper"
 
 
+def _holder_is_dead(holder: str) -> bool:
+    """True when the holder was a process on this host that no longer runs.
+
+    Lets a receiver restarted after a crash (systemd ``Restart=on-failure``)
+    go on at once instead of waiting out its predecessor's lease.
+    """
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class Lease:
     def __init__(self, engine: Engine, ttl_seconds: float, holder: str | None = None):
         self.engine = engine
         self.ttl = timedelta(seconds=ttl_seconds)
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = False
+        self._lock = threading.Lock()
 
     def acquire(self) -> bool:
-        """Take or renew the lease; True while this process holds it."""
+        """Take or renew the lease; True while this process holds it.
+
+        The watcher and the scheduler both call this; a lock keeps them from
+        racing each other for the first insert.
+        """
+        with self._lock:
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         t = store.lease
         now = utcnow()
         try:
@@ -50,7 +79,7 @@ class Lease:
                         held = True
                     except IntegrityError:
                         held = False
-                elif row["holder"] == self.holder or row["expires_at"] <= now:
+                elif row["holder"] == self.holder or row["expires_at"] <= now or _holder_is_dead(row["holder"]):
                     conn.execute(t.update().where(t.c.name == NAME)
                                  .values(holder=self.holder, expires_at=now + self.ttl))
                     held = True

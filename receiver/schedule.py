@@ -35,3 +35,10 @@ def make_scheduler(sweeper: Sweeper, interval_minutes: int, lease: Lease | None 
     scheduler.add_job(sweep_job, "interval", minutes=interval_minutes, args=(sweeper, lease), id=JOB_ID,
                       max_instances=1, coalesce=True, misfire_grace_time=None, **first)
     return scheduler
+
+
+def request_sweep(scheduler: BackgroundScheduler) -> None:
+    """Run the scheduled sweep now (the interval goes on from there)."""
+    job = scheduler.get_job(JOB_ID)
+    if job is not None:
+        job.modify(next_run_time=utcnow())

@@ -21,7 +21,7 @@ from .lease import Lease
 from .metrics import Metrics
 from .plan import GHOST, OLD_ERROR
 from .runtime import Runtime
-from .schedule import make_scheduler
+from .schedule import make_scheduler, request_sweep
 from .sweep import SweepResult
 from .watcher import Watcher
 
@@ -46,8 +46,8 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
     runtime.sweeper.on_result = lambda result, source: record_sweep(metrics, result, source)
     inbox = Inbox(runtime.engine)
     lease = Lease(runtime.engine, settings.lease_seconds)
-    watcher = Watcher(runtime, inbox, metrics, lease)
     scheduler = make_scheduler(runtime.sweeper, settings.interval_minutes, lease)
+    watcher = Watcher(runtime, inbox, metrics, lease, on_task_gap=lambda: request_sweep(scheduler))
     app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics,
                      scheduler=scheduler)
     return {"runtime": runtime, "metrics": metrics, "inbox": inbox, "lease": lease, "watcher": watcher,

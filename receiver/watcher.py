@@ -43,11 +43,13 @@ from .timeutil import isoformat, utcnow
 logger = logging.getLogger(__name__)
 
 CONFIRMING_READS = 2
+GAP_SWEEP_SECONDS = 30.0
 
 
 class Watcher:
     def __init__(self, runtime: Runtime, inbox: Inbox, metrics: Metrics | None = None,
-                 lease: Lease | None = None, clock: Callable[[], datetime] = utcnow):
+                 lease: Lease | None = None, clock: Callable[[], datetime] = utcnow,
+                 on_task_gap: Callable[[], None] | None = None):
         self.runtime = runtime
         self.settings = runtime.settings
         self.inbox = inbox
@@ -58,6 +60,10 @@ class Watcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen_tasks: set[str] = set()
+        self._last_finished: set[str] = set()
+        self._last_gap = float("-inf")
+        self.on_task_gap = on_task_gap
+        self.task_gaps = 0
         self._next_task_poll = 0.0
         self._last_status: dict[int, str] = {}
         self.watched: list[int] = []
@@ -185,6 +191,10 @@ class Watcher:
             self._error(exc.kind, f"task poll failed: {exc}")
             return
         current = {t.upid for t in tasks}
+        finished = {t.upid for t in tasks if t.endtime}
+        if self._last_finished and finished and not (self._last_finished & finished):
+            self._task_gap(len(finished))
+        self._last_finished = finished
         hints = [t for t in tasks if t.type in DESTROY_TASK_TYPES and t.endtime and t.vmid is not None
                  and t.upid not in self._seen_tasks]
         self._seen_tasks = (self._seen_tasks & current) | {t.upid for t in hints}
@@ -196,6 +206,19 @@ class Watcher:
             for task in hints:
                 logger.info("watcher: %s of %s on %s finished: checking", task.type, task.vmid, task.node)
                 _upsert_watch(conn, watched, task.vmid, now, until, "task")
+
+    def _task_gap(self, listed: int) -> None:
+        """No task of the last poll is listed any more: more tasks finished in between than
+        /cluster/tasks keeps, so a destroy may have been missed.  Ask for a sweep (at most
+        once per GAP_SWEEP_SECONDS): it reconciles the whole table."""
+        self.task_gaps += 1
+        if time.monotonic() - self._last_gap < GAP_SWEEP_SECONDS:
+            return
+        self._last_gap = time.monotonic()
+        logger.info("watcher: the task list rolled over between two polls (%d finished listed, none seen "
+                    "before): a destroy may have been missed; asking for a sweep", listed)
+        if self.on_task_gap:
+            self.on_task_gap()
 
     def _check_watched(self, now: datetime) -> None:
         with write_transaction(self.runtime.engine) as conn:

@@ -255,3 +255,35 @@ def test_dry_run_watcher_changes_nothing(sim, sqlite_db, caplog):
     assert statuses(sqlite_db) == {100: "running", 101: "running"}
     assert "DRY-RUN: watcher would delete row" in caplog.text
     assert audit_sources(sqlite_db) == []
+
+
+def test_task_list_roll_over_between_polls_asks_for_a_sweep(world):
+    sim, db, runtime, inbox, _ = world
+    asked = []
+    watcher = Watcher(runtime, inbox, on_task_gap=lambda: asked.append(1))
+    for v in range(100, 103):
+        sim.stop_guest(v)  # three finished vzstop tasks
+    watcher.tick()
+    sim.start_guest(100)
+    watcher._next_task_poll = 0
+    watcher.tick()
+    assert asked == []  # the list still overlaps the last poll's
+    for _ in range(15):  # 30 tasks: more than /cluster/tasks keeps
+        sim.stop_guest(103)
+        sim.start_guest(103)
+    watcher._next_task_poll = 0
+    watcher.tick()
+    assert asked == [1] and watcher.task_gaps == 1
+
+
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(world, tmp_path):
+    import socket
+    import subprocess
+    sim, db, runtime, inbox, _ = world
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = Lease(runtime.engine, 300, holder=f"{socket.gethostname()}:{gone.pid}:x")
+    assert dead.acquire()
+    elsewhere = Lease(runtime.engine, 300, holder=f"other-host:{gone.pid}:y")
+    me = Lease(runtime.engine, 300)
+    assert me.acquire() and not elsewhere.acquire()
