@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench reliability venv clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long reliability runs (fault matrix, crash points, fuzzing, load, soak); `make test` runs short versions.
+reliability: $(STAMP)
+	JANITOR_RELIABILITY=long $(PY) -m pytest tests/reliability $(PYTEST_ARGS)
+
+# Benchmarks report numbers (bench/results.json); they never fail on a slow machine.
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/pve-janitor demo $(DEMO_ARGS)
