@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from . import store
+from .table import write_transaction
 from .timeutil import isoformat, utcnow
 
 STOP_PHASES = frozenset({"pre-stop", "post-stop"})
@@ -37,9 +38,14 @@ class Inbox:
         self.engine = engine
 
     def accept(self, event: Event, received_at: datetime | None = None) -> bool:
-        """Store the event; False when this event_id was seen before (nothing done)."""
+        """Store the event; False when this event_id was seen before (nothing done).
+
+        A write transaction from the start: on SQLite a plain BEGIN would read first and
+        then need the write lock, and SQLite answers "database is locked" at once, without
+        waiting, when another writer (the watcher) holds it meanwhile.
+        """
         t = store.inbox
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             if conn.execute(sa.select(t.c.event_id).where(t.c.event_id == event.event_id)).first():
                 return False
             try:
