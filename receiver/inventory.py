@@ -188,6 +188,26 @@ class ProxmoxInventory:
                 self._on_read(elapsed, outcome)
         return Inventory(guests, utcnow(), elapsed)
 
+    def vmid_in_use(self, vmid: int) -> bool:
+        """Whether the cluster has a guest with this VMID, whether the token may see it or not.
+
+        ``/cluster/nextid?vmid=N`` answers from the cluster-wide VM list to any
+        authenticated user: N when the VMID is free, HTTP 400 ("VM N already exists")
+        when it is taken.  So it catches a guest left out of a partial
+        ``/cluster/resources`` answer, which the privilege check cannot: a more specific
+        ACL can hide a guest while ``/vms`` still grants VM.Audit.  Any other answer
+        counts as "in use" (fail closed).
+        """
+        def call() -> object:
+            try:
+                return self._api.cluster.nextid.get(vmid=vmid)
+            except ResourceException as exc:
+                if exc.status_code == 400:
+                    return None
+                raise
+        answer = self._get(f"/cluster/nextid?vmid={vmid}", call)
+        return answer is None or str(answer).strip() != str(vmid)
+
     def tasks(self) -> list[Task]:
         return parse_tasks(self._get("/cluster/tasks", lambda: self._api.cluster.tasks.get()))
 

@@ -5,7 +5,9 @@ answer looks like a token without privileges (empty while the table has
 rows), or far more rows would go than usual, nothing is changed and the
 outcome says why.  Only the percentage guard can be lifted (``force``).
 Ghosts are confirmed by a second inventory read just before applying; a
-guest that is back is dropped from the plan.
+guest that is back is dropped from the plan.  Then each remaining ghost's VMID
+must be free by Proxmox's own word (``vmid_in_use``): a guest the token cannot
+see (a partial list) refuses the sweep.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ DONE, NOTHING, DRY_RUN, REFUSED, DISABLED, FAILED = "done", "nothing", "dry_run"
 class SweepResult:
     outcome: str
     reason: str = ""
-    refusal: str = ""  # machine word when refused: inventory, privilege, empty_inventory, guard, database
+    refusal: str = ""  # machine word when refused: inventory, privilege, empty_inventory,
+    # partial_inventory, guard, database
     plan: Plan | None = None
     applied: ApplyResult | None = None
     dropped: list[int] = field(default_factory=list)  # ghosts whose guest came back before applying
@@ -96,11 +99,13 @@ class Sweeper:
     """Runs sweeps; one at a time per process (``busy`` tells whether one runs)."""
 
     def __init__(self, settings: Settings, table: PlatformTable, read_inventory: Callable[[], Inventory],
-                 on_result: Callable[[SweepResult, str], None] | None = None):
+                 on_result: Callable[[SweepResult, str], None] | None = None,
+                 vmid_in_use: Callable[[int], bool] | None = None):
         self.settings = settings
         self.table = table
         self.read_inventory = read_inventory
         self.on_result = on_result
+        self.vmid_in_use = vmid_in_use
         self._lock = threading.Lock()
 
     @property
@@ -170,6 +175,9 @@ class Sweeper:
                                    plan=plan)
             dropped = sorted({a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid in confirm})
             actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in confirm)]
+            refused = self._check_vmids_free(actions, plan)
+            if refused:
+                return refused
         try:
             applied = apply_actions(self.table, actions, source=source, now=utcnow())
         except (ApplyConflict, DatabaseError) as exc:
@@ -179,6 +187,22 @@ class Sweeper:
             return SweepResult(FAILED, f"nothing changed: database error {type(exc).__name__}",
                                refusal="database", plan=plan, dropped=dropped)
         return SweepResult(DONE, "", plan=plan, applied=applied, dropped=dropped)
+
+    def _check_vmids_free(self, actions: list, plan: Plan) -> SweepResult | None:
+        """A refusal when a ghost's VMID is still taken in the cluster (a guest hidden from the token)."""
+        if self.vmid_in_use is None:
+            return None
+        vmids = sorted({a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid is not None})
+        try:
+            hidden = next((v for v in vmids if self.vmid_in_use(v)), None)
+        except InventoryError as exc:
+            return SweepResult(REFUSED, f"could not confirm that the ghosts' VMIDs are free: {exc}",
+                               refusal="inventory", plan=plan)
+        if hidden is None:
+            return None
+        return SweepResult(REFUSED, f"Proxmox says VMID {hidden} is in use, but /cluster/resources did not "
+                           "list it: the token sees a partial inventory (an ACL hiding some guests?)",
+                           refusal="partial_inventory", plan=plan)
 
     def _record(self, result: SweepResult, source: str) -> None:
         level = logging.WARNING if result.outcome in (REFUSED, FAILED) else logging.INFO

@@ -256,6 +256,8 @@ class Watcher:
                 running_again.append(vmid)
             self._last_status[vmid] = guest.status
 
+        if gone and self._hidden(gone):
+            return
         removed_vmids = self._remove_gone(gone, now) if gone else set()
         with write_transaction(self.runtime.engine) as conn:
             w = store.watch
@@ -272,6 +274,22 @@ class Watcher:
                 self._mark_stopped(conn, stopped, now)
         self.watched = sorted(set(watched) - set(done))
         self.metrics.watched.set(len(self.watched))
+
+    def _hidden(self, gone: list[int]) -> bool:
+        """True (and an error recorded) unless Proxmox confirms every gone VMID is free.
+
+        A guest missing from a partial list (an ACL hiding it from the token) still
+        holds its VMID: then nothing is removed this tick, as for an unreadable inventory.
+        """
+        try:
+            hidden = [v for v in gone if self.runtime.inventory.vmid_in_use(v)]
+        except InventoryError as exc:
+            self._error(exc.kind, f"could not confirm that VMIDs {gone} are free, nothing removed: {exc}")
+            return True
+        if hidden:
+            self._error("partial_inventory", f"Proxmox says VMIDs {hidden} are in use but did not list them: "
+                                             "the token sees a partial inventory; nothing removed")
+        return bool(hidden)
 
     def _remove_gone(self, vmids: list[int], now: datetime) -> set[int]:
         """Remove the rows of guests gone on two reads; return the VMIDs that are settled."""
