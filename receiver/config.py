@@ -159,7 +159,19 @@ _VARIABLES: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_LEASE_SECONDS": ("lease_seconds", "int", 3),
 }
 VARIABLES = tuple(_VARIABLES)
-_MAXIMUMS = {"CLEANUP_MAX_DELETE_PERCENT": 100}
+# Far beyond any sensible value, and small enough that every date, interval and timeout
+# computed from them stays in range (a larger one made every sweep fail with OverflowError).
+_MAXIMUMS = {
+    "CLEANUP_MAX_DELETE_PERCENT": 100,
+    "ERROR_RETENTION_HOURS": 876_000,  # 100 years
+    "CLEANUP_GRACE_MINUTES": 52_560_000,  # 100 years
+    "CLEANUP_INTERVAL_MINUTES": 525_600,  # a year
+    "CLEANUP_WATCH_SECONDS": 31_536_000,  # a year
+    "CLEANUP_LEASE_SECONDS": 86_400,  # a day
+    "CLEANUP_WATCH_INTERVAL_SECONDS": 3_600,
+    "CLEANUP_TASK_POLL_SECONDS": 3_600,
+    "PVE_TIMEOUT": 3_600,
+}
 
 
 def _convert(name: str, kind: str, raw: Any) -> dict[str, Any]:
@@ -244,9 +256,15 @@ def _port(text: str) -> int:
 def _read_toml(path: str) -> tuple[dict[str, Any], list[str]]:
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
     except OSError as exc:
         return {}, [f"CLEANUP_CONFIG: cannot read {path}: {exc.strerror}"]
+    except ValueError:  # a NUL byte in the path
+        return {}, [f"CLEANUP_CONFIG: cannot read {path!r}: not a usable path"]
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return {}, [f"CLEANUP_CONFIG: {path} is not UTF-8, as TOML must be ({exc.reason} at byte {exc.start})"]
     except tomllib.TOMLDecodeError as exc:
         return {}, [f"CLEANUP_CONFIG: {path} is not valid TOML: {exc}"]
     values, problems = {}, []
