@@ -101,6 +101,10 @@ def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: st
                 if touched != len(part):
                     raise ApplyConflict(f"{action_kind} touched {touched} rows, expected {len(part)}; rolled back")
 
+        deleted = [str(a.row.key) for a in to_apply if a.action == "delete"]
+        for part in chunks(deleted):  # a restored row or a re-used key must not inherit a stop mark
+            conn.execute(store.stop_marks.delete().where(store.stop_marks.c.table_name == table.settings.table,
+                                                         store.stop_marks.c.row_key.in_(part)))
         counts = result.counts
         for a in to_apply:
             counts[REASON_COUNTERS[a.reason]] += 1

@@ -25,6 +25,7 @@ from .timeutil import utcnow
 logger = logging.getLogger(__name__)
 
 DESTROY_TASK_TYPES = frozenset({"vzdestroy", "qmdestroy"})
+VMID_MIN, VMID_MAX = 100, 999_999_999  # pve-vmid
 
 
 class InventoryError(Exception):
@@ -161,6 +162,8 @@ class ProxmoxInventory:
             raise InventoryError("unreachable", f"{what}: cannot connect to {self._settings.pve_host}:{self._settings.pve_port}") from None
         except requests.exceptions.RequestException as exc:
             raise InventoryError("http", f"{what}: {type(exc).__name__}") from None
+        except OSError as exc:  # e.g. the PVE_VERIFY_SSL bundle was removed after start
+            raise InventoryError("tls", f"{what}: {type(exc).__name__}: {exc.strerror or exc}") from None
         except ValueError:
             raise InventoryError("malformed", f"{what}: the answer is not JSON") from None
 
@@ -198,6 +201,9 @@ class ProxmoxInventory:
         ACL can hide a guest while ``/vms`` still grants VM.Audit.  Any other answer
         counts as "in use" (fail closed).
         """
+        if not VMID_MIN <= vmid <= VMID_MAX:
+            return False  # no guest can hold it (and Proxmox would answer 400 for the parameter)
+
         def call() -> object:
             try:
                 return self._api.cluster.nextid.get(vmid=vmid)

@@ -164,9 +164,14 @@ class PlatformTable:
             raise DatabaseError(f"cannot read table {self.settings.table!r}: {describe_db_error(exc)}") from None
         return [self._to_row(m) for m in result]
 
-    def count(self) -> int:
+    def count(self, vmids: Sequence[int] | None = None) -> int:
+        """Rows in the table (or rows with these VMIDs)."""
+        stmt = sa.select(sa.func.count()).select_from(self.table)
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
+            if vmids is None:
+                return conn.execute(stmt).scalar_one()
+            return sum(conn.execute(stmt.where(self.vmid.in_(part))).scalar_one()
+                       for part in chunks(sorted(set(vmids))))
 
     def observed_guard(self, rows: Sequence[Row]) -> sa.ColumnElement[bool]:
         """WHERE clause matching these rows only while key, VMID and updated_at are as observed.

@@ -30,14 +30,15 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import store
-from .apply import apply_actions
+from .apply import ApplyConflict, apply_actions
 from .inbox import START_PHASES, STOP_PHASES, Inbox
 from .inventory import DESTROY_TASK_TYPES, Inventory, InventoryError
 from .lease import Lease
 from .metrics import Metrics
 from .plan import GHOST, make_plan
 from .runtime import Runtime
-from .table import chunks, write_transaction
+from .sweep import GUARD_MIN_ROWS
+from .table import DatabaseError, chunks, describe_db_error, write_transaction
 from .timeutil import isoformat, utcnow
 
 logger = logging.getLogger(__name__)
@@ -150,8 +151,8 @@ class Watcher:
             self.drain_inbox(now)
             self._poll_tasks(now)
             self._check_watched(now)
-        except SQLAlchemyError as exc:
-            self._error("database", f"database error {type(exc).__name__}; will retry")
+        except (SQLAlchemyError, DatabaseError, ApplyConflict) as exc:
+            self._error("database", f"database error {type(exc).__name__}: {describe_db_error(exc)}; will retry")
 
     def drain_inbox(self, now: datetime | None = None) -> int:
         if (self.lease is not None and not self.leader) or not self.settings.enabled:
@@ -221,9 +222,13 @@ class Watcher:
             self.on_task_gap()
 
     def _check_watched(self, now: datetime) -> None:
-        with write_transaction(self.runtime.engine) as conn:
-            conn.execute(store.watch.delete().where(store.watch.c.until < now))
+        with self.runtime.engine.connect() as conn:
             watched = _watch_rows(conn)
+        expired = [v for v, row in watched.items() if row["until"] < now]
+        if expired:
+            with write_transaction(self.runtime.engine) as conn:
+                conn.execute(store.watch.delete().where(store.watch.c.until < now))
+            watched = {v: row for v, row in watched.items() if v not in expired}
         self.watched = sorted(watched)
         self.metrics.watched.set(len(watched))
         if not watched:
@@ -256,8 +261,9 @@ class Watcher:
                 running_again.append(vmid)
             self._last_status[vmid] = guest.status
 
-        if gone and self._hidden(gone):
-            return
+        gone = self._confirmed_free(gone)
+        if gone and not self._within_guard(gone):
+            gone = []
         removed_vmids = self._remove_gone(gone, now) if gone else set()
         with write_transaction(self.runtime.engine) as conn:
             w = store.watch
@@ -275,27 +281,42 @@ class Watcher:
         self.watched = sorted(set(watched) - set(done))
         self.metrics.watched.set(len(self.watched))
 
-    def _hidden(self, gone: list[int]) -> bool:
-        """True (and an error recorded) unless Proxmox confirms every gone VMID is free.
+    def _confirmed_free(self, gone: list[int]) -> list[int]:
+        """The gone VMIDs that Proxmox confirms are free; the others stay watched.
 
         A guest missing from a partial list (an ACL hiding it from the token) still
-        holds its VMID: then nothing is removed this tick, as for an unreadable inventory.
+        holds its VMID.  If the check itself fails, nothing is removed this tick.
         """
+        if not gone:
+            return gone
         try:
             hidden = [v for v in gone if self.runtime.inventory.vmid_in_use(v)]
         except InventoryError as exc:
             self._error(exc.kind, f"could not confirm that VMIDs {gone} are free, nothing removed: {exc}")
-            return True
+            return []
         if hidden:
             self._error("partial_inventory", f"Proxmox says VMIDs {hidden} are in use but did not list them: "
-                                             "the token sees a partial inventory; nothing removed")
-        return bool(hidden)
+                                             "the token sees a partial inventory; their rows are kept")
+        return [v for v in gone if v not in hidden]
+
+    def _within_guard(self, gone: list[int]) -> bool:
+        """The sweep's percentage guard, for the fast path too: a burst of stops followed by a
+        half-empty guest list must not empty the table.  The sweep (``--force``) decides then."""
+        rows = self.runtime.table.count(vmids=gone)
+        total = self.runtime.table.count()
+        if rows > GUARD_MIN_ROWS and rows * 100 > self.settings.max_delete_percent * total:
+            self._error("guard", f"{rows} of {total} rows would go at once, more than "
+                                 f"CLEANUP_MAX_DELETE_PERCENT={self.settings.max_delete_percent}%: nothing "
+                                 "removed by the watcher; check with `pve-janitor sweep --dry-run`")
+            return False
+        return True
 
     def _remove_gone(self, vmids: list[int], now: datetime) -> set[int]:
         """Remove the rows of guests gone on two reads; return the VMIDs that are settled."""
         rows = self.runtime.table.fetch_rows(vmids=vmids)
         plan = make_plan(rows, Inventory({}, now), now, self.settings)
         actions = [a for a in plan.actions if a.reason == GHOST]
+        handled = {a.row.key for a in actions}
         if actions and self.settings.dry_run:
             for action in actions:
                 logger.info("DRY-RUN: watcher would %s row %s (VMID %s): %s", action.action, action.row.key,
@@ -306,13 +327,10 @@ class Watcher:
             for action in result.applied:
                 logger.info("watcher: %s row %s (VMID %s): %s", action.action, action.row.key,
                             action.row.vmid, action.detail)
-            with write_transaction(self.runtime.engine) as conn:
-                for part in chunks([str(a.row.key) for a in result.applied]):
-                    conn.execute(store.stop_marks.delete().where(
-                        store.stop_marks.c.table_name == self.settings.table, store.stop_marks.c.row_key.in_(part)))
-        # A VMID stays watched while a row of it was kept (young, protected): the
-        # grace period may end before the watch does; the sweep is the safety net.
-        kept = {r.vmid for r in rows} - {a.row.vmid for a in actions}
+            handled = {a.row.key for a in result.applied}
+        # A VMID stays watched while a row of it was kept (young, protected, changed since
+        # planning): the grace period may end before the watch does; the sweep is the safety net.
+        kept = {r.vmid for r in rows if r.key not in handled}
         for vmid in vmids:
             self._last_status.pop(vmid, None)
         return set(vmids) - kept
@@ -327,8 +345,13 @@ class Watcher:
         conn.execute(table.table.update().where(table.pk.in_([k for k, _ in keys]),
                                                 table.status == s.running_status)
                      .values({table.status.name: s.stop_status}))
-        conn.execute(store.stop_marks.insert(), [
-            {"table_name": s.table, "row_key": str(k), "vmid": int(v), "marked_at": now} for k, v in keys])
+        marks = store.stop_marks
+        already = set(conn.execute(sa.select(marks.c.row_key).where(
+            marks.c.table_name == s.table, marks.c.row_key.in_([str(k) for k, _ in keys]))).scalars())
+        new = [{"table_name": s.table, "row_key": str(k), "vmid": int(v), "marked_at": now}
+               for k, v in keys if str(k) not in already]
+        if new:
+            conn.execute(marks.insert(), new)
         logger.info("watcher: %d rows of stopped guests %s set to %r", len(keys), vmids, s.stop_status)
 
     def _unmark_stopped(self, conn: sa.Connection, vmid: int) -> None:

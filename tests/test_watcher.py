@@ -287,3 +287,55 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(world, tmp_p
     elsewhere = Lease(runtime.engine, 300, holder=f"other-host:{gone.pid}:y")
     me = Lease(runtime.engine, 300)
     assert me.acquire() and not elsewhere.acquire()
+
+
+def test_watcher_applies_the_percentage_guard(sim, sqlite_db):
+    """A burst of stops followed by a half-empty guest list must not empty the table."""
+    table = create_apps_table(sqlite_db.engine)
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in range(100, 120)])
+    for v in range(100, 120):
+        sim.add_guest(v)
+    runtime = make_runtime(sim, sqlite_db)
+    inbox = Inbox(runtime.engine)
+    watcher = Watcher(runtime, inbox)
+    for v in range(100, 114):  # 14 of 20 guests really gone: 70 % > 50 %, more than 10 rows
+        sim.stop_guest(v)
+        sim.destroy_guest(v)
+        inbox.accept(event(v, "post-stop"))
+    for _ in range(3):
+        watcher.tick()
+    assert len(table_vmids(sqlite_db)) == 20
+    assert "CLEANUP_MAX_DELETE_PERCENT" in watcher.last_error
+    assert len(watcher.watched) == 14
+
+
+def test_a_hidden_guest_is_held_back_and_the_others_go_on(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.set_visible({100, 101, 102, 103})  # guest 104 hidden by an ACL, still exists
+    sim.stop_guest(103)
+    sim.destroy_guest(103)
+    for v in (103, 104):
+        inbox.accept(event(v, "post-stop"))
+    for _ in range(3):
+        watcher.tick()
+    assert 104 in table_vmids(db) and 103 not in table_vmids(db)
+    assert 104 in watcher.watched
+    assert "partial inventory" in watcher.last_error
+
+
+def test_a_row_set_back_to_running_by_the_platform_does_not_freeze_the_watcher(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(100)
+    inbox.accept(event(100, "post-stop"))
+    watcher.tick()
+    assert statuses(db)[100] == "stopped"
+    with db.engine.begin() as conn:  # the platform says running; the guest is still stopped
+        conn.execute(sa.text("UPDATE apps SET status='running' WHERE lxc_id=100"))
+    sim.stop_guest(101)
+    sim.destroy_guest(101)
+    inbox.accept(event(101, "post-stop"))
+    for _ in range(3):
+        watcher.tick()
+    assert 101 not in table_vmids(db)
+    assert statuses(db)[100] == "stopped"
