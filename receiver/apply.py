@@ -1,12 +1,12 @@
 """Carry out planned actions: audit copy + delete/mark + counters, in ONE transaction.
 
 The rows are re-read (and locked, where the database can) inside the
-transaction.  A row whose key, VMID or updated_at is no longer what the
-planner saw has been changed or re-used by the platform in between: it is
+transaction.  A row whose key, VMID, updated_at or status is no longer what
+the planner saw has been changed or re-used by the platform in between: it is
 skipped, not destroyed.  The delete/update statement itself carries the same
-observed-value guard, and if it touches a different number of rows than were
-audited the whole transaction is rolled back.  A crash at any point leaves
-either the old state or the new one.
+observed-value guard; only the rows it really touched are audited and counted,
+in the same transaction.  A crash at any point leaves either the old state or
+the new one.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ REASON_COUNTERS = {GHOST: "ghost_apps_removed", OLD_ERROR: "old_errors_removed"}
 
 
 class ApplyConflict(Exception):
-    """The guarded statement touched another number of rows than were audited."""
+    """A set-based guarded statement touched another number of rows than expected."""
 
 
 @dataclass
@@ -44,10 +44,26 @@ def _same(a: object, b: object) -> bool:
 
 def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: str,
                   now: datetime) -> ApplyResult:
-    """Apply ``actions`` (all of one kind per row) and return what happened."""
-    result = ApplyResult()
+    """Apply ``actions`` (all of one kind per row) and return what happened.
+
+    Set-based first.  If a guarded statement touches another number of rows than
+    the re-check in Python expected (a value that compares equal in Python but not
+    in SQL: a FLOAT column, a DST-ambiguous TIMESTAMP), that transaction is rolled
+    back and the work is redone row by row, so one odd row is skipped instead of
+    blocking every sweep.
+    """
     if not actions:
-        return result
+        return ApplyResult()
+    try:
+        return _apply(table, actions, source, now, per_row=False)
+    except ApplyConflict as exc:
+        logger.warning("%s; redoing the apply row by row", exc)
+        return _apply(table, actions, source, now, per_row=True)
+
+
+def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: datetime,
+           per_row: bool) -> ApplyResult:
+    result = ApplyResult()
     t = table.table
     by_key = {a.row.key: a for a in actions}
     with write_transaction(table.engine) as conn:
@@ -64,13 +80,31 @@ def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: st
             now_row = current.get(key)
             if now_row is None:
                 result.skipped.append((action, "row no longer exists"))
-            elif not _same(now_row[table.vmid.name], action.row.raw_vmid):
-                result.skipped.append((action, "VMID changed since planning"))
-            elif table.updated is not None and not _same(now_row[table.updated.name], action.row.raw_updated):
-                result.skipped.append((action, "row updated since planning"))
+                continue
+            changed = [c.name for c, seen in table.observed(action.row) if not _same(now_row[c.name], seen)]
+            if changed:
+                result.skipped.append((action, f"{', '.join(changed)} changed since planning"))
             else:
                 to_apply.append(action)
-        if not to_apply:
+
+        applied: list[Action] = []
+        for action_kind in ("delete", "mark"):
+            group = [a for a in to_apply if a.action == action_kind]
+            batches = [[a] for a in group] if per_row else list(chunks(group, table.guard_batch))
+            for part in batches:
+                guard = table.observed_guard([a.row for a in part])
+                if action_kind == "delete":
+                    stmt = t.delete().where(guard)
+                else:
+                    stmt = t.update().where(guard).values({table.status.name: table.settings.mark_status})
+                touched = conn.execute(stmt).rowcount
+                if touched == len(part):
+                    applied.extend(part)
+                elif per_row:
+                    result.skipped.append((part[0], "its observed values no longer match in the database"))
+                else:
+                    raise ApplyConflict(f"{action_kind} touched {touched} rows, expected {len(part)}")
+        if not applied:
             return result
 
         conn.execute(store.audit.insert(), [
@@ -86,27 +120,14 @@ def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: st
                 "row_json": store.encode_row(current[a.row.key]),
                 "removed_at": now,
             }
-            for a in to_apply
+            for a in applied
         ])
-
-        for action_kind in ("delete", "mark"):
-            group = [a for a in to_apply if a.action == action_kind]
-            for part in chunks(group):
-                guard = table.observed_guard([a.row for a in part])
-                if action_kind == "delete":
-                    stmt = t.delete().where(guard)
-                else:
-                    stmt = t.update().where(guard).values({table.status.name: table.settings.mark_status})
-                touched = conn.execute(stmt).rowcount
-                if touched != len(part):
-                    raise ApplyConflict(f"{action_kind} touched {touched} rows, expected {len(part)}; rolled back")
-
-        deleted = [str(a.row.key) for a in to_apply if a.action == "delete"]
+        deleted = [str(a.row.key) for a in applied if a.action == "delete"]
         for part in chunks(deleted):  # a restored row or a re-used key must not inherit a stop mark
             conn.execute(store.stop_marks.delete().where(store.stop_marks.c.table_name == table.settings.table,
                                                          store.stop_marks.c.row_key.in_(part)))
         counts = result.counts
-        for a in to_apply:
+        for a in applied:
             counts[REASON_COUNTERS[a.reason]] += 1
             counts["total_removed"] += 1
             if a.action == "mark":
@@ -114,7 +135,7 @@ def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: st
             else:
                 counts["ports_freed"] += sum(1 for p in a.row.ports if p is not None)
         store.add_counters(conn, dict(counts))
-        result.applied = to_apply
+        result.applied = applied
     for action, why in result.skipped:
         logger.info("skipped row %s (VMID %s): %s", action.row.key, action.row.vmid, why)
     return result

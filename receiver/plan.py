@@ -8,12 +8,16 @@ without a database or a cluster.  Two reasons to act on a row:
     updated within the grace period, and its status is not protected (a
     deployment in flight may not have its guest yet).
 ``old_error``
-    Its status is an error status and it was last updated before the
-    retention window; acted on whether or not the guest exists (the plan
-    says when it does).
+    Its status is an error status and it was neither created nor updated
+    within the retention window; acted on whether or not the guest exists
+    (the plan says when it does).
 
-Two findings are only reported: guests with no row (templates excluded), and
-rows whose guest's name differs from the row's hostname (a reused VMID?).
+A row whose VMID or timestamps cannot be read (``Row.unreadable``) is kept
+and reported: an unreadable value must never read as "old" or "no guest".
+
+Findings that are only reported: guests with no row (templates excluded),
+rows whose guest's name differs from the row's hostname (a reused VMID?), and
+unreadable rows.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ class Row:
     ports: tuple[Any, ...] = ()
     raw_vmid: Any = None
     raw_updated: Any = None
+    raw_status: Any = None
+    unreadable: str | None = None  # why a mapped value could not be read: such a row is never acted on
 
     def last_touched(self) -> datetime | None:
         stamps = [t for t in (self.created_at, self.updated_at) if t is not None]
@@ -61,8 +67,8 @@ class Action:
 
 @dataclass(frozen=True)
 class Report:
-    kind: str  # "unmanaged_guest" or "name_mismatch"
-    vmid: int
+    kind: str  # "unmanaged_guest", "name_mismatch" or "unreadable_row"
+    vmid: int | None
     detail: str
 
 
@@ -103,7 +109,7 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
 
     actions: list[Action] = []
     reports: list[Report] = []
-    kept = {"protected": 0, "young": 0, "present": 0, "already_marked": 0}
+    kept = {"protected": 0, "young": 0, "present": 0, "already_marked": 0, "unreadable": 0}
     vmids_with_rows: set[int] = set()
     seen = 0
     for row in rows:
@@ -115,6 +121,10 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
         if guest and guest.name and row.hostname and guest.name != row.hostname:
             reports.append(Report("name_mismatch", row.vmid, f"row {row.key} says hostname {row.hostname!r}, "
                                   f"guest {row.vmid} on {guest.node} is named {guest.name!r} (reused VMID?)"))
+        if row.unreadable:
+            kept["unreadable"] += 1
+            reports.append(Report("unreadable_row", row.vmid, f"row {row.key} kept: {row.unreadable}"))
+            continue
         if status in protected:
             kept["protected"] += 1
             continue
@@ -132,7 +142,9 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
                                       f"{what}; last touched {_age(now, touched)} ago"))
                 continue
 
-        updated = row.updated_at if settings.updated_column else row.created_at
+        # The later of created/updated: an error row inserted a minute ago with a NULL
+        # updated_at is not past retention.
+        updated = touched
         if status in errors and (updated is None or updated < retention_start):
             where = (f"; guest {row.vmid} still exists ({guest.status} on {guest.node})" if guest
                      else "")

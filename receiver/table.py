@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import Any, Iterator, Sequence
 
 import sqlalchemy as sa
@@ -25,12 +26,12 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from .config import ConfigError, Settings, redact_url
 from .plan import Row
-from .timeutil import parse_timestamp
+from .timeutil import parse_timestamp_strict
 
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-CHUNK = 500  # keys per IN list: well under every backend's bound-parameter limit
+CHUNK = 500  # keys per IN list: under every backend's bound-parameter limit (SQLite < 3.32: 999)
 
 
 class DatabaseError(Exception):
@@ -137,16 +138,32 @@ class PlatformTable:
     def _to_row(self, m: Any) -> Row:
         s = self.settings
         raw_vmid = m[self.vmid.name]
+        problems = []
+        try:
+            vmid = as_vmid(raw_vmid)
+        except ValueError as exc:
+            vmid = None
+            problems.append(str(exc))
+        stamps = {}
+        for name in (s.created_column, s.updated_column):
+            try:
+                stamps[name] = parse_timestamp_strict(m[name]) if name else None
+            except ValueError as exc:
+                stamps[name] = None
+                problems.append(f"{name}: {exc}")
+        raw_status = m[s.status_column] if s.status_column else None
         return Row(
             key=m[self.pk.name],
-            vmid=_as_vmid(raw_vmid),
+            vmid=vmid,
             hostname=m[s.hostname_column] if s.hostname_column else None,
-            status=str(m[s.status_column]) if s.status_column and m[s.status_column] is not None else None,
-            created_at=parse_timestamp(m[s.created_column]) if s.created_column else None,
-            updated_at=parse_timestamp(m[s.updated_column]) if s.updated_column else None,
+            status=None if raw_status is None else str(raw_status),
+            created_at=stamps.get(s.created_column) if s.created_column else None,
+            updated_at=stamps.get(s.updated_column) if s.updated_column else None,
             ports=tuple(m[c] for c in s.port_columns),
             raw_vmid=raw_vmid,
             raw_updated=m[s.updated_column] if s.updated_column else None,
+            raw_status=raw_status,
+            unreadable="; ".join(problems) or None,
         )
 
     def fetch_rows(self, vmids: Sequence[int] | None = None) -> list[Row]:
@@ -173,51 +190,64 @@ class PlatformTable:
             return sum(conn.execute(stmt.where(self.vmid.in_(part))).scalar_one()
                        for part in chunks(sorted(set(vmids))))
 
+    @property
+    def guard_batch(self) -> int:
+        """Rows per guarded statement: key + observed values each, under 999 bound parameters
+        (the limit of SQLite before 3.32)."""
+        return max(1, 900 // (2 + (self.updated is not None) + (self.status is not None)))
+
+    def observed(self, row: Row) -> list[tuple[sa.Column, Any]]:
+        """The guarded columns and the values the planner saw in them."""
+        pairs = [(self.vmid, row.raw_vmid)]
+        if self.updated is not None:
+            pairs.append((self.updated, row.raw_updated))
+        if self.status is not None:
+            pairs.append((self.status, row.raw_status))
+        return pairs
+
     def observed_guard(self, rows: Sequence[Row]) -> sa.ColumnElement[bool]:
-        """WHERE clause matching these rows only while key, VMID and updated_at are as observed.
+        """WHERE clause matching these rows only while key, VMID, updated_at and status are as observed.
 
         Set-based: rows are grouped by which observed values are NULL, and
         each group becomes one tuple IN list.
         """
-        groups: dict[tuple[bool, bool], list[Row]] = {}
+        groups: dict[tuple[bool, ...], list[Row]] = {}
         for row in rows:
-            groups.setdefault((row.raw_vmid is None, self.updated is None or row.raw_updated is None), []).append(row)
+            groups.setdefault(tuple(v is None for _, v in self.observed(row)), []).append(row)
         clauses = []
-        for (vmid_null, updated_null), members in groups.items():
-            cols = [self.pk]
-            conds = []
-            if vmid_null:
-                conds.append(self.vmid.is_(None))
+        for nulls, members in groups.items():
+            columns = [c for (c, _), null in zip(self.observed(members[0]), nulls) if not null]
+            conds = [c.is_(None) for (c, _), null in zip(self.observed(members[0]), nulls) if null]
+            values = [(row.key, *(v for _, v in self.observed(row) if v is not None)) for row in members]
+            if columns:
+                match = sa.tuple_(self.pk, *columns).in_(values)
             else:
-                cols.append(self.vmid)
-            if self.updated is not None:
-                if updated_null:
-                    conds.append(self.updated.is_(None))
-                else:
-                    cols.append(self.updated)
-            values = []
-            for row in members:
-                value = [row.key]
-                if not vmid_null:
-                    value.append(row.raw_vmid)
-                if self.updated is not None and not updated_null:
-                    value.append(row.raw_updated)
-                values.append(tuple(value))
-            if len(cols) == 1:
                 match = self.pk.in_([v[0] for v in values])
-            else:
-                match = sa.tuple_(*cols).in_(values)
             clauses.append(sa.and_(match, *conds))
         return sa.or_(*clauses)
 
 
-def _as_vmid(value: Any) -> int | None:
-    if value is None or isinstance(value, bool):
+def as_vmid(value: Any) -> int | None:
+    """The VMID in a table value; None for NULL; ValueError for anything not a whole number.
+
+    A VMID column may be an integer, a float or decimal column, or text; a value
+    like ``'ct101'`` or ``101.5`` must never read as "this row has no guest".
+    """
+    if value is None:
         return None
+    if isinstance(value, bool):
+        raise ValueError(f"VMID {value!r} is not a number")
     if isinstance(value, int):
         return value
-    text = str(value).strip()
-    return int(text) if text.isdigit() else None
+    if isinstance(value, (float, Decimal)):
+        if value == value and value == int(value):
+            return int(value)
+        raise ValueError(f"VMID {value!r} is not a whole number")
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    text = text.strip()
+    if text.isascii() and text.isdigit():
+        return int(text)
+    raise ValueError(f"VMID {value!r} is not a whole number")
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:

@@ -1,29 +1,51 @@
 """Time in one place: timezone-aware UTC, and tolerant parsing of table values.
 
 Platform tables hold timestamps in whatever their ORM wrote: aware or naive
-datetimes, ISO strings (with a space or a ``T``, with or without ``Z``), or
-epoch numbers.  Naive values are read as UTC.  An unreadable value is treated
-like NULL (``None``): callers decide what NULL means (the planner: "old").
+datetimes, dates, ISO strings (with a space or a ``T``, with or without
+``Z``), or epoch seconds or milliseconds.  Naive values are read as UTC.  NULL
+is ``None`` (the planner reads it as "old"); a value that cannot be read is an
+error for :func:`parse_timestamp_strict` (the planner then keeps the row).
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
+from decimal import Decimal
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+EPOCH_MS_ABOVE = 100_000_000_000  # later than year 5138 in seconds: must be milliseconds
+
+
 def parse_timestamp(value: object) -> datetime | None:
+    """A table value as an aware UTC datetime; None for NULL and for what cannot be read."""
+    try:
+        return parse_timestamp_strict(value)
+    except ValueError:
+        return None
+
+
+def parse_timestamp_strict(value: object) -> datetime | None:
+    """Like parse_timestamp, but a non-NULL value that cannot be read raises ValueError.
+
+    The planner treats such a row as unreadable (kept and reported), never as old.
+    """
     if value is None:
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        seconds = float(value)
+        if abs(seconds) >= EPOCH_MS_ABOVE:
+            seconds /= 1000.0
         try:
-            return datetime.fromtimestamp(value, timezone.utc)
+            return datetime.fromtimestamp(seconds, timezone.utc)
         except (OverflowError, OSError, ValueError):
-            return None
+            raise ValueError(f"timestamp {value!r} is out of range") from None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
@@ -36,11 +58,12 @@ def parse_timestamp(value: object) -> datetime | None:
             parsed = datetime.fromisoformat(text)
         except ValueError:
             try:
-                return parse_timestamp(float(text))
+                number = float(text)
             except ValueError:
-                return None
+                raise ValueError(f"timestamp {value!r} is not ISO 8601 or epoch seconds") from None
+            return parse_timestamp_strict(number)
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    return None
+    raise ValueError(f"timestamp of type {type(value).__name__} cannot be read")
 
 
 def isoformat(value: datetime | None) -> str | None:

@@ -132,3 +132,15 @@ def test_planning_after_applying_yields_nothing(rows, inventory, s):
     plan = make_plan(rows, inventory, NOW, s)
     again = make_plan(_applied(rows, plan, s), inventory, NOW, s)
     assert again.actions == ()
+
+
+def test_fresh_error_row_with_null_updated_at_is_not_past_retention():
+    r = row(vmid=100, status="error", age=timedelta(minutes=1), updated_age="null")
+    assert make_plan([r], inv(100), NOW, DEFAULT).actions == ()
+
+
+def test_unreadable_row_is_kept_and_reported():
+    r = replace(row(vmid=None), unreadable="VMID 'ct201' is not a whole number")
+    plan = make_plan([r], inv(100), NOW, DEFAULT)
+    assert plan.actions == () and plan.kept["unreadable"] == 1
+    assert [x.kind for x in plan.reports if x.vmid is None] == ["unreadable_row"]
