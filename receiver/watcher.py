@@ -183,9 +183,13 @@ class Watcher:
         return len(events)
 
     def _poll_tasks(self, now: datetime) -> None:
-        if time.monotonic() < self._next_task_poll:
+        # A poll due within half a tick is done in this tick.  Ticks start a few ms before a
+        # deadline taken mid-tick, so a strict comparison rounded every period up to the next
+        # whole tick: a 5 s poll ran every 6 s.
+        mono = time.monotonic()
+        if mono < self._next_task_poll - self.settings.watch_interval_seconds / 2:
             return
-        self._next_task_poll = time.monotonic() + self.settings.task_poll_seconds
+        self._next_task_poll = mono + self.settings.task_poll_seconds
         try:
             tasks = self.runtime.inventory.tasks()
         except InventoryError as exc:
