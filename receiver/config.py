@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 SECRET_VARIABLES = ("PVE_TOKEN_VALUE", "CLEANUP_HOOK_SECRET", "CLEANUP_ADMIN_TOKEN")
 ACTIONS = ("delete", "mark")
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+_TRUE = {"true", "1", "yes"}  # DESIGN.md: true/false/1/0/yes/no, anything else is an error
+_FALSE = {"false", "0", "no"}
 
 
 class ConfigError(Exception):
@@ -45,7 +45,7 @@ class Settings:
     interval_minutes: int = 60
     dry_run: bool = False
     # Connections.
-    database_url: str = ""
+    database_url: str = field(default="", repr=False)  # may hold a password
     pve_host: str = ""
     pve_port: int = 8006
     pve_user: str = ""
@@ -92,7 +92,18 @@ class Settings:
         return {k: v for k, v in named.items() if v}
 
     def secrets(self) -> list[str]:
-        return [s for s in (self.pve_token_value, self.hook_secret, self.admin_token) if s]
+        """Values that must never be shown: the tokens, the hook secret, the database password."""
+        found = [s for s in (self.pve_token_value, self.hook_secret, self.admin_token) if s]
+        if self.database_url:
+            try:
+                from sqlalchemy.engine import make_url
+
+                password = make_url(self.database_url).password
+            except Exception:  # noqa: BLE001 - an unparsable URL has no password to hide
+                password = None
+            if password:
+                found.append(str(password))
+        return found
 
     def public_summary(self) -> dict[str, Any]:
         """The settings as shown to users: secrets only as set/unset."""

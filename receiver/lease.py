@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -27,15 +28,27 @@ logger = logging.getLogger(__name__)
 NAME = "sweeper"
 
 
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"  # unknown: never judge another holder dead
+
+
 def _holder_is_dead(holder: str) -> bool:
-    """True when the holder was a process on this host that no longer runs.
+    """True when the holder was a process in this host's PID namespace that no longer runs.
 
     Lets a receiver restarted after a crash (systemd ``Restart=on-failure``)
-    go on at once instead of waiting out its predecessor's lease.
+    go on at once instead of waiting out its predecessor's lease.  Holders
+    are ``host:pid:pid-namespace:random``; two containers sharing a host name
+    (``--network host``) have different PID namespaces and never judge each other.
     """
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+    parts = holder.split(":")
+    if len(parts) != 4:
+        return False
+    host, pid_text, namespace, _ = parts
+    if (host != socket.gethostname() or namespace != _pid_namespace() or namespace == "0"
+            or not pid_text.isdigit() or int(pid_text) == os.getpid()):
         return False
     try:
         os.kill(int(pid_text), 0)
@@ -50,8 +63,9 @@ class Lease:
     def __init__(self, engine: Engine, ttl_seconds: float, holder: str | None = None):
         self.engine = engine
         self.ttl = timedelta(seconds=ttl_seconds)
-        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}:{uuid.uuid4().hex[:8]}"
         self.held = False
+        self._renewed = float("-inf")  # monotonic time of the last successful take or renewal
         self._lock = threading.Lock()
 
     def acquire(self) -> bool:
@@ -61,7 +75,20 @@ class Lease:
         racing each other for the first insert.
         """
         with self._lock:
-            return self._acquire()
+            if self.held and time.monotonic() - self._renewed < self.ttl.total_seconds() / 3:
+                return True  # renewed recently: no write (and no SQLite write lock) every tick
+            started = time.monotonic()
+            held = self._acquire()
+            if held:
+                self._renewed = started
+            return held
+
+    def still_held(self) -> bool:
+        """Whether the lease is surely still ours (renewed less than a TTL ago), without a query.
+
+        Checked before acting: a tick slowed down by a slow Proxmox may outlast the lease.
+        """
+        return self.held and time.monotonic() - self._renewed < self.ttl.total_seconds()
 
     def _acquire(self) -> bool:
         t = store.lease

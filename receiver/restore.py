@@ -11,10 +11,10 @@ import logging
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import store
-from .table import PlatformTable, write_transaction
+from .table import PlatformTable, describe_db_error, write_transaction
 from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ def restore(table: PlatformTable, audit_id: int) -> Restored:
             except IntegrityError as exc:
                 raise RestoreRefused(f"cannot restore audit entry {audit_id}: the database refused it "
                                      f"({type(exc.orig).__name__}: a UNIQUE value or a reference is taken)") from None
+            except DBAPIError as exc:  # a value the table no longer accepts (schema changed since)
+                raise RestoreRefused(f"cannot restore audit entry {audit_id}: the database refused the row "
+                                     f"({describe_db_error(exc)})") from None
             message = f"row {key} (VMID {entry['vmid']}) is back in {table.settings.table}"
         conn.execute(store.audit.update().where(store.audit.c.id == audit_id).values(restored_at=utcnow()))
         store.add_counters(conn, {"rows_restored": 1})

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 
+from typing import Callable
+
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import SQLAlchemyError
 
 from .lease import Lease
 from .sweep import Sweeper
@@ -20,19 +23,26 @@ logger = logging.getLogger(__name__)
 JOB_ID = "pve-janitor-sweep"
 
 
-def sweep_job(sweeper: Sweeper, lease: Lease | None) -> None:
+def sweep_job(sweeper: Sweeper, lease: Lease | None, housekeeping: Callable[[], object] | None = None) -> None:
     if lease is not None and not lease.acquire():
         logger.info("scheduled sweep skipped: another receiver holds the lease")
         return
     if sweeper.try_run(source="sweep") is None:
         logger.info("scheduled sweep skipped: a sweep is already running")
+    if housekeeping is not None:
+        try:
+            housekeeping()
+        except SQLAlchemyError as exc:
+            logger.warning("housekeeping failed: %s; will retry at the next sweep", type(exc).__name__)
 
 
 def make_scheduler(sweeper: Sweeper, interval_minutes: int, lease: Lease | None = None,
-                   first_run_now: bool = True) -> BackgroundScheduler:
+                   first_run_now: bool = True,
+                   housekeeping: Callable[[], object] | None = None) -> BackgroundScheduler:
+    """``housekeeping`` runs after each scheduled sweep on the lease holder (inbox pruning)."""
     scheduler = BackgroundScheduler(timezone="UTC", daemon=True)
     first = {"next_run_time": utcnow()} if first_run_now else {}
-    scheduler.add_job(sweep_job, "interval", minutes=interval_minutes, args=(sweeper, lease), id=JOB_ID,
+    scheduler.add_job(sweep_job, "interval", minutes=interval_minutes, args=(sweeper, lease, housekeeping), id=JOB_ID,
                       max_instances=1, coalesce=True, misfire_grace_time=None, **first)
     return scheduler
 

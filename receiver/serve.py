@@ -46,7 +46,7 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
     runtime.sweeper.on_result = lambda result, source: record_sweep(metrics, result, source)
     inbox = Inbox(runtime.engine)
     lease = Lease(runtime.engine, settings.lease_seconds)
-    scheduler = make_scheduler(runtime.sweeper, settings.interval_minutes, lease)
+    scheduler = make_scheduler(runtime.sweeper, settings.interval_minutes, lease, housekeeping=inbox.forget_old)
     watcher = Watcher(runtime, inbox, metrics, lease, on_task_gap=lambda: request_sweep(scheduler))
     app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics,
                      scheduler=scheduler)

@@ -90,7 +90,7 @@ inbox = sa.Table(
     sa.Column("vmid", sa.BigInteger, nullable=False),
     sa.Column("phase", sa.String(16), nullable=False),
     sa.Column("node", sa.String(64), nullable=False),
-    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("ts", sa.Double, nullable=False),  # not FLOAT: MariaDB's 4-byte float rounds to ~128 s
     sa.Column("received_at", UTCDateTime, nullable=False),
     sa.Column("processed_at", UTCDateTime),
     sa.Index("ix_janitor_inbox_processed_at", "processed_at"),
@@ -219,6 +219,8 @@ def encode_value(value: Any) -> Any:
         return {"$t": "uuid", "v": str(value)}
     if isinstance(value, (dict, list)):
         return {"$t": "json", "v": value}
+    if isinstance(value, (set, frozenset)):  # MariaDB SET columns: written back as 'a,b'
+        return {"$t": "str", "v": ",".join(sorted(str(v) for v in value))}
     return {"$t": "str", "v": str(value)}
 
 

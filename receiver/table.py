@@ -40,8 +40,12 @@ class DatabaseError(Exception):
 
 def make_engine(url: str) -> Engine:
     """One engine per process; SQLite with a busy timeout and IMMEDIATE writes."""
+    connect_args = {}
+    if url.startswith(("mysql", "mariadb")):
+        # TIMESTAMP columns come back in the session's time zone; naive values are read as UTC.
+        connect_args["init_command"] = "SET time_zone = '+00:00'"
     try:
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise ConfigError([f"DATABASE_URL={redact_url(url)!r} cannot be used: {type(exc).__name__}: "
                            f"{_first_line(exc)}"]) from None

@@ -268,6 +268,9 @@ class Watcher:
         gone = self._confirmed_free(gone)
         if gone and not self._within_guard(gone):
             gone = []
+        if gone and self.lease is not None and not self.lease.still_held():
+            self._error("lease", "this tick outlasted the lease: nothing removed, another receiver may lead now")
+            gone = []
         removed_vmids = self._remove_gone(gone, now) if gone else set()
         with write_transaction(self.runtime.engine) as conn:
             w = store.watch

@@ -110,3 +110,15 @@ def test_parser_either_builds_settings_or_names_the_variable(env):
     else:
         assert isinstance(s, Settings)
         assert s.interval_minutes >= 5 and s.error_retention_hours >= 1
+
+
+@pytest.mark.parametrize("text", ["on", "off", "y", "enabled", ""])
+def test_only_the_documented_booleans_are_accepted(text):
+    with pytest.raises(ConfigError, match="CLEANUP_ENABLED"):
+        load_settings(env={"CLEANUP_ENABLED": text})
+
+
+def test_database_password_is_a_secret():
+    s = load_settings(env={"DATABASE_URL": "postgresql+psycopg://app:pw-in-url-123@db/app"})
+    assert "pw-in-url-123" in s.secrets()
+    assert "pw-in-url-123" not in repr(s)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from datetime import timedelta
 
 import pytest
@@ -229,9 +230,11 @@ def test_expired_lease_is_taken_over(world):
     a = Lease(runtime.engine, 3, holder="a")
     b = Lease(runtime.engine, 3, holder="b")
     assert a.acquire() and not b.acquire()
-    with db.engine.begin() as conn:
+    with db.engine.begin() as conn:  # a stalled for longer than the TTL
         conn.execute(store.lease.update().values(expires_at=utcnow() - timedelta(seconds=10)))
-    assert b.acquire() and not a.acquire()
+    assert b.acquire()
+    time.sleep(1.1)  # a re-reads the lease once a third of the TTL has passed since its renewal
+    assert not a.acquire() and not a.still_held()
 
 
 def test_dry_run_watcher_changes_nothing(sim, sqlite_db, caplog):
@@ -282,11 +285,17 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(world, tmp_p
     sim, db, runtime, inbox, _ = world
     gone = subprocess.Popen(["true"])
     gone.wait()
-    dead = Lease(runtime.engine, 300, holder=f"{socket.gethostname()}:{gone.pid}:x")
+    from receiver.lease import _pid_namespace
+    dead = Lease(runtime.engine, 300, holder=f"{socket.gethostname()}:{gone.pid}:{_pid_namespace()}:x")
     assert dead.acquire()
-    elsewhere = Lease(runtime.engine, 300, holder=f"other-host:{gone.pid}:y")
+    elsewhere = Lease(runtime.engine, 300, holder=f"other-host:{gone.pid}:{_pid_namespace()}:y")
     me = Lease(runtime.engine, 300)
     assert me.acquire() and not elsewhere.acquire()
+    # Another PID namespace with the same host name (a container with --network host): never judged dead.
+    me.release()
+    other_ns = Lease(runtime.engine, 300, holder=f"{socket.gethostname()}:{gone.pid}:1:z")
+    assert other_ns.acquire()
+    assert not Lease(runtime.engine, 300).acquire()
 
 
 def test_watcher_applies_the_percentage_guard(sim, sqlite_db):
