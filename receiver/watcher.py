@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 CONFIRMING_READS = 2
 GAP_SWEEP_SECONDS = 30.0
+DRAIN_GATHER_SECONDS = 0.05
 
 
 class Watcher:
@@ -106,7 +107,13 @@ class Watcher:
                 break
             try:
                 if woken and time.monotonic() < next_tick:
-                    self.drain_inbox()  # cheap: no inventory read between ticks
+                    # No inventory read between ticks, and one drain for a burst: draining at
+                    # every event took the write lock hundreds of times a second, and accepting
+                    # events queues on that same lock.
+                    self._stop.wait(min(DRAIN_GATHER_SECONDS, max(0.0, next_tick - time.monotonic())))
+                    self._wake.clear()
+                    if not self._stop.is_set():
+                        self.drain_inbox()
                     continue
                 next_tick = time.monotonic() + interval
                 self.tick()
@@ -163,8 +170,9 @@ class Watcher:
             return 0
         until = now + timedelta(seconds=self.settings.watch_seconds)
         started: set[int] = set()
+        vmids = {e.vmid for e in events}
         with write_transaction(self.runtime.engine) as conn:
-            watched = _watch_rows(conn)
+            watched = _watch_rows(conn, vmids)
             for event in events:
                 if event.phase in STOP_PHASES:
                     _upsert_watch(conn, watched, event.vmid, now, until, "stop")
@@ -178,7 +186,7 @@ class Watcher:
             for vmid in started:
                 self._unmark_stopped(conn, vmid)
                 self._last_status.pop(vmid, None)
-            self.watched = sorted(watched)
+            self.watched = sorted((set(self.watched) - vmids) | set(watched))
         self.metrics.watched.set(len(self.watched))
         return len(events)
 
@@ -207,7 +215,7 @@ class Watcher:
             return
         until = now + timedelta(seconds=self.settings.watch_seconds)
         with write_transaction(self.runtime.engine) as conn:
-            watched = _watch_rows(conn)
+            watched = _watch_rows(conn, {t.vmid for t in hints})
             for task in hints:
                 logger.info("watcher: %s of %s on %s finished: checking", task.type, task.vmid, task.node)
                 _upsert_watch(conn, watched, task.vmid, now, until, "task")
@@ -375,8 +383,20 @@ class Watcher:
         conn.execute(marks.delete().where(marks.c.table_name == s.table, marks.c.vmid == vmid))
 
 
-def _watch_rows(conn: sa.Connection) -> dict[int, dict[str, Any]]:
-    return {int(r["vmid"]): dict(r) for r in conn.execute(sa.select(store.watch)).mappings()}
+def _watch_rows(conn: sa.Connection, vmids: set[int] | None = None) -> dict[int, dict[str, Any]]:
+    """The watch list, or only its rows for ``vmids``.
+
+    Draining events reads only their VMIDs' rows: reading the whole list for every drain
+    made a burst of N stop events cost O(N^2), under the write lock that accepting events needs.
+    """
+    w = store.watch
+    if vmids is None:
+        return {int(r["vmid"]): dict(r) for r in conn.execute(sa.select(w)).mappings()}
+    rows: dict[int, dict[str, Any]] = {}
+    for part in chunks(sorted(vmids)):
+        for r in conn.execute(sa.select(w).where(w.c.vmid.in_(part))).mappings():
+            rows[int(r["vmid"])] = dict(r)
+    return rows
 
 
 def _upsert_watch(conn: sa.Connection, watched: dict[int, dict], vmid: int, now: datetime,
