@@ -196,8 +196,7 @@ def run_sweep() -> Response:
     token = j.settings.admin_token
     if not token:
         return error(403, "CLEANUP_ADMIN_TOKEN is not set: this endpoint is disabled")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(_header_bytes(given.strip()), _bytes(token)):
+    if not _is_admin(token):
         return error(401, "a valid 'Authorization: Bearer <CLEANUP_ADMIN_TOKEN>' header is required",
                      headers={"WWW-Authenticate": 'Bearer realm="pve-janitor"'})
     try:
@@ -214,6 +213,13 @@ def run_sweep() -> Response:
     if status != 200:
         body = {"error": ERROR_CODES[status], "message": result.reason, **body}
     return _json(body, status)
+
+
+def _is_admin(token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (constant-time compare)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(
+        _header_bytes(given.strip()), _bytes(token))
 
 
 def _bytes(text: str) -> bytes:
@@ -236,15 +242,23 @@ def _flag(name: str) -> bool | None:
 
 @api.get("/api/v1/system/cleanup/history")
 def history() -> Response:
-    """Audit entries, newest first; ?limit=1..500 (50) &before=<audit id> pages on."""
+    """Audit entries, newest first; ?limit=1..500 (50) &before=<audit id> pages on.
+
+    The whole removed row (``row``) only with ``Authorization: Bearer <CLEANUP_ADMIN_TOKEN>``."""
     try:
         limit = _count("limit", HISTORY_DEFAULT_LIMIT, 1, HISTORY_MAX_LIMIT)
         before = _count("before", None, 1, None)
     except ValueError as exc:
         return error(400, str(exc))
-    entries = audit_entries(_janitor().runtime.engine, limit=limit + 1, before=before)
+    j = _janitor()
+    entries = audit_entries(j.runtime.engine, limit=limit + 1, before=before)
     more = len(entries) > limit
     entries = entries[:limit]
+    if not _is_admin(j.settings.admin_token):
+        # The audit copy holds every column of the platform's row, which may include
+        # credentials; only the admin token sees it.  The mapped facts stay public.
+        for entry in entries:
+            entry.pop("row", None)
     return jsonify({"entries": entries, "next_before": entries[-1]["id"] if more else None})
 
 

@@ -16,6 +16,7 @@ import waitress
 
 from .app import create_app
 from .config import Settings
+from .events import MAX_BODY_BYTES
 from .inbox import Inbox
 from .lease import Lease
 from .metrics import Metrics
@@ -28,6 +29,8 @@ from .watcher import Watcher
 logger = logging.getLogger(__name__)
 
 HTTP_THREADS = 8
+CONNECTION_LIMIT = 500  # a node's boot burst: one short connection per guest and phase
+CHANNEL_TIMEOUT_S = 30  # an idle or trickling client is dropped after this
 
 
 def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
@@ -60,8 +63,12 @@ def _stop_on_signal(signum, _frame) -> None:
 
 def serve(settings: Settings) -> int:
     parts = build(settings)
-    server = waitress.create_server(parts["app"], host=settings.bind_host, port=settings.bind_port,
-                                    threads=HTTP_THREADS, ident="pve-janitor")
+    server = waitress.create_server(
+        parts["app"], host=settings.bind_host, port=settings.bind_port, threads=HTTP_THREADS, ident="pve-janitor",
+        # Refuse big bodies before buffering them (waitress' default is 1 GiB, spooled to /tmp):
+        # no route takes more than an event.
+        max_request_body_size=MAX_BODY_BYTES + 1,
+        connection_limit=CONNECTION_LIMIT, channel_timeout=CHANNEL_TIMEOUT_S)
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGINT, _stop_on_signal)
     parts["watcher"].start()

@@ -415,10 +415,21 @@ def test_history_pages_newest_first(client):
             break
         assert before == ids[-1]
     assert (pages, len(seen), len(set(seen))) == (3, 41, 41)
-    entry = client.get(f"{HISTORY}?limit=1").get_json()["entries"][0]
+    entry = client.get(f"{HISTORY}?limit=1", headers=bearer()).get_json()["entries"][0]
     assert entry["reason"] == "ghost" and entry["source"] == "manual" and entry["vmid"] in ERROR_VMIDS
     assert entry["row"]["lxc_id"] == entry["vmid"] and entry["restored_at"] is None
     assert len(client.get(HISTORY).get_json()["entries"]) == 41  # default limit 50
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])
+def test_history_shows_the_whole_removed_row_only_to_the_admin(client, headers):
+    """The audit copy has every column of the platform's row, which may hold credentials."""
+    assert client.post(RUN + "?force=true", headers=bearer()).status_code == 200
+    public = client.get(f"{HISTORY}?limit=5", headers=headers).get_json()["entries"]
+    assert len(public) == 5 and all("row" not in e for e in public)
+    assert {"id", "vmid", "hostname", "reason", "removed_at"} <= set(public[0])
+    admin = client.get(f"{HISTORY}?limit=5", headers=bearer()).get_json()["entries"]
+    assert all(e["row"]["lxc_id"] == e["vmid"] for e in admin)
 
 
 def test_history_last_page_of_exact_size_has_no_next(client):

@@ -253,3 +253,16 @@ def test_two_receivers_on_postgres_one_sweeper_and_failover(sim, postgres_db, tm
     assert b.post_event(102, "post-stop") == 202
     wait_until(lambda: 102 not in table_vmids(postgres_db), 5)
     print(f"failover took {took:.1f} s after the kill")
+
+
+def test_an_oversized_body_is_refused_before_it_is_buffered(sim, sqlite_db, tmp_path, receivers):
+    seed_running(sqlite_db, sim, range(100, 102))
+    receiver = Receiver(sim, sqlite_db, tmp_path).start()
+    receivers.append(receiver)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as conn:
+        conn.sendall(b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 200000000\r\n\r\n" + b"{" * 65536)
+        answer = conn.recv(200)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert time.monotonic() - started < 3
