@@ -217,9 +217,9 @@ class PlatformTable:
 
     @property
     def guard_batch(self) -> int:
-        """Rows per guarded statement: key + observed values each, under 999 bound parameters
-        (the limit of SQLite before 3.32)."""
-        return max(1, 900 // (2 + (self.updated is not None) + (self.status is not None)))
+        """Rows per guarded statement: key twice + observed values each, under 999 bound
+        parameters (the limit of SQLite before 3.32)."""
+        return max(1, 900 // (3 + (self.updated is not None) + (self.status is not None)))
 
     def observed(self, row: Row) -> list[tuple[sa.Column, Any]]:
         """The guarded columns and the values the planner saw in them."""
@@ -249,7 +249,11 @@ class PlatformTable:
             else:
                 match = self.pk.in_([v[0] for v in values])
             clauses.append(sa.and_(match, *conds))
-        return sa.or_(*clauses)
+        # The plain key list lets the database find the rows by primary key: SQLite uses no
+        # index for a tuple IN list, so each guarded statement scanned the whole table
+        # (100,000 rows, 10,000 ghosts: 45 scans, 0.8 s).  It matches no other row: every
+        # tuple above starts with the key.
+        return sa.and_(self.pk.in_([row.key for row in rows]), sa.or_(*clauses))
 
 
 def as_vmid(value: Any) -> int | None:
