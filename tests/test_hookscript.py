@@ -191,11 +191,11 @@ def in_process(hook, monkeypatch, spool_dir, capsys):
     return call
 
 
-def run_hook(env, *args, hook_path=HOOK):
+def run_hook(env, *args, hook_path=HOOK, timeout=30):
     """Run the hookscript as Proxmox does (no shell); check it never leaks the secret."""
     start = time.monotonic()
     proc = subprocess.run([PYTHON, str(hook_path), *args], env=env, cwd="/",
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=timeout)
     proc.elapsed = time.monotonic() - start
     assert SECRET not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
@@ -429,6 +429,134 @@ def test_spool_is_bounded_to_10000_files(refused_url, conf_env, spool_dir):
     assert names[0] == f"{2:020d}-pre2.json"  # the oldest one went
     assert json.loads((spool_dir / names[-1]).read_bytes())["vmid"] == 101
     assert "dropped the 1 oldest" in proc.stderr
+
+
+# --- spool safety: the hook runs as root ----------------------------------------------
+
+def event_bytes(vmid, event_id=None):
+    return b'{"event_id":"%s","vmid":%d,"phase":"post-stop","node":"n","ts":1}' % (
+        (event_id or uuid.uuid4().hex).encode(), vmid)
+
+
+def write_conf(tmp_path, url, spool):
+    conf = tmp_path / "hook.conf"
+    conf.write_text(f"URL={url}\nSECRET={SECRET}\nSPOOL_DIR={spool}\nTIMEOUT=1\n")
+    return {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf),
+            "PVE_JANITOR_NODE": NODE}
+
+
+def test_a_spooled_symlink_is_never_followed(receiver, conf_env, spool_dir, tmp_path):
+    """Root must not read (and POST) whatever file a planted symlink points at."""
+    target = tmp_path / "root-only-file"
+    target.write_bytes(event_bytes(666, "leaked-through-a-symlink"))
+    spool_dir.mkdir(mode=0o700)
+    (spool_dir / f"{1:020d}-evil.json").symlink_to(target)
+
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+
+    assert proc.returncode == 0
+    assert [e["vmid"] for e in receiver.events] == [101]
+    assert not any(b"leaked" in raw for _, raw in receiver.log)
+    assert not os.path.lexists(spool_dir / f"{1:020d}-evil.json")  # the link is removed ...
+    assert target.read_bytes() == event_bytes(666, "leaked-through-a-symlink")  # ... not its target
+    assert "evil.json" in proc.stderr and "removed" in proc.stderr
+
+
+def test_a_spooled_fifo_cannot_hang_the_hook(receiver, conf_env, spool_dir):
+    spool_dir.mkdir(mode=0o700)
+    os.mkfifo(spool_dir / f"{1:020d}-fifo.json")
+    spool_event(spool_dir, f"{2:020d}-good.json", event_bytes(102))
+
+    proc = run_hook(conf_env(receiver.url, extra="TIMEOUT=1\n"), "101", "pre-start", timeout=10)
+
+    assert proc.returncode == 0 and proc.elapsed <= 1.5
+    assert [e["vmid"] for e in receiver.events] == [102, 101]
+    assert spooled(spool_dir) == []
+    assert "fifo.json (not a regular file): removed" in proc.stderr
+
+
+@pytest.mark.parametrize("trailing_slash", ["", "/"])
+def test_a_symlinked_spool_dir_is_refused(receiver, refused_url, tmp_path, trailing_slash):
+    """Whoever can swap SPOOL_DIR for a symlink must not choose what root reads or writes."""
+    elsewhere = tmp_path / "elsewhere"
+    spool_event(elsewhere, f"{1:020d}-planted.json", event_bytes(666))
+    link = tmp_path / "spool-link"
+    link.symlink_to(elsewhere)
+
+    up = run_hook(write_conf(tmp_path, receiver.url, f"{link}{trailing_slash}"), "101", "post-stop")
+    assert up.returncode == 0
+    assert [e["vmid"] for e in receiver.events] == [101]  # sent, but nothing replayed from there
+    assert "sent (202)" in up.stderr and "refused (it is a symbolic link)" in up.stderr
+    assert up.stderr.count("\n") == 1
+
+    down = run_hook(write_conf(tmp_path, refused_url, f"{link}{trailing_slash}"), "102", "post-stop")
+    assert down.returncode == 0
+    assert "LOST, spool" in down.stderr and "refused (it is a symbolic link)" in down.stderr
+    assert sorted(p.name for p in elsewhere.iterdir()) == [f"{1:020d}-planted.json"]  # nothing written there
+
+
+def test_a_spool_dir_others_may_write_is_refused(receiver, refused_url, tmp_path, spool_dir):
+    spool_event(spool_dir, f"{1:020d}-planted.json", event_bytes(666))
+    spool_dir.chmod(0o777)
+
+    up = run_hook(write_conf(tmp_path, receiver.url, spool_dir), "101", "post-stop")
+    assert up.returncode == 0 and [e["vmid"] for e in receiver.events] == [101]
+    assert "refused (it is writable by group or others (mode 0777))" in up.stderr
+
+    spool_dir.chmod(0o720)  # group-writable is as bad
+    down = run_hook(write_conf(tmp_path, refused_url, spool_dir), "102", "post-stop")
+    assert down.returncode == 0 and "LOST, spool" in down.stderr and "mode 0720" in down.stderr
+    assert spooled(spool_dir) == [f"{1:020d}-planted.json"]
+
+
+def test_a_spool_dir_owned_by_someone_else_is_refused(receiver, conf_env, spool_dir, in_process, monkeypatch):
+    spool_event(spool_dir, f"{1:020d}-planted.json", event_bytes(666))
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(spool_dir).st_uid + 4242)
+    code, err = in_process(["101", "post-stop"], conf_env(receiver.url))
+    assert code == 0 and [e["vmid"] for e in receiver.events] == [101]
+    assert "refused (it is owned by uid" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the spool to another user")
+def test_a_spool_dir_owned_by_another_user_is_refused_as_root(refused_url, conf_env, spool_dir):
+    spool_dir.mkdir(mode=0o700)
+    os.chown(spool_dir, 65534, 65534)
+    proc = run_hook(conf_env(refused_url), "101", "post-stop")
+    assert proc.returncode == 0
+    assert "LOST, spool" in proc.stderr and "owned by uid 65534, not 0" in proc.stderr
+    assert spooled(spool_dir) == []
+
+
+def test_a_missing_spool_dir_is_created_0700_and_its_parents_kept(refused_url, tmp_path):
+    spool = tmp_path / "new" / "deeper" / "spool"
+    proc = run_hook(write_conf(tmp_path, refused_url, spool), "101", "post-stop")
+    assert proc.returncode == 0 and "spooled (" in proc.stderr
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700 and len(spooled(spool)) == 1
+
+
+def test_a_lock_symlink_is_not_followed(receiver, conf_env, spool_dir, tmp_path):
+    spool_event(spool_dir, f"{1:020d}-old.json", event_bytes(102))
+    victim = tmp_path / "victim"
+    (spool_dir / ".lock").symlink_to(victim)
+
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+
+    assert proc.returncode == 0 and "sent (202)" in proc.stderr
+    assert not os.path.lexists(victim)  # O_CREAT through the link would have made it
+
+
+def test_a_symlinked_rejected_dir_is_not_used(receiver, conf_env, spool_dir, tmp_path):
+    spool_event(spool_dir, f"{1:020d}-garbage.json", b"this is not json")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (spool_dir / "rejected").symlink_to(elsewhere)
+
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+
+    assert proc.returncode == 0
+    assert list(elsewhere.iterdir()) == []
+    assert spooled(spool_dir) == []
+    assert "garbage.json was refused by the receiver (400): deleted" in proc.stderr
 
 
 # --- always exit 0 -----------------------------------------------------------------
