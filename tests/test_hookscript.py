@@ -545,6 +545,24 @@ def test_a_lock_symlink_is_not_followed(receiver, conf_env, spool_dir, tmp_path)
     assert not os.path.lexists(victim)  # O_CREAT through the link would have made it
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_no_replay_without_the_lock(receiver, conf_env, spool_dir, kind):
+    """A .lock that cannot be used means no replay at all (two runs could otherwise send
+    and delete the same files at once): only the current event is sent."""
+    spool_event(spool_dir, f"{1:020d}-old.json", event_bytes(102))
+    if kind == "directory":
+        (spool_dir / ".lock").mkdir()
+    else:
+        os.mkfifo(spool_dir / ".lock")
+
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop", timeout=10)
+
+    assert proc.returncode == 0 and "sent (202)" in proc.stderr
+    assert [e["vmid"] for e in receiver.events] == [101]
+    assert spooled(spool_dir) == [f"{1:020d}-old.json"]
+    assert f"replay skipped: {spool_dir}/.lock" in proc.stderr
+
+
 def test_a_symlinked_rejected_dir_is_not_used(receiver, conf_env, spool_dir, tmp_path):
     spool_event(spool_dir, f"{1:020d}-garbage.json", b"this is not json")
     elsewhere = tmp_path / "elsewhere"
