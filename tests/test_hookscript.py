@@ -348,6 +348,21 @@ def test_https_url_against_a_plain_http_receiver_spools(receiver, conf_env, spoo
     assert "spooled" in proc.stderr and len(spooled(spool_dir)) == 1
 
 
+def test_tls_handshake_gets_only_what_is_left_of_the_deadline(hook, black_hole_url, monkeypatch):
+    """A connect that takes a while must not leave the TLS handshake a whole new TIMEOUT."""
+    class SlowConnect(socket.socket):
+        def connect(self, address):
+            time.sleep(0.6)  # as a slow SYN-ACK would
+            return super().connect(address)
+
+    monkeypatch.setattr(socket, "socket", SlowConnect)
+    receiver = hook.Receiver(black_hole_url.replace("http://", "https://"), SECRET)
+    start = time.monotonic()
+    with pytest.raises(hook.DeliveryError):
+        receiver.post(b"{}", start + 1.0)  # the black hole accepts TCP and never says a TLS word
+    assert time.monotonic() - start <= 1.2
+
+
 # --- replay ----------------------------------------------------------------------
 
 def test_spooled_events_are_replayed_oldest_first(receiver, refused_url, conf_env, spool_dir):
