@@ -363,6 +363,26 @@ def test_tls_handshake_gets_only_what_is_left_of_the_deadline(hook, black_hole_u
     assert time.monotonic() - start <= 1.2
 
 
+def test_a_black_holed_first_address_leaves_time_for_the_next(hook, receiver, monkeypatch):
+    """A host name with a dead IPv6 and a working IPv4 address must still get through."""
+    import _socket
+    hole = ("127.0.0.1", 9)  # never really connected to: connect() below plays a dropped SYN
+
+    class HoleFirst(_socket.socket):
+        def connect(self, address):
+            if address == hole:
+                time.sleep(self.gettimeout())
+                raise TimeoutError("timed out")
+            return super().connect(address)
+
+    monkeypatch.setattr(_socket, "socket", HoleFirst)
+    target = hook.Receiver(receiver.url, SECRET)
+    target.addresses = [(socket.AF_INET, hole), (socket.AF_INET, ("127.0.0.1", receiver.server_port))]
+    start = time.monotonic()
+    assert target.post(event_bytes(101), start + 2.0) == 202
+    assert 0.9 <= time.monotonic() - start <= 1.5  # the first address had its half, no more
+
+
 # --- replay ----------------------------------------------------------------------
 
 def test_spooled_events_are_replayed_oldest_first(receiver, refused_url, conf_env, spool_dir):
