@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -76,9 +76,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def receiver():
-    server = HTTPServer(("127.0.0.1", 0), Handler)
+def serve(server_class=HTTPServer, handler=Handler):
+    server = server_class(("127.0.0.1", 0), handler)
     server.secret = SECRET
     server.force_status = None
     server.seen = set()
@@ -91,6 +90,39 @@ def receiver():
     server.shutdown()
     server.server_close()
     thread.join()
+
+
+@pytest.fixture
+def receiver():
+    yield from serve()
+
+
+class SlowHandler(Handler):
+    """Answers only after server.delay seconds, as an overloaded receiver does."""
+
+    def do_POST(self):
+        time.sleep(self.server.delay)
+        super().do_POST()
+
+    def handle(self):
+        try:
+            super().handle()
+        except OSError:  # the hook gave up on this answer: fine
+            pass
+
+
+class SlowServer(ThreadingHTTPServer):
+    daemon_threads = True  # the receiver serves requests in parallel (waitress' threads)
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+@pytest.fixture
+def slow_receiver():
+    for server in serve(SlowServer, SlowHandler):
+        server.delay = 1.2
+        yield server
 
 
 @pytest.fixture
@@ -411,6 +443,26 @@ def test_old_spooled_events_are_resigned_with_a_fresh_timestamp(receiver, conf_e
     assert receiver.log[0] == (202, body)  # stored body sent byte for byte
     assert receiver.events[0]["ts"] == pytest.approx(old, abs=0.01)
     assert spooled(spool_dir) == []
+
+
+def test_a_slow_receiver_still_gets_new_events_and_the_spool_drains(slow_receiver, conf_env, spool_dir):
+    """A receiver that answers after 1.2 s (TIMEOUT=2) is up: a replayed post that
+    outlasts the replay budget must neither make the current event skip its turn
+    nor keep the same oldest event going round forever."""
+    old = [uuid.uuid4().hex for _ in range(2)]
+    for i, event_id in enumerate(old):
+        spool_event(spool_dir, f"{i + 1:020d}-{event_id}.json", event_bytes(900 + i, event_id))
+    env = conf_env(slow_receiver.url, extra="TIMEOUT=2\n")
+
+    runs = [run_hook(env, str(vmid), "post-stop") for vmid in (101, 102, 103)]
+
+    for proc in runs:
+        assert proc.returncode == 0 and "sent (202)" in proc.stderr, proc.stderr
+        assert proc.elapsed <= 2.5
+    accepted = {e["vmid"] for e in slow_receiver.events}
+    assert {101, 102, 103} <= accepted  # every new event went through, in its own run
+    assert {900, 901} <= accepted
+    assert spooled(spool_dir) == []  # and the spool drained (one per run at this speed)
 
 
 def test_an_already_delivered_spooled_event_is_removed_on_200(receiver, conf_env, spool_dir):
