@@ -365,6 +365,67 @@ def test_black_holed_receiver_with_a_backlog_is_bounded_too(black_hole_url, conf
     assert len(spooled(spool_dir)) == 4
 
 
+def test_a_down_receiver_is_not_tried_again_for_30_seconds(black_hole_url, conf_env, spool_dir):
+    """A node stopall of hundreds of guests must not wait a timeout per guest."""
+    env = conf_env(black_hole_url, extra="TIMEOUT=1\n")
+    first = run_hook(env, "101", "pre-stop")
+    assert first.returncode == 0 and "spooled (receiver unreachable" in first.stderr
+    assert first.elapsed >= 0.9
+    marker = (spool_dir / ".down").read_text().split("\n")
+    since, until = (float(t) for t in marker[0].split())
+    assert marker[1] == black_hole_url and until - since == pytest.approx(30, abs=1)
+
+    later = [run_hook(env, str(vmid), "pre-stop") for vmid in (102, 103)]
+    for proc in later:
+        assert proc.returncode == 0
+        assert "spooled (receiver down since " in proc.stderr and "next try after" in proc.stderr
+        assert proc.elapsed < 0.5  # no network at all
+    assert len(spooled(spool_dir)) == 3
+    assert (spool_dir / ".down").read_text().split("\n")[0] == marker[0]  # the window is not extended
+
+
+def write_down_marker(spool_dir, url, since, until):
+    spool_dir.mkdir(mode=0o700, exist_ok=True)
+    (spool_dir / ".down").write_text(f"{since:.3f} {until:.3f}\n{url}\n")
+
+
+def test_runs_within_the_down_window_spool_without_touching_the_network(receiver, conf_env, spool_dir):
+    now = time.time()
+    write_down_marker(spool_dir, receiver.url, now - 5, now + 25)
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+    assert proc.returncode == 0 and "spooled (receiver down since" in proc.stderr
+    assert receiver.log == [] and len(spooled(spool_dir)) == 1
+
+
+def test_the_first_run_after_the_down_window_tries_again(receiver, conf_env, spool_dir):
+    now = time.time()
+    write_down_marker(spool_dir, receiver.url, now - 60, now - 1)
+    spool_event(spool_dir, f"{1:020d}-old.json", event_bytes(102))
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+    assert proc.returncode == 0 and "sent (202)" in proc.stderr and "replayed 1 of 1" in proc.stderr
+    assert [e["vmid"] for e in receiver.events] == [102, 101]
+    assert not (spool_dir / ".down").exists()  # up again
+
+
+@pytest.mark.parametrize("url, until", [("http://elsewhere:1", 25), (None, 3600)])
+def test_a_down_marker_for_another_url_or_from_a_clock_jump_is_ignored(receiver, conf_env, spool_dir, url, until):
+    now = time.time()
+    write_down_marker(spool_dir, url or receiver.url, now, now + until)
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+    assert proc.returncode == 0 and "sent (202)" in proc.stderr
+
+
+def test_a_down_marker_that_is_a_symlink_is_not_followed(receiver, conf_env, spool_dir, tmp_path):
+    target = tmp_path / "root-only-file"
+    now = time.time()
+    target.write_text(f"{now:.3f} {now + 25:.3f}\n{receiver.url}\n")
+    spool_dir.mkdir(mode=0o700)
+    (spool_dir / ".down").symlink_to(target)
+    proc = run_hook(conf_env(receiver.url), "101", "post-stop")
+    assert proc.returncode == 0 and "sent (202)" in proc.stderr
+    assert target.exists() and not os.path.lexists(spool_dir / ".down")
+
+
 def test_a_server_dripping_bytes_cannot_stretch_the_run(drip_url, conf_env, spool_dir):
     proc = run_hook(conf_env(drip_url, extra="TIMEOUT=1\n"), "101", "post-stop")
     assert proc.returncode == 0
