@@ -886,6 +886,22 @@ def test_missing_chain_script_does_not_block_the_start(receiver, conf_env, tmp_p
     assert len(receiver.events) == 1
 
 
+@pytest.mark.parametrize("what", ["missing", "not executable"])
+def test_a_chain_that_cannot_run_in_pre_start_says_the_start_was_not_vetoed(receiver, conf_env, tmp_path, what):
+    script = tmp_path / "platform-hook"
+    if what == "not executable":
+        script.write_text("#!/bin/sh\nexit 1\n")
+        script.chmod(0o644)
+    proc = run_hook(conf_env(receiver.url, extra=f"CHAIN={script}\n"), "101", "pre-start")
+    assert proc.returncode == 0  # this hook never makes Proxmox fail ...
+    assert f"CHAIN {script} could not run: start NOT vetoed by it" in proc.stderr  # ... but says so
+    assert len(receiver.events) == 1
+
+    other = run_hook(conf_env(receiver.url, extra=f"CHAIN={script}\n"), "101", "post-stop")
+    assert other.returncode == 0 and f"CHAIN {script} could not run" in other.stderr
+    assert "vetoed" not in other.stderr  # only pre-start can veto anything
+
+
 def test_chain_pointing_at_itself_does_not_loop(receiver, conf_env):
     proc = run_hook(conf_env(receiver.url, extra=f"CHAIN={HOOK}\n"), "101", "pre-start")
     assert proc.returncode == 0
