@@ -165,6 +165,7 @@ class Sweeper:
             return SweepResult(NOTHING, "", plan=plan)
 
         actions, dropped = list(plan.actions), []
+        del rows, inventory  # the plan holds what is needed: no need to hold two inventories at once
         if any(a.reason == GHOST for a in actions):
             try:
                 confirm = self.read_inventory()
