@@ -25,7 +25,11 @@ SNIPPETS_DIR=/var/lib/vz/snippets
 CONF_DIR=/etc/pve-janitor
 ENV_FILE=$CONF_DIR/janitor.env
 HOOK_CONF=$CONF_DIR/hook.conf
+# /var/lib/pve-janitor is root's: a node's hookscript (root) spools under it. The
+# receiver's service user owns only its own subdirectory, so on a host that runs
+# both it owns nothing on the spool's path (docs/install-script.md, "State directories").
 STATE_DIR=/var/lib/pve-janitor
+RECEIVER_STATE_DIR=$STATE_DIR/receiver
 UNIT_FILE=/etc/systemd/system/$SERVICE.service
 DEFAULT_PREFIX=/opt/pve-janitor
 DEFAULT_SPOOL_DIR=/var/lib/pve-janitor/spool
@@ -254,6 +258,82 @@ validate_secret() {
     fi
 }
 
+# --- state directories -------------------------------------------------------------
+
+# Who "root" is for the files written: uid 0, or under --root the user running this
+# (files there are created by it, and a test cannot chown to 0).
+root_uid() { if [ -n "$ROOT" ]; then id -u; else echo 0; fi; }
+root_owner() { if [ -n "$ROOT" ]; then printf '%s:%s' "$(id -u)" "$(id -g)"; else echo 0:0; fi; }
+
+# $STATE_DIR root's (0755), $RECEIVER_STATE_DIR the service user's (0750). An
+# earlier install.sh gave all of $STATE_DIR to the service user, which on a host
+# that is also a Proxmox node let it replace the hookscript's spool: the directory
+# is given back to root, unless it still holds the receiver's files (say a SQLite
+# database), which the service must keep writing: then it stays as it is, the unit
+# keeps it writable (LEGACY_STATE=1), and a warning says how to move them.
+LEGACY_STATE=0
+setup_state_dirs() {
+    local owner=$1 dir="$ROOT$STATE_DIR" entries
+    if [ -d "$dir" ] && [ ! -L "$dir" ]; then
+        entries=$(find "$dir" -mindepth 1 -maxdepth 1 ! -name receiver ! -name spool -printf '%f ' 2>/dev/null || true)
+        if [ -n "$entries" ]; then
+            LEGACY_STATE=1
+            warn "$STATE_DIR holds ${entries% } from an earlier install.sh, so it stays as it is, writable by $SERVICE_USER. On a host that is also a Proxmox node, that user could then replace the hookscript's spool $DEFAULT_SPOOL_DIR (the hook refuses it, and events are no longer spooled). Move the files: systemctl stop $SERVICE; mv $STATE_DIR/<file> $RECEIVER_STATE_DIR/ (a SQLite database with its -wal/-shm/-journal files); update DATABASE_URL (sqlite:///$RECEIVER_STATE_DIR/<file>) in $ENV_FILE; run $PROG receiver again."
+        else
+            ensure_mode_owner "$dir" 0755 "$(root_owner)"
+        fi
+    else
+        ensure_dir "$dir" 0755
+    fi
+    ensure_dir "$ROOT$RECEIVER_STATE_DIR" 0750 "$owner"
+}
+
+# The hookscript's spool: root's, 0700, and nothing but root may write above it.
+# The hook refuses a spool that is a symlink, not root's or writable by others
+# (docs/hookscript.md, "Security"); this makes sure it gets one it accepts.
+ensure_spool_dir() {
+    local spool=$1 dir path uid mode parent="" part
+    local -a parts=()
+    case $spool in
+    /*) ;;
+    *)
+        warn "SPOOL_DIR=$spool in $HOOK_CONF is not an absolute path: the hookscript refuses it, so events that cannot be sent are lost"
+        return 0
+        ;;
+    esac
+    while [ "${#spool}" -gt 1 ] && [[ $spool == */ ]]; do spool=${spool%/}; done
+    dir="$ROOT$spool"
+    if [ ! -e "$(dirname "$dir")" ]; then
+        ensure_dir "$(dirname "$dir")" 0755 # mkdir -p: every new parent root's, 0755 (umask 022)
+    fi
+    if [ -L "$dir" ] || { [ -e "$dir" ] && [ ! -d "$dir" ]; }; then
+        die "the spool $spool exists but is not a directory (a symlink or a file): the hookscript refuses it. Look at what it is, remove it, and run $PROG again"
+    fi
+    if [ -d "$dir" ]; then
+        uid=$(stat -c %u "$dir")
+        if [ "$uid" != "$(root_uid)" ]; then
+            die "the spool $spool belongs to uid $uid, not root: the hookscript refuses it, and its files may have been planted. Look at them, remove the directory, and run $PROG again"
+        fi
+        ensure_mode_owner "$dir" 0700
+        say "  spool $spool: root's, 0700"
+    else
+        ensure_dir "$dir" 0700
+        [ "$DRY_RUN" = 1 ] || say "  spool $spool: created (root's, 0700)"
+    fi
+    # The directories above it: whoever may write to one could swap the spool.
+    IFS=/ read -r -a parts <<<"$(dirname "$spool")"
+    for part in "${parts[@]}"; do
+        [ -n "$part" ] || continue
+        parent+=/$part
+        path="$ROOT$parent"
+        [ -d "$path" ] || continue
+        read -r uid mode < <(stat -c '%u %a' "$path")
+        if [ "$uid" != "$(root_uid)" ] || { (((8#$mode) & 8#022)) && ! (((8#$mode) & 8#1000)); }; then
+            warn "$parent (uid $uid, mode $mode) is writable by someone other than root, who could then swap the spool $spool for their own (the hookscript refuses that, and events are no longer spooled). If a receiver installed by an earlier install.sh runs on this host, run '$PROG receiver' again: it gives $STATE_DIR back to root."
+        fi
+    done
+}
+
 # --- receiver ---------------------------------------------------------------------
 
 generate_secret() {
@@ -292,7 +372,7 @@ CLEANUP_ADMIN_TOKEN=$2
 # The platform database (SQLAlchemy URL), for example
 #   postgresql+psycopg://janitor:PASSWORD@db.example:5432/platform   (install with --extras postgres)
 #   mysql+pymysql://janitor:PASSWORD@db.example:3306/platform        (install with --extras mysql)
-#   sqlite:///$STATE_DIR/platform.db   (the service may write only under $STATE_DIR)
+#   sqlite:///$RECEIVER_STATE_DIR/platform.db   (the service may write only under $RECEIVER_STATE_DIR)
 #DATABASE_URL=
 
 # The Proxmox API, with a read-only token (role PVEAuditor):
@@ -318,6 +398,13 @@ CLEANUP_DRY_RUN=true
 EOF
 }
 
+# The old layout's state directory, writable, as long as it still holds files (see setup_state_dirs).
+legacy_rw_path() {
+    if [ "$LEGACY_STATE" = 1 ]; then
+        printf '# Until its files move to %s (see install.sh receiver):\nReadWritePaths=%s\n' "$RECEIVER_STATE_DIR" "$STATE_DIR"
+    fi
+}
+
 unit_text() {
     cat <<EOF
 # Written by pve-janitor's install.sh; running it again rewrites this file.
@@ -333,12 +420,13 @@ User=$SERVICE_USER
 Group=$SERVICE_USER
 EnvironmentFile=$ENV_FILE
 ExecStart=$PREFIX/venv/bin/pve-janitor serve
-WorkingDirectory=$STATE_DIR
+WorkingDirectory=$RECEIVER_STATE_DIR
 Restart=on-failure
 RestartSec=5
 # 2 is a configuration error: restarting cannot fix it.
 RestartPreventExitStatus=2
-StateDirectory=$SERVICE
+# Only the innermost directory is the service user's; systemd keeps the parent root's.
+StateDirectory=$SERVICE/receiver
 StateDirectoryMode=0750
 UMask=0077
 
@@ -354,8 +442,11 @@ RestrictSUIDSGID=yes
 LockPersonality=yes
 RestrictNamespaces=yes
 CapabilityBoundingSet=
-ReadWritePaths=$STATE_DIR
+ReadWritePaths=$RECEIVER_STATE_DIR
 RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+EOF
+    legacy_rw_path
+    cat <<EOF
 
 [Install]
 WantedBy=multi-user.target
@@ -396,9 +487,9 @@ install_receiver() {
         [ -x "$nologin" ] || nologin=/sbin/nologin
         [ -x "$nologin" ] || nologin=/bin/false
         if [ -n "$ROOT" ]; then
-            run useradd --prefix "$ROOT" --system --user-group --home-dir "$STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER"
+            run useradd --prefix "$ROOT" --system --user-group --home-dir "$RECEIVER_STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER"
         else
-            run useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER"
+            run useradd --system --user-group --home-dir "$RECEIVER_STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER"
         fi
     else
         say "  user $SERVICE_USER: exists"
@@ -410,7 +501,7 @@ install_receiver() {
     fi
 
     ensure_dir "$ROOT$CONF_DIR" 0755
-    ensure_dir "$ROOT$STATE_DIR" 0750 "$owner"
+    setup_state_dirs "$owner"
 
     # The venv and the package.
     if [ -x "$venv/bin/python" ]; then
@@ -585,7 +676,7 @@ guest_hookscript() { # TOOL VMID -> the hookscript volume, or nothing; status 1 
 
 install_node() {
     local src="$REPO_DIR/hookscript/$HOOK_NAME" dest="$ROOT$SNIPPETS_DIR/$HOOK_NAME" conf="$ROOT$HOOK_CONF"
-    local tool missing=() vmid kind current chain_path existing_chain new_chain="" line key out seen
+    local tool missing=() vmid kind current chain_path existing_chain new_chain="" line key out seen spool
     local -a guests=() to_attach=() attach_kinds=() skipped=() failed=() already=() chained=()
     local -A ct_ids=() vm_ids=() want=()
 
@@ -619,6 +710,10 @@ install_node() {
         fi
         say "  $dest: installed (mode 0755)"
     fi
+
+    # The spool, where the hook keeps events it could not send: root's, 0700.
+    spool=$(conf_get "$conf" SPOOL_DIR)
+    ensure_spool_dir "${spool:-$DEFAULT_SPOOL_DIR}"
 
     # 2. Storage 'local' must allow snippets, or the volume cannot be attached.
     ensure_snippets

@@ -264,7 +264,10 @@ SANDBOX = [
     "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
     "PrivateDevices=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes",
     "ProtectControlGroups=yes", "RestrictSUIDSGID=yes", "LockPersonality=yes",
-    "RestrictNamespaces=yes", "CapabilityBoundingSet=", "ReadWritePaths=/var/lib/pve-janitor",
+    "RestrictNamespaces=yes", "CapabilityBoundingSet=",
+    # Only the receiver's own subdirectory: /var/lib/pve-janitor is root's, since a
+    # Proxmox node's hookscript (root) spools under it (docs/install-script.md).
+    "ReadWritePaths=/var/lib/pve-janitor/receiver",
     "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
 ]
 
@@ -304,6 +307,62 @@ def test_receiver_writes_venv_env_file_unit_and_starts_it(env: Env) -> None:
     assert any(c.startswith(f"chown {os.getuid()}:{os.getgid()} ") and "janitor.env" in c for c in calls), calls
     assert (env.root / "var/lib/pve-janitor").is_dir()
     assert calls.index("systemctl daemon-reload") < calls.index("systemctl enable --now pve-janitor")
+
+
+def test_receiver_state_is_a_subdirectory_of_a_root_owned_state_dir(env: Env) -> None:
+    """On a host that is also a Proxmox node, the service user must own nothing on the
+    path of the hookscript's spool /var/lib/pve-janitor/spool."""
+    result = env.run("receiver")
+    assert_ok(result)
+    calls = env.calls()
+    state, receiver_state = env.root / "var/lib/pve-janitor", env.root / "var/lib/pve-janitor/receiver"
+    assert mode(state) == 0o755
+    assert mode(receiver_state) == 0o750
+    assert f"chown {os.getuid()}:{os.getgid()} {receiver_state}" in calls  # the service user's (fake ids)
+    assert not any(c.endswith(f" {state}") for c in calls if c.startswith("chown"))
+    unit = (env.root / UNIT_FILE).read_text().splitlines()
+    for line in ("StateDirectory=pve-janitor/receiver", "WorkingDirectory=/var/lib/pve-janitor/receiver",
+                 "ReadWritePaths=/var/lib/pve-janitor/receiver"):
+        assert line in unit, line
+    assert "ReadWritePaths=/var/lib/pve-janitor" not in unit
+    assert "sqlite:////var/lib/pve-janitor/receiver/platform.db" in (env.root / ENV_FILE).read_text()
+
+
+def test_receiver_gives_an_old_layout_state_dir_back_to_root(env: Env) -> None:
+    state = env.root / "var/lib/pve-janitor"
+    (state / "spool").mkdir(parents=True)  # a hookscript on this host spooled here
+    state.chmod(0o750)  # as the earlier install.sh and StateDirectory=pve-janitor made it
+    result = env.run("receiver")
+    assert_ok(result)
+    assert f"chmod 0755 {state}" in result.stdout
+    assert mode(state) == 0o755 and mode(state / "receiver") == 0o750
+    assert "ReadWritePaths=/var/lib/pve-janitor\n" not in (env.root / UNIT_FILE).read_text()
+
+
+def test_receiver_keeps_an_old_layout_database_writable_and_says_how_to_move_it(env: Env) -> None:
+    state = env.root / "var/lib/pve-janitor"
+    state.mkdir(parents=True)
+    state.chmod(0o750)
+    (state / "platform.db").write_bytes(b"SQLite format 3\0")
+    result = env.run("receiver")
+    assert result.returncode == 0, result.stderr
+    assert "platform.db" in result.stderr and "/var/lib/pve-janitor/receiver" in result.stderr
+    assert "DATABASE_URL" in result.stderr and "warning" in result.stderr
+    assert mode(state) == 0o750  # left as it is: the service still writes its database there
+    assert (state / "platform.db").exists()
+    unit = (env.root / UNIT_FILE).read_text().splitlines()
+    assert "ReadWritePaths=/var/lib/pve-janitor/receiver" in unit and "ReadWritePaths=/var/lib/pve-janitor" in unit
+
+    before = env.tree()
+    env.calls()
+    assert env.run("receiver").returncode == 0  # a second run: the same
+    assert env.tree() == before and not [c for c in env.calls() if STATE_CHANGING.match(c)]
+
+    # Once the database has moved, the next run gives the directory back to root.
+    (state / "platform.db").rename(state / "receiver" / "platform.db")
+    assert_ok(env.run("receiver"))
+    assert mode(state) == 0o755
+    assert "ReadWritePaths=/var/lib/pve-janitor" not in (env.root / UNIT_FILE).read_text().splitlines()
 
 
 def test_receiver_second_run_changes_nothing(env: Env) -> None:
@@ -430,6 +489,59 @@ def test_node_installs_hook_conf_storage_and_attaches(node: Env) -> None:
     assert "201" not in tail  # already ours: skipped silently
     assert f"pct create <vmid> ... --hookscript {OURS}" in result.stdout
     assert "root@pam" in result.stdout
+
+
+SPOOL = "var/lib/pve-janitor/spool"
+
+
+def test_node_creates_the_spool_root_owned_0700_under_a_root_owned_0755_parent(node: Env) -> None:
+    result = node.run("node", "--url", URL, "--secret", SECRET)
+    assert_ok(result)
+    spool = node.root / SPOOL
+    assert spool.is_dir() and mode(spool) == 0o700 and mode(spool.parent) == 0o755
+    assert spool.stat().st_uid == os.getuid()  # "root" under --root: whoever runs install.sh
+    assert "spool /var/lib/pve-janitor/spool: created" in result.stdout
+
+
+def test_node_fixes_the_spool_mode_and_uses_the_configured_spool(node: Env) -> None:
+    conf = node.root / HOOK_CONF
+    conf.parent.mkdir(parents=True)
+    conf.write_text("SPOOL_DIR=/srv/hook-spool/\n")
+    (node.root / "srv/hook-spool").mkdir(parents=True, mode=0o755)
+    (node.root / "srv/hook-spool").chmod(0o755)
+    result = node.run("node", "--url", URL, "--secret", SECRET)
+    assert_ok(result)
+    assert mode(node.root / "srv/hook-spool") == 0o700
+    assert not (node.root / SPOOL).exists()
+
+
+def test_node_refuses_a_spool_that_is_a_symlink(node: Env, tmp_path: Path) -> None:
+    (node.root / SPOOL).parent.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (node.root / SPOOL).symlink_to(tmp_path / "elsewhere")
+    result = node.run("node", "--url", URL, "--secret", SECRET)
+    assert result.returncode == 1
+    assert "spool /var/lib/pve-janitor/spool exists but is not a directory (a symlink or a file)" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the spool to another user")
+def test_node_refuses_a_spool_owned_by_someone_else(node: Env) -> None:
+    spool = node.root / SPOOL
+    spool.mkdir(parents=True, mode=0o700)
+    os.chown(spool, 65534, 65534)
+    result = node.run("node", "--url", URL, "--secret", SECRET)
+    assert result.returncode == 1
+    assert "belongs to uid 65534, not root" in result.stderr
+
+
+def test_node_warns_when_others_may_write_above_the_spool(node: Env) -> None:
+    state = node.root / "var/lib/pve-janitor"
+    state.mkdir(parents=True)
+    state.chmod(0o775)
+    result = node.run("node", "--url", URL, "--secret", SECRET)
+    assert result.returncode == 0
+    assert "warning: /var/lib/pve-janitor (uid" in result.stderr and "mode 775" in result.stderr
+    assert "receiver' again" in result.stderr
 
 
 def test_node_second_run_changes_nothing(node: Env) -> None:
