@@ -3,7 +3,7 @@
 #
 #   ./install.sh receiver [--prefix DIR] [--extras LIST]
 #       venv + package, /etc/pve-janitor/janitor.env, systemd unit, service user.
-#   ./install.sh node --url URL (--secret SECRET | --secret-file FILE) [--attach all|VMID...] [--chain]
+#   ./install.sh node --url URL (--secret SECRET | --secret-file FILE) [--attach all|VMID...] [--chain] [--force-attach]
 #       on a Proxmox VE node: the hookscript, /etc/pve-janitor/hook.conf, the
 #       `snippets` content type on storage `local`, and the hookscript on guests.
 #
@@ -42,7 +42,7 @@ usage() {
 Usage:
   $PROG receiver [--prefix DIR] [--extras LIST] [--dry-run] [--root DIR]
   $PROG node --url URL (--secret SECRET | --secret-file FILE)
-             [--attach all|VMID...] [--chain] [--dry-run] [--root DIR]
+             [--attach all|VMID...] [--chain] [--force-attach] [--dry-run] [--root DIR]
 
 receiver  install the receiver: a venv in PREFIX/venv (default $DEFAULT_PREFIX) with
           pve-janitor from this checkout, $ENV_FILE (secrets generated
@@ -61,13 +61,16 @@ Options:
   --attach all|VMID... node: attach the hookscript to every guest on this node, or to these VMIDs
   --chain              node: for a guest that already has another hookscript, record that
                        script as CHAIN in hook.conf (it keeps running first) and attach ours
+  --force-attach       node: attach even though other cluster nodes lack the hookscript
+                       (a guest migrated to one of them would not start there)
   --dry-run            print each command and file write (DRY-RUN: ...) instead of doing it
   --root DIR           install under DIR instead of / (skips the root check)
   -h, --help           this text
 
 Environment: PVE_JANITOR_PYTHON (python used to create the venv, default python3),
 PVE_JANITOR_PIP_ARGS (extra pip arguments, e.g. "--no-index --find-links /srv/wheels"),
-PVE_JANITOR_ASSUME_SYSTEMD (1: treat systemd as running; 0: never call systemctl).
+PVE_JANITOR_ASSUME_SYSTEMD (1: treat systemd as running; 0: never call systemctl),
+PVE_JANITOR_NODE (node mode: this node's name, default the short host name).
 Exit codes: 0 ok, 1 failure, 2 usage or bad input.
 EOF
 }
@@ -590,6 +593,8 @@ Next steps:
        $PREFIX/venv/bin/pve-janitor sweep --dry-run
   3. Set CLEANUP_DRY_RUN=false and restart the service; watch: $status.
   4. On every Proxmox node (CLEANUP_HOOK_SECRET is in $ENV_FILE):
+       ./install.sh node --url http://THIS-HOST:8765 --secret-file FILE
+     then, once every node has the hookscript, on each node:
        ./install.sh node --url http://THIS-HOST:8765 --secret-file FILE --attach all
 EOF
 }
@@ -668,6 +673,33 @@ volume_path() {
     esac
 }
 
+# The other nodes of this cluster, one per line (this node, the one install.sh runs
+# on, is left out: it has the hookscript by now). Status 1 when pvesh cannot list them.
+other_cluster_nodes() {
+    local json here node
+    here=${PVE_JANITOR_NODE:-$(uname -n)}
+    here=${here%%.*}
+    json=$(pvesh get /nodes --output-format json 2>/dev/null) || return 1
+    printf '%s' "$json" | grep -o '"node"[[:space:]]*:[[:space:]]*"[^"]*"' | sed -E 's/.*"([^"]*)"$/\1/' |
+        sort -u | while IFS= read -r node; do
+        # Proxmox node names are host names; anything else is not used in a pvesh path.
+        [[ $node =~ ^[A-Za-z0-9][A-Za-z0-9.-]*$ ]] && [ "$node" != "$here" ] && printf '%s\n' "$node"
+    done
+    return 0
+}
+
+# NODE... -> "node (why)" for each that lacks local:snippets/$HOOK_NAME or cannot be asked.
+nodes_without_hook() {
+    local node content
+    for node in "$@"; do
+        if ! content=$(pvesh get "/nodes/$node/storage/local/content" --content snippets --output-format json 2>/dev/null); then
+            printf '%s\n' "$node (cannot tell: 'pvesh get /nodes/$node/storage/local/content' failed, the node may be offline)"
+        elif ! printf '%s' "$content" | grep -q "\"volid\"[[:space:]]*:[[:space:]]*\"$HOOK_VOLUME\""; then
+            printf '%s\n' "$node (no $HOOK_VOLUME)"
+        fi
+    done
+}
+
 guest_hookscript() { # TOOL VMID -> the hookscript volume, or nothing; status 1 when unreadable
     local out
     out=$("$1" config "$2" 2>/dev/null) || return 1
@@ -677,7 +709,7 @@ guest_hookscript() { # TOOL VMID -> the hookscript volume, or nothing; status 1 
 install_node() {
     local src="$REPO_DIR/hookscript/$HOOK_NAME" dest="$ROOT$SNIPPETS_DIR/$HOOK_NAME" conf="$ROOT$HOOK_CONF"
     local tool missing=() vmid kind current chain_path existing_chain new_chain="" line key out seen spool
-    local -a guests=() to_attach=() attach_kinds=() skipped=() failed=() already=() chained=()
+    local -a guests=() to_attach=() attach_kinds=() skipped=() failed=() already=() chained=() others=() lacking=()
     local -A ct_ids=() vm_ids=() want=()
 
     require_root "$SNIPPETS_DIR"
@@ -763,6 +795,31 @@ install_node() {
         fi
     done
 
+    # 3b. A guest's hookscript setting is cluster-wide, the snippet file is per node:
+    #     a guest that migrates or is HA-recovered to a node without the file does
+    #     not start there (Proxmox aborts pre-start). So every node must have it first.
+    if [ "${#to_attach[@]}" -gt 0 ]; then
+        if out=$(other_cluster_nodes); then
+            mapfile -t others < <(printf '%s' "$out" | awk 'NF')
+            mapfile -t lacking < <(nodes_without_hook ${others[@]+"${others[@]}"})
+        else
+            lacking=("(every other node: 'pvesh get /nodes' failed, so install.sh cannot tell which nodes this cluster has)")
+        fi
+        if [ "${#lacking[@]}" -gt 0 ] && [ "$FORCE_ATTACH" != 1 ]; then
+            printf '%s: error: not attaching: a guest that migrates (or is HA-recovered) to a node without %s does not start there (Proxmox aborts pre-start when the hookscript is missing), and these nodes lack it:\n' "$PROG" "$HOOK_VOLUME" >&2
+            printf '  %s\n' "${lacking[@]}" >&2
+            printf "Run '%s node --url ... --secret-file ...' (without --attach) on each of them first, then this again; or pass --force-attach to attach anyway.\n" "$PROG" >&2
+            exit 1
+        fi
+        if [ "${#lacking[@]}" -gt 0 ]; then
+            warn "--force-attach: attaching although these nodes lack $HOOK_VOLUME; a guest of this node that migrates or is HA-recovered to one of them will NOT start there until '$PROG node' has run on it:"
+            printf '  %s\n' "${lacking[@]}" >&2
+        fi
+        if [ "${#chained[@]}" -gt 0 ] && [ "${#others[@]}" -gt 0 ]; then
+            warn "CHAIN=${new_chain} is written to this node's $HOOK_CONF only. On another node $HOOK_NAME runs without it, so a chained guest (${chained[*]}) that migrates there loses its own hookscript, including its veto in pre-start. Give every node the same CHAIN line (and the same script): ${others[*]}."
+        fi
+    fi
+
     # 4. hook.conf: URL and SECRET as given; TIMEOUT, SPOOL_DIR, CHAIN and any other
     #    lines the file already has are kept.
     ensure_dir "$ROOT$CONF_DIR" 0755
@@ -840,7 +897,7 @@ EOF
 # --- arguments --------------------------------------------------------------------
 
 MODE="" ROOT="" DRY_RUN=0 PREFIX=$DEFAULT_PREFIX PREFIX_SET=0 EXTRAS=""
-URL="" URL_SET=0 SECRET="" SECRET_SET=0 SECRET_FILE="" ATTACH="" CHAIN=0
+URL="" URL_SET=0 SECRET="" SECRET_SET=0 SECRET_FILE="" ATTACH="" CHAIN=0 FORCE_ATTACH=0
 ATTACH_IDS=()
 PYTHON=${PVE_JANITOR_PYTHON:-python3}
 
@@ -857,6 +914,7 @@ while [ "$#" -gt 0 ]; do
     -h | --help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1 ;;
     --chain) CHAIN=1 ;;
+    --force-attach) FORCE_ATTACH=1 ;;
     --root) need_value "$@"; ROOT=$2; shift ;;
     --prefix) need_value "$@"; PREFIX=$2 PREFIX_SET=1; shift ;;
     --extras) need_value "$@"; EXTRAS=$2; shift ;;
@@ -908,6 +966,7 @@ if [ "$MODE" = receiver ]; then
     { [ "$SECRET_SET" = 0 ] && [ -z "$SECRET_FILE" ]; } || usage_error "--secret/--secret-file are for node mode"
     [ "$CHAIN" = 0 ] || usage_error "--chain is for node mode"
     [ -z "$ATTACH" ] || usage_error "--attach is for node mode"
+    [ "$FORCE_ATTACH" = 0 ] || usage_error "--force-attach is for node mode"
     { [[ $PREFIX =~ ^/[A-Za-z0-9._/+-]*$ ]] && [[ $PREFIX != */ ]]; } ||
         usage_error "--prefix '$PREFIX' must be an absolute path of letters, digits and ._+-/ (no trailing /)"
     [[ $EXTRAS =~ ^[A-Za-z0-9_,-]*$ ]] || usage_error "--extras '$EXTRAS' must be a comma-separated list of extras, e.g. postgres,mysql"
@@ -928,5 +987,6 @@ else
     fi
     validate_secret "$SECRET"
     [ "$CHAIN" = 0 ] || [ -n "$ATTACH" ] || usage_error "--chain only matters with --attach"
+    [ "$FORCE_ATTACH" = 0 ] || [ -n "$ATTACH" ] || usage_error "--force-attach only matters with --attach"
     install_node
 fi

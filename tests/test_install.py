@@ -96,10 +96,32 @@ path) store=${{2%%:*}}; echo "/mnt/pve/$store/${{2#*:}}" ;;
 *) exit 9 ;;
 esac
 """,
+    # The cluster: $FAKE_STATE/cluster/<node> per node (default: only "pve", this node),
+    # holding the volids of its local snippets; a node whose file says "offline" fails.
     "pvesh": f"""#!/bin/bash
 {LOG}
-[ "$1 $2" = "get /storage/local" ] || exit 9
-echo '{{"content":"vztmpl,iso,backup","digest":"abc","path":"/var/lib/vz","storage":"local","type":"dir"}}'
+cluster=$FAKE_STATE/cluster
+case "$1 $2" in
+"get /storage/local")
+    echo '{{"content":"vztmpl,iso,backup","digest":"abc","path":"/var/lib/vz","storage":"local","type":"dir"}}' ;;
+"get /nodes")
+    [ -z "${{FAKE_FAIL_NODES:-}}" ] || {{ echo "ipcc_send_rec[1] failed: Connection refused" >&2; exit 255; }}
+    [ -d "$cluster" ] || {{ echo '[{{"id":"node/pve","node":"pve","status":"online","type":"node"}}]'; exit 0; }}
+    out=""
+    for f in "$cluster"/*; do n=$(basename "$f")
+        out+="{{\\"id\\":\\"node/$n\\",\\"level\\":\\"\\",\\"node\\":\\"$n\\",\\"status\\":\\"online\\",\\"type\\":\\"node\\"}},"; done
+    echo "[${{out%,}}]" ;;
+"get /nodes/"*)
+    n=${{2#/nodes/}}; n=${{n%%/*}}
+    [ "$2 $3 $4" = "/nodes/$n/storage/local/content --content snippets" ] || exit 9
+    f=$cluster/$n
+    [ -f "$f" ] || {{ echo "no such node '$n'" >&2; exit 2; }}
+    grep -qx offline "$f" && {{ echo "hostname lookup '$n' failed - failed to get address info" >&2; exit 2; }}
+    out=""
+    while read -r v; do [ -n "$v" ] && out+="{{\\"content\\":\\"snippets\\",\\"format\\":\\"snippet\\",\\"size\\":1,\\"volid\\":\\"$v\\"}},"; done <"$f"
+    echo "[${{out%,}}]" ;;
+*) exit 9 ;;
+esac
 """,
     "systemctl": f"""#!/bin/bash
 {LOG}
@@ -179,6 +201,15 @@ class Env:
         path.write_text(text)
         return path
 
+    def cluster(self, **nodes: list[str] | str) -> None:
+        """The cluster's nodes besides this one ("pve"): each with its local snippets'
+        volids, or "offline"."""
+        (self.state / "cluster").mkdir(exist_ok=True)
+        (self.state / "cluster" / "pve").write_text(OURS + "\n")
+        for name, vols in nodes.items():
+            (self.state / "cluster" / name).write_text(vols + "\n" if isinstance(vols, str) else
+                                                       "".join(v + "\n" for v in vols))
+
     def hookscript_of(self, kind: str, vmid: int) -> str | None:
         for line in (self.state / kind / f"{vmid}.conf").read_text().splitlines():
             if line.startswith("hookscript: "):
@@ -215,6 +246,7 @@ def env(tmp_path: Path) -> Env:
         "FAKE_UID": str(os.getuid()),
         "FAKE_GID": str(os.getgid()),
         "PVE_JANITOR_PYTHON": str(bindir / "python"),
+        "PVE_JANITOR_NODE": "pve",  # this node's name in the fake cluster
     }
     return Env(root, bindir, state, calls, base_env)
 
@@ -590,6 +622,70 @@ def test_node_attach_given_vmids_only(node: Env) -> None:
     assert sets == [f"qm set 200 --hookscript {OURS}", f"pct set 101 --hookscript {OURS}"]
 
 
+def test_node_attach_refuses_while_another_cluster_node_lacks_the_hookscript(node: Env) -> None:
+    """The hookscript setting goes with the guest to every node; the file does not.
+    A guest migrated or HA-recovered to a node without it would not start."""
+    node.cluster(pve2=[OURS, "local:snippets/other"], pve3=["local:snippets/other"], pve4="offline")
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "all")
+    assert result.returncode == 1
+    calls = node.calls()
+    assert "not attaching" in result.stderr and "does not start there" in result.stderr
+    assert re.search(r"^  pve3 \(no local:snippets/pve-janitor-hook\)$", result.stderr, re.M)
+    assert re.search(r"^  pve4 \(cannot tell: .*offline\)$", result.stderr, re.M)
+    assert "pve2" not in result.stderr and "--force-attach" in result.stderr
+    assert "pvesh get /nodes --output-format json" in calls
+    assert "pvesh get /nodes/pve2/storage/local/content --content snippets --output-format json" in calls
+    assert not any(c.startswith("pvesh get /nodes/pve/") for c in calls)  # this node has it by now
+    assert not [c for c in calls if c.startswith(("pct set", "qm set"))]
+    assert not (node.root / HOOK_CONF).exists()  # nothing that a chained guest could rely on yet
+    assert node.hookscript_of("lxc", 101) is None
+
+
+def test_node_attach_goes_ahead_when_every_node_has_the_hookscript(node: Env) -> None:
+    node.cluster(pve2=[OURS], pve3=["local:snippets/x", OURS])
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "all")
+    assert_ok(result)
+    assert "warning" not in result.stderr
+    assert node.hookscript_of("lxc", 101) == OURS and node.hookscript_of("qemu", 200) == OURS
+
+
+def test_node_force_attach_attaches_and_warns_loudly(node: Env) -> None:
+    node.cluster(pve2=[], pve3="offline")
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "all", "--force-attach")
+    assert_ok(result)
+    assert "warning: --force-attach" in result.stderr and "will NOT start there" in result.stderr
+    assert "  pve2 (no local:snippets/pve-janitor-hook)" in result.stderr and "  pve3 (cannot tell" in result.stderr
+    assert node.hookscript_of("lxc", 101) == OURS
+
+
+def test_node_attach_refuses_when_the_cluster_cannot_be_listed(node: Env) -> None:
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "101",
+                      extra_env={"FAKE_FAIL_NODES": "1"})
+    assert result.returncode == 1
+    assert "'pvesh get /nodes' failed" in result.stderr
+    assert node.hookscript_of("lxc", 101) is None
+
+
+def test_node_without_anything_to_attach_does_not_ask_the_cluster(node: Env) -> None:
+    node.cluster(pve2=[])
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "201")  # already ours
+    assert_ok(result)
+    assert not [c for c in node.calls() if c.startswith("pvesh get /nodes")]
+
+
+def test_node_chain_warns_that_every_node_needs_the_same_chain_line(node: Env) -> None:
+    node.cluster(pve2=[OURS])
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "102", "--chain")
+    assert_ok(result)
+    assert "warning: CHAIN=/var/lib/vz/snippets/other-hook is written to this node's" in result.stderr
+    assert "Give every node the same CHAIN line" in result.stderr and "pve2" in result.stderr
+    (node.state / "cluster" / "pve2").unlink()  # a single node: nobody to warn about
+    node.guest("lxc", 102, "local:snippets/other-hook")
+    single = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "102", "--chain")
+    assert_ok(single)
+    assert "same CHAIN line" not in single.stderr
+
+
 def test_node_unknown_vmid_fails_after_attaching_the_others(node: Env) -> None:
     result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "101", "999")
     assert result.returncode == 1
@@ -726,6 +822,8 @@ def test_node_refuses_non_root_without_root_dir(node: Env) -> None:
     (["node", "--url", URL, "--secret", SECRET, "--attach", "abc"], "--attach takes 'all' or VMIDs"),
     (["node", "--url"], "--url needs a value"),
     (["node", "--url", URL, "--secret", SECRET, "--chain"], "--chain only matters with --attach"),
+    (["node", "--url", URL, "--secret", SECRET, "--force-attach"], "--force-attach only matters with --attach"),
+    (["receiver", "--force-attach"], "--force-attach is for node mode"),
 ])
 def test_usage_errors_exit_2(env: Env, args: list[str], message: str) -> None:
     result = env.run(*args)
