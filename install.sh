@@ -250,14 +250,25 @@ validate_url() {
     fi
 }
 
+# The characters a secret may hold: the same bytes whether systemd reads janitor.env
+# (EnvironmentFile: quotes, backslashes, trailing spaces), a shell sources it
+# ('. janitor.env': $, `, #, spaces, quotes) or the hookscript reads hook.conf
+# (quotes, spaces at the ends). Anything else could leave the two ends disagreeing
+# about the secret, and every event would be refused with 401.
+SECRET_CHARS='A-Za-z0-9._~+/=-'
+secret_is_plain() {
+    local LC_ALL=C # ranges mean ASCII only, whatever the locale
+    [[ $1 =~ ^[$SECRET_CHARS]+$ ]]
+}
+
 validate_secret() {
     local secret=$1
     [ -n "$secret" ] || usage_error "the secret is empty: give the receiver's CLEANUP_HOOK_SECRET"
     if [ "${#secret}" -lt "$MIN_SECRET_LENGTH" ]; then
         usage_error "the secret is too short (${#secret} characters, at least $MIN_SECRET_LENGTH): use the receiver's CLEANUP_HOOK_SECRET"
     fi
-    if [[ $secret =~ [[:space:][:cntrl:]\"\'] ]]; then
-        usage_error "the secret contains spaces, control characters or quotes; use the receiver's generated CLEANUP_HOOK_SECRET"
+    if ! secret_is_plain "$secret"; then
+        usage_error "the secret may hold only letters, digits and . _ ~ + / = - (no spaces, quotes, \$, #, backslashes, non-ASCII or control characters: systemd's EnvironmentFile, the shell and the hookscript would each read those differently); use the receiver's generated CLEANUP_HOOK_SECRET"
     fi
 }
 
@@ -605,8 +616,12 @@ append_secrets_to_env() {
     local name value
     if [ -n "$CONTENT" ] && [ "${CONTENT: -1}" != $'\n' ]; then CONTENT+=$'\n'; fi
     for name in CLEANUP_HOOK_SECRET CLEANUP_ADMIN_TOKEN; do
-        if [ -n "$(conf_get "$ROOT$ENV_FILE" "$name")" ]; then
+        value=$(conf_get "$ROOT$ENV_FILE" "$name")
+        if [ -n "$value" ]; then
             say "  $name: (kept)"
+            if ! secret_is_plain "$value"; then
+                warn "$name in $ENV_FILE holds characters other than letters, digits and ._~+/=-, which systemd, the shell ('. $ENV_FILE') and the hookscript read differently (install.sh node refuses such a secret); replace it, e.g. with the output of: openssl rand -hex 32"
+            fi
             continue
         fi
         if [ "$DRY_RUN" = 1 ]; then value=dry-run; else value=$(generate_secret); fi

@@ -795,6 +795,35 @@ def test_node_rejects_missing_or_weak_secret(node: Env, args: list[str], message
     assert not (node.root / HOOK_CONF).exists()
 
 
+@pytest.mark.parametrize("secret", [
+    "dollar-$HOME-in-the-secret-0123", "hash#comment-in-the-secret-0123", "back\\slash-in-the-secret-0123",
+    "semi;colon-in-the-secret-012345", "backtick`in-the-secret-01234567", "non-ascii-\u00e9-in-the-secret-0123",
+    "percent%specifier-in-secret-0123", "trailing-space-in-the-secret-01 ",
+])
+def test_node_refuses_a_secret_that_config_readers_would_read_differently(node: Env, secret: str) -> None:
+    result = node.run("node", "--url", URL, "--secret", secret)
+    assert result.returncode == 2
+    assert "only letters, digits and . _ ~ + / = -" in result.stderr
+    assert not (node.root / HOOK_CONF).exists()
+
+
+def test_node_accepts_every_allowed_secret_character(node: Env) -> None:
+    secret = "AZaz09._~+/=-" + "x" * 8
+    assert_ok(node.run("node", "--url", URL, "--secret", secret))
+    assert env_values(node.root / HOOK_CONF)["SECRET"] == secret
+
+
+def test_receiver_warns_about_a_kept_secret_the_readers_disagree_on(env: Env) -> None:
+    env_file = env.root / ENV_FILE
+    env_file.parent.mkdir(parents=True)
+    env_file.write_text("CLEANUP_HOOK_SECRET=my $ecret with spaces#1\n")
+    result = env.run("receiver")
+    assert result.returncode == 0
+    assert "warning: CLEANUP_HOOK_SECRET in /etc/pve-janitor/janitor.env holds characters other than" in result.stderr
+    assert "my $ecret" not in result.stdout + result.stderr
+    assert env_file.read_text().startswith("CLEANUP_HOOK_SECRET=my $ecret with spaces#1\n")  # kept: never rewritten
+
+
 def test_node_without_pct_says_so(node: Env) -> None:
     if shutil.which("pct", path=os.environ.get("PATH", "")):
         pytest.skip("this host has a real pct on PATH")
