@@ -526,6 +526,24 @@ def test_a_slow_receiver_still_gets_new_events_and_the_spool_drains(slow_receive
     assert spooled(spool_dir) == []  # and the spool drained (one per run at this speed)
 
 
+def test_a_replay_thread_that_outlives_the_run_keeps_its_spool_fd(hook, receiver, conf_env, spool_dir,
+                                                                  in_process, monkeypatch):
+    """Closing the spool's directory fd under a replay thread still using it would
+    send its unlink to whatever file reuses the number."""
+    spool_event(spool_dir, f"{1:020d}-old.json", event_bytes(102))
+    delete = hook.Spool.delete
+
+    def slow_delete(self, name):
+        time.sleep(1.5)  # past the deadline (TIMEOUT=1) and the join's grace
+        return delete(self, name)
+
+    monkeypatch.setattr(hook.Spool, "delete", slow_delete)
+    code, err = in_process(["101", "post-stop"], conf_env(receiver.url, extra="TIMEOUT=1\n"))
+    assert code == 0 and "sent (202)" in err
+    time.sleep(1.0)
+    assert spooled(spool_dir) == []  # the late delete still found its directory
+
+
 def test_an_already_delivered_spooled_event_is_removed_on_200(receiver, conf_env, spool_dir):
     event_id = uuid.uuid4().hex
     receiver.seen.add(event_id)
