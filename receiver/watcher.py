@@ -7,7 +7,9 @@ ONCE for all watched VMIDs, however many there are:
 
 * gone on two consecutive reads: its rows go through the sweep's planner and
   apply path (grace period, protected statuses, audit, observed-value guard),
-  with source ``event``;
+  with source ``event``.  A tick that finds a watched guest missing for the first
+  time brings the next tick forward to half an interval, so the confirming read
+  comes 0.5 s later rather than 1 s (see ``_loop``);
 * stopped: rows in the running status are set to ``CLEANUP_STOP_STATUS`` (and
   remembered, so a start can set them back);
 * running again after having been seen stopped, or a start event: off the
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 CONFIRMING_READS = 2
 GAP_SWEEP_SECONDS = 30.0
 DRAIN_GATHER_SECONDS = 0.05
+CONFIRM_AFTER_TICKS = 0.5  # the confirming read, in ticks after a read that found a guest missing
 
 
 class Watcher:
@@ -73,6 +76,7 @@ class Watcher:
         self.last_tick: datetime | None = None
         self.last_error: str | None = None
         self.ticks = 0
+        self.confirm_soon = False  # the last tick found a watched guest missing for the first time
 
     # --- thread ----------------------------------------------------------------
 
@@ -115,8 +119,14 @@ class Watcher:
                     if not self._stop.is_set():
                         self.drain_inbox()
                     continue
-                next_tick = time.monotonic() + interval
+                started = time.monotonic()
+                next_tick = started + interval
                 self.tick()
+                if self.confirm_soon:
+                    # Two consecutive complete reads still decide; only the second comes sooner.
+                    # A whole tick apart, destroy -> row gone took up to 2 ticks plus the work
+                    # (p95 1.95 s + the API read with a 1 s tick, against a goal of 2 s).
+                    next_tick = started + interval * CONFIRM_AFTER_TICKS
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything; it says what
                 logger.exception("watcher tick failed")
                 self._error("internal", f"{type(exc).__name__}: {exc}")
@@ -146,6 +156,7 @@ class Watcher:
         now = self.clock()
         self.last_tick = now
         self.ticks += 1
+        self.confirm_soon = False
         if self.lease is not None:
             self.leader = self.lease.acquire()
             self.metrics.leader.set(1 if self.leader else 0)
@@ -272,6 +283,7 @@ class Watcher:
             elif guest.status == "running" and self._last_status.get(vmid) == "stopped":
                 running_again.append(vmid)
             self._last_status[vmid] = guest.status
+        self.confirm_soon = any(count == 1 for count in missing_counts.values())
 
         gone = self._confirmed_free(gone)
         if gone and not self._within_guard(gone):
