@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,7 +32,7 @@ import sqlalchemy as sa
 
 from receiver import store
 from receiver.table import make_engine
-from conftest import Database, _server_database, _sqlite_database
+from conftest import Database, _sqlite_database
 
 LONG = os.environ.get("JANITOR_RELIABILITY") == "long"
 MODE = "long" if LONG else "short"
@@ -240,12 +241,81 @@ def record(kind: str, **row: Any) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
+    """Append this session's rows to the JSON file and render all of them as Markdown beside it."""
     path = os.environ.get(REPORT_ENV)
-    if path and _REPORT:
-        existing: list[dict[str, Any]] = []
-        if os.path.exists(path):
-            try:
-                existing = json.loads(Path(path).read_text())
-            except ValueError:
-                existing = []
-        Path(path).write_text(json.dumps(existing + _REPORT, indent=1, default=str))
+    if not path or not _REPORT:
+        return
+    rows: list[dict[str, Any]] = []
+    if os.path.exists(path):
+        try:
+            rows = json.loads(Path(path).read_text())
+        except ValueError:
+            rows = []
+    rows += _REPORT
+    Path(path).write_text(json.dumps(rows, indent=1, default=str))
+    Path(path).with_suffix(".md").write_text(render_markdown(rows))
+
+
+ENTRY_NAMES = {"sweep": "sweep (CLI)", "watcher": "watcher", "manual": "manual run (POST /run)"}
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(rows: list[dict[str, Any]]) -> str:
+    """The fault matrix and the crash summary as Markdown tables (docs/reliability.md)."""
+    out: list[str] = []
+    matrix = [r for r in rows if r["kind"] == "matrix"]
+    if matrix:
+        out += _matrix_table(matrix) + [""]
+    crash = [r for r in rows if r["kind"] == "crash"]
+    if crash:
+        out += _crash_table(crash) + [""]
+    return "\n".join(out)
+
+
+def _matrix_result(case: dict[str, Any] | None) -> str:
+    if case is None:
+        return "–"
+    own = " (own server)" if case["db"] == "own-postgres" else ""
+    return (f"pass{own}: {case['during']}, {case['removed_during']} removed, {case['seconds']:.1f} s; "
+            f"then {case['recovered']}")
+
+
+def _matrix_table(matrix: list[dict[str, Any]]) -> list[str]:
+    lines = ["| fault | entry point | expected | SQLite | PostgreSQL | reason shown (from the SQLite run if any) |",
+             "|---|---|---|---|---|---|"]
+    for fault in dict.fromkeys(r["fault"] for r in matrix):
+        for entry, entry_name in ENTRY_NAMES.items():
+            cases = {r["db"]: r for r in matrix if r["fault"] == fault and r["entry"] == entry}
+            if not cases:
+                continue
+            first = next(iter(cases.values()))
+            reason = (cases.get("sqlite") or first)["reason"]
+            reason = reason if len(reason) <= 110 else reason[:110] + "…"
+            postgres = cases.get("postgres") or cases.get("own-postgres")
+            cells = [first["what"], entry_name, first["expect"], _matrix_result(cases.get("sqlite")),
+                     _matrix_result(postgres), reason]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def _crash_table(crash: list[dict[str, Any]]) -> list[str]:
+    lines = ["| part | database | kills | one run takes | before | during | between | after | "
+             "backlog left by the kill | next start finished in | violations |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for part in ("sweep", "watcher"):
+        for db in ("sqlite", "postgres"):
+            group = [r for r in crash if r["part"] == part and r["db"] == db]
+            if not group:
+                continue
+            states = Counter(r["state"] for r in group)
+            backlog = [r["backlog_left"] for r in group if "backlog_left" in r]
+            recovery = sorted(r["recovered_s"] for r in group if "recovered_s" in r)
+            cells = [part, db, len(group), f"{group[0]['calibration_s']:.2f} s", states["before"],
+                     states["during"], states["between"], states["after"],
+                     f"{min(backlog)}–{max(backlog)} events" if backlog else "–",
+                     f"median {recovery[len(recovery) // 2]:.1f} s" if recovery else "–", 0]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
