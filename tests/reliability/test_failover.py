@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from receiver import store
 
-from .support_io import LONG, Serve, seed_guests_and_rows, table_rows, wait_until
+from .support_io import LONG, Serve, record, seed_guests_and_rows, table_rows, wait_until
 
 LEASE_SECONDS = 3
 TICK = 1.0          # CLEANUP_WATCH_INTERVAL_SECONDS
@@ -211,6 +211,9 @@ def test_leader_killed_again_and_again_the_other_takes_over_and_nothing_runs_twi
               f"{len(sweeps)} scheduled sweeps; "
               f"{len(cluster.destroyed)} guests destroyed, {len(audit)} rows removed")
 
+        record("failover", kills=KILLS, takeover_s=[round(t, 2) for t in takeovers], hung_takeover_s=round(hung_takeover, 2),
+               step_down_s=round(step_down, 2), max_leaders=max(leaders_per_sample), manual_sweeps=len(cluster.runs),
+               manual_overlaps=manual_overlaps, scheduled_sweeps=len(sweeps), removed=len(audit))
         assert max(takeovers) <= LEASE_SECONDS + 2 * TICK
         assert hung_takeover <= LEASE_SECONDS + 2 * TICK + 1
         assert max(leaders_per_sample) == 1

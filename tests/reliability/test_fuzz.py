@@ -40,7 +40,7 @@ from receiver.scene import app_row
 from receiver.timeutil import utcnow
 
 from conftest import ROOT
-from .support_io import HOOK, LONG, Serve, seed_guests_and_rows, table_rows, wait_until
+from .support_io import HOOK, LONG, Serve, record, seed_guests_and_rows, table_rows, wait_until
 
 OPENAPI = ROOT / "docs" / "openapi.yaml"
 API_REQUESTS = 10_000 if LONG else 1_000
@@ -211,6 +211,9 @@ def test_generated_requests_never_get_a_5xx_or_a_non_json_answer(sim, sqlite_db,
             codes = {s: n for (l, s), n in sorted(fuzz.statuses.items()) if l == label}
             print(f"  {label}: {fuzz.sent[label]} sent, statuses {codes}")
         print(f"  variants: {dict(sorted(fuzz.variants.items()))}")
+        record("api_fuzz", requests=sent, server_errors=sum(n for (_, s), n in fuzz.statuses.items() if s >= 500),
+               failures=len(fuzz.failures), seconds=round(elapsed, 1),
+               statuses={f"{l} {s}": n for (l, s), n in sorted(fuzz.statuses.items())})
         assert not fuzz.failures, "\n".join(fuzz.failures[:20])
         assert sent >= API_REQUESTS
         assert all(fuzz.sent[label] > 0 for label in SHARES)

@@ -23,8 +23,8 @@ from receiver import store
 from receiver.scene import app_row
 from receiver.table import write_transaction
 
-from .support_io import (LONG, Serve, event_body, percentile, proc_fd_count, proc_rss_kb, seed_guests_and_rows,
-                         signed_headers, table_rows, wait_until)
+from .support_io import (LONG, Serve, event_body, percentile, proc_fd_count, proc_rss_kb, record,
+                         seed_guests_and_rows, signed_headers, table_rows, wait_until)
 
 GUESTS = 500            # one node's guests: 1000 events (pre-stop + post-stop each)
 SENDERS = 50
@@ -108,6 +108,9 @@ def test_node_shutdown_burst_loses_nothing_and_reads_once_per_tick(request, sim,
               f"p99 {p99 * 1000:.1f} ms max {max(latencies) * 1000:.1f} ms; settled after {elapsed:.2f} s; "
               f"/cluster/resources reads {reads} for {ticks} ticks")
 
+        record("burst", db=kind, events=len(results), senders=SENDERS, statuses=statuses,
+               p50_ms=round(p50 * 1000, 1), p99_ms=round(p99 * 1000, 1), max_ms=round(max(latencies) * 1000, 1),
+               send_s=round(sent, 2), settled_s=round(elapsed, 2), resources_reads=reads, ticks=ticks)
         assert len(results) == 2 * GUESTS
         assert statuses == [202], [r for r in results if r[1] != 202][:5]
         with db.engine.connect() as conn:
@@ -211,6 +214,10 @@ def test_soak_memory_and_open_files_stay_flat(sim, sqlite_db, tmp_path):
               f"p50 {percentile(soak.latencies, 50) * 1000:.1f} ms p99 {percentile(soak.latencies, 99) * 1000:.1f} ms; "
               f"RSS max first {window:.0f} s {first_rss} KiB, last {window:.0f} s {last_rss} KiB; "
               f"open fds max {first_fds} -> {last_fds}")
+        record("soak", seconds=SOAK_SECONDS, steps=soak.step, destroyed=len(soak.destroyed),
+               rss_first_kib=first_rss, rss_last_kib=last_rss, fds_first=first_fds, fds_last=last_fds,
+               event_p50_ms=round(percentile(soak.latencies, 50) * 1000, 1),
+               event_p99_ms=round(percentile(soak.latencies, 99) * 1000, 1))
         assert all(status < 500 for counts in soak.statuses.values() for status in counts)
         assert set(soak.statuses["event"]) <= {200, 202}
         assert last_rss <= 1.2 * first_rss + 4096
