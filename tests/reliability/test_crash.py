@@ -25,6 +25,7 @@ run (times 1.15), so before, during and after are all sampled.  Counts: see
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -286,7 +287,7 @@ def post_run(receiver: Receiver, out: dict[str, Any]) -> None:
                 out["status"], out["body"] = answer.status, json.loads(answer.read())
         except urllib.error.HTTPError as err:
             out["status"], out["body"] = err.code, json.loads(err.read() or b"{}")
-        except OSError as exc:  # killed
+        except (OSError, http.client.HTTPException) as exc:  # killed, maybe in the middle of the answer
             out["status"], out["error"] = None, type(exc).__name__
         if out.get("status") != 409:
             break
@@ -469,7 +470,7 @@ def post_events(receiver: Receiver, events: list[tuple[str, int]], acked: dict[s
             continue
         try:
             code = receiver.post_event(vmid, "post-stop", event_id)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             stats["connection_failed"] += 1
             return
         stats[code] += 1
