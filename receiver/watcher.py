@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from . import store
 from .apply import ApplyConflict, apply_actions
@@ -117,7 +117,7 @@ class Watcher:
                     self._stop.wait(min(DRAIN_GATHER_SECONDS, max(0.0, next_tick - time.monotonic())))
                     self._wake.clear()
                     if not self._stop.is_set():
-                        self.drain_inbox()
+                        self._drain_between_ticks()
                     continue
                 started = time.monotonic()
                 next_tick = started + interval
@@ -175,6 +175,16 @@ class Watcher:
             self._poll_tasks(now)
             self._check_watched(now)
         except (SQLAlchemyError, DatabaseError, ApplyConflict) as exc:
+            self._error("database", f"database error {type(exc).__name__}: {describe_db_error(exc)}; will retry")
+
+    def _drain_between_ticks(self) -> None:
+        """A woken drain: only while the lease is surely ours (the last tick's flag may be stale
+        by now), and a database error is reported like a tick's, not as a crash."""
+        if self.lease is not None and not self.lease.still_held():
+            return
+        try:
+            self.drain_inbox()
+        except (SQLAlchemyError, DatabaseError) as exc:
             self._error("database", f"database error {type(exc).__name__}: {describe_db_error(exc)}; will retry")
 
     def drain_inbox(self, now: datetime | None = None) -> int:
@@ -419,9 +429,14 @@ def _watch_rows(conn: sa.Connection, vmids: set[int] | None = None) -> dict[int,
 def _upsert_watch(conn: sa.Connection, watched: dict[int, dict], vmid: int, now: datetime,
                   until: datetime, hint: str) -> None:
     w = store.watch
-    if vmid in watched:
-        conn.execute(w.update().where(w.c.vmid == vmid).values(until=until, hint=hint))
-        watched[vmid].update(until=until, hint=hint)
-    else:
-        conn.execute(w.insert().values(vmid=vmid, since=now, until=until, hint=hint, missing_reads=0))
-        watched[vmid] = {"vmid": vmid, "since": now, "until": until, "hint": hint, "missing_reads": 0}
+    if vmid not in watched:
+        try:
+            with conn.begin_nested():
+                conn.execute(w.insert().values(vmid=vmid, since=now, until=until, hint=hint, missing_reads=0))
+            watched[vmid] = {"vmid": vmid, "since": now, "until": until, "hint": hint, "missing_reads": 0}
+            return
+        except IntegrityError:
+            # Another receiver (a leader stepping down, during a fail-over) watched it meanwhile.
+            watched[vmid] = {"vmid": vmid, "since": now, "until": until, "hint": hint, "missing_reads": 0}
+    conn.execute(w.update().where(w.c.vmid == vmid).values(until=until, hint=hint))
+    watched[vmid].update(until=until, hint=hint)

@@ -348,3 +348,18 @@ def test_a_row_set_back_to_running_by_the_platform_does_not_freeze_the_watcher(w
         watcher.tick()
     assert 101 not in table_vmids(db)
     assert statuses(db)[100] == "stopped"
+
+
+def test_watching_a_vmid_another_receiver_just_watched_is_not_an_error(world):
+    """Two leaders for a moment (fail-over) both drain the same stop event."""
+    from receiver.table import write_transaction
+    from receiver.watcher import _upsert_watch
+    sim, db, runtime, inbox, watcher = world
+    now = utcnow()
+    with write_transaction(runtime.engine) as conn:
+        conn.execute(store.watch.insert().values(vmid=179, since=now, until=now, hint="stop", missing_reads=1))
+    with write_transaction(runtime.engine) as conn:
+        _upsert_watch(conn, {}, 179, now, now + timedelta(minutes=10), "stop")  # stale view: not watched
+    with db.engine.connect() as conn:
+        row = conn.execute(sa.select(store.watch)).mappings().one()
+    assert row["vmid"] == 179 and row["until"] > now and row["missing_reads"] == 1
