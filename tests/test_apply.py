@@ -145,20 +145,28 @@ def _build_big_sqlite(path, n):
 
 
 def test_sigkill_during_apply_leaves_all_or_nothing(sim, tmp_path):
+    """Old error rows of guests that exist: no confirming read, so the apply starts at once."""
     n = 20_000
     template = tmp_path / "template.db"
     _build_big_sqlite(template, n)
-    sim.add_guest(100)
+    for i in range(n):
+        sim.add_guest(10_000 + i)
+    # How long a whole forced sweep takes here, so the kills spread over its second half.
+    shutil.copy(template, tmp_path / "timing.db")
+    started = time.monotonic()
+    timing = subprocess.run(cli_command() + ["sweep", "--force"], capture_output=True, text=True,
+                            env=janitor_env(sim, type("D", (), {"url": f"sqlite:///{tmp_path / 'timing.db'}"})()))
+    full = time.monotonic() - started
+    assert timing.returncode == 0, timing.stderr
     rng = random.Random(20261125)
     seen = set()
     for attempt in range(6):
         path = tmp_path / f"kill{attempt}.db"
         shutil.copy(template, path)
         db = type("D", (), {"url": f"sqlite:///{path}"})()
-        env = janitor_env(sim, db)
-        proc = subprocess.Popen(cli_command() + ["sweep", "--force"], env=env,
+        proc = subprocess.Popen(cli_command() + ["sweep", "--force"], env=janitor_env(sim, db),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.4, 2.5))
+        time.sleep(rng.uniform(0.4, 1.0) * full)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         conn = sqlite3.connect(path)
@@ -167,68 +175,11 @@ def test_sigkill_during_apply_leaves_all_or_nothing(sim, tmp_path):
             audited = conn.execute("SELECT count(*) FROM janitor_audit").fetchone()[0]
             removed = conn.execute("SELECT value FROM janitor_counters WHERE name='total_removed'").fetchone()[0]
             both = conn.execute("SELECT count(*) FROM apps a JOIN janitor_audit j ON a.id = CAST(j.row_key AS INTEGER)").fetchone()[0]
-        except sqlite3.OperationalError:  # killed before our tables existed
+        except (sqlite3.OperationalError, TypeError):  # killed before our tables existed
             audited = removed = both = 0
         conn.close()
         assert (rows, audited) in ((n, 0), (0, n)), (attempt, rows, audited)
         assert removed == audited and both == 0
         seen.add(rows)
-    # The kill points are spread so that both outcomes occur; report which did.
-    print("states after kill:", sorted(seen))
-
-
-def test_status_changed_between_plan_and_apply_is_skipped_even_without_updated_at(sim, any_db):
-    """A platform that re-deploys a row with raw SQL may not touch updated_at."""
-    sim.add_guest(100)
-    table = _seed(any_db, [app_row(v, "running", age=timedelta(days=1)) for v in (100, 201, 202)])
-    runtime = make_runtime(sim, any_db)
-    plan = make_plan(runtime.table.fetch_rows(), runtime.inventory.read(), utcnow(), runtime.settings)
-    with any_db.engine.begin() as conn:
-        conn.execute(table.update().where(table.c.lxc_id == 201).values(status="deploying"))
-    result = apply_actions(runtime.table, plan.actions, source="sweep", now=utcnow())
-    assert [a.row.vmid for a in result.applied] == [202]
-    assert [why for _, why in result.skipped] == ["status changed since planning"]
-    assert table_vmids(any_db) == [100, 201]
-
-
-def test_unreadable_vmid_or_timestamp_keeps_the_row_and_epoch_millis_are_read(sim, sqlite_db):
-    now_ms = int(utcnow().timestamp() * 1000)
-    day_ms = 86_400_000
-    with sqlite_db.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE apps (id INTEGER PRIMARY KEY, lxc_id TEXT, hostname TEXT, status TEXT, "
-                             "public_port INTEGER, internal_port INTEGER, created_at INTEGER, updated_at INTEGER)")
-        conn.exec_driver_sql(
-            "INSERT INTO apps (id, lxc_id, hostname, status, created_at, updated_at) VALUES "
-            f"(1, 'ct201', 'a', 'running', {now_ms - day_ms}, {now_ms - day_ms}), "   # VMID not a number
-            f"(2, '202', 'b', 'running', {now_ms - 60_000}, {now_ms - 60_000}), "     # 1 min old, in ms
-            f"(3, '203', 'c', 'running', {now_ms - day_ms}, {now_ms - day_ms}), "     # a day old, in ms
-            "(4, '204', 'd', 'running', 'yesterday-ish', NULL), "                      # unreadable time
-            f"(5, ' 205 ', 'e', 'running', {now_ms - day_ms}, NULL)")
-    sim.add_guest(100)
-    runtime = make_runtime(sim, sqlite_db)
-    result = runtime.sweeper.run()
-    assert result.outcome == "done"
-    assert sorted(a.row.key for a in result.applied.applied) == [3, 5]
-    assert sorted(r.detail.split(":")[0] for r in result.plan.reports if r.kind == "unreadable_row") == \
-        ["row 1 kept", "row 4 kept"]
-    assert result.plan.kept["young"] == 1 and result.plan.kept["unreadable"] == 2
-
-
-@pytest.mark.mysql
-def test_a_value_that_does_not_round_trip_skips_only_its_row(sim, mysql_db):
-    """MariaDB FLOAT: equal in Python, not in SQL.  One odd row must not block every sweep."""
-    with mysql_db.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE apps (id INTEGER PRIMARY KEY, lxc_id INTEGER, hostname VARCHAR(50), "
-                             "status VARCHAR(20), public_port INTEGER, internal_port INTEGER, "
-                             "created_at DATETIME, updated_at FLOAT)")
-        conn.exec_driver_sql("INSERT INTO apps VALUES (1, 201, 'a', 'error', 1, 2, '2020-01-01', 1600000000.1), "
-                             "(2, 202, 'b', 'error', 3, 4, '2020-01-01', NULL)")
-    sim.add_guest(100)
-    runtime = make_runtime(sim, mysql_db)
-    result = runtime.sweeper.run()
-    assert result.outcome == "done"
-    applied = [a.row.key for a in result.applied.applied]
-    assert 2 in applied
-    assert len(applied) + len(result.applied.skipped) == 2
-    assert set(table_vmids(mysql_db)) == ({201} if 1 not in applied else set())
-    assert len(_audit_vmids(mysql_db)) == len(applied)
+    # The kill points are spread so that both outcomes usually occur; report which did.
+    print(f"whole sweep {full:.2f} s; states after kill: {sorted(seen)}")
