@@ -192,23 +192,19 @@ class PlatformTable:
         )
 
     def fetch_rows(self, vmids: Sequence[int] | None = None) -> list[Row]:
-        """The mapped columns of every row (or of rows with these VMIDs), in one read.
-
-        Rows are turned into ``Row`` as they come, so the driver's rows and ours do not all
-        live at once (at 100,000 rows on PostgreSQL, 28 MB of the sweep's peak RSS) -- except
-        on SQLite, where a reader keeps the platform's writers from committing: there the
-        read ends first, then the rows are turned.
-        """
+        """The mapped columns of every row (or of rows with these VMIDs), in one read."""
         stmt = self._select_mapped()
-        parts = [stmt] if vmids is None else [stmt.where(self.vmid.in_(p)) for p in chunks(sorted(set(vmids)))]
         try:
             with self.engine.connect() as conn:
-                if conn.dialect.name != "sqlite":
-                    return [self._to_row(m) for part in parts for m in conn.execute(part).mappings()]
-                read = [m for part in parts for m in conn.execute(part).mappings().all()]
+                if vmids is None:
+                    result = conn.execute(stmt).mappings().all()
+                else:
+                    result = []
+                    for part in chunks(sorted(set(vmids))):
+                        result.extend(conn.execute(stmt.where(self.vmid.in_(part))).mappings().all())
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot read table {self.settings.table!r}: {describe_db_error(exc)}") from None
-        return [self._to_row(m) for m in read]
+        return [self._to_row(m) for m in result]
 
     def count(self, vmids: Sequence[int] | None = None) -> int:
         """Rows in the table (or rows with these VMIDs)."""
