@@ -95,6 +95,11 @@ def action_dict(a) -> dict[str, Any]:
     }
 
 
+def guard_tripped(would_go: int, total: int, settings: Settings) -> bool:
+    """The deletion-percentage guard: more than 10 rows and more than CLEANUP_MAX_DELETE_PERCENT."""
+    return would_go > GUARD_MIN_ROWS and would_go * 100 > settings.max_delete_percent * total
+
+
 class Sweeper:
     """Runs sweeps; one at a time per process (``busy`` tells whether one runs)."""
 
@@ -155,7 +160,7 @@ class Sweeper:
         now = utcnow()
         plan = make_plan(rows, inventory, now, s)
         n = len(plan.actions)
-        if n > GUARD_MIN_ROWS and n * 100 > s.max_delete_percent * len(rows) and not force:
+        if guard_tripped(n, len(rows), s) and not force:
             return SweepResult(REFUSED, f"{n} of {len(rows)} rows would go, more than "
                                f"CLEANUP_MAX_DELETE_PERCENT={s.max_delete_percent}% "
                                "(check the plan, then run with --force)", refusal="guard", plan=plan)

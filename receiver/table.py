@@ -206,14 +206,9 @@ class PlatformTable:
             raise DatabaseError(f"cannot read table {self.settings.table!r}: {describe_db_error(exc)}") from None
         return [self._to_row(m) for m in result]
 
-    def count(self, vmids: Sequence[int] | None = None) -> int:
-        """Rows in the table (or rows with these VMIDs)."""
-        stmt = sa.select(sa.func.count()).select_from(self.table)
+    def count(self) -> int:
         with self.engine.connect() as conn:
-            if vmids is None:
-                return conn.execute(stmt).scalar_one()
-            return sum(conn.execute(stmt.where(self.vmid.in_(part))).scalar_one()
-                       for part in chunks(sorted(set(vmids))))
+            return conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
 
     @property
     def guard_batch(self) -> int:

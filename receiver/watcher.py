@@ -39,7 +39,7 @@ from .lease import Lease
 from .metrics import Metrics
 from .plan import GHOST, make_plan
 from .runtime import Runtime
-from .sweep import GUARD_MIN_ROWS
+from .sweep import guard_tripped
 from .table import DatabaseError, chunks, describe_db_error, write_transaction
 from .timeutil import isoformat, utcnow
 
@@ -301,8 +301,6 @@ class Watcher:
         self.confirm_soon = any(count == 1 for count in missing_counts.values())
 
         gone = self._confirmed_free(gone)
-        if gone and not self._within_guard(gone):
-            gone = []
         if gone and self.lease is not None and not self.lease.still_held():
             self._error("lease", "this tick outlasted the lease: nothing removed, another receiver may lead now")
             gone = []
@@ -341,21 +339,19 @@ class Watcher:
                                              "the token sees a partial inventory; their rows are kept")
         return [v for v in gone if v not in hidden]
 
-    def _within_guard(self, gone: list[int]) -> bool:
-        """The sweep's percentage guard, for the fast path too: a burst of stops followed by a
-        half-empty guest list must not empty the table.  The sweep (``--force``) decides then."""
-        rows = self.runtime.table.count(vmids=gone)
+    def _remove_gone(self, vmids: list[int], now: datetime) -> set[int]:
+        """Remove the rows of guests gone on two reads; return the VMIDs that are settled.
+
+        The sweep's percentage guard holds here too: a burst of stops followed by a
+        half-empty guest list must not empty the table.  The sweep (``--force``) decides then.
+        """
+        rows = self.runtime.table.fetch_rows(vmids=vmids)
         total = self.runtime.table.count()
-        if rows > GUARD_MIN_ROWS and rows * 100 > self.settings.max_delete_percent * total:
-            self._error("guard", f"{rows} of {total} rows would go at once, more than "
+        if guard_tripped(len(rows), total, self.settings):
+            self._error("guard", f"{len(rows)} of {total} rows would go at once, more than "
                                  f"CLEANUP_MAX_DELETE_PERCENT={self.settings.max_delete_percent}%: nothing "
                                  "removed by the watcher; check with `pve-janitor sweep --dry-run`")
-            return False
-        return True
-
-    def _remove_gone(self, vmids: list[int], now: datetime) -> set[int]:
-        """Remove the rows of guests gone on two reads; return the VMIDs that are settled."""
-        rows = self.runtime.table.fetch_rows(vmids=vmids)
+            return set()
         plan = make_plan(rows, Inventory({}, now), now, self.settings)
         actions = [a for a in plan.actions if a.reason == GHOST]
         handled = {a.row.key for a in actions}
