@@ -16,6 +16,17 @@ What it fakes, each point traced to /work/shared/PROXMOX.md (cited as "PX: <sect
   ``/access/permissions`` (PX: API);
 * a token without ``VM.Audit`` getting HTTP 200 and empty lists, 403 only per guest,
   and partial lists (PX: API);
+* ACLs as Proxmox keeps them (pve-access-control ``AccessControl::roles``,
+  ``RPCEnvironment::compile_acl_path``, ``API2/ACL.pm``): the token holds PVEAuditor on
+  ``/``.  ``set_visible(vmids)`` hides every other guest with a NoAccess entry for the
+  token on its ``/vms/N`` (``via="vms"``, computed at each request for the guests that
+  exist then) or puts them in a pool ``hidden`` with a NoAccess entry on ``/pool/hidden``
+  (``via="pool"``); ``/access/permissions`` shows no privilege on a hidden guest's path.
+  ``GET /access/acl`` lists every entry only to a token with ``Sys.Audit`` on ``/access``;
+  after ``set_sys_audit(False)`` it answers 200 with an empty list, as Proxmox does for a
+  caller who may modify no ACL (the task list is not filtered for it).  ``add_acl`` lists
+  more entries without changing what the token sees; ``set_acl_fault(status)`` makes only
+  ``/access/acl`` fail;
 * offline nodes: guests still listed with ``status: unknown`` and no ``name``,
   ``/nodes/<node>/...`` failing with HTTP 595 (PX: API);
 * hookscripts run as Proxmox runs them: ``<script> <vmid> <phase>``, no shell, a
@@ -84,6 +95,9 @@ RESOURCE_TYPES = ("vm", "storage", "node", "sdn")
 PVE_VERSION = {"version": "8.2.4", "release": "8.2", "repoid": "faa83925c9641325"}
 # PX: API -- PVEAuditor holds VM.Audit and Sys.Audit.
 AUDITOR_PRIVILEGES = {"VM.Audit": 1, "Sys.Audit": 1}
+# set_visible: how the hidden guests are hidden (NoAccess on /vms/N, or on their pool).
+HIDDEN_VIA = ("vms", "pool")
+HIDDEN_POOL = "hidden"
 
 HANDSHAKE_TIMEOUT_S = 10.0
 CONNECTION_TIMEOUT_S = 30.0
@@ -400,7 +414,11 @@ class ProxmoxSimulator:
         self._running_tasks: list = []
         self._finished_tasks: deque = deque(maxlen=FINISHED_TASKS_KEPT)
         self._vm_audit = True
+        self._sys_audit = True
         self._visible: Optional[frozenset] = None
+        self._hidden_via = "vms"
+        self._extra_acl: list = []
+        self._acl_fault: Optional[int] = None
         self._fault: tuple = (None, 0.0)
         self._counts: Counter = Counter()
         self._count_lock = threading.Lock()
@@ -770,10 +788,37 @@ class ProxmoxSimulator:
         with self._lock:
             self._vm_audit = bool(allowed)
 
-    def set_visible(self, vmids: Optional[Iterable[int]]) -> None:
-        """ACL on some guests only: lists are partial (PX: API, "an empty (or partial) list")."""
+    def set_visible(self, vmids: Optional[Iterable[int]], via: str = "vms") -> None:
+        """Hide every guest outside ``vmids`` by an ACL: lists are partial (PX: API, "an empty
+        (or partial) list") while ``/vms`` still shows VM.Audit.  ``via="vms"``: a NoAccess
+        entry on each hidden guest's ``/vms/N``; ``via="pool"``: NoAccess on ``/pool/hidden``,
+        the pool they are in (a pool's NoAccess trumps, compile_acl_path).  None: all visible."""
+        if via not in HIDDEN_VIA:
+            raise ValueError("via must be one of %s" % (HIDDEN_VIA,))
         with self._lock:
             self._visible = None if vmids is None else frozenset(int(v) for v in vmids)
+            self._hidden_via = via
+
+    def set_sys_audit(self, allowed: bool) -> None:
+        """Without Sys.Audit (as with a role holding VM.Audit alone): ``/access/permissions``
+        lacks it and ``/access/acl`` answers 200 with an empty list (API2/ACL.pm)."""
+        with self._lock:
+            self._sys_audit = bool(allowed)
+
+    def add_acl(self, path: str, roleid: str, ugid: Optional[str] = None, type: str = "token",  # noqa: A002
+                propagate: bool = True) -> None:
+        """One more ``/access/acl`` entry (default: for the token).  Listed only: what the
+        token sees is ``set_visible``'s and ``set_vm_audit``'s business."""
+        if type not in ("user", "group", "token"):
+            raise ValueError("type must be user, group or token")
+        with self._lock:
+            self._extra_acl.append({"path": path, "type": type, "ugid": ugid or self.token_id,
+                                    "roleid": roleid, "propagate": int(bool(propagate))})
+
+    def set_acl_fault(self, status: Optional[int]) -> None:
+        """Make ``GET /access/acl`` alone answer this HTTP status; None heals."""
+        with self._lock:
+            self._acl_fault = None if status is None else int(status)
 
     def set_fault(self, kind: Optional[str], delay: float = 0.0) -> None:
         """Make the API misbehave; ``None`` heals (and listens again on the same port)."""
@@ -1027,13 +1072,46 @@ class ProxmoxSimulator:
 
     def _api_permissions(self, query):
         """PX: API -- a token may read its own privileges; PVEAuditor has VM.Audit + Sys.Audit."""
+        path = _query_value(query, "path")
+        if path:
+            return {path: self._privileges_at(path)}
+        return {p: self._privileges_at(p) for p in ("/", "/access", "/vms")}
+
+    def _privileges_at(self, path: str) -> dict:
+        """``{privilege: propagate}`` on ``path``; nothing where a NoAccess entry applies."""
+        match = re.fullmatch(r"/vms/(\d+)", path)
+        if match and self._hidden(int(match.group(1))):
+            return {}
+        if path == "/pool/" + HIDDEN_POOL and self._visible is not None and self._hidden_via == "pool":
+            return {}
         privileges = dict(AUDITOR_PRIVILEGES)
         if not self._vm_audit:
             privileges.pop("VM.Audit")
-        path = _query_value(query, "path")
-        if path:
-            return {path: privileges}
-        return {"/": dict(privileges), "/vms": dict(privileges)}
+        if not self._sys_audit:
+            privileges.pop("Sys.Audit")
+        return privileges
+
+    def _hidden(self, vmid: int) -> bool:
+        return self._visible is not None and vmid not in self._visible
+
+    def _api_acl(self, query):
+        """``GET /access/acl`` (API2/ACL.pm): every entry to a caller with Sys.Audit on
+        ``/access``; to others only entries where they may modify permissions (none here)."""
+        if self._acl_fault is not None:
+            raise _ApiError(self._acl_fault, "simulated failure reading the ACL")
+        if not self._sys_audit:
+            return []
+        token = self.token_id
+
+        def entry(path, roleid):
+            return {"path": path, "type": "token", "ugid": token, "roleid": roleid, "propagate": 1}
+
+        entries = [entry("/", "PVEAuditor" if self._vm_audit else "SysAuditOnly")]
+        if self._visible is not None and self._hidden_via == "pool":
+            entries.append(entry("/pool/" + HIDDEN_POOL, "NoAccess"))
+        elif self._visible is not None:
+            entries.extend(entry("/vms/%d" % v, "NoAccess") for v in sorted(self._guests) if self._hidden(v))
+        return entries + [dict(e) for e in self._extra_acl]
 
 
 _ROUTES: list = [
@@ -1043,6 +1121,7 @@ _ROUTES: list = [
         (r"/cluster/tasks", "_api_tasks"),
         (r"/cluster/nextid", "_api_nextid"),
         (r"/access/permissions", "_api_permissions"),
+        (r"/access/acl", "_api_acl"),
         (r"/nodes", "_api_nodes"),
         (r"/nodes/(?P<node>[^/]+)/(?P<kind>lxc|qemu)", "_api_guest_list"),
         (r"/nodes/(?P<node>[^/]+)/(?P<kind>lxc|qemu)/(?P<vmid>\d+)/status/current", "_api_status"),

@@ -257,6 +257,65 @@ def test_partial_visibility(pve, sim):
     assert len(pve.cluster.resources.get(type="vm")) == 4
 
 
+def _grant(sim, path, roleid):
+    return {"path": path, "type": "token", "ugid": sim.token_id, "roleid": roleid, "propagate": 1}
+
+
+def test_acl_lists_the_token_grant_and_a_noaccess_entry_per_hidden_guest(pve, sim):
+    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor")]
+    sim.set_visible({101, 102})
+    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor"), _grant(sim, "/vms/100", "NoAccess"),
+                                    _grant(sim, "/vms/103", "NoAccess")]
+    assert pve.access.permissions.get(path="/vms/100") == {"/vms/100": {}}
+    assert pve.access.permissions.get(path="/vms/101")["/vms/101"]["VM.Audit"] == 1
+    sim.add_guest(104)  # outside the visible set: hidden, and its entry is there at the next request
+    assert [e["vmid"] for e in pve.cluster.resources.get(type="vm")] == [101, 102]
+    assert _grant(sim, "/vms/104", "NoAccess") in pve.access.acl.get()
+    sim.set_visible(None)
+    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor")]
+
+
+def test_guests_hidden_through_a_pool(pve, sim):
+    sim.set_visible({101, 102}, via="pool")
+    assert [e["vmid"] for e in pve.cluster.resources.get(type="vm")] == [101, 102]
+    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor"), _grant(sim, "/pool/hidden", "NoAccess")]
+    assert pve.access.permissions.get(path="/pool/hidden") == {"/pool/hidden": {}}
+    assert pve.access.permissions.get(path="/vms/100") == {"/vms/100": {}}
+    assert pve.access.permissions.get(path="/vms")["/vms"]["VM.Audit"] == 1
+    with pytest.raises(ValueError):
+        sim.set_visible({101}, via="storage")
+
+
+def test_without_sys_audit_the_acl_list_is_empty_not_an_error(pve, sim):
+    assert pve.access.permissions.get(path="/access")["/access"]["Sys.Audit"] == 1
+    sim.set_visible({101})
+    sim.set_sys_audit(False)
+    assert pve.access.acl.get() == []
+    assert "Sys.Audit" not in pve.access.permissions.get(path="/access")["/access"]
+    assert pve.access.permissions.get(path="/vms")["/vms"] == {"VM.Audit": 1}
+    sim.set_sys_audit(True)
+    assert _grant(sim, "/vms/100", "NoAccess") in pve.access.acl.get()
+
+
+def test_added_acl_entries_are_listed_only(pve, sim):
+    sim.add_acl("/pool/team", "NoAccess", ugid="devs", type="group", propagate=False)
+    assert pve.access.acl.get()[-1] == {"path": "/pool/team", "type": "group", "ugid": "devs",
+                                        "roleid": "NoAccess", "propagate": 0}
+    assert len(pve.cluster.resources.get(type="vm")) == 4
+    with pytest.raises(ValueError):
+        sim.add_acl("/", "PVEAuditor", type="robot")
+
+
+def test_acl_fault_fails_that_route_alone(pve, sim):
+    sim.set_acl_fault(500)
+    with pytest.raises(ResourceException) as err:
+        pve.access.acl.get()
+    assert err.value.status_code == 500
+    assert len(pve.cluster.resources.get(type="vm")) == 4
+    sim.set_acl_fault(None)
+    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor")]
+
+
 # --------------------------------------------------------------------------- offline node
 
 
