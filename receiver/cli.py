@@ -189,6 +189,12 @@ def check(ctx: click.Context) -> None:
         line(True, "privileges", "the token holds VM.Audit on /vms")
         inventory = runtime.inventory.read()
         line(True, "inventory", f"{len(inventory.guests)} guests in {inventory.read_seconds:.2f} s")
+        proof = runtime.inventory.acl_proof()
+        if proof.hideable is not None:
+            line(True, "acl", f"Sys.Audit on /access: {proof.reason}")
+        else:  # safe, only slower: not a failure
+            click.echo(f"WARN    acl: {proof.reason}; sweeps and the watcher will make one "
+                       "/cluster/nextid request per ghost")
     except InventoryError as exc:
         line(False, "proxmox", str(exc))
     sys.exit(EXIT_REFUSED if failed else EXIT_OK)

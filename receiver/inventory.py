@@ -152,6 +152,57 @@ def parse_tasks(entries: object) -> list[Task]:
     return tasks
 
 
+NO_ACCESS = "NoAccess"  # the built-in role whose ACL entry takes every privilege away
+
+
+@dataclass(frozen=True)
+class AclProof:
+    """How far the ACL list proves a guest list complete (see :meth:`ProxmoxInventory.acl_proof`).
+
+    ``hideable``: the VMIDs an ACL could hide from the token; every other guest is surely
+    listed.  None: nothing is proved, every ghost must be checked.  ``reason`` says which,
+    for the log and ``pve-janitor check``.
+    """
+
+    hideable: frozenset[int] | None
+    reason: str
+
+
+def parse_acl(entries: object) -> AclProof:
+    """What the whole ``GET /access/acl`` list proves, given VM.Audit propagated from ``/vms``.
+
+    A guest is listed when the token holds VM.Audit on ``/vms/N`` (pve-manager,
+    /cluster/resources).  Inherited from ``/vms``, that privilege is taken away only by
+    (pve-access-control, ``AccessControl::roles``, ``RPCEnvironment::compile_acl_path``):
+
+    * an entry on ``/vms/N`` itself, which replaces what ``/vms`` passed down;
+    * NoAccess on the pool holding N, which trumps every other role.  It reaches the pool's
+      path from ``/pool/P``, a parent pool, ``/pool`` or ``/``.
+
+    Which entries apply to this token (its own, its user's, the user's groups') is not
+    worked out: every ``/vms/N`` with an entry for anyone is hideable, and a NoAccess on
+    ``/``, ``/pool`` or ``/pool/...`` proves nothing (pool membership is not read).
+    Anything unexpected proves nothing either.
+    """
+    if not isinstance(entries, list):
+        return AclProof(None, "/access/acl did not answer with a list")
+    hideable: set[int] = set()
+    for entry in entries:
+        path = entry.get("path") if isinstance(entry, dict) else None
+        role = entry.get("roleid") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or not isinstance(role, str):
+            return AclProof(None, "/access/acl listed an entry without path or role")
+        if path.startswith("/vms/"):
+            tail = path[len("/vms/"):]
+            if not (tail.isascii() and tail.isdigit()):
+                return AclProof(None, f"/access/acl listed an entry on {path!r}, not a guest's path")
+            hideable.add(int(tail))
+        elif role == NO_ACCESS and (path in ("/", "/pool") or path.startswith("/pool/")):
+            return AclProof(None, f"a NoAccess ACL on {path} can hide the guests of a pool")
+    return AclProof(frozenset(hideable), f"the ACL list proves the guest list complete ({len(hideable)} "
+                                         "VMIDs with an ACL entry of their own are checked one by one)")
+
+
 class ProxmoxInventory:
     """Reads the inventory with an API token; one instance per process."""
 
@@ -168,6 +219,7 @@ class ProxmoxInventory:
             service="PVE",
         )
         self._on_read = on_read
+        self._acl_mode: str | None = None  # what hideable_vmids last logged
 
     def _get(self, what: str, call: Callable[[], object]) -> object:
         try:
@@ -252,6 +304,36 @@ class ProxmoxInventory:
                 raise
         answer = self._get(f"/cluster/nextid?vmid={vmid}", call)
         return answer is None or str(answer).strip() != str(vmid)
+
+    def acl_proof(self) -> AclProof:
+        """Which ghosts :meth:`vmid_in_use` must check, from the ACL list (see :func:`parse_acl`).
+
+        Two calls, however many guests and ghosts.  ``/access/acl`` lists every entry only
+        to a token with Sys.Audit on ``/access``; to any other it answers 200 with the
+        entries it may modify (usually none), so that privilege is checked first.  Sound only
+        after :meth:`check_privileges` (VM.Audit propagated from ``/vms``), which every
+        :meth:`read` does.  HTTP and connection errors raise InventoryError.
+        """
+        perms = self._get("/access/permissions", lambda: self._api.access.permissions.get(path="/access"))
+        privileges = perms.get("/access") if isinstance(perms, dict) else None
+        if not isinstance(privileges, dict) or privileges.get("Sys.Audit") is None:
+            return AclProof(None, "the token lacks Sys.Audit on /access, so it would see only part of "
+                                  "the ACL list (grant PVEAuditor on /, see docs/install.md)")
+        return parse_acl(self._get("/access/acl", lambda: self._api.access.acl.get()))
+
+    def hideable_vmids(self) -> frozenset[int] | None:
+        """:meth:`acl_proof`'s VMIDs (None: check every ghost); says at INFO which mode is used,
+        at the first call and whenever it changes."""
+        proof = self.acl_proof()
+        mode = "complete" if proof.hideable is not None else proof.reason
+        if mode != self._acl_mode:
+            self._acl_mode = mode
+            if proof.hideable is not None:
+                logger.info("ACL list proves the guest list complete: before removing ghosts, only VMIDs "
+                            "with an ACL entry of their own are checked with /cluster/nextid")
+            else:
+                logger.info("per-VMID checks (one /cluster/nextid request per ghost) because %s", proof.reason)
+        return proof.hideable
 
     def tasks(self) -> list[Task]:
         return parse_tasks(self._get("/cluster/tasks", lambda: self._api.cluster.tasks.get()))

@@ -40,7 +40,8 @@ class Runtime:
             raise DatabaseError(f"cannot create pve-janitor's tables: {type(exc).__name__}") from None
         inventory = inventory or ProxmoxInventory(settings, on_read=on_read)
         return cls(settings, engine, table, inventory,
-                   Sweeper(settings, table, inventory.read, vmid_in_use=inventory.vmid_in_use))
+                   Sweeper(settings, table, inventory.read, vmid_in_use=inventory.vmid_in_use,
+                           hideable_vmids=inventory.hideable_vmids))
 
     def read_inventory(self) -> Inventory:
         return self.inventory.read()

@@ -325,12 +325,17 @@ class Watcher:
         """The gone VMIDs that Proxmox confirms are free; the others stay watched.
 
         A guest missing from a partial list (an ACL hiding it from the token) still
-        holds its VMID.  If the check itself fails, nothing is removed this tick.
+        holds its VMID.  The ACL list says which of them an ACL could hide (all when it
+        proves nothing); only those are asked about one by one.  If a check fails,
+        nothing is removed this tick.
         """
         if not gone:
             return gone
+        inventory = self.runtime.inventory
         try:
-            hidden = [v for v in gone if self.runtime.inventory.vmid_in_use(v)]
+            hideable = inventory.hideable_vmids()
+            suspects = gone if hideable is None else [v for v in gone if v in hideable]
+            hidden = [v for v in suspects if inventory.vmid_in_use(v)]
         except InventoryError as exc:
             self._error(exc.kind, f"could not confirm that VMIDs {gone} are free, nothing removed: {exc}")
             return []

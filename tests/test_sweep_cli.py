@@ -173,7 +173,13 @@ def test_check_reports_each_line(seed_sim, seeded):
     env = janitor_env(seed_sim, seeded)
     ok = run_cli(["check"], env)
     assert ok.code == 0, ok.out
-    assert [line.split()[0] for line in ok.out.splitlines()] == ["ok"] * 5
+    assert [line.split()[0] for line in ok.out.splitlines()] == ["ok"] * 6
+    assert "Sys.Audit on /access" in ok.out.splitlines()[-1]
+    seed_sim.set_sys_audit(False)  # slower sweeps, not a failure
+    slow = run_cli(["check"], env)
+    assert slow.code == 0, slow.out
+    assert [line.split()[0] for line in slow.out.splitlines()] == ["ok"] * 5 + ["WARN"]
+    assert "one /cluster/nextid request per ghost" in slow.out
     seed_sim.set_vm_audit(False)
     bad = run_cli(["check"], env)
     assert bad.code == 3 and "FAILED" in bad.out and "VM.Audit" in bad.out
@@ -192,3 +198,96 @@ def test_young_and_protected_rows_survive_a_real_sweep(sim, sqlite_db):
     result = run_cli(["sweep", "--json"], janitor_env(sim, sqlite_db))
     assert result.code == 0, result.err
     assert table_vmids(sqlite_db) == [100, 201, 202]
+
+
+# --- the ACL list instead of one /cluster/nextid request per ghost ------------------------------
+# Guests 200-204 exist; rows 150-152 are ghosts and sort before them, so when every ghost is
+# checked, a guest hidden by an ACL (204) is asked about last.
+GUESTS, GHOSTS = tuple(range(200, 205)), (150, 151, 152)
+
+
+@pytest.fixture
+def acl_world(sim, sqlite_db):
+    table = create_apps_table(sqlite_db.engine)
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in GHOSTS + GUESTS])
+    for v in GUESTS:
+        sim.add_guest(v)
+    return sim, sqlite_db, janitor_env(sim, sqlite_db)
+
+
+def sweep_json(env):
+    result = run_cli(["sweep", "--json"], env)
+    return result.code, result.json()
+
+
+def test_no_fine_grained_acl_means_no_nextid_request(acl_world):
+    sim, db, env = acl_world
+    code, result = sweep_json(env)
+    assert code == 0 and result["applied"] == 3, result
+    assert table_vmids(db) == list(GUESTS)
+    assert sim.request_count("/cluster/nextid") == 0
+    assert sim.request_count("/access/acl") == 1
+    sim.reset_counts()
+    code, result = sweep_json(env)  # nothing left to remove: nothing asked
+    assert (code, result["outcome"]) == (0, "nothing")
+    assert sim.request_count("/access/acl") == sim.request_count("/cluster/nextid") == 0
+
+
+def test_a_stale_acl_entry_on_a_ghost_costs_one_check(acl_world):
+    sim, db, env = acl_world
+    sim.add_acl("/vms/151", "PVEVMUser", ugid="alice@pve", type="user")
+    code, result = sweep_json(env)
+    assert code == 0 and result["applied"] == 3, result
+    assert sim.request_count("/cluster/nextid") == 1
+
+
+def test_a_guest_hidden_by_its_own_acl_refuses_and_only_it_is_asked_about(acl_world):
+    sim, db, env = acl_world
+    sim.set_visible(set(GUESTS) - {204})
+    before = snapshot(db)
+    code, result = sweep_json(env)
+    assert code == 3 and result["refusal"] == "partial_inventory", result
+    assert "VMID 204" in result["reason"]
+    assert snapshot(db) == before and audit_count(db) == 0
+    assert sim.request_count("/cluster/nextid") == 1  # four ghosts planned, one could be hidden
+
+
+def test_a_pool_noaccess_proves_nothing_so_every_ghost_is_asked_about(acl_world):
+    sim, db, env = acl_world
+    sim.set_visible(set(GUESTS) - {204}, via="pool")
+    before = snapshot(db)
+    code, result = sweep_json(env)
+    assert code == 3 and result["refusal"] == "partial_inventory", result
+    assert snapshot(db) == before and audit_count(db) == 0
+    assert sim.request_count("/cluster/nextid") == 4
+
+
+def test_without_sys_audit_every_ghost_is_asked_about(acl_world):
+    sim, db, env = acl_world
+    sim.set_sys_audit(False)
+    sim.set_visible(set(GUESTS) - {204})
+    before = snapshot(db)
+    code, result = sweep_json(env)
+    assert code == 3 and result["refusal"] == "partial_inventory", result
+    assert snapshot(db) == before
+    assert sim.request_count("/cluster/nextid") == 4
+    assert sim.request_count("/access/acl") == 0
+
+    sim.set_visible(None)
+    sim.reset_counts()
+    code, result = sweep_json(env)
+    assert code == 0 and result["applied"] == 3, result
+    assert table_vmids(db) == list(GUESTS)
+    assert sim.request_count("/cluster/nextid") == 3
+
+
+def test_an_unreadable_acl_list_refuses_and_changes_nothing(acl_world):
+    sim, db, env = acl_world
+    sim.set_acl_fault(500)
+    before = snapshot(db)
+    code, result = sweep_json(env)
+    assert code == 3 and result["refusal"] == "inventory", result
+    assert "/access/acl" in result["reason"]
+    assert snapshot(db) == before and audit_count(db) == 0
+    assert sim.request_count("/cluster/nextid") == 0

@@ -333,6 +333,61 @@ def test_a_hidden_guest_is_held_back_and_the_others_go_on(world):
     assert "partial inventory" in watcher.last_error
 
 
+def test_a_destroyed_guest_goes_without_a_nextid_request(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(101)
+    sim.destroy_guest(101)
+    inbox.accept(event(101, "post-stop"))
+    watcher.tick()
+    assert sim.request_count("/access/acl") == 0  # missing once: not gone yet, nothing to prove
+    watcher.tick()
+    assert 101 not in table_vmids(db)
+    assert sim.request_count("/cluster/nextid") == 0
+    assert sim.request_count("/access/acl") == 1
+
+
+def hide_104_and_destroy_103(world, via):
+    sim, db, runtime, inbox, watcher = world
+    sim.set_visible({100, 101, 102, 103}, via=via)
+    sim.stop_guest(103)
+    sim.destroy_guest(103)
+    for v in (103, 104):
+        inbox.accept(event(v, "post-stop"))
+    watcher.tick()
+    watcher.tick()  # both missing twice: 103 is gone, 104 only hidden
+
+
+def test_a_guest_hidden_by_its_own_acl_is_the_only_one_asked_about(world):
+    sim, db, runtime, inbox, watcher = world
+    hide_104_and_destroy_103(world, "vms")
+    assert 103 not in table_vmids(db) and 104 in table_vmids(db)
+    assert sim.request_count("/cluster/nextid") == 1
+    assert watcher.watched == [104] and "partial inventory" in watcher.last_error
+
+
+def test_a_pool_noaccess_makes_the_watcher_ask_about_every_gone_guest(world):
+    sim, db, runtime, inbox, watcher = world
+    hide_104_and_destroy_103(world, "pool")
+    assert 103 not in table_vmids(db) and 104 in table_vmids(db)
+    assert sim.request_count("/cluster/nextid") == 2
+    assert "partial inventory" in watcher.last_error
+
+
+def test_an_unreadable_acl_list_removes_nothing(world):
+    sim, db, runtime, inbox, watcher = world
+    sim.set_acl_fault(500)
+    sim.stop_guest(101)
+    sim.destroy_guest(101)
+    inbox.accept(event(101, "post-stop"))
+    for _ in range(3):
+        watcher.tick()
+    assert 101 in table_vmids(db) and watcher.watched == [101]
+    assert "could not confirm" in watcher.last_error and "/access/acl" in watcher.last_error
+    sim.set_acl_fault(None)
+    watcher.tick()
+    assert 101 not in table_vmids(db)
+
+
 def test_a_row_set_back_to_running_by_the_platform_does_not_freeze_the_watcher(world):
     sim, db, runtime, inbox, watcher = world
     sim.stop_guest(100)

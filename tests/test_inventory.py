@@ -1,0 +1,98 @@
+"""What the ACL list proves about a guest list (receiver.inventory.parse_acl, acl_proof).
+
+The table of cases is pure; the rest runs against the simulator over HTTPS.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from receiver.config import load_settings
+from receiver.inventory import InventoryError, ProxmoxInventory, parse_acl
+from conftest import janitor_env
+
+
+def acl(path, roleid="PVEAuditor", kind="token", ugid="janitor@pve!sweep", propagate=1):
+    return {"path": path, "type": kind, "ugid": ugid, "roleid": roleid, "propagate": propagate}
+
+
+GRANT = acl("/")
+
+CASES = {
+    "only the grant on /": ([GRANT], frozenset()),
+    "no entry at all (root's token)": ([], frozenset()),
+    "NoAccess on a guest, for the token": ([GRANT, acl("/vms/104", "NoAccess")], frozenset({104})),
+    "any role on a guest, for a user": ([GRANT, acl("/vms/250", "PVEVMUser", "user", "alice@pve")],
+                                        frozenset({250})),
+    "a group's entry on a guest, not propagated": ([acl("/vms/300", "NoAccess", "group", "ops", 0)],
+                                                   frozenset({300})),
+    "entries elsewhere change nothing": ([GRANT, acl("/storage/local", "NoAccess"), acl("/vms", "PVEAuditor"),
+                                          acl("/pool/web", "PVEVMAdmin"), acl("/nodes/pve1", "NoAccess")],
+                                         frozenset()),
+    "NoAccess on a pool": ([GRANT, acl("/pool/hidden", "NoAccess")], None),
+    "NoAccess on a nested pool": ([GRANT, acl("/pool/a/b", "NoAccess", "group", "ops")], None),
+    "NoAccess on /pool reaches every pool": ([GRANT, acl("/pool", "NoAccess", "user", "janitor@pve")], None),
+    "NoAccess on / reaches every pool": ([acl("/", "NoAccess", "group", "all"), acl("/vms")], None),
+    "not a list": ({"path": "/"}, None),
+    "an entry that is not an object": ([GRANT, "/vms/104"], None),
+    "an entry without a role": ([GRANT, {"path": "/vms/104", "type": "token"}], None),
+    "a guest path that is not a VMID": ([GRANT, acl("/vms/abc", "NoAccess")], None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parse_acl(case):
+    entries, expected = CASES[case]
+    proof = parse_acl(entries)
+    assert proof.hideable == expected
+    assert proof.reason
+    if expected is None:
+        assert "complete" not in proof.reason
+
+
+def inventory_for(sim, sqlite_db) -> ProxmoxInventory:
+    return ProxmoxInventory(load_settings(env=janitor_env(sim, sqlite_db)))
+
+
+def test_acl_proof_against_the_simulator(sim, sqlite_db):
+    for vmid in (100, 101, 102):
+        sim.add_guest(vmid)
+    inventory = inventory_for(sim, sqlite_db)
+    assert inventory.acl_proof().hideable == frozenset()
+    sim.set_visible({100, 101})
+    assert inventory.acl_proof().hideable == frozenset({102})
+    sim.set_visible({100, 101}, via="pool")
+    assert inventory.acl_proof().hideable is None
+    sim.set_visible(None)
+    sim.set_sys_audit(False)
+    sim.reset_counts()
+    proof = inventory.acl_proof()
+    assert proof.hideable is None and "Sys.Audit" in proof.reason
+    assert sim.request_count("/access/acl") == 0  # its empty answer would prove nothing
+    sim.set_sys_audit(True)
+    sim.set_acl_fault(500)
+    with pytest.raises(InventoryError) as err:
+        inventory.acl_proof()
+    assert err.value.kind == "http" and "/access/acl" in str(err.value)
+
+
+def test_the_mode_is_logged_once_and_again_when_it_changes(sim, sqlite_db, caplog):
+    sim.add_guest(100)
+    inventory = inventory_for(sim, sqlite_db)
+    caplog.set_level(logging.INFO, logger="receiver.inventory")
+
+    def modes():
+        return [r.getMessage() for r in caplog.records if "/cluster/nextid" in r.getMessage()]
+
+    for _ in range(3):
+        assert inventory.hideable_vmids() == frozenset()
+    assert len(modes()) == 1 and modes()[0].startswith("ACL list proves the guest list complete")
+    sim.set_sys_audit(False)
+    assert inventory.hideable_vmids() is None
+    assert inventory.hideable_vmids() is None
+    assert len(modes()) == 2 and modes()[1].startswith("per-VMID checks")
+    assert "Sys.Audit on /access" in modes()[1]
+    sim.set_sys_audit(True)
+    inventory.hideable_vmids()
+    assert len(modes()) == 3
