@@ -68,7 +68,7 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
     by_key = {a.row.key: a for a in actions}
     with write_transaction(table.engine) as conn:
         current = {}
-        for part in chunks(list(by_key)):
+        for part in chunks(list(by_key), table.key_batch):
             stmt = sa.select(t).where(table.pk.in_(part))
             if conn.dialect.name != "sqlite":
                 stmt = stmt.with_for_update()
@@ -123,7 +123,7 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
             for a in applied
         ])
         deleted = [str(a.row.key) for a in applied if a.action == "delete"]
-        for part in chunks(deleted):  # a restored row or a re-used key must not inherit a stop mark
+        for part in chunks(deleted, table.key_batch):  # a restored row or a re-used key must not inherit a stop mark
             conn.execute(store.stop_marks.delete().where(store.stop_marks.c.table_name == table.settings.table,
                                                          store.stop_marks.c.row_key.in_(part)))
         counts = result.counts

@@ -42,11 +42,13 @@ class InventoryError(Exception):
         super().__init__(message)
 
 
-class Guest(msgspec.Struct, frozen=True):
+class Guest(msgspec.Struct, frozen=True, gc=False):
     """One guest as ``/cluster/resources?type=vm`` lists it, only the keys we read.
 
     Decoded straight from the answer's bytes (:func:`parse_guests`): the other ~15 keys
-    of each entry are skipped while parsing, never built.
+    of each entry are skipped while parsing, never built.  Its fields cannot form a
+    reference cycle, so the cyclic garbage collector does not track it (``gc=False``):
+    100,000 of them would otherwise make each of its passes longer.
     """
 
     vmid: int
@@ -58,7 +60,7 @@ class Guest(msgspec.Struct, frozen=True):
     lock: str | None = None
 
 
-class _Entry(msgspec.Struct):
+class _Entry(msgspec.Struct, gc=False):
     """A /cluster/resources entry as the API sends it; checked and turned into a Guest."""
 
     type: str | None = None

@@ -18,8 +18,8 @@ DEFAULT = Settings()
 def row(key=1, vmid=200, status="running", age=timedelta(days=2), updated_age=None, hostname=None, ports=(1, 2)):
     created = None if age is None else NOW - age
     updated = created if updated_age is None else (None if updated_age == "null" else NOW - updated_age)
-    return Row(key=key, vmid=vmid, hostname=hostname, status=status, created_at=created, updated_at=updated,
-               ports=ports, raw_vmid=vmid, raw_updated=updated)
+    return Row(key=key, vmid=vmid, hostname=hostname, status=status, raw_created=created, raw_updated=updated,
+               ports=ports, raw_vmid=vmid)
 
 
 def inv(*vmids, status="running", **kw):
@@ -132,6 +132,26 @@ def test_planning_after_applying_yields_nothing(rows, inventory, s):
     plan = make_plan(rows, inventory, NOW, s)
     again = make_plan(_applied(rows, plan, s), inventory, NOW, s)
     assert again.actions == ()
+
+
+@pytest.mark.parametrize("r, inventory", [
+    (row(vmid=200), inv(100)),  # missing guest: its age decides
+    (row(vmid=100, status="error"), inv(100)),  # error status: its age decides
+], ids=["ghost candidate", "error row"])
+def test_unreadable_timestamp_that_would_decide_keeps_and_reports_the_row(r, inventory):
+    r = replace(r, raw_updated="last tuesday")
+    plan = make_plan([r], inventory, NOW, DEFAULT)
+    assert plan.actions == () and plan.kept["unreadable"] == 1
+    [report] = [x for x in plan.reports if x.kind == "unreadable_row"]
+    assert report.vmid == r.vmid and "updated_at: timestamp 'last tuesday'" in report.detail
+
+
+def test_rows_settled_by_their_guest_do_not_need_readable_timestamps():
+    # The guest exists and the status is not an error: no timestamp can change that.
+    r = replace(row(vmid=100), raw_created="garbage", raw_updated=b"\xff")
+    plan = make_plan([r], inv(100), NOW, DEFAULT)
+    assert plan.actions == () and plan.kept == {**plan.kept, "present": 1, "unreadable": 0}
+    assert [x.kind for x in plan.reports] == []
 
 
 def test_fresh_error_row_with_null_updated_at_is_not_past_retention():
