@@ -3,9 +3,10 @@
 For each size and database (SQLite; PostgreSQL when reachable, see bench.common.postgres_url)
 the parent builds the table (``apps``, the seed platform's schema, rows a day old) and a copy
 of it (``apps_floor``), and a simulator with as many guests as rows: the 90 % of rows that
-have their guest, plus 10 % guests with no row.  A fresh subprocess per size then runs, in
-process, ``Runtime.build`` + ``runtime.sweeper.run(force=True)`` (force only lifts the
-percentage guard, which 10 % does not trip anyway), so that sizes do not pollute each other:
+have their guest (named as the row's hostname), plus 10 % guests with no row.  A fresh
+subprocess per size then runs, in process, ``Runtime.build`` + ``runtime.sweeper.run(force=True)``
+(force only lifts the percentage guard, which 10 % does not trip anyway), so that sizes do
+not pollute each other:
 
 * wall time of the sweep, and where it went (table read, inventory reads, plan, VMID checks,
   apply), timed by wrapping those calls from outside;
@@ -104,9 +105,12 @@ def run_one(db: str, size: int, workdir: Path, pg_base: str | None) -> dict[str,
     try:
         _fill(engine, size)
         engine.dispose()
-        _, ghosts, guests = _vmids(size)
+        rows, ghosts, guests = _vmids(size)
+        with_row = set(rows)
         for i, v in enumerate(guests):
-            sim.add_guest(v, node="pve1" if i % 2 else "pve2")
+            # Named as the platform's row names it (scene.app_row), as a platform's guests are:
+            # a name that differs is reported as a possibly reused VMID.
+            sim.add_guest(v, node="pve1" if i % 2 else "pve2", name=f"app{v}.apps.local" if v in with_row else None)
         raw, sim_serve_s = _fetch_raw(sim)
         inventory_path = workdir / f"inventory-{size}.json"
         inventory_path.write_bytes(raw)
