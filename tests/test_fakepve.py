@@ -319,6 +319,29 @@ def test_acl_fault_fails_that_route_alone(pve, sim):
 # --------------------------------------------------------------------------- offline node
 
 
+def _vm_list(pve):
+    return {e["vmid"]: (e["status"], e.get("lock"), e.get("name")) for e in pve.cluster.resources.get(type="vm")}
+
+
+@pytest.mark.parametrize("change, expect", [
+    (lambda sim: sim.add_guest(150, node="pve2"), lambda vms: vms[150] == ("running", None, "ct150")),
+    (lambda sim: sim.stop_guest(101), lambda vms: vms[101][0] == "stopped"),
+    (lambda sim: sim.start_guest(102), lambda vms: vms[102][0] == "running"),
+    (lambda sim: sim.destroy_guest(102, lock_seconds=30), lambda vms: vms[102][1] == "destroyed"),
+    (lambda sim: sim.destroy_guest(102), lambda vms: 102 not in vms),
+    (lambda sim: sim.set_node_online("pve2", False), lambda vms: vms[102] == ("unknown", None, None)),
+    (lambda sim: sim.set_vm_audit(False), lambda vms: vms == {}),
+    (lambda sim: sim.set_visible({100}), lambda vms: set(vms) == {100}),
+], ids=["add", "stop", "start", "destroying", "destroyed", "node offline", "no VM.Audit", "partial"])
+def test_the_kept_vm_answer_follows_every_change(pve, sim, change, expect):
+    # The type=vm answer is served from a cache while nothing changes: each change
+    # must show on the very next read.
+    before = _vm_list(pve)
+    assert _vm_list(pve) == before
+    change(sim)
+    assert expect(_vm_list(pve)), _vm_list(pve)
+
+
 def test_offline_node(pve, sim):
     sim.set_node_online("pve2", False)
     entries = _by_vmid(pve.cluster.resources.get(type="vm"))
