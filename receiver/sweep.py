@@ -12,11 +12,13 @@ VMIDs must be free by Proxmox's own word (``vmid_in_use``).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -101,6 +103,40 @@ def guard_tripped(would_go: int, total: int, settings: Settings) -> bool:
     return would_go > GUARD_MIN_ROWS and would_go * 100 > settings.max_delete_percent * total
 
 
+class _CyclicGcPause:
+    """Pauses CPython's cyclic garbage collector while sweeps run.
+
+    A sweep of 100,000 rows makes about a million objects (rows, guests, actions) that
+    live until it ends and hold no reference cycles.  The collector, triggered by the
+    allocations, walked them again and again: 0.3 to 0.6 s of a 2 s sweep.  Reference
+    counting still frees everything as usual.  The last of overlapping pauses turns the
+    collector back on, if it was on.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._was_enabled = False
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._was_enabled:
+                    gc.enable()
+
+
+_cyclic_gc_paused = _CyclicGcPause()
+
+
 class Sweeper:
     """Runs sweeps; one at a time per process (``busy`` tells whether one runs)."""
 
@@ -137,7 +173,8 @@ class Sweeper:
         started_wall = utcnow()
         started = time.monotonic()
         dry = self.settings.dry_run if dry_run is None else (dry_run or self.settings.dry_run)
-        result = self._sweep(dry, force, source)
+        with _cyclic_gc_paused():
+            result = self._sweep(dry, force, source)
         result.dry_run = dry
         result.started_at = started_wall
         result.duration_s = time.monotonic() - started

@@ -5,12 +5,14 @@ in CI) PostgreSQL and MariaDB.
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import sqlalchemy as sa
 
 from receiver import store
 from receiver.scene import ERROR_VMIDS, RUNNING_VMIDS, create_apps_table, app_row, seed_database
-from conftest import janitor_env, run_cli, table_vmids
+from conftest import janitor_env, make_runtime, run_cli, table_vmids
 from datetime import timedelta
 
 
@@ -291,3 +293,27 @@ def test_an_unreadable_acl_list_refuses_and_changes_nothing(acl_world):
     assert "/access/acl" in result["reason"]
     assert snapshot(db) == before and audit_count(db) == 0
     assert sim.request_count("/cluster/nextid") == 0
+
+
+def test_a_sweep_pauses_the_cyclic_gc_and_always_turns_it_back_on(acl_world):
+    sim, db, _ = acl_world
+    runtime = make_runtime(sim, db)
+    read, during = runtime.sweeper.read_inventory, []
+
+    def read_and_look():
+        during.append(gc.isenabled())
+        return read()
+
+    runtime.sweeper.read_inventory = read_and_look
+    assert gc.isenabled()
+    assert runtime.sweeper.run().outcome == "done"
+    assert during == [False, False] and gc.isenabled()  # the read and the confirming read
+
+    def broken_read():
+        during.append(gc.isenabled())
+        raise RuntimeError("a bug in a read")
+
+    runtime.sweeper.read_inventory = broken_read
+    with pytest.raises(RuntimeError):
+        runtime.sweeper.run()
+    assert during[-1] is False and gc.isenabled()
