@@ -89,15 +89,14 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
 
         applied: list[Action] = []
         for action_kind in ("delete", "mark"):
-            group = [a for a in to_apply if a.action == action_kind]
-            batches = [[a] for a in group] if per_row else list(chunks(group, table.guard_batch))
-            for part in batches:
-                guard = table.observed_guard([a.row for a in part])
+            group = [a.row for a in to_apply if a.action == action_kind]
+            for rows, guard, params in table.guarded_batches(group, per_row):
                 if action_kind == "delete":
                     stmt = t.delete().where(guard)
                 else:
                     stmt = t.update().where(guard).values({table.status.name: table.settings.mark_status})
-                touched = conn.execute(stmt).rowcount
+                touched = conn.execute(stmt, params).rowcount
+                part = [by_key[row.key] for row in rows]
                 if touched == len(part):
                     applied.extend(part)
                 elif per_row:
