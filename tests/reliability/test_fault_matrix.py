@@ -19,8 +19,10 @@ exist, four ghosts, three deployments in flight.  For every fault in
    gone are removed, and nothing else.
 
 "Between plan and apply" races are injected at seams, not mocked: in the
-simulator (right after the last Proxmox call before applying, so it works for
-the CLI subprocess too) or, for the watcher, at ``apply_actions`` itself.
+simulator (right after the last Proxmox call before applying, the ``/access/acl``
+read that follows the confirming read, so it works for the CLI subprocess too;
+the test checks that Proxmox is asked nothing after it) or, for the watcher, at
+``apply_actions`` itself.
 
 ``JANITOR_RELIABILITY_REPORT=<file>.json`` collects one row per case and renders
 ``<file>.md`` at the end of the session: the table in docs/reliability.md.
@@ -103,20 +105,28 @@ def naive_now(db: Database) -> Any:
 class SimSeam:
     """Runs a callback inside the simulator at an exact moment of the conversation.
 
-    ``after_resources(n, fn)``: after the n-th ``/cluster/resources?type=vm`` answer is
-    built (before it is sent).  ``before_resources(n, fn)``: before it is built.
-    ``after_nextid(vmid, fn)``: after ``/cluster/nextid?vmid=<vmid>`` is answered, the
-    last Proxmox call before the sweep applies.  Works for subprocesses too.
+    ``before[n]`` / ``after[n]``: before / after the n-th ``/cluster/resources?type=vm``
+    answer is built (after: before it is sent).  :meth:`before_apply`: after the first
+    ``/access/acl`` answer is built, the last Proxmox call before a sweep applies: the
+    sweep reads the ACL list once after its confirming read, and in this world (no ACL
+    entry on any ``/vms/N``) it asks ``/cluster/nextid`` about no ghost.  Every request is
+    logged, so :meth:`check_last_call` can prove that no Proxmox call came after it.
+    Works for subprocesses too.
     """
+
+    LAST_CALL = "after /access/acl"
 
     def __init__(self, sim):
         self.sim = sim
         self.reads = 0
+        self.acl_reads = 0
         self.before: dict[int, Callable[[], None]] = {}
         self.after: dict[int, Callable[[], None]] = {}
-        self.nextid: dict[int, Callable[[], None]] = {}
+        self.last_call: Callable[[], None] | None = None
         self.fired: list[str] = []
-        resources, nextid = sim._api_resources, sim._api_nextid
+        self.requests: list[str] = []       # every request the simulator handled, in order
+        self.requests_at_last_call: int | None = None
+        resources, acl, handle = sim._api_resources, sim._api_acl, sim._handle
 
         def wrapped_resources(query):
             if (query.get("type") or [None])[0] != "vm":
@@ -132,17 +142,33 @@ class SimSeam:
                 self.after.pop(n)()
             return answer
 
-        def wrapped_nextid(query):
+        def wrapped_acl(query):
             try:
-                return nextid(query)
+                return acl(query)
             finally:
-                vmid = int((query.get("vmid") or ["0"])[0] or 0)
-                if vmid in self.nextid:
-                    self.fired.append(f"after nextid {vmid}")
-                    self.nextid.pop(vmid)()
+                self.acl_reads += 1
+                if self.acl_reads == 1 and self.last_call is not None:
+                    self.fired.append(self.LAST_CALL)
+                    self.requests_at_last_call = len(self.requests)
+                    self.last_call()
+
+        def logged(method, target, authorization):
+            self.requests.append(f"{method} {target}")
+            return handle(method, target, authorization)
 
         sim._api_resources = wrapped_resources
-        sim._api_nextid = wrapped_nextid
+        sim._api_acl = wrapped_acl
+        sim._handle = logged
+
+    def before_apply(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at the sweep's last Proxmox call before it applies (see the class)."""
+        self.last_call = fn
+
+    def check_last_call(self) -> None:
+        """The :meth:`before_apply` seam fired, and Proxmox was asked nothing after it."""
+        assert self.LAST_CALL in self.fired, (self.fired, self.requests)
+        later = self.requests[self.requests_at_last_call:]
+        assert later == [], f"Proxmox was asked {later} after the seam: it was not the last call before apply"
 
 
 @dataclass
@@ -348,7 +374,8 @@ def _reason_dropped(case: Case, out: Outcome) -> str:
 
 
 def _between_plan_and_apply(case: Case, change: Callable[[], None]) -> None:
-    """Run ``change`` at the last moment before the apply transaction."""
+    """Run ``change`` at the last moment before the apply transaction: after every check the
+    sweep makes (the confirming read and the ACL proof), or, for the watcher, at ``apply_actions``."""
     if case.entry == "watcher":
         real = watcher_module.apply_actions
 
@@ -359,7 +386,7 @@ def _between_plan_and_apply(case: Case, change: Callable[[], None]) -> None:
             return real(*args, **kwargs)
         case.monkeypatch.setattr(watcher_module, "apply_actions", apply_after_change)
     else:
-        case.seam.nextid[max(GHOSTS)] = change  # the sweep checks the ghosts' VMIDs in order, then applies
+        case.seam.before_apply(change)
 
 
 def _platform_update(case: Case, vmid: int, **values: Any) -> None:
@@ -371,7 +398,8 @@ def _platform_update(case: Case, vmid: int, **values: Any) -> None:
 
 def _arm_reuse_after_confirm(case: Case) -> None:
     """The platform re-deploys app 122 into a new guest that got VMID 122 again, after the
-    confirming read: it re-points the row (new hostname, deploying, updated_at now)."""
+    confirming read and the ACL proof, just before the apply: it re-points the row (new
+    hostname, deploying, updated_at now).  Only the apply's observed-value guard can catch it."""
     def reuse():
         case.sim.add_guest(122, node="pve1", name="new122.apps.local")
         _platform_update(case, 122, hostname="new122.apps.local", status="deploying", updated_at=naive_now(case.db))
@@ -496,15 +524,16 @@ def _reason_locked(case: Case, out: Outcome) -> str:
 
 def _arm_db_gone(case: Case) -> None:
     """Stop the database server (``pg_ctl stop -m immediate``) in the middle: for the CLI right
-    before it applies; in process inside the apply transaction, once both the DELETE and the
-    audit INSERT were sent, just before the second of them runs."""
+    before it applies (after its last Proxmox call, the ``/access/acl`` read); in process inside
+    the apply transaction, once both the DELETE and the audit INSERT were sent, just before the
+    second of them runs."""
     server = case.server
 
     def stop():
         case.notes.append(f"server stopped in {server.stop_immediate():.2f} s")
 
     if case.entry == "sweep":
-        case.seam.nextid[max(GHOSTS)] = stop
+        case.seam.before_apply(stop)
     else:
         seen: set[str] = set()
 
@@ -699,6 +728,8 @@ def run_case(entry: str, fault: Fault, db: Database, sim, tmp_path, monkeypatch,
     out = RUNNERS[entry](case)
     for step in case.after_run:
         step()
+    if case.seam.last_call is not None:  # a race placed "just before the apply" really was
+        case.seam.check_last_call()
 
     # 1. Nothing half-done; exactly the expected rows gone; every other row as it was.
     removed = check_nothing_half_done(db, before)

@@ -154,8 +154,9 @@ def test_only_gets_reach_proxmox_across_a_full_run(cluster, tmp_path):
           f"{dict(Counter(path for _, path in seen.elements()))}")
     assert set(methods) == {"GET"}
     paths = {path.removeprefix("/api2/json") for _, path in seen}
-    assert paths <= {"/access/permissions", "/cluster/resources", "/cluster/tasks", "/version", "/cluster/nextid"}
-    assert {"/access/permissions", "/cluster/resources", "/cluster/tasks"} <= paths
+    assert paths <= {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks", "/version",
+                     "/cluster/nextid"}
+    assert {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks"} <= paths
 
 
 # --- SQL through the table mapping ------------------------------------------------------
