@@ -61,19 +61,36 @@ def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: st
         return _apply(table, actions, source, now, per_row=True)
 
 
+def _drop_stop_marks(conn: sa.Connection, table: PlatformTable, keys: list[str]) -> None:
+    """A restored row or a re-used key must not inherit a deleted row's stop mark.
+
+    The marks held for the table are read first (as many as stopped apps, usually few),
+    so 10,000 removed rows do not make a 10,000-key IN list for nothing.
+    """
+    marks = store.stop_marks
+    if not keys:
+        return
+    marked = set(conn.execute(sa.select(marks.c.row_key).where(marks.c.table_name == table.settings.table)).scalars())
+    for part in chunks(sorted(marked.intersection(keys)), table.key_batch):
+        conn.execute(marks.delete().where(marks.c.table_name == table.settings.table, marks.c.row_key.in_(part)))
+
+
 def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: datetime,
            per_row: bool) -> ApplyResult:
     result = ApplyResult()
     t = table.table
     by_key = {a.row.key: a for a in actions}
+    names = [c.name for c in t.columns]
+    position = {name: i for i, name in enumerate(names)}
+    i_key = position[table.pk.name]
     with write_transaction(table.engine) as conn:
-        current = {}
+        current = {}  # key -> the whole row as it is now, every column (the audit copy)
         for part in chunks(list(by_key), table.key_batch):
-            stmt = sa.select(t).where(table.pk.in_(part))
+            stmt = sa.select(*t.columns).where(table.pk.in_(part))
             if conn.dialect.name != "sqlite":
                 stmt = stmt.with_for_update()
-            for m in conn.execute(stmt).mappings():
-                current[m[table.pk.name]] = dict(m)
+            for now_row in conn.execute(stmt):
+                current[now_row[i_key]] = now_row
 
         to_apply: list[Action] = []
         for key, action in by_key.items():
@@ -81,7 +98,7 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
             if now_row is None:
                 result.skipped.append((action, "row no longer exists"))
                 continue
-            changed = [c.name for c, seen in table.observed(action.row) if not _same(now_row[c.name], seen)]
+            changed = [c.name for c, seen in table.observed(action.row) if not _same(now_row[position[c.name]], seen)]
             if changed:
                 result.skipped.append((action, f"{', '.join(changed)} changed since planning"))
             else:
@@ -116,15 +133,12 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
                 "reason": a.reason,
                 "source": source,
                 "detail": a.detail,
-                "row_json": store.encode_row(current[a.row.key]),
+                "row_json": store.encode_row(dict(zip(names, current[a.row.key]))),
                 "removed_at": now,
             }
             for a in applied
         ])
-        deleted = [str(a.row.key) for a in applied if a.action == "delete"]
-        for part in chunks(deleted, table.key_batch):  # a restored row or a re-used key must not inherit a stop mark
-            conn.execute(store.stop_marks.delete().where(store.stop_marks.c.table_name == table.settings.table,
-                                                         store.stop_marks.c.row_key.in_(part)))
+        _drop_stop_marks(conn, table, [str(a.row.key) for a in applied if a.action == "delete"])
         counts = result.counts
         for a in applied:
             counts[REASON_COUNTERS[a.reason]] += 1

@@ -56,6 +56,41 @@ def test_row_changed_or_reused_between_plan_and_apply_is_skipped(sim, any_db):
     assert _audit_vmids(any_db) == [203]
 
 
+@pytest.mark.parametrize("port_columns, freed", [("public_port,internal_port", 4), ("internal_port", 2), ("", 0)])
+def test_ports_freed_follow_the_mapped_port_columns(sim, sqlite_db, port_columns, freed):
+    rows = [app_row(v, "running", age=timedelta(days=1)) for v in (201, 202)]
+    _seed(sqlite_db, rows)
+    runtime = make_runtime(sim, sqlite_db, CLEANUP_PORT_COLUMNS=port_columns)
+    read = runtime.table.fetch_rows()
+    names = [c for c in port_columns.split(",") if c]
+    assert sorted(r.ports for r in read) == sorted(tuple(row[c] for c in names) for row in rows)
+    plan = make_plan(read, Inventory.of([], utcnow()), utcnow(), runtime.settings)
+    result = apply_actions(runtime.table, plan.actions, source="sweep", now=utcnow())
+    assert len(result.applied) == 2 and result.counts["ports_freed"] == freed
+
+
+def test_a_removed_row_takes_its_stop_mark_with_it(sim, any_db):
+    # A stop mark says "the watcher set this row to stopped"; a restored row or a key
+    # re-used later must not inherit it.  Marks of other rows and tables stay.
+    sim.add_guest(100)
+    _seed(any_db, [app_row(v, "running", age=timedelta(days=1)) for v in (100, 201, 202)])
+    runtime = make_runtime(sim, any_db)
+    keys = {r.vmid: str(r.key) for r in runtime.table.fetch_rows()}
+    marks = store.stop_marks
+    with any_db.engine.begin() as conn:
+        conn.execute(marks.insert(), [
+            {"table_name": "apps", "row_key": keys[201], "vmid": 201, "marked_at": utcnow()},
+            {"table_name": "apps", "row_key": keys[100], "vmid": 100, "marked_at": utcnow()},
+            {"table_name": "other", "row_key": keys[202], "vmid": 202, "marked_at": utcnow()},
+        ])
+    plan = make_plan(runtime.table.fetch_rows(), runtime.inventory.read(), utcnow(), runtime.settings)
+    result = apply_actions(runtime.table, plan.actions, source="sweep", now=utcnow())
+    assert sorted(a.row.vmid for a in result.applied) == [201, 202]
+    with any_db.engine.connect() as conn:
+        left = sorted(conn.execute(sa.select(marks.c.table_name, marks.c.vmid)).all())
+    assert left == [("apps", 100), ("other", 202)]
+
+
 def test_guest_back_before_the_confirming_read_is_not_removed(sim, sqlite_db):
     _seed(sqlite_db, [app_row(v, "running", age=timedelta(days=1)) for v in (100, 201)])
     runtime = make_runtime(sim, sqlite_db)

@@ -90,7 +90,7 @@ rows_strategy = st.lists(
               st.one_of(st.none(), st.integers(100, 130)), statuses, ages,
               st.one_of(st.none(), st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=5)))),
     max_size=30,
-).map(lambda rs: [replace(r, key=i) for i, r in enumerate(rs)])
+).map(lambda rs: [r._replace(key=i) for i, r in enumerate(rs)])
 inventories = st.sets(st.integers(100, 130), max_size=30).map(lambda s: inv(*s))
 settings_strategy = st.builds(
     lambda action, grace, retention, ghosts: replace(DEFAULT, action=action, grace_minutes=grace,
@@ -123,7 +123,7 @@ def _applied(rows, plan, s):
     acted = {a.row.key for a in plan.actions}
     if s.action == "delete":
         return [r for r in rows if r.key not in acted]
-    return [replace(r, status=s.mark_status) if r.key in acted else r for r in rows]
+    return [r._replace(status=s.mark_status) if r.key in acted else r for r in rows]
 
 
 @hsettings(max_examples=300, deadline=None)
@@ -139,7 +139,7 @@ def test_planning_after_applying_yields_nothing(rows, inventory, s):
     (row(vmid=100, status="error"), inv(100)),  # error status: its age decides
 ], ids=["ghost candidate", "error row"])
 def test_unreadable_timestamp_that_would_decide_keeps_and_reports_the_row(r, inventory):
-    r = replace(r, raw_updated="last tuesday")
+    r = r._replace(raw_updated="last tuesday")
     plan = make_plan([r], inventory, NOW, DEFAULT)
     assert plan.actions == () and plan.kept["unreadable"] == 1
     [report] = [x for x in plan.reports if x.kind == "unreadable_row"]
@@ -148,7 +148,7 @@ def test_unreadable_timestamp_that_would_decide_keeps_and_reports_the_row(r, inv
 
 def test_rows_settled_by_their_guest_do_not_need_readable_timestamps():
     # The guest exists and the status is not an error: no timestamp can change that.
-    r = replace(row(vmid=100), raw_created="garbage", raw_updated=b"\xff")
+    r = row(vmid=100)._replace(raw_created="garbage", raw_updated=b"\xff")
     plan = make_plan([r], inv(100), NOW, DEFAULT)
     assert plan.actions == () and plan.kept == {**plan.kept, "present": 1, "unreadable": 0}
     assert [x.kind for x in plan.reports] == []
@@ -160,7 +160,7 @@ def test_fresh_error_row_with_null_updated_at_is_not_past_retention():
 
 
 def test_unreadable_row_is_kept_and_reported():
-    r = replace(row(vmid=None), unreadable="VMID 'ct201' is not a whole number")
+    r = row(vmid=None)._replace(unreadable="VMID 'ct201' is not a whole number")
     plan = make_plan([r], inv(100), NOW, DEFAULT)
     assert plan.actions == () and plan.kept["unreadable"] == 1
     assert [x.kind for x in plan.reports if x.vmid is None] == ["unreadable_row"]
