@@ -83,6 +83,7 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
     names = [c.name for c in t.columns]
     position = {name: i for i, name in enumerate(names)}
     i_key = position[table.pk.name]
+    port_positions = [position[c] for c in table.settings.port_columns]
     with write_transaction(table.engine) as conn:
         current = {}  # key -> the whole row as it is now, every column (the audit copy)
         for part in chunks(list(by_key), table.key_batch):
@@ -146,7 +147,7 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
             if a.action == "mark":
                 counts["rows_marked"] += 1
             else:
-                counts["ports_freed"] += sum(1 for p in a.row.ports if p is not None)
+                counts["ports_freed"] += sum(1 for i in port_positions if current[a.row.key][i] is not None)
         store.add_counters(conn, dict(counts))
         result.applied = applied
     for action, why in result.skipped:

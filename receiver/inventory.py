@@ -46,9 +46,10 @@ class Guest(msgspec.Struct, frozen=True, gc=False):
     """One guest as ``/cluster/resources?type=vm`` lists it, only the keys we read.
 
     Decoded straight from the answer's bytes (:func:`parse_guests`): the other ~15 keys
-    of each entry are skipped while parsing, never built.  Its fields cannot form a
-    reference cycle, so the cyclic garbage collector does not track it (``gc=False``):
-    100,000 of them would otherwise make each of its passes longer.
+    of each entry are skipped while parsing, never built, and every key we read is
+    type-checked.  Its fields cannot form a reference cycle, so the cyclic garbage
+    collector does not track it (``gc=False``): 100,000 of them would otherwise make each
+    of its passes longer.
     """
 
     vmid: int
@@ -56,24 +57,12 @@ class Guest(msgspec.Struct, frozen=True, gc=False):
     type: str
     status: str = "unknown"
     name: str | None = None
-    template: bool = False
-    lock: str | None = None
-
-
-class _Entry(msgspec.Struct, gc=False):
-    """A /cluster/resources entry as the API sends it; checked and turned into a Guest."""
-
-    type: str | None = None
-    vmid: int | str | None = None
-    node: str | None = None
-    status: str | None = None
-    name: str | None = None
-    template: int | bool | None = None
+    template: int | bool = 0  # the API sends 0/1
     lock: str | None = None
 
 
 class _Answer(msgspec.Struct):
-    data: list[_Entry]
+    data: list[Guest]
 
 
 _ANSWER = msgspec.json.Decoder(_Answer)
@@ -110,9 +99,9 @@ def parse_guests(answer: bytes) -> dict[int, Guest]:
     """The guests in a ``/cluster/resources?type=vm`` answer (the raw JSON); raise on anything odd.
 
     A half-understood answer must not become "these guests are gone": a missing
-    ``data`` list, an entry that is not an object, a key of the wrong type, or a
-    guest without vmid or node is an :class:`InventoryError`.  Entries that are
-    not guests (nodes, storage) are skipped.
+    ``data`` list, an entry that is not an object, a key of the wrong type (a vmid
+    that is not an integer), or an entry without vmid or node is an
+    :class:`InventoryError`.  ``type=vm`` lists nothing but guests.
     """
     try:
         entries = _ANSWER.decode(answer).data
@@ -120,19 +109,7 @@ def parse_guests(answer: bytes) -> dict[int, Guest]:
         raise InventoryError("malformed", f"/cluster/resources: unexpected answer ({exc})") from None
     except msgspec.DecodeError:
         raise InventoryError("malformed", "/cluster/resources: the answer is not JSON") from None
-    guests: dict[int, Guest] = {}
-    for e in entries:
-        if e.type != "lxc" and e.type != "qemu":
-            continue
-        vmid = e.vmid
-        if type(vmid) is not int:
-            if not (isinstance(vmid, str) and vmid.isascii() and vmid.isdigit()):
-                raise InventoryError("malformed", "/cluster/resources returned a guest without a numeric vmid")
-            vmid = int(vmid)
-        if e.node is None:
-            raise InventoryError("malformed", "/cluster/resources returned a guest without vmid or node")
-        guests[vmid] = Guest(vmid, e.node, e.type, e.status or "unknown", e.name, bool(e.template), e.lock)
-    return guests
+    return {g.vmid: g for g in entries}
 
 
 def parse_tasks(entries: object) -> list[Task]:

@@ -54,7 +54,6 @@ class Row(NamedTuple):
     status: str | None = None
     raw_created: Any = None
     raw_updated: Any = None
-    ports: tuple[Any, ...] = ()
     raw_vmid: Any = None
     raw_status: Any = None
     unreadable: str | None = None  # why the VMID could not be read: such a row is never acted on

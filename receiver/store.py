@@ -238,8 +238,12 @@ def decode_value(value: Any) -> Any:
     }.get(kind, lambda v: v)(raw)
 
 
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str})
+_ROW_ENCODER = json.JSONEncoder(sort_keys=True)  # made once: json.dumps(..., sort_keys=True) makes one a call
+
+
 def encode_row(row: dict[str, Any]) -> str:
-    return json.dumps({k: encode_value(v) for k, v in row.items()}, sort_keys=True)
+    return _ROW_ENCODER.encode({k: v if type(v) in _PLAIN_TYPES else encode_value(v) for k, v in row.items()})
 
 
 def decode_row(text: str) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from operator import itemgetter
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, Callable, Iterator, Sequence
@@ -162,7 +161,7 @@ class PlatformTable:
         """SELECT of the mapped columns (a column mapped twice is selected once), and each one's position."""
         s = self.settings
         columns = [self.pk, self.vmid]
-        for name in (s.hostname_column, s.status_column, s.created_column, s.updated_column, *s.port_columns):
+        for name in (s.hostname_column, s.status_column, s.created_column, s.updated_column):
             if name:
                 columns.append(self.table.c[name])
         columns = list(dict.fromkeys(columns))
@@ -174,11 +173,6 @@ class PlatformTable:
         i_key, i_vmid = position[self.pk.name], position[self.vmid.name]
         i_host, i_status, i_created, i_updated = (position[n] if n else None for n in (
             s.hostname_column, s.status_column, s.created_column, s.updated_column))
-        i_ports = [position[c] for c in s.port_columns]
-        if len(i_ports) > 1:
-            ports_of = itemgetter(*i_ports)
-        else:
-            ports_of = (lambda t: (t[i_ports[0]],)) if i_ports else (lambda t: ())
 
         def make(t: Sequence[Any]) -> Row:
             raw_vmid = t[i_vmid]
@@ -195,7 +189,6 @@ class PlatformTable:
                 raw_status if raw_status is None or type(raw_status) is str else str(raw_status),
                 None if i_created is None else t[i_created],
                 None if i_updated is None else t[i_updated],
-                ports_of(t),
                 raw_vmid, raw_status, problem,
             )
         return make

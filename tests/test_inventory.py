@@ -1,4 +1,5 @@
-"""What the ACL list proves about a guest list (receiver.inventory.parse_acl, acl_proof).
+"""What the ACL list proves about a guest list (receiver.inventory.parse_acl, acl_proof), and
+how a /cluster/resources answer is read (parse_guests): anything odd refuses, nothing is guessed.
 
 The table of cases is pure; the rest runs against the simulator over HTTPS.
 """
@@ -9,7 +10,7 @@ import logging
 import pytest
 
 from receiver.config import load_settings
-from receiver.inventory import InventoryError, ProxmoxInventory, parse_acl
+from receiver.inventory import Guest, InventoryError, ProxmoxInventory, parse_acl, parse_guests
 from conftest import janitor_env
 
 
@@ -96,3 +97,35 @@ def test_the_mode_is_logged_once_and_again_when_it_changes(sim, sqlite_db, caplo
     sim.set_sys_audit(True)
     inventory.hideable_vmids()
     assert len(modes()) == 3
+
+
+def test_parse_guests_reads_only_what_it_needs():
+    answer = (b'{"data": [{"id": "qemu/105", "type": "qemu", "vmid": 105, "node": "pve2", "template": 1, '
+              b'"status": "stopped", "maxmem": 1, "tags": "a;b", "extra": {"x": [1, 2]}}, '
+              b'{"type": "lxc", "vmid": 101, "node": "pve1", "status": "running", "name": "web", "lock": "backup"}, '
+              b'{"type": "lxc", "vmid": 102, "node": "pve1"}]}')
+    assert parse_guests(answer) == {
+        105: Guest(105, "pve2", "qemu", "stopped", None, 1, None),
+        101: Guest(101, "pve1", "lxc", "running", "web", 0, "backup"),
+        102: Guest(102, "pve1", "lxc", "unknown"),  # an offline node's guest may come with no status
+    }
+    assert parse_guests(b'{"data": []}') == {}
+
+
+@pytest.mark.parametrize("answer, says", [
+    (b"<html>502</html>", "not JSON"),
+    (b'{"data": null}', "Expected `array`, got `null`"),
+    (b"[]", "Expected `object`"),
+    (b'{"data": [1]}', "Expected `object`, got `int`"),
+    (b'{"data": [{"type": "lxc", "vmid": "101", "node": "pve1"}]}', "Expected `int`, got `str`"),
+    (b'{"data": [{"type": "lxc", "vmid": 101.0, "node": "pve1"}]}', "Expected `int`, got `float`"),
+    (b'{"data": [{"type": "lxc", "vmid": true, "node": "pve1"}]}', "Expected `int`, got `bool`"),
+    (b'{"data": [{"type": "lxc", "vmid": 101}]}', "missing required field `node`"),
+    (b'{"data": [{"type": "node", "node": "pve1"}]}', "missing required field `vmid`"),
+    (b'{"data": [{"type": "lxc", "vmid": 101, "node": "pve1", "status": null}]}', "Expected `str`, got `null`"),
+], ids=["html", "null data", "a list", "a number", "vmid text", "vmid float", "vmid bool", "no node",
+        "not a guest", "status null"])
+def test_an_odd_resources_answer_is_malformed_not_a_shorter_list(answer, says):
+    with pytest.raises(InventoryError) as refused:
+        parse_guests(answer)
+    assert refused.value.kind == "malformed" and says in str(refused.value)

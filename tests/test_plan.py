@@ -15,11 +15,11 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 DEFAULT = Settings()
 
 
-def row(key=1, vmid=200, status="running", age=timedelta(days=2), updated_age=None, hostname=None, ports=(1, 2)):
+def row(key=1, vmid=200, status="running", age=timedelta(days=2), updated_age=None, hostname=None):
     created = None if age is None else NOW - age
     updated = created if updated_age is None else (None if updated_age == "null" else NOW - updated_age)
     return Row(key=key, vmid=vmid, hostname=hostname, status=status, raw_created=created, raw_updated=updated,
-               ports=ports, raw_vmid=vmid)
+               raw_vmid=vmid)
 
 
 def inv(*vmids, status="running", **kw):
