@@ -6,9 +6,10 @@ rows), or far more rows would go than usual, nothing is changed and the
 outcome says why.  Only the percentage guard can be lifted (``force``).
 Ghosts are confirmed by a second inventory read just before applying; a
 guest that is back is dropped from the plan.  Then a guest the token cannot see
-(a partial list) refuses the sweep: the ACL list says which ghosts an ACL could
-hide (``hideable_vmids``, all of them when it proves nothing), and each of those
-VMIDs must be free by Proxmox's own word (``vmid_in_use``).
+(a partial list) refuses the sweep: the ACL list, read between the two inventory
+reads, says which ghosts an ACL could hide (``hideable_vmids``, all of them when
+it proves nothing), and each of those VMIDs must be free by Proxmox's own word
+(``vmid_in_use``).
 """
 from __future__ import annotations
 
@@ -103,38 +104,57 @@ def guard_tripped(would_go: int, total: int, settings: Settings) -> bool:
     return would_go > GUARD_MIN_ROWS and would_go * 100 > settings.max_delete_percent * total
 
 
-class _CyclicGcPause:
-    """Pauses CPython's cyclic garbage collector while sweeps run.
+class _CyclicGc:
+    """Keeps CPython's cyclic garbage collector off a sweep's objects.
 
-    A sweep of 100,000 rows makes about a million objects (rows, guests, actions) that
-    live until it ends and hold no reference cycles.  The collector, triggered by the
-    allocations, walked them again and again: 0.3 to 0.6 s of a 2 s sweep.  Reference
-    counting still frees everything as usual.  The last of overlapping pauses turns the
-    collector back on, if it was on.
+    Reading and planning 100,000 rows makes about a million objects (rows, guests,
+    actions) that hold no reference cycles.  The collector, triggered by the allocations,
+    walked them again and again: 0.3 to 0.6 s of a 2 s sweep.  So it is off while the
+    sweep reads and plans (:meth:`paused`), which waits for no one else's lock.  For the
+    confirming read and the apply, which may wait for a database lock, it runs as usual
+    for new objects (other threads' garbage too) but leaves alone everything that existed
+    before (:meth:`frozen`, ``gc.freeze``): walking the plan and the loaded modules on
+    each full collection cost 0.1 s of a PostgreSQL apply.  Reference counting frees
+    everything as usual.  Overlapping uses nest; the last one restores the collector.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._depth = 0
+        self._pauses = 0
+        self._freezes = 0
         self._was_enabled = False
 
     @contextmanager
-    def __call__(self) -> Iterator[None]:
+    def paused(self) -> Iterator[None]:
         with self._lock:
-            if self._depth == 0:
+            if self._pauses == 0:
                 self._was_enabled = gc.isenabled()
                 gc.disable()
-            self._depth += 1
+            self._pauses += 1
         try:
             yield
         finally:
             with self._lock:
-                self._depth -= 1
-                if self._depth == 0 and self._was_enabled:
+                self._pauses -= 1
+                if self._pauses == 0 and self._was_enabled:
                     gc.enable()
 
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        with self._lock:
+            if self._freezes == 0:
+                gc.freeze()
+            self._freezes += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._freezes -= 1
+                if self._freezes == 0:
+                    gc.unfreeze()
 
-_cyclic_gc_paused = _CyclicGcPause()
+
+_cyclic_gc = _CyclicGc()
 
 
 class Sweeper:
@@ -173,8 +193,7 @@ class Sweeper:
         started_wall = utcnow()
         started = time.monotonic()
         dry = self.settings.dry_run if dry_run is None else (dry_run or self.settings.dry_run)
-        with _cyclic_gc_paused():
-            result = self._sweep(dry, force, source)
+        result = self._sweep(dry, force, source)
         result.dry_run = dry
         result.started_at = started_wall
         result.duration_s = time.monotonic() - started
@@ -182,36 +201,32 @@ class Sweeper:
         return result
 
     def _sweep(self, dry: bool, force: bool, source: str) -> SweepResult:
-        s = self.settings
-        if not s.enabled:
+        if not self.settings.enabled:
             return SweepResult(DISABLED, "CLEANUP_ENABLED is false: nothing is read or changed")
-        try:
-            rows = self.table.fetch_rows()
-        except DatabaseError as exc:
-            return SweepResult(FAILED, str(exc), refusal="database")
-        try:
-            inventory = self.read_inventory()
-        except InventoryError as exc:
-            return SweepResult(REFUSED, f"inventory unreadable: {exc}",
-                               refusal="privilege" if exc.kind == "privilege" else "inventory")
-        if not inventory.guests and rows:
-            return SweepResult(REFUSED, f"Proxmox listed no guests while the table has {len(rows)} rows "
-                               "(a token without VM.Audit sees an empty list)", refusal="empty_inventory")
-        now = utcnow()
-        plan = make_plan(rows, inventory, now, s)
-        n = len(plan.actions)
-        if guard_tripped(n, len(rows), s) and not force:
-            return SweepResult(REFUSED, f"{n} of {len(rows)} rows would go, more than "
-                               f"CLEANUP_MAX_DELETE_PERCENT={s.max_delete_percent}% "
-                               "(check the plan, then run with --force)", refusal="guard", plan=plan)
+        with _cyclic_gc.paused():
+            planned = self._read_and_plan(force)
+        if isinstance(planned, SweepResult):
+            return planned
         if dry:
-            return SweepResult(DRY_RUN, "dry run: nothing changed", plan=plan)
-        if not plan.actions:
-            return SweepResult(NOTHING, "", plan=plan)
+            return SweepResult(DRY_RUN, "dry run: nothing changed", plan=planned)
+        if not planned.actions:
+            return SweepResult(NOTHING, "", plan=planned)
+        with _cyclic_gc.frozen():
+            return self._confirm_and_apply(planned, source)
 
+    def _confirm_and_apply(self, plan: Plan, source: str) -> SweepResult:
+        """Confirm the ghosts (second read, guests hidden by an ACL), then apply in one transaction."""
         actions, dropped = list(plan.actions), []
-        del rows, inventory  # the plan holds what is needed: no need to hold two inventories at once
         if any(a.reason == GHOST for a in actions):
+            # Which ghosts an ACL could hide is read *between* the two inventory reads: a guest
+            # hidden in both either keeps its ACL entry through this read (and is checked one by
+            # one below) or loses it before the confirming read (and shows up there).  Read after
+            # the confirming read, an entry removed in between would let a live guest go unchecked.
+            try:
+                hideable = self._hideable()
+            except InventoryError as exc:
+                return SweepResult(REFUSED, f"could not confirm that the ghosts' VMIDs are free: {exc}",
+                                   refusal="inventory", plan=plan)
             try:
                 confirm = self.read_inventory()
             except InventoryError as exc:
@@ -221,7 +236,7 @@ class Sweeper:
                                    plan=plan)
             dropped = sorted({a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid in confirm})
             actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in confirm)]
-            refused = self._check_vmids_free(actions, plan)
+            refused = self._check_vmids_free(actions, plan, hideable)
             if refused:
                 return refused
         try:
@@ -234,12 +249,45 @@ class Sweeper:
                                refusal="database", plan=plan, dropped=dropped)
         return SweepResult(DONE, "", plan=plan, applied=applied, dropped=dropped)
 
-    def _check_vmids_free(self, actions: list, plan: Plan) -> SweepResult | None:
+    def _read_and_plan(self, force: bool) -> Plan | SweepResult:
+        """Read the table and the inventory, and plan: the plan, or why the sweep stops here.
+
+        Rows and inventory are let go on return, before the confirming read: the plan holds
+        what is needed.
+        """
+        s = self.settings
+        try:
+            rows = self.table.fetch_rows()
+        except DatabaseError as exc:
+            return SweepResult(FAILED, str(exc), refusal="database")
+        try:
+            inventory = self.read_inventory()
+        except InventoryError as exc:
+            return SweepResult(REFUSED, f"inventory unreadable: {exc}",
+                               refusal="privilege" if exc.kind == "privilege" else "inventory")
+        if not inventory.guests and rows:
+            return SweepResult(REFUSED, f"Proxmox listed no guests while the table has {len(rows)} rows "
+                               "(a token without VM.Audit sees an empty list)", refusal="empty_inventory")
+        plan = make_plan(rows, inventory, utcnow(), s)
+        n = len(plan.actions)
+        if guard_tripped(n, len(rows), s) and not force:
+            return SweepResult(REFUSED, f"{n} of {len(rows)} rows would go, more than "
+                               f"CLEANUP_MAX_DELETE_PERCENT={s.max_delete_percent}% "
+                               "(check the plan, then run with --force)", refusal="guard", plan=plan)
+        return plan
+
+    def _hideable(self) -> frozenset[int] | None:
+        """The VMIDs an ACL could hide from the token (None: any); InventoryError if unreadable."""
+        if self.vmid_in_use is None or self.hideable_vmids is None:
+            return None
+        return self.hideable_vmids()
+
+    def _check_vmids_free(self, actions: list, plan: Plan, hideable: frozenset[int] | None) -> SweepResult | None:
         """A refusal when a ghost's VMID is still taken in the cluster (a guest hidden from the token).
 
         Asked after the confirming read.  One request per ghost took 28 s at 10,000 ghosts, so
-        the ACL list (two requests) narrows the check to the ghosts an ACL could hide; every
-        ghost is checked when it proves nothing.  No request at all without ghosts.
+        the ACL list (two requests, read before the confirming read) narrows the check to the
+        ghosts an ACL could hide; every ghost is checked when it proves nothing.
         """
         if self.vmid_in_use is None:
             return None
@@ -247,7 +295,6 @@ class Sweeper:
         if not vmids:
             return None
         try:
-            hideable = self.hideable_vmids() if self.hideable_vmids is not None else None
             suspects = vmids if hideable is None else [v for v in vmids if v in hideable]
             hidden = next((v for v in suspects if self.vmid_in_use(v)), None)
         except InventoryError as exc:

@@ -77,6 +77,9 @@ class Watcher:
         self.last_error: str | None = None
         self.ticks = 0
         self.confirm_soon = False  # the last tick found a watched guest missing for the first time
+        # What the ACL list proved right after the last inventory read, and which VMIDs that
+        # read missed: (missed, hideable VMIDs or None for "any", or the error reading it).
+        self._acl_after_last_read: tuple[frozenset[int], frozenset[int] | None | InventoryError] | None = None
 
     # --- thread ----------------------------------------------------------------
 
@@ -271,6 +274,7 @@ class Watcher:
         self.metrics.watched.set(len(watched))
         if not watched:
             return
+        acl_before, self._acl_after_last_read = self._acl_after_last_read, None
         try:
             inventory = self.runtime.inventory.read()
         except InventoryError as exc:
@@ -300,7 +304,7 @@ class Watcher:
             self._last_status[vmid] = guest.status
         self.confirm_soon = any(count == 1 for count in missing_counts.values())
 
-        gone = self._confirmed_free(gone)
+        gone = self._confirmed_free(gone, acl_before)
         if gone and self.lease is not None and not self.lease.still_held():
             self._error("lease", "this tick outlasted the lease: nothing removed, another receiver may lead now")
             gone = []
@@ -320,21 +324,37 @@ class Watcher:
                 self._mark_stopped(conn, stopped, now)
         self.watched = sorted(set(watched) - set(done))
         self.metrics.watched.set(len(self.watched))
+        missed = frozenset(v for v, count in missing_counts.items() if count and v not in removed_vmids)
+        if missed:
+            self._acl_after_last_read = (missed, self._read_acl_proof())
 
-    def _confirmed_free(self, gone: list[int]) -> list[int]:
+    def _read_acl_proof(self) -> frozenset[int] | None | InventoryError:
+        try:
+            return self.runtime.inventory.hideable_vmids()
+        except InventoryError as exc:
+            return exc
+
+    def _confirmed_free(self, gone: list[int], acl_before: tuple | None) -> list[int]:
         """The gone VMIDs that Proxmox confirms are free; the others stay watched.
 
         A guest missing from a partial list (an ACL hiding it from the token) still
-        holds its VMID.  The ACL list says which of them an ACL could hide (all when it
-        proves nothing); only those are asked about one by one.  If a check fails,
-        nothing is removed this tick.
+        holds its VMID.  ``acl_before`` is what the ACL list proved right after the
+        previous read (:meth:`_check_watched` reads it whenever a watched guest is
+        missing): which VMIDs an ACL could hide; only those are asked about one by one.
+        Read between the two reads a removal rests on, it cannot miss an entry removed
+        in between (the guest would show up in the second read).  A VMID that read did
+        not miss (this process just took the lead) is asked about in any case.  If the
+        list or a check could not be read, nothing is removed this tick.
         """
         if not gone:
             return gone
+        missed_before, hideable = acl_before if acl_before is not None else (frozenset(), None)
+        if isinstance(hideable, InventoryError):
+            self._error(hideable.kind, f"could not confirm that VMIDs {gone} are free, nothing removed: {hideable}")
+            return []
         inventory = self.runtime.inventory
+        suspects = [v for v in gone if hideable is None or v not in missed_before or v in hideable]
         try:
-            hideable = inventory.hideable_vmids()
-            suspects = gone if hideable is None else [v for v in gone if v in hideable]
             hidden = [v for v in suspects if inventory.vmid_in_use(v)]
         except InventoryError as exc:
             self._error(exc.kind, f"could not confirm that VMIDs {gone} are free, nothing removed: {exc}")

@@ -152,3 +152,17 @@ def table_vmids(db: Database, table: str = "apps") -> list[int | None]:
     with db.engine.connect() as conn:
         return sorted(conn.execute(sa.text(f"SELECT lxc_id FROM {table}")).scalars(),
                       key=lambda v: (v is None, v or 0))
+
+
+def after_read(sim, n, fn):
+    """Run ``fn`` right after the simulator has built its n-th /cluster/resources?type=vm answer."""
+    resources, reads = sim._api_resources, []
+
+    def wrapped(query):
+        answer = resources(query)
+        if (query.get("type") or [None])[0] == "vm":
+            reads.append(1)
+            if len(reads) == n:
+                fn()
+        return answer
+    sim._api_resources = wrapped

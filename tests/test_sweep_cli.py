@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from receiver import store
 from receiver.scene import ERROR_VMIDS, RUNNING_VMIDS, create_apps_table, app_row, seed_database
-from conftest import janitor_env, make_runtime, run_cli, table_vmids
+from conftest import after_read, janitor_env, make_runtime, run_cli, table_vmids
 from datetime import timedelta
 
 
@@ -295,25 +295,47 @@ def test_an_unreadable_acl_list_refuses_and_changes_nothing(acl_world):
     assert sim.request_count("/cluster/nextid") == 0
 
 
-def test_a_sweep_pauses_the_cyclic_gc_and_always_turns_it_back_on(acl_world):
+def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_world):
     sim, db, _ = acl_world
     runtime = make_runtime(sim, db)
     read, during = runtime.sweeper.read_inventory, []
 
     def read_and_look():
-        during.append(gc.isenabled())
+        during.append((gc.isenabled(), gc.get_freeze_count() > 0))
         return read()
 
     runtime.sweeper.read_inventory = read_and_look
-    assert gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
     assert runtime.sweeper.run().outcome == "done"
-    assert during == [False, False] and gc.isenabled()  # the read and the confirming read
+    # Off while reading and planning; on for the confirming read and the apply (which may
+    # wait for a lock), with what existed before frozen.
+    assert during == [(False, False), (True, True)]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
 
     def broken_read():
-        during.append(gc.isenabled())
+        during.append((gc.isenabled(), gc.get_freeze_count() > 0))
         raise RuntimeError("a bug in a read")
 
     runtime.sweeper.read_inventory = broken_read
     with pytest.raises(RuntimeError):
         runtime.sweeper.run()
-    assert during[-1] is False and gc.isenabled()
+    assert during[-1] == (False, False) and gc.isenabled() and gc.get_freeze_count() == 0
+    sim.stop_guest(200)
+    sim.destroy_guest(200)  # a ghost again, for a confirming read that fails
+    runtime.sweeper.read_inventory = lambda: broken_read() if len(during) > 3 else read_and_look()
+    with pytest.raises(RuntimeError):
+        runtime.sweeper.run()
+    assert during[-1] == (True, True) and gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_an_acl_lifted_between_the_two_reads_cannot_let_a_hidden_guest_go(acl_world):
+    # 204 runs, hidden by a NoAccess on /vms/204 in both reads; the ACL is lifted right after
+    # the confirming read.  The list was read between the two reads and named 204, so it is
+    # asked about: in use, the sweep refuses and removes nothing.
+    sim, db, _ = acl_world
+    sim.set_visible(set(GUESTS) - {204})
+    after_read(sim, 2, lambda: sim.set_visible(None))
+    result = make_runtime(sim, db).sweeper.run()
+    assert (result.outcome, result.refusal) == ("refused", "partial_inventory"), result.reason
+    assert table_vmids(db) == sorted(GHOSTS + GUESTS)
+    assert sim.request_count("/cluster/nextid") == 1

@@ -14,7 +14,7 @@ from receiver.lease import Lease
 from receiver.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
-from conftest import make_runtime, table_vmids
+from conftest import after_read, make_runtime, table_vmids
 
 _ids = itertools.count(1)
 
@@ -339,11 +339,12 @@ def test_a_destroyed_guest_goes_without_a_nextid_request(world):
     sim.destroy_guest(101)
     inbox.accept(event(101, "post-stop"))
     watcher.tick()
-    assert sim.request_count("/access/acl") == 0  # missing once: not gone yet, nothing to prove
+    # Missing once: the ACL list is read now, between this read and the confirming one.
+    assert 101 in table_vmids(db) and sim.request_count("/access/acl") == 1
     watcher.tick()
     assert 101 not in table_vmids(db)
     assert sim.request_count("/cluster/nextid") == 0
-    assert sim.request_count("/access/acl") == 1
+    assert sim.request_count("/access/acl") == 1  # nothing missing any more: not read again
 
 
 def hide_104_and_destroy_103(world, via):
@@ -384,6 +385,8 @@ def test_an_unreadable_acl_list_removes_nothing(world):
     assert 101 in table_vmids(db) and watcher.watched == [101]
     assert "could not confirm" in watcher.last_error and "/access/acl" in watcher.last_error
     sim.set_acl_fault(None)
+    watcher.tick()  # the list read after the previous read had failed: still nothing removed
+    assert 101 in table_vmids(db)
     watcher.tick()
     assert 101 not in table_vmids(db)
 
@@ -418,3 +421,34 @@ def test_watching_a_vmid_another_receiver_just_watched_is_not_an_error(world):
     with db.engine.connect() as conn:
         row = conn.execute(sa.select(store.watch)).mappings().one()
     assert row["vmid"] == 179 and row["until"] > now and row["missing_reads"] == 1
+
+
+def test_an_acl_lifted_between_the_two_reads_cannot_let_a_hidden_guest_go(world):
+    # 104 runs, hidden from the token by a NoAccess on /vms/104, in both reads; the ACL is
+    # lifted right after the second.  The list read between the two reads named 104, so it
+    # is asked about: in use, kept.  (Read after the second read, the list would have
+    # proved nothing about 104 any more, and its row would have gone.)
+    sim, db, runtime, inbox, watcher = world
+    sim.set_visible({100, 101, 102, 103})
+    inbox.accept(event(104, "post-stop"))
+    after_read(sim, 2, lambda: sim.set_visible(None))
+    watcher.tick()
+    watcher.tick()
+    assert 104 in table_vmids(db)
+    assert sim.request_count("/cluster/nextid") == 1 and "partial inventory" in watcher.last_error
+
+
+def test_a_vmid_the_previous_read_did_not_miss_is_asked_about(world):
+    # This process reads for the first time (it just took the lead) while the watch list
+    # says 101 was missed once already, by another receiver: no ACL list was read between
+    # the two reads, so 101 is asked about one by one, then removed.
+    sim, db, runtime, inbox, watcher = world
+    sim.stop_guest(101)
+    sim.destroy_guest(101)
+    inbox.accept(event(101, "post-stop"))
+    watcher.drain_inbox()
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE janitor_watch SET missing_reads = 1 WHERE vmid = 101"))
+    watcher.tick()
+    assert 101 not in table_vmids(db)
+    assert sim.request_count("/cluster/nextid") == 1 and sim.request_count("/access/acl") == 0

@@ -106,15 +106,16 @@ class SimSeam:
     """Runs a callback inside the simulator at an exact moment of the conversation.
 
     ``before[n]`` / ``after[n]``: before / after the n-th ``/cluster/resources?type=vm``
-    answer is built (after: before it is sent).  :meth:`before_apply`: after the first
-    ``/access/acl`` answer is built, the last Proxmox call before a sweep applies: the
-    sweep reads the ACL list once after its confirming read, and in this world (no ACL
+    answer is built (after: before it is sent).  :meth:`before_apply`: after the confirming
+    read's answer is built, the last Proxmox call before a sweep applies: the sweep reads
+    the ACL list between its two inventory reads (so the confirming read is the first
+    ``type=vm`` read after the first ``/access/acl`` answer), and in this world (no ACL
     entry on any ``/vms/N``) it asks ``/cluster/nextid`` about no ghost.  Every request is
     logged, so :meth:`check_last_call` can prove that no Proxmox call came after it.
     Works for subprocesses too.
     """
 
-    LAST_CALL = "after /access/acl"
+    LAST_CALL = "after the confirming read"
 
     def __init__(self, sim):
         self.sim = sim
@@ -140,6 +141,10 @@ class SimSeam:
             if n in self.after:
                 self.fired.append(f"after read {n}")
                 self.after.pop(n)()
+            if self.acl_reads and self.last_call is not None and self.LAST_CALL not in self.fired:
+                self.fired.append(self.LAST_CALL)
+                self.requests_at_last_call = len(self.requests)
+                self.last_call()
             return answer
 
         def wrapped_acl(query):
@@ -147,10 +152,6 @@ class SimSeam:
                 return acl(query)
             finally:
                 self.acl_reads += 1
-                if self.acl_reads == 1 and self.last_call is not None:
-                    self.fired.append(self.LAST_CALL)
-                    self.requests_at_last_call = len(self.requests)
-                    self.last_call()
 
         def logged(method, target, authorization):
             self.requests.append(f"{method} {target}")
