@@ -414,6 +414,7 @@ class ProxmoxSimulator:
         self._running_tasks: list = []
         self._finished_tasks: deque = deque(maxlen=FINISHED_TASKS_KEPT)
         self._vm_audit = True
+        self._vm_audit_propagates = True
         self._sys_audit = True
         # Bumped by every change /cluster/resources?type=vm can show (see _changed).
         self._version = 0
@@ -792,10 +793,13 @@ class ProxmoxSimulator:
             self._online[node] = bool(online)
             self._changed()
 
-    def set_vm_audit(self, allowed: bool) -> None:
-        """PX: API -- without VM.Audit: 200 and empty lists; 403 only per guest."""
+    def set_vm_audit(self, allowed: bool, propagate: bool = True) -> None:
+        """PX: API -- without VM.Audit: 200 and empty lists; 403 only per guest.
+        ``propagate=False``: VM.Audit granted on ``/vms`` alone (``/access/permissions`` shows
+        it with flag 0), so on no guest: empty lists too."""
         with self._lock:
             self._vm_audit = bool(allowed)
+            self._vm_audit_propagates = bool(propagate)
             self._changed()
 
     def set_visible(self, vmids: Optional[Iterable[int]], via: str = "vms") -> None:
@@ -928,7 +932,7 @@ class ProxmoxSimulator:
             raise _ApiError(595, "Errors during connection establishment, proxy handshake")
 
     def _can_see(self, vmid: int) -> bool:
-        return self._vm_audit and (self._visible is None or vmid in self._visible)
+        return self._vm_audit and self._vm_audit_propagates and (self._visible is None or vmid in self._visible)
 
     def _visible_guests(self) -> list:
         return [g for _, g in sorted(self._guests.items()) if self._can_see(g.vmid)]
@@ -1110,8 +1114,10 @@ class ProxmoxSimulator:
         if path == "/pool/" + HIDDEN_POOL and self._visible is not None and self._hidden_via == "pool":
             return {}
         privileges = dict(AUDITOR_PRIVILEGES)
-        if not self._vm_audit:
+        if not self._vm_audit or (match and not self._vm_audit_propagates):
             privileges.pop("VM.Audit")
+        elif not self._vm_audit_propagates and path == "/vms":
+            privileges["VM.Audit"] = 0
         if not self._sys_audit:
             privileges.pop("Sys.Audit")
         return privileges

@@ -225,11 +225,21 @@ class ProxmoxInventory:
     def check_privileges(self) -> None:
         perms = self._get("/access/permissions", lambda: self._api.access.permissions.get(path="/vms"))
         privileges = perms.get("/vms") if isinstance(perms, dict) else None
-        if not isinstance(privileges, dict) or not privileges.get("VM.Audit"):
+        flag = privileges.get("VM.Audit") if isinstance(privileges, dict) else None
+        if flag is None:
             raise InventoryError(
                 "privilege",
                 "the API token lacks VM.Audit on /vms: Proxmox would answer with an empty or partial "
                 "guest list (grant the PVEAuditor role, see docs/install.md)",
+            )
+        # The value is the propagate flag.  Only a propagated VM.Audit reaches every /vms/N
+        # that has no ACL entry of its own: what the ACL proof (parse_acl) builds on.
+        if flag != 1:
+            raise InventoryError(
+                "privilege",
+                "the API token holds VM.Audit on /vms without propagation (an ACL with propagate=0), so not "
+                "on the guests: Proxmox would answer with an empty or partial guest list (grant PVEAuditor "
+                "on / with propagation, see docs/install.md)",
             )
 
     def read(self) -> Inventory:

@@ -245,6 +245,16 @@ def test_token_without_vm_audit_sees_empty_lists(pve, sim):
     assert len(pve.cluster.resources.get(type="vm")) == 4
 
 
+def test_vm_audit_on_vms_without_propagation_reaches_no_guest(pve, sim):
+    sim.set_vm_audit(True, propagate=False)
+    assert pve.access.permissions.get(path="/vms")["/vms"]["VM.Audit"] == 0
+    assert "VM.Audit" not in pve.access.permissions.get(path="/vms/101")["/vms/101"]
+    assert pve.cluster.resources.get(type="vm") == []
+    sim.set_vm_audit(True)
+    assert pve.access.permissions.get(path="/vms")["/vms"]["VM.Audit"] == 1
+    assert len(pve.cluster.resources.get(type="vm")) == 4
+
+
 def test_partial_visibility(pve, sim):
     sim.set_visible({101, 102})
     assert [e["vmid"] for e in pve.cluster.resources.get(type="vm")] == [101, 102]

@@ -129,3 +129,16 @@ def test_an_odd_resources_answer_is_malformed_not_a_shorter_list(answer, says):
     with pytest.raises(InventoryError) as refused:
         parse_guests(answer)
     assert refused.value.kind == "malformed" and says in str(refused.value)
+
+
+def test_vm_audit_must_be_propagated_from_vms(sim, sqlite_db):
+    # Granted on /vms with propagate=0, VM.Audit reaches no /vms/N: an empty list, and the ACL
+    # proof's premise (inherited by every guest without an entry of its own) would not hold.
+    sim.add_guest(100)
+    sim.set_vm_audit(True, propagate=False)
+    inventory = inventory_for(sim, sqlite_db)
+    with pytest.raises(InventoryError) as refused:
+        inventory.read()
+    assert refused.value.kind == "privilege" and "without propagation" in str(refused.value)
+    sim.set_vm_audit(True)
+    assert list(inventory.read().guests) == [100]
