@@ -251,10 +251,13 @@ class PlatformTable:
             observed = self.observed(row)
             groups.setdefault(tuple(v is None for _, v in observed), []).append((row, observed))
         for nulls, members in groups.items():
-            where = sa.and_(self.pk == sa.bindparam("_key"), *(
-                column.is_(None) if null else column == sa.bindparam(f"_seen{i}")
+            where = sa.and_(self.pk == sa.bindparam("pve_janitor_key"), *(
+                column.is_(None) if null else column == sa.bindparam(f"pve_janitor_seen{i}")
                 for i, ((column, _), null) in enumerate(zip(members[0][1], nulls))))
-            params = [{"_key": row.key, **{f"_seen{i}": v for i, (_, v) in enumerate(observed) if v is not None}}
+            # Parameter names no platform column has: an UPDATE treats a parameter named like a
+            # column as a value to set.
+            params = [{"pve_janitor_key": row.key,
+                       **{f"pve_janitor_seen{i}": v for i, (_, v) in enumerate(observed) if v is not None}}
                       for row, observed in members]
             if per_row:
                 for (row, _), one in zip(members, params):
@@ -289,11 +292,23 @@ class PlatformTable:
 
 
 def bind_limit(engine: Engine) -> int:
-    """How many bound parameters one statement may carry on this engine (with room to spare)."""
-    if engine.dialect.name == "sqlite":
-        version = getattr(engine.dialect.dbapi, "sqlite_version_info", (0,))
-        return BIND_LIMIT if version >= (3, 32) else OLD_SQLITE_BIND_LIMIT
-    return BIND_LIMIT
+    """How many bound parameters one statement may carry on this engine (with room to spare).
+
+    SQLite's limit is a build option: read from the library where Python can (3.11+),
+    else inferred from its version.
+    """
+    if engine.dialect.name != "sqlite":
+        return BIND_LIMIT
+    dbapi = engine.dialect.dbapi
+    which = getattr(dbapi, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
+    if which is not None:
+        try:
+            with engine.connect() as conn:
+                return max(1, min(BIND_LIMIT, conn.connection.dbapi_connection.getlimit(which) - 10))
+        except (AttributeError, SQLAlchemyError):
+            pass
+    version = getattr(dbapi, "sqlite_version_info", (0,))
+    return BIND_LIMIT if version >= (3, 32) else OLD_SQLITE_BIND_LIMIT
 
 
 def as_vmid(value: Any) -> int | None:

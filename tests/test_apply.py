@@ -90,6 +90,23 @@ def test_a_removed_row_takes_its_stop_mark_with_it(sim, any_db):
     assert left == [("apps", 100), ("other", 202)]
 
 
+@pytest.mark.skipif(not hasattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER"), reason="needs Python 3.11+ (setlimit)")
+def test_batches_follow_sqlite_s_own_parameter_limit(sim, sqlite_db):
+    # A SQLite built with a lower limit than its version suggests: the key lists must fit it.
+    @sa.event.listens_for(sqlite_db.engine, "connect")
+    def low_limit(dbapi_conn, _record):
+        dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    sqlite_db.engine.dispose()
+    sim.add_guest(100)
+    _seed(sqlite_db, [app_row(v, "running", age=timedelta(days=1)) for v in range(100, 1601)])
+    runtime = make_runtime(sim, sqlite_db)
+    assert runtime.table.key_batch < 999
+    result = runtime.sweeper.run(force=True)
+    assert result.outcome == "done", result.reason
+    assert len(result.applied.applied) == 1500 and table_vmids(sqlite_db) == [100]
+
+
 def test_guest_back_before_the_confirming_read_is_not_removed(sim, sqlite_db):
     _seed(sqlite_db, [app_row(v, "running", age=timedelta(days=1)) for v in (100, 201)])
     runtime = make_runtime(sim, sqlite_db)
