@@ -47,6 +47,13 @@ def world(sim, any_db):
     return sim, any_db, runtime, inbox, Watcher(runtime, inbox)
 
 
+def stopped_and_destroyed(sim, inbox, vmid):
+    """The usual flow: the guest is stopped (its hook posts post-stop), then destroyed."""
+    sim.stop_guest(vmid)
+    sim.destroy_guest(vmid)
+    inbox.accept(event(vmid, "post-stop"))
+
+
 def test_stop_then_destroy_removes_the_row_on_the_second_read(world):
     sim, db, runtime, inbox, watcher = world
     sim.stop_guest(101)
@@ -154,9 +161,7 @@ def test_young_or_protected_row_of_a_gone_guest_is_kept(world):
     sim, db, runtime, inbox, watcher = world
     with db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE apps SET status='deploying' WHERE lxc_id=100"))
-    sim.stop_guest(100)
-    sim.destroy_guest(100)
-    inbox.accept(event(100, "post-stop"))
+    stopped_and_destroyed(sim, inbox, 100)
     for _ in range(3):
         watcher.tick()
     assert 100 in table_vmids(db) and watcher.watched == [100]
@@ -201,9 +206,7 @@ def test_replayed_and_reordered_events(world):
 
 def test_inbox_backlog_left_by_a_crash_is_processed_by_a_new_watcher(world):
     sim, db, runtime, inbox, watcher = world
-    sim.stop_guest(101)
-    sim.destroy_guest(101)
-    inbox.accept(event(101, "post-stop"))
+    stopped_and_destroyed(sim, inbox, 101)
     assert inbox.backlog() == 1
     fresh = Watcher(runtime, Inbox(runtime.engine))
     fresh.tick()
@@ -335,9 +338,7 @@ def test_a_hidden_guest_is_held_back_and_the_others_go_on(world):
 
 def test_a_destroyed_guest_goes_without_a_nextid_request(world):
     sim, db, runtime, inbox, watcher = world
-    sim.stop_guest(101)
-    sim.destroy_guest(101)
-    inbox.accept(event(101, "post-stop"))
+    stopped_and_destroyed(sim, inbox, 101)
     watcher.tick()
     # Missing once: the ACL list is read now, between this read and the confirming one.
     assert 101 in table_vmids(db) and sim.request_count("/access/acl") == 1
@@ -377,9 +378,7 @@ def test_a_pool_noaccess_makes_the_watcher_ask_about_every_gone_guest(world):
 def test_an_unreadable_acl_list_removes_nothing(world):
     sim, db, runtime, inbox, watcher = world
     sim.set_acl_fault(500)
-    sim.stop_guest(101)
-    sim.destroy_guest(101)
-    inbox.accept(event(101, "post-stop"))
+    stopped_and_destroyed(sim, inbox, 101)
     for _ in range(3):
         watcher.tick()
     assert 101 in table_vmids(db) and watcher.watched == [101]
@@ -399,9 +398,7 @@ def test_a_row_set_back_to_running_by_the_platform_does_not_freeze_the_watcher(w
     assert statuses(db)[100] == "stopped"
     with db.engine.begin() as conn:  # the platform says running; the guest is still stopped
         conn.execute(sa.text("UPDATE apps SET status='running' WHERE lxc_id=100"))
-    sim.stop_guest(101)
-    sim.destroy_guest(101)
-    inbox.accept(event(101, "post-stop"))
+    stopped_and_destroyed(sim, inbox, 101)
     for _ in range(3):
         watcher.tick()
     assert 101 not in table_vmids(db)
@@ -443,9 +440,7 @@ def test_a_vmid_the_previous_read_did_not_miss_is_asked_about(world):
     # says 101 was missed once already, by another receiver: no ACL list was read between
     # the two reads, so 101 is asked about one by one, then removed.
     sim, db, runtime, inbox, watcher = world
-    sim.stop_guest(101)
-    sim.destroy_guest(101)
-    inbox.accept(event(101, "post-stop"))
+    stopped_and_destroyed(sim, inbox, 101)
     watcher.drain_inbox()
     with db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE janitor_watch SET missing_reads = 1 WHERE vmid = 101"))
