@@ -90,7 +90,7 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
             stmt = sa.select(*t.columns).where(table.pk.in_(part))
             if conn.dialect.name != "sqlite":
                 stmt = stmt.with_for_update()
-            for now_row in conn.execute(stmt):
+            for now_row in conn.execute(stmt).all():
                 current[now_row[i_key]] = now_row
 
         to_apply: list[Action] = []
