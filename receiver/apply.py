@@ -124,7 +124,7 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
         if not applied:
             return result
 
-        conn.execute(store.audit.insert(), [
+        store.insert_audit(conn, [
             {
                 "table_name": table.settings.table,
                 "row_key": str(a.row.key),

@@ -140,6 +140,38 @@ def ensure_schema(engine: Engine) -> None:
                 pass  # another receiver seeded them first
 
 
+def insert_audit(conn: Connection, entries: list[dict[str, Any]]) -> None:
+    """Write audit copies in the caller's transaction (the one that removes the rows).
+
+    On PostgreSQL through psycopg 3 they go by ``COPY``: 10,000 entries in about 0.05 s,
+    against 0.13-0.2 s as an executemany, whose pipeline spends ~10 us of Python on each.
+    The values pass the columns' own bind processors first (``removed_at`` becomes naive
+    UTC), as an INSERT through SQLAlchemy would.  Elsewhere: an executemany.
+    """
+    if not entries:
+        return
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg":
+        conn.execute(audit.insert(), entries)
+        return
+    import psycopg  # only here: the PostgreSQL driver is an optional dependency
+    from psycopg import sql
+
+    names = list(entries[0])
+    processors = [audit.c[name].type.bind_processor(conn.dialect) or _as_is for name in names]
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(audit.name), sql.SQL(", ").join(sql.Identifier(name) for name in names))
+    try:
+        with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for entry in entries:
+                copy.write_row([process(entry[name]) for name, process in zip(names, processors)])
+    except psycopg.Error as exc:  # as SQLAlchemy would raise it: callers handle SQLAlchemyError
+        raise sa.exc.DBAPIError(f"COPY {audit.name}", None, exc) from None
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
 def add_counters(conn: Connection, deltas: dict[str, int]) -> None:
     params = [{"n": name, "d": delta} for name, delta in deltas.items() if delta]
     if params:

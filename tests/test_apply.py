@@ -234,3 +234,35 @@ def test_sigkill_during_apply_leaves_all_or_nothing(sim, tmp_path):
         seen.add(rows)
     # The kill points are spread so that both outcomes usually occur; report which did.
     print(f"whole sweep {full:.2f} s; states after kill: {sorted(seen)}")
+
+
+def _entry(i, **changes):
+    entry = {"table_name": "apps", "row_key": str(i), "vmid": 200 + i, "hostname": f"app{i}.apps.local",
+             "action": "delete", "reason": "ghost", "source": "sweep", "detail": "guest does not exist",
+             "row_json": store.encode_row({"id": i, "note": "ünïcode, tab\tand\nnewline"}),
+             "removed_at": utcnow() - timedelta(hours=i)}
+    return {**entry, **changes}
+
+
+def test_audit_entries_read_back_the_same_on_every_database(any_db):
+    # PostgreSQL writes them with COPY, the others with an INSERT: the same values either way.
+    store.ensure_schema(any_db.engine)
+    entries = [_entry(i) for i in range(3)] + [_entry(3, hostname=None, vmid=None, detail=None)]
+    with any_db.engine.begin() as conn:
+        store.insert_audit(conn, entries)
+    with any_db.engine.connect() as conn:
+        back = [dict(r) for r in conn.execute(sa.select(store.audit).order_by(store.audit.c.row_key)).mappings()]
+    if any_db.kind == "mysql":  # DATETIME keeps whole seconds there
+        entries = [{**e, "removed_at": e["removed_at"].replace(microsecond=0)} for e in entries]
+    assert [{k: r[k] for k in entries[0]} for r in back] == entries
+    assert store.decode_row(back[0]["row_json"]) == {"id": 0, "note": "ünïcode, tab\tand\nnewline"}
+
+
+def test_a_failing_audit_write_is_a_database_error_and_writes_nothing(postgres_db):
+    store.ensure_schema(postgres_db.engine)
+    with pytest.raises(sa.exc.SQLAlchemyError) as failed:
+        with postgres_db.engine.begin() as conn:
+            store.insert_audit(conn, [_entry(0), _entry(1, row_json=None)])  # row_json is NOT NULL
+    assert "row_json" in str(failed.value.orig)
+    with postgres_db.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.audit)).scalar() == 0

@@ -64,9 +64,11 @@ SEED = int(os.environ.get("JANITOR_CRASH_SEED", "20261125"))
 BIG_OLD_ERRORS, BIG_GHOSTS, BIG_KEEP = 19_800, 200, 20
 WATCHED, SMALL_KEEP = 150, 170
 STATS, RUN = "/api/v1/system/cleanup/stats", "/api/v1/system/cleanup/run"
-# The statements of the apply transaction (apply.py), as pg_stat_activity shows the last one.
-APPLY_STATEMENTS = ("DELETE FROM APPS", "INSERT INTO JANITOR_AUDIT", "DELETE FROM JANITOR_STOP_MARKS",
-                    "UPDATE JANITOR_COUNTERS", "SELECT APPS.")
+# The statements of the apply transaction (apply.py; the audit copies go by COPY on PostgreSQL),
+# as pg_stat_activity shows the last one.
+APPLY_STATEMENTS = ("DELETE FROM APPS", "INSERT INTO JANITOR_AUDIT", 'COPY "JANITOR_AUDIT"',
+                    "DELETE FROM JANITOR_STOP_MARKS", "SELECT JANITOR_STOP_MARKS.", "UPDATE JANITOR_COUNTERS",
+                    "SELECT APPS.")
 # Where a sweep attempt's kill point is anchored: a random time after the POST; a random time
 # into the apply transaction once it is seen open; a moment after it is seen closed.
 ANCHORS = ("anytime", "in_apply", "after_commit")

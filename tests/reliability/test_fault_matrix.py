@@ -43,6 +43,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
+from receiver import store
 from receiver import watcher as watcher_module
 from receiver.app import create_app
 from receiver.config import load_settings
@@ -525,9 +526,9 @@ def _reason_locked(case: Case, out: Outcome) -> str:
 
 def _arm_db_gone(case: Case) -> None:
     """Stop the database server (``pg_ctl stop -m immediate``) in the middle: for the CLI right
-    before it applies (after its last Proxmox call, the ``/access/acl`` read); in process inside
-    the apply transaction, once both the DELETE and the audit INSERT were sent, just before the
-    second of them runs."""
+    before it applies (after its last Proxmox call, the confirming read); in process inside the
+    apply transaction, once the guarded DELETE was sent, just before the audit copies are
+    written (by COPY on PostgreSQL, which SQLAlchemy's statement events do not see)."""
     server = case.server
 
     def stop():
@@ -536,18 +537,21 @@ def _arm_db_gone(case: Case) -> None:
     if case.entry == "sweep":
         case.seam.before_apply(stop)
     else:
-        seen: set[str] = set()
+        deleted: list[str] = []
+        write_audit = store.insert_audit
 
         def on_execute(conn, cursor, statement, parameters, context, executemany):
-            text = statement.lstrip().upper()
-            for kind in ("DELETE FROM APPS", "INSERT INTO JANITOR_AUDIT"):
-                if text.startswith(kind):
-                    seen.add(kind)
-            if len(seen) == 2 and not case.seam.fired:  # both the delete and the audit copy were sent
+            if statement.lstrip().upper().startswith("DELETE FROM APPS"):
+                deleted.append(statement)
+
+        def stop_then_write_audit(conn, entries):
+            if deleted and not case.seam.fired:  # the delete was sent; the audit copy comes next
                 case.seam.fired.append("inside the apply transaction")
                 stop()
+            return write_audit(conn, entries)
         sa_event.listen(case.db.engine, "before_cursor_execute", on_execute)
         case.after_run.append(lambda: sa_event.remove(case.db.engine, "before_cursor_execute", on_execute))
+        case.monkeypatch.setattr(store, "insert_audit", stop_then_write_audit)
 
     def restart():
         took = server.start()
