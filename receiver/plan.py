@@ -41,7 +41,7 @@ class Row(NamedTuple):
 
     The raw values are what the apply step requires to be unchanged (the
     observed-value guard).  Timestamps are parsed only when asked for
-    (``created_at``, ``updated_at``, ``last_touched``): most rows' guests exist, and
+    (``last_touched``): most rows' guests exist, and
     for them no timestamp can change the outcome, so a sweep of 100,000 rows parses
     the ones it must decide on, not 200,000 values.  A timestamp that cannot be read
     raises ValueError there; the planner then keeps the row and reports it.  A named
@@ -58,17 +58,20 @@ class Row(NamedTuple):
     raw_status: Any = None
     unreadable: str | None = None  # why the VMID could not be read: such a row is never acted on
 
-    @property
-    def created_at(self) -> datetime | None:
-        return parse_timestamp_strict(self.raw_created)
+    def last_touched(self, created_column: str | None = "created_at",
+                     updated_column: str | None = "updated_at") -> datetime | None:
+        """The later of the created and updated timestamps (None when both are NULL).
 
-    @property
-    def updated_at(self) -> datetime | None:
-        return parse_timestamp_strict(self.raw_updated)
-
-    def last_touched(self) -> datetime | None:
-        """The later of created_at and updated_at (None when both are NULL); ValueError if unreadable."""
-        stamps = [t for t in (self.created_at, self.updated_at) if t is not None]
+        ValueError, naming the column, when one cannot be read.
+        """
+        stamps = []
+        for column, raw in ((created_column, self.raw_created), (updated_column, self.raw_updated)):
+            try:
+                stamp = parse_timestamp_strict(raw)
+            except ValueError as exc:
+                raise ValueError(f"{column}: {exc}") from None
+            if stamp is not None:
+                stamps.append(stamp)
         return max(stamps) if stamps else None
 
 
@@ -113,19 +116,6 @@ def _age(now: datetime, then: datetime | None) -> str:
 
 def _norm(status: str | None) -> str:
     return (status or "").strip().lower()
-
-
-def _last_touched(row: Row, settings: Settings) -> datetime | None:
-    """Row.last_touched, with the column named when a timestamp cannot be read."""
-    stamps = []
-    for column, raw in ((settings.created_column, row.raw_created), (settings.updated_column, row.raw_updated)):
-        try:
-            stamp = parse_timestamp_strict(raw)
-        except ValueError as exc:
-            raise ValueError(f"{column}: {exc}") from None
-        if stamp is not None:
-            stamps.append(stamp)
-    return max(stamps) if stamps else None
 
 
 def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings: Settings) -> Plan:
@@ -174,7 +164,7 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
             continue
 
         try:
-            touched = _last_touched(row, settings)
+            touched = row.last_touched(settings.created_column, settings.updated_column)
         except ValueError as exc:
             kept["unreadable"] += 1
             reports.append(Report("unreadable_row", vmid, f"row {row.key} kept: {exc}"))
