@@ -246,11 +246,7 @@ class PlatformTable:
             for part in ([[r] for r in rows] if per_row else chunks(rows, self.guard_batch)):
                 yield list(part), self.observed_guard(part), None
             return
-        groups: dict[tuple[bool, ...], list[tuple[Row, list[tuple[sa.Column, Any]]]]] = {}
-        for row in rows:
-            observed = self.observed(row)
-            groups.setdefault(tuple(v is None for _, v in observed), []).append((row, observed))
-        for nulls, members in groups.items():
+        for nulls, members in self._by_null_pattern(rows).items():
             where = sa.and_(self.pk == sa.bindparam("pve_janitor_key"), *(
                 column.is_(None) if null else column == sa.bindparam(f"pve_janitor_seen{i}")
                 for i, ((column, _), null) in enumerate(zip(members[0][1], nulls))))
@@ -265,20 +261,27 @@ class PlatformTable:
             else:
                 yield [row for row, _ in members], where, params
 
+    def _by_null_pattern(self, rows: Sequence[Row]) -> dict[tuple[bool, ...], list[tuple[Row, list]]]:
+        """The rows with their observed values, grouped by which of those values are NULL
+        (a NULL is matched with IS NULL, not in a list of values)."""
+        groups: dict[tuple[bool, ...], list[tuple[Row, list]]] = {}
+        for row in rows:
+            observed = self.observed(row)
+            groups.setdefault(tuple(v is None for _, v in observed), []).append((row, observed))
+        return groups
+
     def observed_guard(self, rows: Sequence[Row]) -> sa.ColumnElement[bool]:
         """WHERE clause matching these rows only while key, VMID, updated_at and status are as observed.
 
         Set-based: rows are grouped by which observed values are NULL, and
         each group becomes one tuple IN list.
         """
-        groups: dict[tuple[bool, ...], list[Row]] = {}
-        for row in rows:
-            groups.setdefault(tuple(v is None for _, v in self.observed(row)), []).append(row)
         clauses = []
-        for nulls, members in groups.items():
-            columns = [c for (c, _), null in zip(self.observed(members[0]), nulls) if not null]
-            conds = [c.is_(None) for (c, _), null in zip(self.observed(members[0]), nulls) if null]
-            values = [(row.key, *(v for _, v in self.observed(row) if v is not None)) for row in members]
+        for nulls, members in self._by_null_pattern(rows).items():
+            first = members[0][1]
+            columns = [c for (c, _), null in zip(first, nulls) if not null]
+            conds = [c.is_(None) for (c, _), null in zip(first, nulls) if null]
+            values = [(row.key, *(v for _, v in observed if v is not None)) for row, observed in members]
             if columns:
                 match = sa.tuple_(self.pk, *columns).in_(values)
             else:
