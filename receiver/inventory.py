@@ -222,10 +222,15 @@ class ProxmoxInventory:
         except ValueError:
             raise InventoryError("malformed", f"{what}: the answer is not JSON") from None
 
+    def _privilege(self, path: str, privilege: str) -> object:
+        """The token's ``privilege`` on ``path`` as ``/access/permissions`` gives it: its propagate
+        flag (1 or 0), or None when the token does not hold it."""
+        perms = self._get("/access/permissions", lambda: self._api.access.permissions.get(path=path))
+        privileges = perms.get(path) if isinstance(perms, dict) else None
+        return privileges.get(privilege) if isinstance(privileges, dict) else None
+
     def check_privileges(self) -> None:
-        perms = self._get("/access/permissions", lambda: self._api.access.permissions.get(path="/vms"))
-        privileges = perms.get("/vms") if isinstance(perms, dict) else None
-        flag = privileges.get("VM.Audit") if isinstance(privileges, dict) else None
+        flag = self._privilege("/vms", "VM.Audit")
         if flag is None:
             raise InventoryError(
                 "privilege",
@@ -306,9 +311,7 @@ class ProxmoxInventory:
         after :meth:`check_privileges` (VM.Audit propagated from ``/vms``), which every
         :meth:`read` does.  HTTP and connection errors raise InventoryError.
         """
-        perms = self._get("/access/permissions", lambda: self._api.access.permissions.get(path="/access"))
-        privileges = perms.get("/access") if isinstance(perms, dict) else None
-        if not isinstance(privileges, dict) or privileges.get("Sys.Audit") is None:
+        if self._privilege("/access", "Sys.Audit") is None:
             return AclProof(None, "the token lacks Sys.Audit on /access, so it would see only part of "
                                   "the ACL list (grant PVEAuditor on /, see docs/install.md)")
         return parse_acl(self._get("/access/acl", lambda: self._api.access.acl.get()))
