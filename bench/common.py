@@ -127,6 +127,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def seed_scene(workdir: Path) -> tuple[Any, str]:
+    """The demo's seed scene: a started simulator with its guests, and the URL of a SQLite
+    platform database in ``workdir`` holding its rows."""
+    from receiver.fakepve import ProxmoxSimulator
+    from receiver.scene import load_into, seed_database
+    from receiver.table import make_engine
+
+    db_url = f"sqlite:///{workdir / 'platform.db'}"
+    engine = make_engine(db_url)
+    seed_database(engine)
+    engine.dispose()
+    sim = ProxmoxSimulator().start()
+    load_into(sim, "seed")
+    return sim, db_url
+
+
 class Receiver:
     """``pve-janitor serve`` in a subprocess, pointed at a simulator and a database.
 

@@ -25,10 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import HOOK, Receiver, free_port, median
-from receiver.fakepve import ProxmoxSimulator
-from receiver.scene import load_into, seed_database
-from receiver.table import make_engine
+from bench.common import HOOK, Receiver, free_port, median, seed_scene
 
 PY = "/usr/bin/python3"
 TIMEOUT = 2.0
@@ -48,12 +45,7 @@ def measure(runs_up: int = 30, runs_down: int = 10) -> dict[str, float]:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pve-janitor-hook-") as tmp:
         tmp_path = Path(tmp)
-        db_url = f"sqlite:///{tmp_path / 'platform.db'}"
-        engine = make_engine(db_url)
-        seed_database(engine)
-        engine.dispose()
-        sim = ProxmoxSimulator().start()
-        load_into(sim, "seed")
+        sim, db_url = seed_scene(tmp_path)
         receiver = Receiver(tmp_path, sim, db_url)
         hole = socket.socket()
         hole.bind(("127.0.0.1", 0))

@@ -15,22 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Receiver
-from receiver.fakepve import ProxmoxSimulator
-from receiver.scene import load_into, seed_database
-from receiver.table import make_engine
+from bench.common import Receiver, seed_scene
 
 PATHS = ("/cluster/tasks", "/cluster/resources", "/access/permissions", "/cluster/nextid")
 
 
 def measure(seconds: float = 60.0) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pve-janitor-idle-") as workdir:
-        db_url = f"sqlite:///{Path(workdir) / 'platform.db'}"
-        engine = make_engine(db_url)
-        seed_database(engine)
-        engine.dispose()
-        sim = ProxmoxSimulator().start()
-        load_into(sim, "seed")
+        sim, db_url = seed_scene(Path(workdir))
         receiver = Receiver(Path(workdir), sim, db_url)
         try:
             receiver.wait_for_log("sweep ", timeout=30)
