@@ -211,7 +211,7 @@ def _peak_rss_mb() -> float:
 def child(args: dict[str, Any]) -> dict[str, Any]:
     from sqlalchemy import event
 
-    import receiver.sweep as sweep_module
+    import receiver.removal as removal_module
     from receiver.config import load_settings
     from receiver.runtime import Runtime
 
@@ -254,11 +254,10 @@ def child(args: dict[str, Any]) -> dict[str, Any]:
         setattr(owner, name, wrapper)
 
     timed(runtime.table, "fetch_rows", "table_read_s")
-    timed(runtime.sweeper, "read_inventory", "inventory_reads_s")
-    if getattr(runtime.sweeper, "vmid_in_use", None) is not None:
-        timed(runtime.sweeper, "vmid_in_use", "vmid_checks_s")
-    timed(sweep_module, "make_plan", "plan_s")
-    timed(sweep_module, "apply_actions", "apply_s")
+    timed(runtime.inventory, "read", "inventory_reads_s")
+    timed(runtime.inventory, "vmid_in_use", "vmid_checks_s")
+    timed(removal_module, "make_plan", "plan_s")
+    timed(removal_module, "apply_actions", "apply_s")
 
     statements.clear()
     rss_before = _peak_rss_mb()

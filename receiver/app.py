@@ -28,6 +28,7 @@ from .history import audit_entries
 from .inbox import Event, Inbox
 from .metrics import CONTENT_TYPE, Metrics
 from .runtime import Runtime
+from .safety import Refusal
 from .sweep import FAILED, REFUSED
 from .table import describe_db_error
 from .timeutil import utcnow
@@ -181,12 +182,23 @@ def stats() -> Response:
         "watched_vmids": watched,
         "inbox_backlog": j.inbox.backlog(),
         "last_event_per_node": j.inbox.last_event_per_node(),
-        "last_sweep": {k: last[k] for k in ("outcome", "reason", "duration_s", "finished_at", "source")}
-        if last else None,
+        "last_sweep": {**{k: last[k] for k in ("outcome", "reason", "duration_s", "finished_at", "source")},
+                       "refusal": _refusal_word(last)} if last else None,
+        # Ghosts' VMIDs held by guests the token cannot see (rows kept): last sweep, watcher.
+        "hidden_guests": sorted(set(j.runtime.sweeper.last_hidden)
+                                | set((status or {}).get("hidden_guests") or ())),
         "sweep_running": j.runtime.sweeper.busy,
         "leader": bool(status and status.get("leader")),
         "watcher": {k: status.get(k) for k in ("alive", "last_tick", "last_error")} if status else None,
     })
+
+
+def _refusal_word(run: dict[str, Any]) -> str | None:
+    """The refusal word of a refused or failed run (its reason starts with it, see Sweeper._record)."""
+    if run.get("outcome") not in (REFUSED, FAILED):
+        return None
+    word = (run.get("reason") or "").split(":", 1)[0]
+    return word if word in {r.value for r in Refusal} else None
 
 
 @api.post("/api/v1/system/cleanup/run")

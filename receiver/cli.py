@@ -16,11 +16,12 @@ import click
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
-from .inventory import InventoryError
+from .inventory import Inventory, InventoryError
 from .history import audit_entries
 from .logs import setup_logging
 from .restore import AuditNotFound, RestoreRefused, restore
 from .runtime import Runtime
+from .safety import hidden_guests, vmid_column_problem
 from .sweep import SweepResult
 from .table import DatabaseError
 from .timeutil import utcnow
@@ -91,7 +92,8 @@ def serve(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Plan and report; change nothing.")
-@click.option("--force", is_flag=True, help="Lift the deletion-percentage guard (only that one).")
+@click.option("--force", is_flag=True, help="Lift the deletion-percentage guard and the would-empty-table "
+              "guard (only those two).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan and result as JSON.")
 @click.pass_context
 def sweep(ctx: click.Context, dry_run: bool, force: bool, as_json: bool) -> None:
@@ -148,6 +150,9 @@ def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -
             echo(f"  row {action.row.key} (VMID {action.row.vmid}): {why}")
     if result.dropped:
         echo(f"Dropped, guest is back: {', '.join(map(str, result.dropped))}")
+    if result.hidden:
+        echo(f"Kept, hidden_guest (in use in Proxmox, not shown to the token): "
+             f"{', '.join(map(str, result.hidden))}")
     echo(result.summary())
 
 
@@ -175,18 +180,23 @@ def check(ctx: click.Context) -> None:
                            f"interval {settings.interval_minutes} min, dry run {settings.dry_run}")
     try:
         runtime = Runtime.build(settings)
+        rows = runtime.table.fetch_rows()
         line(True, "database", f"{runtime.engine.dialect.name}, table {settings.table!r} with "
-                               f"{runtime.table.count()} rows and every mapped column")
+                               f"{len(rows)} rows and every mapped column")
     except (ConfigError, DatabaseError) as exc:
         for problem in getattr(exc, "problems", [str(exc)]):
             line(False, "database", problem)
         sys.exit(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_REFUSED)
+    problem = vmid_column_problem(rows)
+    line(problem is None, "mapping", problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs")
     try:
         version = runtime.inventory.version()
         line(True, "proxmox", f"{settings.pve_host}:{settings.pve_port} answers, "
                               f"version {version.get('version', '?')}")
         runtime.inventory.check_privileges()
         line(True, "privileges", "the token holds VM.Audit on /vms")
+        runtime.inventory.check_quorum()
+        line(True, "quorum", "the answering node is quorate (or standalone)")
         inventory = runtime.inventory.read()
         line(True, "inventory", f"{len(inventory.guests)} guests in {inventory.read_seconds:.2f} s")
         proof = runtime.inventory.acl_proof()
@@ -195,9 +205,20 @@ def check(ctx: click.Context) -> None:
         else:  # safe, only slower: not a failure
             click.echo(f"WARN    acl: {proof.reason}; sweeps and the watcher will make one "
                        "/cluster/nextid request per ghost")
+        hidden = _hidden_guests(runtime, rows, inventory, proof.hideable)
+        if hidden:
+            click.echo(f"WARN    hidden_guest: VMIDs {', '.join(map(str, hidden))} have rows and are in use in "
+                       "Proxmox, but the token is not shown those guests (an ACL hides them); their rows are "
+                       "kept and reported")
     except InventoryError as exc:
-        line(False, "proxmox", str(exc))
+        line(False, "quorum" if exc.kind == "no_quorum" else "proxmox", str(exc))
     sys.exit(EXIT_REFUSED if failed else EXIT_OK)
+
+
+def _hidden_guests(runtime: Runtime, rows: list, inventory: Inventory, hideable: frozenset[int] | None) -> list[int]:
+    """Rows' VMIDs missing from the guest list that Proxmox says are in use (an ACL hides the guest)."""
+    missing = {r.vmid for r in rows if r.vmid is not None and r.vmid not in inventory}
+    return hidden_guests(missing, hideable, runtime.inventory.vmid_in_use)
 
 
 # --- history / restore -----------------------------------------------------

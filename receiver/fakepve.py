@@ -27,6 +27,13 @@ What it fakes, each point traced to /work/shared/PROXMOX.md (cited as "PX: <sect
   caller who may modify no ACL (the task list is not filtered for it).  ``add_acl`` lists
   more entries without changing what the token sees; ``set_acl_fault(status)`` makes only
   ``/access/acl`` fail;
+* quorum (pve-cluster ``status.c``; pve-manager ``API2/Cluster.pm`` ``get_status``):
+  ``GET /cluster/status`` with the cluster entry (``quorate``) and one entry per node
+  (403 without Sys.Audit on ``/``); ``set_quorate(False)`` cuts the answering node off:
+  reads never check quorum, so ``/cluster/resources`` and ``/cluster/nextid`` keep
+  answering from the guest list as it was at that moment, while guests are still
+  created, changed and destroyed on the quorate side; ``standalone=True`` has no
+  cluster entry at all;
 * offline nodes: guests still listed with ``status: unknown`` and no ``name``,
   ``/nodes/<node>/...`` failing with HTTP 595 (PX: API);
 * hookscripts run as Proxmox runs them: ``<script> <vmid> <phase>``, no shell, a
@@ -42,6 +49,7 @@ read-only over HTTP, like the PVEAuditor token pve-janitor uses.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import importlib
@@ -416,6 +424,9 @@ class ProxmoxSimulator:
         self._vm_audit = True
         self._vm_audit_propagates = True
         self._sys_audit = True
+        self._sys_audit_access = True  # Sys.Audit on /access (the ACL list), see set_sys_audit
+        self.standalone = False
+        self._stale: Optional[dict] = None  # the answering node's guest list while it has no quorum
         # Bumped by every change /cluster/resources?type=vm can show (see _changed).
         self._version = 0
         self._vm_answer: Optional[tuple] = None  # ((version, stats time), encoded answer)
@@ -822,11 +833,33 @@ class ProxmoxSimulator:
         """
         self._version += 1
 
-    def set_sys_audit(self, allowed: bool) -> None:
+    def set_sys_audit(self, allowed: bool, only_access: bool = False) -> None:
         """Without Sys.Audit (as with a role holding VM.Audit alone): ``/access/permissions``
-        lacks it and ``/access/acl`` answers 200 with an empty list (API2/ACL.pm)."""
+        lacks it, ``/access/acl`` answers 200 with an empty list (API2/ACL.pm) and
+        ``/cluster/status`` 403.  ``only_access``: take it away on ``/access`` alone (an ACL
+        entry on ``/access`` with a role without Sys.Audit replaces the one from ``/``)."""
         with self._lock:
-            self._sys_audit = bool(allowed)
+            self._sys_audit_access = bool(allowed)
+            if not only_access:
+                self._sys_audit = bool(allowed)
+
+    def set_quorate(self, quorate: bool) -> None:
+        """Cut the answering node off from the quorate partition (False), or bring it back.
+
+        While cut off, it answers reads from its own copy of the guest list as it was when it
+        lost quorum (pve-cluster ``status.c``: reads never check quorum); the other side goes
+        on creating and destroying guests, which this node does not see.
+        """
+        with self._lock:
+            if not quorate and self._stale is None:
+                self._stale = {v: copy.copy(g) for v, g in self._guests.items()}
+            elif quorate:
+                self._stale = None
+            self._changed()
+
+    @property
+    def quorate(self) -> bool:
+        return self._stale is None
 
     def add_acl(self, path: str, roleid: str, ugid: Optional[str] = None, type: str = "token",  # noqa: A002
                 propagate: bool = True) -> None:
@@ -934,8 +967,12 @@ class ProxmoxSimulator:
     def _can_see(self, vmid: int) -> bool:
         return self._vm_audit and self._vm_audit_propagates and (self._visible is None or vmid in self._visible)
 
+    def _known_guests(self) -> dict:
+        """The guests the answering node knows of: all, or its stale copy while it has no quorum."""
+        return self._guests if self._stale is None else self._stale
+
     def _visible_guests(self) -> list:
-        return [g for _, g in sorted(self._guests.items()) if self._can_see(g.vmid)]
+        return [g for _, g in sorted(self._known_guests().items()) if self._can_see(g.vmid)]
 
     # ------------------------------------------------------------------ routes
 
@@ -1093,11 +1130,27 @@ class ProxmoxSimulator:
         """PX: API, /cluster/nextid -- the lowest free VMID >= 100, as a string."""
         wanted = _query_value(query, "vmid")
         if wanted is not None:
-            if not wanted.isdigit() or int(wanted) in self._guests:
+            if not wanted.isdigit() or int(wanted) in self._known_guests():
                 raise _ApiError(400, "Parameter verification failed.",
                                 {"vmid": "VM %s already exists" % wanted})
             return str(int(wanted))
-        return str(lowest_free_vmid(self._guests))
+        return str(lowest_free_vmid(self._known_guests()))
+
+    def _api_cluster_status(self, query):
+        """PX: API, /cluster/status (pve-manager ``API2/Cluster.pm`` ``get_status``): needs
+        Sys.Audit on ``/``; a cluster entry with ``quorate`` (none on a standalone node) and
+        one entry per node, the answering one with ``local: 1``."""
+        if not self._sys_audit:
+            raise _ApiError(403, "Permission check failed (/, Sys.Audit)")
+        entries = []
+        if not self.standalone:
+            entries.append({"type": "cluster", "id": "cluster", "name": "sim", "nodes": len(self.nodes),
+                            "quorate": 1 if self._stale is None else 0, "version": len(self.nodes) + 1})
+        for i, node in enumerate(self.nodes[:1] if self.standalone else self.nodes):
+            entries.append({"type": "node", "id": "node/%s" % node, "name": node, "nodeid": i + 1,
+                            "ip": "192.0.2.%d" % (i + 1), "local": 1 if i == 0 else 0,
+                            "online": 1 if self._online[node] else 0, "level": ""})
+        return entries
 
     def _api_permissions(self, query):
         """PX: API -- a token may read its own privileges; PVEAuditor has VM.Audit + Sys.Audit."""
@@ -1118,7 +1171,8 @@ class ProxmoxSimulator:
             privileges.pop("VM.Audit")
         elif not self._vm_audit_propagates and path == "/vms":
             privileges["VM.Audit"] = 0
-        if not self._sys_audit:
+        if not (self._sys_audit_access if path == "/access" or path.startswith("/access/")
+                else self._sys_audit):
             privileges.pop("Sys.Audit")
         return privileges
 
@@ -1130,7 +1184,7 @@ class ProxmoxSimulator:
         ``/access``; to others only entries where they may modify permissions (none here)."""
         if self._acl_fault is not None:
             raise _ApiError(self._acl_fault, "simulated failure reading the ACL")
-        if not self._sys_audit:
+        if not self._sys_audit_access:
             return []
         token = self.token_id
 
@@ -1151,6 +1205,7 @@ _ROUTES: list = [
         (r"/cluster/resources", "_api_resources"),
         (r"/cluster/tasks", "_api_tasks"),
         (r"/cluster/nextid", "_api_nextid"),
+        (r"/cluster/status", "_api_cluster_status"),
         (r"/access/permissions", "_api_permissions"),
         (r"/access/acl", "_api_acl"),
         (r"/nodes", "_api_nodes"),

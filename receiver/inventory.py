@@ -1,11 +1,14 @@
 """What exists in the cluster, read through the Proxmox API (read-only).
 
-One read is two calls: ``GET /access/permissions?path=/vms`` (a token without
+One read is three calls: ``GET /access/permissions?path=/vms`` (a token without
 ``VM.Audit`` gets an *empty list*, not an error, from the list endpoints, so the
-privilege is checked first) and ``GET /cluster/resources?type=vm``, which lists
+privilege is checked first), ``GET /cluster/resources?type=vm``, which lists
 every guest of the cluster in one answer, offline nodes' guests included (with
-status ``unknown``).  Anything less than a complete, sure answer raises
-:class:`InventoryError`; callers then delete nothing.
+status ``unknown``), and ``GET /cluster/status``: a node cut off from the quorate
+part of the cluster still answers reads, from its own stale copy of the guest list
+(PROXMOX.md, "Quorum"), so a read counts only when that node is quorate.  Anything
+less than a complete, sure answer raises :class:`InventoryError`; callers then
+delete nothing.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ class InventoryError(Exception):
     """The inventory could not be read completely and surely.
 
     ``kind`` is a short machine word (unreachable, timeout, http, auth,
-    privilege, malformed) used in stats and metrics; the message says what
+    privilege, malformed, no_quorum) used in stats and metrics; the message says what
     happened without any secret.
     """
 
@@ -171,6 +174,8 @@ def parse_acl(entries: object) -> AclProof:
         role = entry.get("roleid") if isinstance(entry, dict) else None
         if not isinstance(path, str) or not isinstance(role, str):
             return AclProof(None, "/access/acl listed an entry without path or role")
+        if not path.startswith("/"):
+            return AclProof(None, f"/access/acl listed an entry on {path!r}, not an absolute path")
         if path.startswith("/vms/"):
             tail = path[len("/vms/"):]
             if not (tail.isascii() and tail.isdigit()):
@@ -221,6 +226,8 @@ class ProxmoxInventory:
             raise InventoryError("tls", f"{what}: {type(exc).__name__}: {exc.strerror or exc}") from None
         except ValueError:
             raise InventoryError("malformed", f"{what}: the answer is not JSON") from None
+        except KeyError:  # proxmoxer: a JSON answer without "data"
+            raise InventoryError("malformed", f"{what}: the answer has no 'data'") from None
 
     def _privilege(self, path: str, privilege: str) -> object:
         """The token's ``privilege`` on ``path`` as ``/access/permissions`` gives it: its propagate
@@ -247,12 +254,42 @@ class ProxmoxInventory:
                 "on / with propagation, see docs/install.md)",
             )
 
+    def check_quorum(self) -> None:
+        """Raise InventoryError (``no_quorum``) unless the answering node is in a quorate cluster.
+
+        ``/cluster/status`` has one ``{"type": "cluster", "quorate": 0|1}`` entry in a
+        cluster and none on a standalone node, which is quorate by itself.  It needs
+        Sys.Audit on ``/`` (pve-manager ``API2/Cluster.pm``): without it quorum cannot be
+        known, and a read that may be stale is not acted on.
+        """
+        try:
+            status = self._get("/cluster/status", lambda: self._api.cluster.status.get())
+        except InventoryError as exc:
+            if exc.kind == "privilege":
+                raise InventoryError("privilege", "/cluster/status: HTTP 403, quorum cannot be checked without "
+                                     "Sys.Audit on / (grant PVEAuditor on /, see docs/install.md)") from None
+            raise
+        if not isinstance(status, list) or not all(isinstance(e, dict) for e in status):
+            raise InventoryError("malformed", "/cluster/status: unexpected answer")
+        clusters = [e for e in status if e.get("type") == "cluster"]
+        if not clusters:
+            return  # a standalone node
+        quorate = clusters[0].get("quorate")
+        if quorate is True or (type(quorate) is int and quorate == 1):
+            return
+        local = next((e.get("name") for e in status if e.get("type") == "node" and e.get("local")), None)
+        raise InventoryError("no_quorum", f"the answering node{' ' + str(local) if local else ''} is not "
+                             "quorate: its guest list may be stale, so nothing is removed until quorum is back")
+
     def read(self) -> Inventory:
         started = time.monotonic()
         outcome = "error"
         try:
             self.check_privileges()
             guests = parse_guests(self._get("/cluster/resources", self._guest_answer))
+            # After the list: a node that lost quorum before or while answering is caught
+            # unless quorum came back within these milliseconds.
+            self.check_quorum()
             outcome = "ok"
         finally:
             elapsed = time.monotonic() - started

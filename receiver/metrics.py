@@ -30,11 +30,20 @@ class Metrics:
                                   registry=r)
         self.watcher_errors = Counter("pve_janitor_watcher_errors", "Watcher ticks that could not complete, "
                                       "by kind", ["kind"], registry=r)
+        self.refusals = Counter("pve_janitor_refusals", "Removals refused for safety (nothing changed), by "
+                                "reason (inventory, privilege, no_quorum, empty_inventory, guard, would_empty, "
+                                "database, lease) and source", ["reason", "source"], registry=r)
+        self.hidden_guests = Gauge("pve_janitor_hidden_guests", "Ghosts' VMIDs that Proxmox says are in use "
+                                   "although the token was not shown the guest (rows kept), at the last removal",
+                                   ["source"], registry=r)
         self.leader = Gauge("pve_janitor_leader", "1 when this receiver holds the sweep lease", registry=r)
 
     def removal(self, reason: str, source: str, n: int = 1) -> None:
         if n:
             self.removals.labels(reason=reason, source=source).inc(n)
+
+    def refusal(self, reason: str, source: str) -> None:
+        self.refusals.labels(reason=reason, source=source).inc()
 
     def sweep(self, outcome: str) -> None:
         self.sweeps.labels(outcome=outcome).inc()

@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import store
 from .config import Settings, require
-from .inventory import Inventory, ProxmoxInventory
+from .inventory import ProxmoxInventory
 from .sweep import Sweeper
 from .table import DatabaseError, PlatformTable, make_engine
 
@@ -39,9 +39,4 @@ class Runtime:
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot create pve-janitor's tables: {type(exc).__name__}") from None
         inventory = inventory or ProxmoxInventory(settings, on_read=on_read)
-        return cls(settings, engine, table, inventory,
-                   Sweeper(settings, table, inventory.read, vmid_in_use=inventory.vmid_in_use,
-                           hideable_vmids=inventory.hideable_vmids))
-
-    def read_inventory(self) -> Inventory:
-        return self.inventory.read()
+        return cls(settings, engine, table, inventory, Sweeper(settings, table, inventory))

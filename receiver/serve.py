@@ -35,6 +35,10 @@ CHANNEL_TIMEOUT_S = 30  # an idle or trickling client is dropped after this
 
 def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
     metrics.sweep(result.outcome)
+    if result.refusal is not None:
+        metrics.refusal(str(result.refusal), "sweep")
+    if result.outcome not in ("disabled", "dry_run") or result.hidden:
+        metrics.hidden_guests.labels(source="sweep").set(len(result.hidden))
     if result.applied:
         for reason in (GHOST, OLD_ERROR):
             metrics.removal(reason, source, sum(1 for a in result.applied.applied if a.reason == reason))

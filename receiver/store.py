@@ -102,6 +102,8 @@ watch = sa.Table(
     sa.Column("since", UTCDateTime, nullable=False),
     sa.Column("until", UTCDateTime, nullable=False),
     sa.Column("hint", sa.String(16), nullable=False),  # stop event or destroy task
+    # No longer read: the removal pipeline confirms with a read of its own.  Dropped with the
+    # first schema migration.
     sa.Column("missing_reads", sa.Integer, nullable=False, server_default="0"),
 )
 

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from .config import ConfigError, Settings, redact_url
+from .inventory import VMID_MAX, VMID_MIN
 from .plan import Row
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class PlatformTable:
         def make(t: Sequence[Any]) -> Row:
             raw_vmid = t[i_vmid]
             vmid, problem = raw_vmid, None
-            if type(raw_vmid) is not int:
+            if type(raw_vmid) is not int or not VMID_MIN <= raw_vmid <= VMID_MAX:
                 try:
                     vmid = as_vmid(raw_vmid)
                 except ValueError as exc:
@@ -315,26 +316,32 @@ def bind_limit(engine: Engine) -> int:
 
 
 def as_vmid(value: Any) -> int | None:
-    """The VMID in a table value; None for NULL; ValueError for anything not a whole number.
+    """The VMID in a table value; None for NULL; ValueError for anything that cannot be a VMID.
 
-    A VMID column may be an integer, a float or decimal column, or text; a value
-    like ``'ct101'`` or ``101.5`` must never read as "this row has no guest".
+    A VMID column may be an integer, a float or decimal column, or text; a value like
+    ``'ct101'`` or ``101.5`` must never read as "this row has no guest", and neither may a
+    number Proxmox never gives a guest (below 100, above 999999999): a VMID mapped to the
+    wrong column (``id``: 1, 2, 3 ...) would otherwise make every row a ghost.
     """
     if value is None:
         return None
     if isinstance(value, bool):
         raise ValueError(f"VMID {value!r} is not a number")
     if isinstance(value, int):
-        return value
-    if isinstance(value, (float, Decimal)):
-        if value == value and value == int(value):
-            return int(value)
-        raise ValueError(f"VMID {value!r} is not a whole number")
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    text = text.strip()
-    if text.isascii() and text.isdigit():
-        return int(text)
-    raise ValueError(f"VMID {value!r} is not a whole number")
+        number = value
+    elif isinstance(value, (float, Decimal)):
+        if not (value == value and value not in (float("inf"), float("-inf")) and value == int(value)):
+            raise ValueError(f"VMID {value!r} is not a whole number")
+        number = int(value)
+    else:
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        text = text.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError(f"VMID {value!r} is not a whole number")
+        number = int(text)
+    if not VMID_MIN <= number <= VMID_MAX:
+        raise ValueError(f"VMID {value!r} is outside Proxmox's range {VMID_MIN}-{VMID_MAX}")
+    return number
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:

@@ -5,11 +5,11 @@ may be about to disappear", so its VMID goes on a watch list (in the
 database: it survives restarts and fail-over).  Every tick reads the inventory
 ONCE for all watched VMIDs, however many there are:
 
-* gone on two consecutive reads: its rows go through the sweep's planner and
-  apply path (grace period, protected statuses, audit, observed-value guard),
-  with source ``event``.  A tick that finds a watched guest missing for the first
-  time brings the next tick forward to half an interval, so the confirming read
-  comes 0.5 s later rather than 1 s (see ``_loop``);
+* missing from the read: its rows go through the removal pipeline
+  (:mod:`receiver.removal`), as the sweep's do, with source ``event``: the rows are
+  read, planned against this read (grace period, protected statuses), and removed
+  only after a confirming read that started after the rows were read (and the
+  checks for guests an ACL hides), guarded by the values observed;
 * stopped: rows in the running status are set to ``CLEANUP_STOP_STATUS`` (and
   remembered, so a start can set them back);
 * running again after having been seen stopped, or a start event: off the
@@ -32,23 +32,21 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from . import store
-from .apply import ApplyConflict, apply_actions
+from .apply import ApplyConflict
 from .inbox import START_PHASES, STOP_PHASES, Inbox
 from .inventory import DESTROY_TASK_TYPES, Inventory, InventoryError
 from .lease import Lease
 from .metrics import Metrics
-from .plan import GHOST, make_plan
+from .plan import GHOST
+from .removal import DRY_RUN, FAILED, REFUSED, Removal
 from .runtime import Runtime
-from .sweep import guard_tripped
 from .table import DatabaseError, chunks, describe_db_error, write_transaction
 from .timeutil import isoformat, utcnow
 
 logger = logging.getLogger(__name__)
 
-CONFIRMING_READS = 2
 GAP_SWEEP_SECONDS = 30.0
 DRAIN_GATHER_SECONDS = 0.05
-CONFIRM_AFTER_TICKS = 0.5  # the confirming read, in ticks after a read that found a guest missing
 
 
 class Watcher:
@@ -76,10 +74,8 @@ class Watcher:
         self.last_tick: datetime | None = None
         self.last_error: str | None = None
         self.ticks = 0
-        self.confirm_soon = False  # the last tick found a watched guest missing for the first time
-        # What the ACL list proved right after the last inventory read, and which VMIDs that
-        # read missed: (missed, hideable VMIDs or None for "any", or the error reading it).
-        self._acl_after_last_read: tuple[frozenset[int], frozenset[int] | None | InventoryError] | None = None
+        self.hidden: list[int] = []  # watched VMIDs held by a guest the token cannot see
+        self.removal = Removal(self.settings, runtime.table, runtime.inventory, clock=clock)
 
     # --- thread ----------------------------------------------------------------
 
@@ -125,11 +121,6 @@ class Watcher:
                 started = time.monotonic()
                 next_tick = started + interval
                 self.tick()
-                if self.confirm_soon:
-                    # Two consecutive complete reads still decide; only the second comes sooner.
-                    # A whole tick apart, destroy -> row gone took up to 2 ticks plus the work
-                    # (p95 1.95 s + the API read with a 1 s tick, against a goal of 2 s).
-                    next_tick = started + interval * CONFIRM_AFTER_TICKS
                 if self._next_task_poll > started:
                     # The task poll keeps its own period: a tick comes when it is due.  Waiting for
                     # the next regular tick made it up to a tick late once ticks were brought
@@ -146,6 +137,7 @@ class Watcher:
             "alive": self.alive(),
             "last_tick": isoformat(self.last_tick),
             "last_error": self.last_error,
+            "hidden_guests": list(self.hidden),
         }
 
     def _error(self, kind: str, message: str) -> None:
@@ -164,7 +156,6 @@ class Watcher:
         now = self.clock()
         self.last_tick = now
         self.ticks += 1
-        self.confirm_soon = False
         if self.lease is not None:
             self.leader = self.lease.acquire()
             self.metrics.leader.set(1 if self.leader else 0)
@@ -274,7 +265,6 @@ class Watcher:
         self.metrics.watched.set(len(watched))
         if not watched:
             return
-        acl_before, self._acl_after_last_read = self._acl_after_last_read, None
         try:
             inventory = self.runtime.inventory.read()
         except InventoryError as exc:
@@ -287,34 +277,22 @@ class Watcher:
             return
         self.last_error = None
 
-        gone, stopped, running_again, missing_counts = [], [], [], {}
-        for vmid, row in watched.items():
+        missing, stopped, running_again = [], [], []
+        for vmid in watched:
             guest = inventory.get(vmid)
             if guest is None:
-                missing_counts[vmid] = row["missing_reads"] + 1
-                if missing_counts[vmid] >= CONFIRMING_READS:
-                    gone.append(vmid)
+                missing.append(vmid)
                 continue
-            if row["missing_reads"]:
-                missing_counts[vmid] = 0
             if guest.status == "stopped":
                 stopped.append(vmid)
             elif guest.status == "running" and self._last_status.get(vmid) == "stopped":
                 running_again.append(vmid)
             self._last_status[vmid] = guest.status
-        self.confirm_soon = any(count == 1 for count in missing_counts.values())
 
-        gone = self._confirmed_free(gone, acl_before)
-        if gone and self.lease is not None and not self.lease.still_held():
-            self._error("lease", "this tick outlasted the lease: nothing removed, another receiver may lead now")
-            gone = []
-        removed_vmids = self._remove_gone(gone, now) if gone else set()
+        settled = self._remove_missing(missing, inventory) if missing else set()
         with write_transaction(self.runtime.engine) as conn:
             w = store.watch
-            for vmid, count in missing_counts.items():
-                if vmid not in removed_vmids:
-                    conn.execute(w.update().where(w.c.vmid == vmid).values(missing_reads=count))
-            done = sorted(removed_vmids | set(running_again))
+            done = sorted(settled | set(running_again))
             for part in chunks(done):
                 conn.execute(w.delete().where(w.c.vmid.in_(part)))
             for vmid in running_again:
@@ -324,79 +302,43 @@ class Watcher:
                 self._mark_stopped(conn, stopped, now)
         self.watched = sorted(set(watched) - set(done))
         self.metrics.watched.set(len(self.watched))
-        missed = frozenset(v for v, count in missing_counts.items() if count and v not in removed_vmids)
-        if missed:
-            self._acl_after_last_read = (missed, self._read_acl_proof())
 
-    def _read_acl_proof(self) -> frozenset[int] | None | InventoryError:
-        try:
-            return self.runtime.inventory.hideable_vmids()
-        except InventoryError as exc:
-            return exc
+    def _remove_missing(self, vmids: list[int], inventory: Inventory) -> set[int]:
+        """Send the rows of VMIDs this tick's read did not list through the removal pipeline.
 
-    def _confirmed_free(self, gone: list[int], acl_before: tuple | None) -> list[int]:
-        """The gone VMIDs that Proxmox confirms are free; the others stay watched.
-
-        A guest missing from a partial list (an ACL hiding it from the token) still
-        holds its VMID.  ``acl_before`` is what the ACL list proved right after the
-        previous read (:meth:`_check_watched` reads it whenever a watched guest is
-        missing): which VMIDs an ACL could hide; only those are asked about one by one.
-        Read between the two reads a removal rests on, it cannot miss an entry removed
-        in between (the guest would show up in the second read).  A VMID that read did
-        not miss (this process just took the lead) is asked about in any case.  If the
-        list or a check could not be read, nothing is removed this tick.
+        The pipeline reads their rows, plans them against this read and, before removing
+        anything, reads the guest list again (the confirming read starts after the rows
+        were read) and asks about guests an ACL could hide.  Returns the VMIDs that are
+        settled: no row of theirs is left that the pipeline kept (young, protected, changed
+        since planning, guest back or hidden).  Kept ones stay watched: the grace period may
+        end before the watch does; the sweep is the safety net.
         """
-        if not gone:
-            return gone
-        missed_before, hideable = acl_before if acl_before is not None else (frozenset(), None)
-        if isinstance(hideable, InventoryError):
-            self._error(hideable.kind, f"could not confirm that VMIDs {gone} are free, nothing removed: {hideable}")
-            return []
-        inventory = self.runtime.inventory
-        suspects = [v for v in gone if hideable is None or v not in missed_before or v in hideable]
-        try:
-            hidden = [v for v in suspects if inventory.vmid_in_use(v)]
-        except InventoryError as exc:
-            self._error(exc.kind, f"could not confirm that VMIDs {gone} are free, nothing removed: {exc}")
-            return []
-        if hidden:
-            self._error("partial_inventory", f"Proxmox says VMIDs {hidden} are in use but did not list them: "
-                                             "the token sees a partial inventory; their rows are kept")
-        return [v for v in gone if v not in hidden]
-
-    def _remove_gone(self, vmids: list[int], now: datetime) -> set[int]:
-        """Remove the rows of guests gone on two reads; return the VMIDs that are settled.
-
-        The sweep's percentage guard holds here too: a burst of stops followed by a
-        half-empty guest list must not empty the table.  The sweep (``--force``) decides then.
-        """
-        rows = self.runtime.table.fetch_rows(vmids=vmids)
-        total = self.runtime.table.count()
-        if guard_tripped(len(rows), total, self.settings):
-            self._error("guard", f"{len(rows)} of {total} rows would go at once, more than "
-                                 f"CLEANUP_MAX_DELETE_PERCENT={self.settings.max_delete_percent}%: nothing "
-                                 "removed by the watcher; check with `pve-janitor sweep --dry-run`")
+        result = self.removal.run(vmids=vmids, first=inventory, reasons=(GHOST,), dry_run=self.settings.dry_run,
+                                  source="event", may_apply=self._may_apply)
+        self.hidden = list(result.hidden)
+        self.metrics.hidden_guests.labels(source="watcher").set(len(result.hidden))
+        if result.outcome in (REFUSED, FAILED):
+            self._error(str(result.refusal or "internal"), f"nothing removed: {result.reason}")
+            if result.refusal is not None:
+                self.metrics.refusal(str(result.refusal), "watcher")
             return set()
-        plan = make_plan(rows, Inventory({}, now), now, self.settings)
-        actions = [a for a in plan.actions if a.reason == GHOST]
-        handled = {a.row.key for a in actions}
-        if actions and self.settings.dry_run:
-            for action in actions:
-                logger.info("DRY-RUN: watcher would %s row %s (VMID %s): %s", action.action, action.row.key,
-                            action.row.vmid, action.detail)
-        elif actions:
-            result = apply_actions(self.runtime.table, actions, source="event", now=now)
-            self.metrics.removal(GHOST, "event", len(result.applied))
-            for action in result.applied:
-                logger.info("watcher: %s row %s (VMID %s): %s", action.action, action.row.key,
-                            action.row.vmid, action.detail)
-            handled = {a.row.key for a in result.applied}
-        # A VMID stays watched while a row of it was kept (young, protected, changed since
-        # planning): the grace period may end before the watch does; the sweep is the safety net.
-        kept = {r.vmid for r in rows if r.key not in handled}
         for vmid in vmids:
             self._last_status.pop(vmid, None)
-        return set(vmids) - kept
+        plan = result.plan
+        if result.outcome == DRY_RUN and plan is not None:
+            for action in plan.actions:
+                logger.info("DRY-RUN: watcher would %s row %s (VMID %s): %s", action.action, action.row.key,
+                            action.row.vmid, action.detail)
+        elif result.applied is not None:
+            self.metrics.removal(GHOST, "event", len(result.applied.applied))
+            for action in result.applied.applied:
+                logger.info("watcher: %s row %s (VMID %s): %s", action.action, action.row.key,
+                            action.row.vmid, action.detail)
+        return set(vmids) - result.untouched_vmids
+
+    def _may_apply(self) -> bool:
+        """Right before a removal applies: is the lease still surely ours?"""
+        return self.lease is None or self.lease.still_held()
 
     def _mark_stopped(self, conn: sa.Connection, vmids: list[int], now: datetime) -> None:
         table = self.runtime.table

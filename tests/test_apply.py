@@ -114,7 +114,7 @@ def test_guest_back_before_the_confirming_read_is_not_removed(sim, sqlite_db):
         Inventory.of([Guest(100, "pve1", "lxc", "running")]),
         Inventory.of([Guest(100, "pve1", "lxc", "running"), Guest(201, "pve2", "lxc", "running")]),
     ])
-    runtime.sweeper.read_inventory = lambda: next(reads)
+    runtime.inventory.read = lambda: next(reads)
     result = runtime.sweeper.run(source="sweep")
     assert result.outcome == "done" and result.dropped == [201]
     assert table_vmids(sqlite_db) == [100, 201]

@@ -175,12 +175,13 @@ def test_check_reports_each_line(seed_sim, seeded):
     env = janitor_env(seed_sim, seeded)
     ok = run_cli(["check"], env)
     assert ok.code == 0, ok.out
-    assert [line.split()[0] for line in ok.out.splitlines()] == ["ok"] * 6
+    assert [line.split()[0] for line in ok.out.splitlines()] == ["ok"] * 8
     assert "Sys.Audit on /access" in ok.out.splitlines()[-1]
-    seed_sim.set_sys_audit(False)  # slower sweeps, not a failure
+    assert "quorate" in ok.out and "mapping" in ok.out
+    seed_sim.set_sys_audit(False, only_access=True)  # slower sweeps, not a failure
     slow = run_cli(["check"], env)
     assert slow.code == 0, slow.out
-    assert [line.split()[0] for line in slow.out.splitlines()] == ["ok"] * 5 + ["WARN"]
+    assert [line.split()[0] for line in slow.out.splitlines()] == ["ok"] * 7 + ["WARN"]
     assert "one /cluster/nextid request per ghost" in slow.out
     seed_sim.set_vm_audit(False)
     bad = run_cli(["check"], env)
@@ -244,67 +245,71 @@ def test_a_stale_acl_entry_on_a_ghost_costs_one_check(acl_world):
     assert sim.request_count("/cluster/nextid") == 1
 
 
-def test_a_guest_hidden_by_its_own_acl_refuses_and_only_it_is_asked_about(acl_world):
+def hidden_204_kept_and_ghosts_gone(db, code, result):
+    assert code == 0 and result["outcome"] == "done" and result["applied"] == 3, result
+    assert result["hidden_guests"] == [204]
+    assert [r["vmid"] for r in result["reports"] if r["kind"] == "hidden_guest"] == [204]
+    assert table_vmids(db) == list(GUESTS) and audit_count(db) == 3
+
+
+def test_a_guest_hidden_by_its_own_acl_keeps_its_row_and_only_it_is_asked_about(acl_world):
     sim, db, env = acl_world
     sim.set_visible(set(GUESTS) - {204})
-    before = snapshot(db)
     code, result = sweep_json(env)
-    assert code == 3 and result["refusal"] == "partial_inventory", result
-    assert "VMID 204" in result["reason"]
-    assert snapshot(db) == before and audit_count(db) == 0
+    hidden_204_kept_and_ghosts_gone(db, code, result)
     assert sim.request_count("/cluster/nextid") == 1  # four ghosts planned, one could be hidden
+    sim.reset_counts()
+    code, again = sweep_json(env)  # the hidden guest does not stop later sweeps either
+    assert code == 0 and again["outcome"] == "done" and again["hidden_guests"] == [204], again
 
 
 def test_a_pool_noaccess_proves_nothing_so_every_ghost_is_asked_about(acl_world):
     sim, db, env = acl_world
     sim.set_visible(set(GUESTS) - {204}, via="pool")
-    before = snapshot(db)
     code, result = sweep_json(env)
-    assert code == 3 and result["refusal"] == "partial_inventory", result
-    assert snapshot(db) == before and audit_count(db) == 0
+    hidden_204_kept_and_ghosts_gone(db, code, result)
     assert sim.request_count("/cluster/nextid") == 4
 
 
-def test_without_sys_audit_every_ghost_is_asked_about(acl_world):
+def test_without_sys_audit_on_access_every_ghost_is_asked_about(acl_world):
     sim, db, env = acl_world
-    sim.set_sys_audit(False)
+    sim.set_sys_audit(False, only_access=True)
     sim.set_visible(set(GUESTS) - {204})
-    before = snapshot(db)
     code, result = sweep_json(env)
-    assert code == 3 and result["refusal"] == "partial_inventory", result
-    assert snapshot(db) == before
+    hidden_204_kept_and_ghosts_gone(db, code, result)
     assert sim.request_count("/cluster/nextid") == 4
     assert sim.request_count("/access/acl") == 0
 
-    sim.set_visible(None)
-    sim.reset_counts()
-    code, result = sweep_json(env)
-    assert code == 0 and result["applied"] == 3, result
-    assert table_vmids(db) == list(GUESTS)
-    assert sim.request_count("/cluster/nextid") == 3
 
-
-def test_an_unreadable_acl_list_refuses_and_changes_nothing(acl_world):
+def test_without_sys_audit_on_root_quorum_is_unknown_and_nothing_goes(acl_world):
     sim, db, env = acl_world
-    sim.set_acl_fault(500)
+    sim.set_sys_audit(False)
     before = snapshot(db)
     code, result = sweep_json(env)
-    assert code == 3 and result["refusal"] == "inventory", result
-    assert "/access/acl" in result["reason"]
+    assert code == 3 and result["refusal"] == "privilege", result
+    assert "Sys.Audit on /" in result["reason"]
     assert snapshot(db) == before and audit_count(db) == 0
-    assert sim.request_count("/cluster/nextid") == 0
+
+
+def test_an_unreadable_acl_list_falls_back_to_asking_about_each_ghost(acl_world):
+    sim, db, env = acl_world
+    sim.set_acl_fault(500)
+    sim.set_visible(set(GUESTS) - {204})
+    code, result = sweep_json(env)
+    hidden_204_kept_and_ghosts_gone(db, code, result)
+    assert sim.request_count("/cluster/nextid") == 4
 
 
 def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_world):
     sim, db, _ = acl_world
     runtime = make_runtime(sim, db)
-    read, during = runtime.sweeper.read_inventory, []
+    read, during = runtime.inventory.read, []
 
     def read_and_look():
         during.append((gc.isenabled(), gc.get_freeze_count() > 0))
         return read()
 
-    runtime.sweeper.read_inventory = read_and_look
+    runtime.inventory.read = read_and_look
     assert gc.isenabled() and gc.get_freeze_count() == 0
     assert runtime.sweeper.run().outcome == "done"
     # Off while reading and planning; on for the confirming read and the apply (which may
@@ -316,13 +321,13 @@ def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_
         during.append((gc.isenabled(), gc.get_freeze_count() > 0))
         raise RuntimeError("a bug in a read")
 
-    runtime.sweeper.read_inventory = broken_read
+    runtime.inventory.read = broken_read
     with pytest.raises(RuntimeError):
         runtime.sweeper.run()
     assert during[-1] == (False, False) and gc.isenabled() and gc.get_freeze_count() == 0
     sim.stop_guest(200)
     sim.destroy_guest(200)  # a ghost again, for a confirming read that fails
-    runtime.sweeper.read_inventory = lambda: broken_read() if len(during) > 3 else read_and_look()
+    runtime.inventory.read = lambda: broken_read() if len(during) > 3 else read_and_look()
     with pytest.raises(RuntimeError):
         runtime.sweeper.run()
     assert during[-1] == (True, True) and gc.isenabled() and gc.get_freeze_count() == 0
@@ -331,11 +336,11 @@ def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_
 def test_an_acl_lifted_between_the_two_reads_cannot_let_a_hidden_guest_go(acl_world):
     # 204 runs, hidden by a NoAccess on /vms/204 in both reads; the ACL is lifted right after
     # the confirming read.  The list was read between the two reads and named 204, so it is
-    # asked about: in use, the sweep refuses and removes nothing.
+    # asked about: in use, its row is kept (the ghosts go).
     sim, db, _ = acl_world
     sim.set_visible(set(GUESTS) - {204})
     after_read(sim, 2, lambda: sim.set_visible(None))
     result = make_runtime(sim, db).sweeper.run()
-    assert (result.outcome, result.refusal) == ("refused", "partial_inventory"), result.reason
-    assert table_vmids(db) == sorted(GHOSTS + GUESTS)
+    assert (result.outcome, result.hidden) == ("done", [204]), result.reason
+    assert table_vmids(db) == list(GUESTS)
     assert sim.request_count("/cluster/nextid") == 1

@@ -54,7 +54,11 @@ def stopped_and_destroyed(sim, inbox, vmid):
     inbox.accept(event(vmid, "post-stop"))
 
 
-def test_stop_then_destroy_removes_the_row_on_the_second_read(world):
+def vm_reads(sim):
+    return sim.request_count("/cluster/resources")
+
+
+def test_stop_then_destroy_removes_the_row_after_a_confirming_read(world):
     sim, db, runtime, inbox, watcher = world
     sim.stop_guest(101)
     inbox.accept(event(101, "pre-stop"))
@@ -63,9 +67,10 @@ def test_stop_then_destroy_removes_the_row_on_the_second_read(world):
     assert watcher.watched == [101]
     assert statuses(db)[101] == "stopped"
     sim.destroy_guest(101)
+    sim.reset_counts()
     watcher.tick()
-    assert 101 in table_vmids(db)  # one read is not enough
-    watcher.tick()
+    # One read found 101 missing; the removal read its rows, then read the list again.
+    assert vm_reads(sim) == 2
     assert 101 not in table_vmids(db)
     assert audit_sources(db) == [(101, "event")]
     assert watcher.watched == []
@@ -124,9 +129,8 @@ def test_destroy_of_stopped_guest_without_event_is_caught_by_the_task_tail(world
     sim.destroy_guest(104)
     watcher._next_task_poll = 0  # the next tick polls tasks
     watcher.tick()
-    assert watcher.watched == [104]
-    watcher.tick()
-    assert 104 not in table_vmids(db)
+    assert 104 not in table_vmids(db) and watcher.watched == []
+    assert audit_sources(db) == [(104, "event")]
 
 
 def test_proxmox_down_removes_nothing_then_recovers(world):
@@ -333,18 +337,17 @@ def test_a_hidden_guest_is_held_back_and_the_others_go_on(world):
         watcher.tick()
     assert 104 in table_vmids(db) and 103 not in table_vmids(db)
     assert 104 in watcher.watched
-    assert "partial inventory" in watcher.last_error
+    assert watcher.status()["hidden_guests"] == [104]
 
 
 def test_a_destroyed_guest_goes_without_a_nextid_request(world):
     sim, db, runtime, inbox, watcher = world
     stopped_and_destroyed(sim, inbox, 101)
     watcher.tick()
-    # Missing once: the ACL list is read now, between this read and the confirming one.
-    assert 101 in table_vmids(db) and sim.request_count("/access/acl") == 1
-    watcher.tick()
-    assert 101 not in table_vmids(db)
+    # The ACL list is read between the read that missed 101 and the confirming one.
+    assert 101 not in table_vmids(db) and sim.request_count("/access/acl") == 1
     assert sim.request_count("/cluster/nextid") == 0
+    watcher.tick()
     assert sim.request_count("/access/acl") == 1  # nothing missing any more: not read again
 
 
@@ -355,8 +358,7 @@ def hide_104_and_destroy_103(world, via):
     sim.destroy_guest(103)
     for v in (103, 104):
         inbox.accept(event(v, "post-stop"))
-    watcher.tick()
-    watcher.tick()  # both missing twice: 103 is gone, 104 only hidden
+    watcher.tick()  # both missing: 103 is gone, 104 only hidden
 
 
 def test_a_guest_hidden_by_its_own_acl_is_the_only_one_asked_about(world):
@@ -364,7 +366,7 @@ def test_a_guest_hidden_by_its_own_acl_is_the_only_one_asked_about(world):
     hide_104_and_destroy_103(world, "vms")
     assert 103 not in table_vmids(db) and 104 in table_vmids(db)
     assert sim.request_count("/cluster/nextid") == 1
-    assert watcher.watched == [104] and "partial inventory" in watcher.last_error
+    assert watcher.watched == [104] and watcher.status()["hidden_guests"] == [104]
 
 
 def test_a_pool_noaccess_makes_the_watcher_ask_about_every_gone_guest(world):
@@ -372,22 +374,19 @@ def test_a_pool_noaccess_makes_the_watcher_ask_about_every_gone_guest(world):
     hide_104_and_destroy_103(world, "pool")
     assert 103 not in table_vmids(db) and 104 in table_vmids(db)
     assert sim.request_count("/cluster/nextid") == 2
-    assert "partial inventory" in watcher.last_error
+    assert watcher.status()["hidden_guests"] == [104]
 
 
-def test_an_unreadable_acl_list_removes_nothing(world):
+def test_an_unreadable_acl_list_falls_back_to_asking_about_each_vmid(world):
     sim, db, runtime, inbox, watcher = world
     sim.set_acl_fault(500)
+    sim.set_visible({100, 101, 102, 103})  # 104 is hidden and runs
     stopped_and_destroyed(sim, inbox, 101)
-    for _ in range(3):
-        watcher.tick()
-    assert 101 in table_vmids(db) and watcher.watched == [101]
-    assert "could not confirm" in watcher.last_error and "/access/acl" in watcher.last_error
-    sim.set_acl_fault(None)
-    watcher.tick()  # the list read after the previous read had failed: still nothing removed
-    assert 101 in table_vmids(db)
+    inbox.accept(event(104, "post-stop"))
     watcher.tick()
-    assert 101 not in table_vmids(db)
+    assert 101 not in table_vmids(db) and 104 in table_vmids(db)
+    assert sim.request_count("/cluster/nextid") == 2  # no ACL proof: both asked about
+    assert watcher.watched == [104] and watcher.status()["hidden_guests"] == [104]
 
 
 def test_a_row_set_back_to_running_by_the_platform_does_not_freeze_the_watcher(world):
@@ -430,20 +429,33 @@ def test_an_acl_lifted_between_the_two_reads_cannot_let_a_hidden_guest_go(world)
     inbox.accept(event(104, "post-stop"))
     after_read(sim, 2, lambda: sim.set_visible(None))
     watcher.tick()
-    watcher.tick()
     assert 104 in table_vmids(db)
-    assert sim.request_count("/cluster/nextid") == 1 and "partial inventory" in watcher.last_error
+    assert sim.request_count("/cluster/nextid") == 1 and watcher.status()["hidden_guests"] == [104]
 
 
-def test_a_vmid_the_previous_read_did_not_miss_is_asked_about(world):
-    # This process reads for the first time (it just took the lead) while the watch list
-    # says 101 was missed once already, by another receiver: no ACL list was read between
-    # the two reads, so 101 is asked about one by one, then removed.
+def test_a_vmid_whose_row_was_kept_still_needs_a_confirming_read_for_each_removal(world):
+    # 101 is gone and watched, its row too young to go.  When the row is old enough, the
+    # next removal still rests on two reads, the second one after the rows were read: a
+    # guest 101 created between those (a reused VMID) keeps the row.
     sim, db, runtime, inbox, watcher = world
-    stopped_and_destroyed(sim, inbox, 101)
-    watcher.drain_inbox()
     with db.engine.begin() as conn:
-        conn.execute(sa.text("UPDATE janitor_watch SET missing_reads = 1 WHERE vmid = 101"))
+        conn.execute(sa.text("UPDATE apps SET created_at = NULL, updated_at = :now WHERE lxc_id = 101"),
+                     {"now": utcnow().replace(tzinfo=None)})
+    stopped_and_destroyed(sim, inbox, 101)
     watcher.tick()
-    assert 101 not in table_vmids(db)
-    assert sim.request_count("/cluster/nextid") == 1 and sim.request_count("/access/acl") == 0
+    watcher.tick()
+    assert 101 in table_vmids(db) and watcher.watched == [101]  # young: kept, still watched
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE apps SET updated_at = NULL WHERE lxc_id = 101"))
+    rows_read = runtime.table.fetch_rows
+
+    def then_reuse(vmids=None):
+        rows = rows_read(vmids=vmids)
+        if vmids is not None:
+            sim.add_guest(101, name="app101.apps.local")  # reused right after the rows were read
+        return rows
+    runtime.table.fetch_rows = then_reuse
+    sim.reset_counts()
+    watcher.tick()
+    assert 101 in table_vmids(db)
+    assert vm_reads(sim) == 2

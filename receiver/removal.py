@@ -1,0 +1,307 @@
+"""The removal pipeline: the one way rows leave the table, for the sweep and the watcher.
+
+1. Read the rows (the whole table, or the rows of some VMIDs).
+2. Take a guest list: the sweep reads one now; the watcher hands in the read that made
+   its VMIDs candidates.  Plan with the pure planner; check the safety rules.
+3. Confirm: read which VMIDs an ACL could hide, then read the guest list again.  This
+   confirming read starts after the rows were read, so a guest that exists by then keeps
+   its rows, whatever the first read said.  A ghost whose guest is back is dropped; a ghost
+   whose VMID Proxmox says is taken although the token was not shown it (``hidden_guest``)
+   keeps its row and is reported.
+4. Apply: delete or mark only the rows read in step 1, guarded in the WHERE clause by the
+   values observed then (:mod:`receiver.apply`).  A row that appeared after step 1 is never
+   part of this removal; one that changed is skipped.
+
+Every read of the guest list checks the token's privilege and the answering node's quorum
+(:meth:`ProxmoxInventory.read`); whatever cannot be read surely refuses the removal
+(:mod:`receiver.safety`) and changes nothing.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Collection, Iterator, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from .apply import ApplyConflict, ApplyResult, apply_actions
+from .config import Settings
+from .inventory import Inventory, InventoryError
+from .plan import GHOST, Action, Plan, Report, make_plan
+from .safety import Refusal, Refused, check_listing, check_plan_size, hidden_guests, refusal_for
+from .table import DatabaseError, PlatformTable
+from .timeutil import isoformat, utcnow
+
+logger = logging.getLogger(__name__)
+
+DONE, NOTHING, DRY_RUN, REFUSED, DISABLED, FAILED = "done", "nothing", "dry_run", "refused", "disabled", "failed"
+
+
+class Proxmox(Protocol):
+    """What the pipeline reads from Proxmox (:class:`receiver.inventory.ProxmoxInventory`)."""
+
+    def read(self) -> Inventory: ...
+
+    def hideable_vmids(self) -> frozenset[int] | None: ...
+
+    def vmid_in_use(self, vmid: int) -> bool: ...
+
+
+@dataclass
+class SweepResult:
+    """What one run of the pipeline did (a sweep's, or a watcher removal's)."""
+
+    outcome: str
+    reason: str = ""
+    refusal: Refusal | None = None
+    plan: Plan | None = None
+    applied: ApplyResult | None = None
+    dropped: list[int] = field(default_factory=list)  # ghosts whose guest came back before applying
+    hidden: list[int] = field(default_factory=list)  # ghosts' VMIDs held by a guest the token cannot see
+    duration_s: float = 0.0
+    dry_run: bool = False
+    started_at: Any = None
+    untouched_vmids: frozenset[int] = frozenset()  # VMIDs with a row read but not removed (VMID-scoped runs)
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.outcome in (REFUSED, FAILED) else 0
+
+    def summary(self) -> str:
+        applied = len(self.applied.applied) if self.applied else 0
+        planned = len(self.plan.actions) if self.plan else 0
+        text = f"sweep {self.outcome}: {planned} planned, {applied} applied"
+        if self.applied and self.applied.skipped:
+            text += f", {len(self.applied.skipped)} skipped (changed since planning)"
+        if self.dropped:
+            text += f", {len(self.dropped)} dropped (guest is back)"
+        if self.hidden:
+            text += f", {len(self.hidden)} kept (hidden_guest: VMIDs {_short(self.hidden)})"
+        if self.refusal:
+            text += f" — refused ({self.refusal})"
+        if self.reason:
+            text += f" — {self.reason}"
+        return text + f" ({self.duration_s:.2f} s)"
+
+    def to_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "refusal": str(self.refusal) if self.refusal else None,
+            "dry_run": self.dry_run,
+            "started_at": isoformat(self.started_at),
+            "duration_s": round(self.duration_s, 3),
+            "rows_seen": plan.rows_seen if plan else None,
+            "planned": [action_dict(a) for a in plan.actions] if plan else [],
+            "reports": [{"kind": r.kind, "vmid": r.vmid, "detail": r.detail} for r in plan.reports] if plan else [],
+            "kept": plan.kept if plan else {},
+            "applied": len(self.applied.applied) if self.applied else 0,
+            "skipped": [{"row_id": _jsonable(a.row.key), "why": why} for a, why in self.applied.skipped]
+            if self.applied else [],
+            "dropped_vmids": self.dropped,
+            "hidden_guests": self.hidden,
+            "counts": dict(self.applied.counts) if self.applied else {},
+        }
+
+
+def _short(vmids: list[int], most: int = 10) -> str:
+    shown = ", ".join(map(str, vmids[:most]))
+    return shown + (f" and {len(vmids) - most} more" if len(vmids) > most else "")
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, type(None))) else str(value)
+
+
+def action_dict(a: Action) -> dict[str, Any]:
+    return {
+        "action": a.action, "reason": a.reason, "row_id": _jsonable(a.row.key), "vmid": a.row.vmid,
+        "hostname": _jsonable(a.row.hostname), "status": a.row.status, "detail": a.detail,
+    }
+
+
+class _CyclicGc:
+    """Keeps CPython's cyclic garbage collector off a whole-table removal's objects.
+
+    Reading and planning 100,000 rows makes about a million objects that hold no reference
+    cycles, and the collector walked them again and again (docs/performance.md).  So it is
+    off while the pipeline reads and plans (:meth:`paused`), which waits for no one else's
+    lock.  For the confirming read and the apply, which may wait for a database lock, it
+    runs as usual for new objects but leaves alone everything that existed before
+    (:meth:`frozen`, ``gc.freeze``).  Overlapping uses nest; the last one restores it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pauses = 0
+        self._freezes = 0
+        self._was_enabled = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        with self._lock:
+            if self._pauses == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._pauses += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pauses -= 1
+                if self._pauses == 0 and self._was_enabled:
+                    gc.enable()
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        with self._lock:
+            if self._freezes == 0:
+                gc.freeze()
+            self._freezes += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._freezes -= 1
+                if self._freezes == 0:
+                    gc.unfreeze()
+
+
+_cyclic_gc = _CyclicGc()
+
+
+class Removal:
+    """The pipeline, bound to one table and one Proxmox reader; safe to run from several threads."""
+
+    def __init__(self, settings: Settings, table: PlatformTable, proxmox: Proxmox,
+                 clock: Callable[[], Any] = utcnow):
+        self.settings = settings
+        self.table = table
+        self.proxmox = proxmox
+        self.clock = clock
+
+    def run(self, *, vmids: Collection[int] | None = None, first: Inventory | None = None,
+            reasons: Collection[str] | None = None, dry_run: bool = False, force: bool = False,
+            source: str = "sweep", may_apply: Callable[[], bool] | None = None) -> SweepResult:
+        """One removal: of the whole table (``vmids`` None) or of the rows of ``vmids``.
+
+        ``first``: a guest list read before this call (the watcher's tick); None reads one
+        after the rows.  ``reasons``: act only for these planner reasons.  ``force`` lifts
+        only the rules :data:`receiver.safety.LIFTED_BY_FORCE` names.  ``may_apply`` is
+        asked right before the apply (the watcher's lease).
+        """
+        whole = vmids is None
+        with _cyclic_gc.paused() if whole else nullcontext():
+            planned = self._read_and_plan(vmids, first, reasons, force)
+        if isinstance(planned, SweepResult):
+            return planned
+        plan, total, rows_by_key = planned
+        if dry_run:
+            return SweepResult(DRY_RUN, "dry run: nothing changed", plan=plan,
+                               untouched_vmids=_untouched(rows_by_key, plan.actions))
+        if not plan.actions:
+            return SweepResult(NOTHING, "", plan=plan, untouched_vmids=_untouched(rows_by_key, ()))
+        with _cyclic_gc.frozen() if whole else nullcontext():
+            return self._confirm_and_apply(plan, total, rows_by_key, source, may_apply)
+
+    def _read_and_plan(self, vmids: Collection[int] | None, first: Inventory | None,
+                       reasons: Collection[str] | None, force: bool
+                       ) -> tuple[Plan, int, dict[Any, int | None] | None] | SweepResult:
+        """Rows, then the guest list, then the plan and the rules on its size."""
+        try:
+            rows = self.table.fetch_rows(vmids=None if vmids is None else sorted(vmids))
+            total = len(rows) if vmids is None else self.table.count()
+        except DatabaseError as exc:
+            return SweepResult(FAILED, str(exc), refusal=Refusal.DATABASE)
+        except SQLAlchemyError as exc:
+            return SweepResult(FAILED, f"database error {type(exc).__name__}", refusal=Refusal.DATABASE)
+        try:
+            inventory = first if first is not None else self.proxmox.read()
+        except InventoryError as exc:
+            return SweepResult(REFUSED, f"inventory unreadable: {exc}", refusal=refusal_for(exc))
+        try:
+            check_listing(inventory, total)
+        except Refused as exc:
+            return SweepResult(REFUSED, str(exc), refusal=exc.refusal)
+        # Only a VMID-scoped run needs to know afterwards which VMIDs kept a row.
+        rows_by_key = None if vmids is None else {r.key: r.vmid for r in rows}
+        plan = make_plan(rows, inventory, self.clock(), self.settings)
+        del rows, inventory
+        if reasons is not None:
+            plan = replace(plan, actions=tuple(a for a in plan.actions if a.reason in reasons))
+        try:
+            check_plan_size(len(plan.actions), total, self.settings, force)
+        except Refused as exc:
+            return SweepResult(REFUSED, str(exc), refusal=exc.refusal, plan=plan)
+        return plan, total, rows_by_key
+
+    def _confirm_and_apply(self, plan: Plan, total: int, rows_by_key: dict[Any, int | None] | None,
+                           source: str, may_apply: Callable[[], bool] | None) -> SweepResult:
+        actions, dropped, hidden = list(plan.actions), [], []
+        if any(a.reason == GHOST for a in actions):
+            try:
+                actions, dropped, hidden = self._confirm_ghosts(actions, total)
+            except Refused as exc:
+                return SweepResult(REFUSED, str(exc), refusal=exc.refusal, plan=plan)
+            if hidden:
+                plan = replace(plan, reports=plan.reports + tuple(
+                    Report("hidden_guest", v, f"Proxmox says VMID {v} is in use, but the token was not shown "
+                                              "that guest (an ACL hides it?): its rows are kept")
+                    for v in hidden))
+        if may_apply is not None and not may_apply():
+            return SweepResult(REFUSED, "the lease was lost before applying: nothing removed",
+                               refusal=Refusal.LEASE, plan=plan, dropped=dropped, hidden=hidden)
+        try:
+            applied = apply_actions(self.table, actions, source=source, now=self.clock())
+        except (ApplyConflict, DatabaseError) as exc:
+            return SweepResult(FAILED, f"nothing changed: {exc}", refusal=Refusal.DATABASE, plan=plan,
+                               dropped=dropped, hidden=hidden)
+        except SQLAlchemyError as exc:
+            logger.warning("apply failed, the transaction was rolled back: %s", type(exc).__name__)
+            return SweepResult(FAILED, f"nothing changed: database error {type(exc).__name__}",
+                               refusal=Refusal.DATABASE, plan=plan, dropped=dropped, hidden=hidden)
+        return SweepResult(DONE, "", plan=plan, applied=applied, dropped=dropped, hidden=hidden,
+                           untouched_vmids=_untouched(rows_by_key, applied.applied))
+
+    def _confirm_ghosts(self, actions: list[Action], total: int) -> tuple[list[Action], list[int], list[int]]:
+        """The actions that survive the confirming read, the ghosts dropped, the hidden VMIDs.
+
+        The ACL list is read *between* the two guest lists: a guest hidden in both either
+        keeps its ACL entry through this read (and is asked about one by one) or loses it
+        before the confirming read (and shows up there).  When it cannot be read, every
+        ghost is asked about one by one instead.
+        """
+        try:
+            hideable = self.proxmox.hideable_vmids()
+        except InventoryError as exc:
+            logger.warning("the ACL list could not be read (%s): every ghost's VMID is checked one by one", exc)
+            hideable = None
+        try:
+            confirm = self.proxmox.read()
+        except InventoryError as exc:
+            raise Refused(refusal_for(exc), f"confirming inventory read failed: {exc}") from None
+        check_listing(confirm, total)
+        back = {a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid in confirm}
+        actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in back)]
+        ghosts = {a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid is not None}
+        try:
+            hidden = hidden_guests(ghosts, hideable, self.proxmox.vmid_in_use)
+        except InventoryError as exc:
+            raise Refused(refusal_for(exc), f"could not confirm that the ghosts' VMIDs are free: {exc}") from None
+        if hidden:
+            logger.warning("VMIDs %s are in use in Proxmox but were not listed to the token (hidden_guest): "
+                           "their rows are kept", _short(hidden))
+            taken = set(hidden)
+            actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in taken)]
+        return actions, sorted(back), hidden
+
+
+def _untouched(rows_by_key: dict[Any, int | None] | None, handled: Collection[Action]) -> frozenset[int]:
+    if rows_by_key is None:
+        return frozenset()
+    done = {a.row.key for a in handled}
+    return frozenset(v for k, v in rows_by_key.items() if k not in done and v is not None)
