@@ -456,6 +456,26 @@ def test_tls_handshake_gets_only_what_is_left_of_the_deadline(hook, black_hole_u
     assert time.monotonic() - start <= 1.2
 
 
+@pytest.mark.parametrize("kind", ["fifo", "too large"])
+def test_a_ca_file_that_is_not_a_small_regular_file_cannot_hang_an_https_post(
+        black_hole_url, conf_env, spool_dir, tmp_path, hook, kind):
+    """OpenSSL opens the CA bundle blocking: a FIFO there would stop the hook for good."""
+    ca_file = tmp_path / "ca.pem"
+    if kind == "fifo":
+        os.mkfifo(ca_file)
+    else:
+        ca_file.write_bytes(b"-" * (hook.MAX_CA_BYTES + 1))
+    env = dict(conf_env(black_hole_url.replace("http://", "https://"), extra="TIMEOUT=1\n"),
+               SSL_CERT_FILE=str(ca_file))
+
+    proc = run_hook(env, "101", "pre-start", timeout=10)
+
+    assert proc.returncode == 0 and proc.elapsed <= 1.5
+    why = "not a regular file" if kind == "fifo" else f"larger than {hook.MAX_CA_BYTES} bytes"
+    assert f"spooled (receiver unreachable: CA file {ca_file} refused: {why})" in proc.stderr
+    assert len(spooled(spool_dir)) == 1
+
+
 def test_a_black_holed_first_address_leaves_time_for_the_next(hook, receiver, monkeypatch):
     """A host name with a dead IPv6 and a working IPv4 address must still get through."""
     import _socket
@@ -817,6 +837,79 @@ def test_garbled_config_exits_zero(tmp_path, in_process, spool_dir):
     assert "spooled (URL not set)" in err
 
 
+@pytest.fixture
+def env_without_conf(receiver, hook):
+    """URL and SECRET from the environment, for a run whose hook.conf is ignored.
+
+    Such a run has no SPOOL_DIR of its own: it must neither replay a real spool on
+    this machine nor make one (tests may run as root), so it gets a receiver that
+    takes the event.
+    """
+    if os.path.lexists(hook.DEFAULT_SPOOL_DIR):
+        pytest.skip(f"{hook.DEFAULT_SPOOL_DIR} exists: a run without SPOOL_DIR would replay it")
+
+    def make(conf):
+        return {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf),
+                "PVE_JANITOR_NODE": NODE, "PVE_JANITOR_URL": receiver.url, "PVE_JANITOR_SECRET": SECRET}
+    yield make
+    assert not os.path.lexists(hook.DEFAULT_SPOOL_DIR)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "/dev/tty", "directory", "socket"])
+def test_a_config_that_is_not_a_regular_file_is_ignored_without_blocking(
+        receiver, env_without_conf, hook, tmp_path, kind):
+    """A FIFO without a writer would block a plain open() for ever, and with it the
+    guest's start; a device would be read as a config."""
+    listener = None
+    if kind.startswith("/dev/"):
+        conf = Path(kind)
+        if not conf.exists():
+            pytest.skip(f"no {kind} here")
+    elif kind == "fifo":
+        conf = tmp_path / "hook.conf"
+        os.mkfifo(conf)
+    elif kind == "directory":
+        conf = tmp_path
+    else:
+        conf = tmp_path / "hook.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(conf))
+        listener.listen(1)
+    try:
+        proc = run_hook(env_without_conf(conf), "101", "pre-start", timeout=10)
+    finally:
+        if listener is not None:
+            listener.close()
+
+    assert proc.returncode == 0
+    assert proc.elapsed <= hook.DEFAULT_TIMEOUT + 0.5  # the config's TIMEOUT is not known
+    assert f"101 pre-start sent (202); config {conf} ignored: not a regular file" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert [e["vmid"] for e in receiver.events] == [101]
+
+
+@pytest.mark.parametrize("size", ["bound + 1", "1 GiB"])
+def test_a_config_larger_than_the_bound_is_ignored_unread(receiver, env_without_conf, hook, chained, tmp_path, size):
+    script, log = chained(1)
+    line = f"CHAIN={script}\n".encode()
+    conf = tmp_path / "hook.conf"
+    conf.write_bytes(line + b"#" * (hook.MAX_CONF_BYTES - len(line) - 1) + b"\n")
+    assert conf.stat().st_size == hook.MAX_CONF_BYTES
+    at_bound = run_hook(env_without_conf(conf), "101", "pre-start", timeout=10)
+    assert at_bound.returncode == 1 and log.read_text() == "101 pre-start\n"  # read and used
+    assert "ignored" not in at_bound.stderr
+
+    with open(conf, "r+b") as f:
+        f.truncate(hook.MAX_CONF_BYTES + 1 if size == "bound + 1" else 1 << 30)  # sparse: cheap to make
+    proc = run_hook(env_without_conf(conf), "102", "pre-start", timeout=10)
+
+    assert proc.returncode == 0  # the CHAIN line was never seen ...
+    assert log.read_text() == "101 pre-start\n"  # ... nor run
+    assert proc.elapsed <= hook.DEFAULT_TIMEOUT + 0.5
+    assert f"102 pre-start sent (202); config {conf} ignored: larger than {hook.MAX_CONF_BYTES} bytes" in proc.stderr
+    assert [e["vmid"] for e in receiver.events] == [101, 102]
+
+
 @pytest.mark.parametrize("extra, why", [("TIMEOUT=soon\n", "TIMEOUT"), ("TIMEOUT=-3\n", "TIMEOUT"),
                                         ("TIMEOUT=nan\n", "TIMEOUT")])
 def test_bad_timeout_falls_back_to_the_default(receiver, conf_env, in_process, extra, why):
@@ -858,6 +951,37 @@ def test_secret_is_scrubbed_from_every_message(hook, capsys, monkeypatch):
     hook.say(f"boom: key was {SECRET}")
     err = capsys.readouterr().err
     assert SECRET not in err and "***" in err
+
+
+@pytest.mark.parametrize("secret, up, line", [
+    ("e", True, "pve-janitor-hook: 101 post-stop sent (202)\n"),
+    ("a", False, "pve-janitor-hook: 101 post-stop spooled (receiver unreachable: Connection refused)\n"),
+], ids=["e-receiver-up", "a-receiver-down"])
+def test_a_one_character_secret_does_not_garble_the_output(receiver, refused_url, conf_env, spool_dir,
+                                                           secret, up, line):
+    receiver.secret = secret
+    proc = run_hook(conf_env(receiver.url if up else refused_url, secret=secret), "101", "post-stop")
+    assert proc.returncode == 0
+    assert proc.stderr == line
+    assert len(receiver.events) == (1 if up else 0)
+
+
+def test_a_long_secret_that_reaches_a_message_is_still_scrubbed(receiver, env_without_conf, tmp_path):
+    """No message is built from SECRET; should one ever carry it (here: in the config's
+    path), the scrub still hides it."""
+    conf = tmp_path / SECRET / "hook.conf"
+    proc = run_hook(env_without_conf(conf), "101", "post-stop")  # run_hook: SECRET not in the output
+    assert proc.returncode == 0
+    assert f"sent (202); config {tmp_path}/***/hook.conf: No such file or directory" in proc.stderr
+
+
+@pytest.mark.parametrize("secret, scrubbed", [("abcdefg", False), ("abcdefgh", True), (SECRET, True)])
+def test_secrets_of_eight_characters_or_more_are_scrubbed(hook, capsys, monkeypatch, secret, scrubbed):
+    monkeypatch.setattr(hook, "_secret", secret)
+    hook.say(f"boom: key was {secret} in a message")
+    err = capsys.readouterr().err
+    assert (secret not in err) == scrubbed
+    assert err.endswith(": boom: key was %s in a message\n" % ("***" if scrubbed else secret))
 
 
 # --- CHAIN ---------------------------------------------------------------------------
