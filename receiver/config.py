@@ -3,17 +3,20 @@
 Order: defaults, then the TOML file named by ``CLEANUP_CONFIG``, then the
 environment, then explicit overrides (tests, CLI flags).  Every problem is
 collected and reported at once, by variable name, so a bad deployment fails
-on its first start instead of on its first sweep.  Secret values never appear
-in an error message or in ``repr``.
+on its first start instead of on its first sweep.  A ``CLEANUP_*`` variable that
+is not a setting is one of those problems: ignored, a typo of ``CLEANUP_DRY_RUN``
+would delete for real.  Secret values never appear in an error message or in ``repr``.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -170,6 +173,18 @@ _VARIABLES: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_LEASE_SECONDS": ("lease_seconds", "int", 3),
 }
 VARIABLES = tuple(_VARIABLES)
+# Every name pve-janitor reads from the environment: the settings, and the file that may hold them.
+KNOWN_VARIABLES = frozenset(_VARIABLES) | {"CLEANUP_CONFIG"}
+# A name with one of these prefixes is ours: if it is not a setting, it is a typo, and a typo
+# of CLEANUP_DRY_RUN would delete for real.  Matched ignoring case (the TOML file ignores it too).
+_OWN_PREFIXES = ("CLEANUP_", "GHOST_CLEANUP_", "ERROR_RETENTION_")
+# PVE_* is shared with other tools: an unknown one is only worth a warning.  PVE_JANITOR_*
+# belongs to the hookscript, which runs elsewhere and reads its own.
+_SHARED_PREFIX, _HOOKSCRIPT_PREFIX = "PVE_", "PVE_JANITOR_"
+# difflib's default (0.6) finds CLEANUP_BIND "close" to CLEANUP_X: the shared prefix alone
+# scores that much.  0.8 keeps real typos (CLEANUP_DRYRUN, CLEANUP_INTERVAL, ERROR_RETENTION_DAYS).
+_SUGGESTION_CUTOFF = 0.8
+CONFIG_FILE_MAX_BYTES = 1 << 20  # a settings file is a few lines; this is only a bound on reading
 # Far beyond any sensible value, and small enough that every date, interval and timeout
 # computed from them stays in range (a larger one made every sweep fail with OverflowError).
 _MAXIMUMS = {
@@ -264,14 +279,70 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name.upper(), sorted(candidates), n=1, cutoff=_SUGGESTION_CUTOFF)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """Problems for names of ours that are not settings; a warning for unknown PVE_* names.
+
+    Only names are shown, never values: an unknown variable may well hold a secret.
+    """
+    problems = []
+    for name in sorted(env):
+        if name in KNOWN_VARIABLES:
+            continue
+        upper = name.upper()
+        if upper.startswith(_OWN_PREFIXES):
+            problems.append(f"{name} is not a setting{_did_you_mean(name, KNOWN_VARIABLES)}")
+        elif upper.startswith(_SHARED_PREFIX) and not upper.startswith(_HOOKSCRIPT_PREFIX):
+            logger.warning("%s is not a pve-janitor setting%s; ignored",
+                           name, _did_you_mean(name, KNOWN_VARIABLES))
+    return problems
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+class _NotASettingsFile(Exception):
+    """CLEANUP_CONFIG names something that cannot be a settings file; the message says why."""
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "something else")
+        raise _NotASettingsFile(f"is {kind}, not a regular file")
+
+
+def _read_config_file(path: str) -> bytes:
+    """The bytes of a regular file of at most CONFIG_FILE_MAX_BYTES, promptly.
+
+    A FIFO without a writer would block ``open`` for ever, /dev/zero would fill memory.
+    So: stat before opening (opening some devices does something), then open without
+    blocking and check again on the open file, the one that is read.  Raises OSError
+    or _NotASettingsFile.
+    """
+    _require_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        _require_regular(os.fstat(fd).st_mode)
+        raw = fh.read(CONFIG_FILE_MAX_BYTES + 1)
+    if len(raw) > CONFIG_FILE_MAX_BYTES:
+        raise _NotASettingsFile(f"is larger than {CONFIG_FILE_MAX_BYTES >> 20} MiB; a settings file is a few lines")
+    return raw
+
+
 def _read_toml(path: str) -> tuple[dict[str, Any], list[str]]:
+    if "\0" in path:
+        return {}, [f"CLEANUP_CONFIG: cannot read {path!r}: not a usable path"]
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = _read_config_file(path)
     except OSError as exc:
         return {}, [f"CLEANUP_CONFIG: cannot read {path}: {exc.strerror}"]
-    except ValueError:  # a NUL byte in the path
-        return {}, [f"CLEANUP_CONFIG: cannot read {path!r}: not a usable path"]
+    except _NotASettingsFile as exc:
+        return {}, [f"CLEANUP_CONFIG: {path} {exc}"]
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -282,7 +353,8 @@ def _read_toml(path: str) -> tuple[dict[str, Any], list[str]]:
     for key, value in data.items():
         name = key.upper()
         if name not in _VARIABLES:
-            problems.append(f"CLEANUP_CONFIG: {path} has an unknown setting {key!r}")
+            problems.append(f"CLEANUP_CONFIG: {path} has an unknown setting {key!r}"
+                            f"{_did_you_mean(name, _VARIABLES)}")
             continue
         values[name] = value
     return values, problems
@@ -295,11 +367,12 @@ def load_settings(
     """Build the settings from defaults, TOML file, environment and overrides.
 
     ``overrides`` uses the variable names (``{"CLEANUP_DRY_RUN": True}``).
-    Raises ConfigError naming every bad variable.
+    Raises ConfigError naming every bad variable, and every variable of ours
+    (``CLEANUP_*``, ``GHOST_CLEANUP_*``, ``ERROR_RETENTION_*``) that is not a setting.
     """
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
-    problems: list[str] = []
+    problems = _unknown_variables(env)
     config_path = (overrides or {}).get("CLEANUP_CONFIG") or env.get("CLEANUP_CONFIG")
     if config_path:
         from_file, file_problems = _read_toml(str(config_path))

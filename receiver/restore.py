@@ -25,7 +25,13 @@ class RestoreRefused(Exception):
 
 
 class AuditNotFound(Exception):
-    pass
+    """No audit entry has this id; nothing was changed."""
+
+
+# Audit ids are positive and fit a signed 64-bit integer on every database.  Anything else
+# cannot name an entry, and sending it would fail in the driver (SQLite: OverflowError)
+# instead of saying "not found".
+_AUDIT_IDS = range(1, 2**63)
 
 
 @dataclass
@@ -48,10 +54,19 @@ def unique_column_sets(table: PlatformTable) -> list[tuple[str, ...]]:
 
 
 def restore(table: PlatformTable, audit_id: int) -> Restored:
+    """Put back the row of one audit entry.
+
+    Raises AuditNotFound (no such entry) or RestoreRefused (nothing was changed).
+    """
+    if audit_id not in _AUDIT_IDS:
+        raise AuditNotFound(f"no audit entry {audit_id}")
     t = table.table
+    # Bound as BIGINT: PostgreSQL casts a parameter to the column's type, and a 32-bit
+    # id column would turn 2**31 into "integer out of range" instead of "not found".
+    is_entry = store.audit.c.id == sa.literal(audit_id, sa.BigInteger)
     unique_sets = unique_column_sets(table)
     with write_transaction(table.engine) as conn:
-        entry = conn.execute(sa.select(store.audit).where(store.audit.c.id == audit_id)).mappings().first()
+        entry = conn.execute(sa.select(store.audit).where(is_entry)).mappings().first()
         if entry is None:
             raise AuditNotFound(f"no audit entry {audit_id}")
         if entry["restored_at"] is not None:
@@ -85,7 +100,7 @@ def restore(table: PlatformTable, audit_id: int) -> Restored:
                 raise RestoreRefused(f"cannot restore audit entry {audit_id}: the database refused the row "
                                      f"({describe_db_error(exc)})") from None
             message = f"row {key} (VMID {entry['vmid']}) is back in {table.settings.table}"
-        conn.execute(store.audit.update().where(store.audit.c.id == audit_id).values(restored_at=utcnow()))
+        conn.execute(store.audit.update().where(is_entry).values(restored_at=utcnow()))
         store.add_counters(conn, {"rows_restored": 1})
     logger.info("restored audit entry %s: %s", audit_id, message)
     return Restored(audit_id, str(key), entry["action"], message)
