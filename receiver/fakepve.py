@@ -694,6 +694,22 @@ class ProxmoxSimulator:
         logger.info("guest %d destroyed (listed with lock=destroyed for %.1fs)", guest.vmid,
                     max(0.0, float(lock_seconds)))
 
+    def migrate_guest(self, vmid: int, node: str) -> None:
+        """Move a stopped guest to another node (offline migration: no hooks, same VMID,
+        a vzmigrate/qmigrate task on the source node).  The guest exists throughout: its
+        config file is renamed from one node's directory to the other's."""
+        guest = self._get_for_operation(vmid)
+        if node not in self._online:
+            raise ValueError("unknown node %r" % node)
+        if guest.status != "stopped":
+            raise SimulatorError("CT/VM %d is running - use online migration" % guest.vmid)
+        started = int(time.time())
+        source = guest.node
+        with self._lock:
+            guest.node = node
+            self._changed()
+        self._record_task(source, "vzmigrate" if guest.type == "lxc" else "qmigrate", guest.vmid, started, "OK")
+
     def _get_for_operation(self, vmid: int) -> _Guest:
         with self._lock:
             self._expire_locked()
