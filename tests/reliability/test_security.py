@@ -77,7 +77,7 @@ def test_events_without_the_secret_are_refused_and_with_it_only_cause_checks(clu
             assert row == {**before[key], "status": expected}
         stats = receiver.stats()
         assert stats["total_removed"] == 0
-        assert any("partial inventory" in e["message"] for e in stats["errors"])
+        assert stats["hidden_guests"] == [103]  # kept and reported, as it is: in use, not shown
     finally:
         receiver.close()
 
@@ -97,7 +97,7 @@ def test_a_stolen_admin_token_cannot_force_past_the_safety_rules(cluster, tmp_pa
         cases = [
             ("token without VM.Audit", lambda: sim.set_vm_audit(False), "privilege"),
             ("empty list with VM.Audit", lambda: sim.set_visible([]), "empty_inventory"),
-            ("partial list", lambda: sim.set_visible(list(RUNNING)), "partial_inventory"),
+            ("node without quorum", lambda: sim.set_quorate(False), "no_quorum"),
             ("Proxmox unreachable", lambda: sim.set_fault("refuse"), "inventory"),
             ("Proxmox answering 500", lambda: sim.set_fault("http500"), "inventory"),
         ]
@@ -107,13 +107,18 @@ def test_a_stolen_admin_token_cannot_force_past_the_safety_rules(cluster, tmp_pa
             sim.set_vm_audit(True)
             sim.set_visible(None)
             sim.set_fault(None)
+            sim.set_quorate(True)
             assert answer.status == 422, (label, answer.json())
             assert answer.json()["refusal"] == refusal, (label, answer.json())
             assert table_rows(db) == before and _audit_count(db) == 0, label
-        # Force lifts the percentage guard, and that is all it does: only true ghosts go.
+        # Force lifts the percentage guard, and that is all it does: only true ghosts go, and a
+        # guest hidden by an ACL keeps its row (kept and reported, no longer a refusal).
         assert receiver.run().json()["refusal"] == "guard"
+        sim.set_visible([v for v in [*RUNNING, *STOPPED] if v != RUNNING[0]])
         forced = receiver.run("force=true")
-        assert forced.status == 200 and forced.json()["applied"] == 12
+        sim.set_visible(None)
+        assert forced.status == 200 and forced.json()["applied"] == 12, forced.json()
+        assert forced.json()["hidden_guests"] == [RUNNING[0]]
         assert table_vmids(db) == [*RUNNING, *STOPPED]
     finally:
         receiver.close()
@@ -155,8 +160,8 @@ def test_only_gets_reach_proxmox_across_a_full_run(cluster, tmp_path):
     assert set(methods) == {"GET"}
     paths = {path.removeprefix("/api2/json") for _, path in seen}
     assert paths <= {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks", "/version",
-                     "/cluster/nextid"}
-    assert {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks"} <= paths
+                     "/cluster/nextid", "/cluster/status"}
+    assert {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks", "/cluster/status"} <= paths
 
 
 # --- SQL through the table mapping ------------------------------------------------------
