@@ -154,7 +154,9 @@ class Receiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.secret = secrets.token_hex(16)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEANUP_", "PVE_", "DATABASE_URL"))}
+        from receiver.config import without_settings
+
+        env = without_settings(os.environ)
         env.update(sim.env(), DATABASE_URL=db_url, CLEANUP_HOOK_SECRET=self.secret,
                    CLEANUP_BIND=f"127.0.0.1:{self.port}", **settings)
         self.log_path = workdir / "receiver.log"

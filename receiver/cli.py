@@ -36,6 +36,7 @@ def _fail(code: int, lines: list[str] | str) -> None:
 
 
 def _settings(overrides: dict[str, Any] | None = None) -> Settings:
+    setup_logging(logging.WARNING)  # so that what loading says (an unknown PVE_* name) is formatted
     try:
         return load_settings(overrides=overrides)
     except ConfigError as exc:
@@ -162,7 +163,7 @@ def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -
 @click.pass_context
 def check(ctx: click.Context) -> None:
     """Check settings, database, table mapping, Proxmox and the token's privileges."""
-    setup_logging(logging.ERROR)
+    setup_logging(logging.WARNING)
     failed = False
 
     def line(ok: bool, what: str, detail: str = "") -> None:
@@ -246,7 +247,7 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
         click.echo(line)
 
 
-@main.command(name="restore")
+@main.command(name="restore", context_settings={"ignore_unknown_options": True})
 @click.argument("audit_id", type=int)
 @click.pass_context
 def restore_cmd(ctx: click.Context, audit_id: int) -> None:

@@ -284,6 +284,13 @@ def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def without_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without any variable pve-janitor would read or refuse (for a child process that
+    is given its own settings: the demo, tests, benchmarks)."""
+    ours = _OWN_PREFIXES + (_SHARED_PREFIX, "DATABASE_URL")
+    return {k: v for k, v in env.items() if not k.upper().startswith(ours)}
+
+
 def _unknown_variables(env: Mapping[str, str]) -> list[str]:
     """Problems for names of ours that are not settings; a warning for unknown PVE_* names.
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
+from .config import without_settings
 from .fakepve import ProxmoxSimulator
 from .scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database, seed_guests
 from .table import make_engine
@@ -87,7 +88,7 @@ class Demo:
         raise StepFailed(f"{what}: not within {timeout:g} s")
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEANUP_", "PVE_", "DATABASE_URL"))}
+        env = without_settings(os.environ)
         env.update(self.sim.env())
         env.update({
             "DATABASE_URL": self.db_url,

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 import sqlalchemy as sa
 
-from receiver.config import load_settings
+from receiver.config import load_settings, without_settings
 from receiver.fakepve import ProxmoxSimulator
 from receiver.runtime import Runtime
 from receiver.scene import load_into, seed_database
@@ -109,7 +109,7 @@ def seed_sim(sim) -> ProxmoxSimulator:
 
 def janitor_env(sim: ProxmoxSimulator, db: Database, **extra: Any) -> dict[str, str]:
     """The environment a user would export: simulator connection + database + extras."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEANUP_", "PVE_", "DATABASE_URL"))}
+    env = without_settings(os.environ)
     env.update(sim.env())
     env["DATABASE_URL"] = db.url
     env.update({k: str(v) for k, v in extra.items()})

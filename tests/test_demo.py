@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import subprocess
 
+from receiver.config import without_settings
+
 from conftest import ROOT, cli_command
 
 
 def test_demo_once_tells_the_whole_story():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEANUP_", "PVE_", "DATABASE_URL"))}
+    env = without_settings(os.environ)
     proc = subprocess.run(cli_command() + ["demo", "--once"], env=env, capture_output=True, text=True,
                           timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
