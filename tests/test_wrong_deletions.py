@@ -245,3 +245,38 @@ def test_the_watcher_never_empties_the_table(sim, sqlite_db):
         watcher.tick()
     assert table_vmids(sqlite_db) == [100] and watcher.watched == [100]
     assert "all 1 rows" in watcher.last_error
+
+
+def test_no_quorum_is_named_in_the_run_answer_stats_metrics_and_log(sim, sqlite_db, caplog):
+    from receiver.serve import build
+
+    table, runtime, inbox, watcher = live_world(sim, sqlite_db, CLEANUP_ADMIN_TOKEN="admin-token-0123456789")
+    parts = build(runtime.settings, runtime)
+    client = parts["app"].test_client()
+    sim.set_quorate(False)
+    answer = client.post("/api/v1/system/cleanup/run?force=true",
+                         headers={"Authorization": "Bearer admin-token-0123456789"})
+    assert answer.status_code == 422 and answer.get_json()["refusal"] == "no_quorum", answer.get_json()
+    stats = client.get("/api/v1/system/cleanup/stats").get_json()
+    assert stats["last_sweep"]["outcome"] == "refused" and stats["last_sweep"]["refusal"] == "no_quorum"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'pve_janitor_refusals_total{reason="no_quorum",source="sweep"} 1.0' in metrics
+    assert any("no_quorum" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_hidden_guests_are_named_in_stats_and_metrics(sim, sqlite_db):
+    from receiver.serve import build
+
+    table, runtime, inbox, watcher = live_world(sim, sqlite_db, CLEANUP_ADMIN_TOKEN="admin-token-0123456789")
+    parts = build(runtime.settings, runtime)
+    client = parts["app"].test_client()
+    sim.set_visible({100, 101, 102})  # 103 and 104 run, hidden from the token by an ACL
+    sim.stop_guest(102)
+    sim.destroy_guest(102)
+    answer = client.post("/api/v1/system/cleanup/run", headers={"Authorization": "Bearer admin-token-0123456789"})
+    body = answer.get_json()
+    assert answer.status_code == 200 and body["applied"] == 1 and body["hidden_guests"] == [103, 104], body
+    assert client.get("/api/v1/system/cleanup/stats").get_json()["hidden_guests"] == [103, 104]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'pve_janitor_hidden_guests{source="sweep"} 2.0' in metrics
+    assert table_vmids(sqlite_db) == [100, 101, 103, 104]
