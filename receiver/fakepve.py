@@ -82,7 +82,7 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/api2/json"
 GUEST_TYPES = ("lxc", "qemu")
 GUEST_STATUSES = ("running", "stopped", "paused")
-FAULT_KINDS = (None, "refuse", "http500", "http401", "slow", "reset")
+FAULT_KINDS = (None, "refuse", "http500", "http401", "slow", "reset", "nodata")
 VMID_MIN, VMID_MAX = 100, 999_999_999
 
 # PX: Hookscripts -- "runs <script> <vmid> <phase> directly (no shell), as root, with
@@ -435,6 +435,7 @@ class ProxmoxSimulator:
         self._extra_acl: list = []
         self._acl_fault: Optional[int] = None
         self._fault: tuple = (None, 0.0)
+        self._fault_path: Optional[str] = None
         self._counts: Counter = Counter()
         self._count_lock = threading.Lock()
 
@@ -892,12 +893,14 @@ class ProxmoxSimulator:
         with self._lock:
             self._acl_fault = None if status is None else int(status)
 
-    def set_fault(self, kind: Optional[str], delay: float = 0.0) -> None:
-        """Make the API misbehave; ``None`` heals (and listens again on the same port)."""
+    def set_fault(self, kind: Optional[str], delay: float = 0.0, path: Optional[str] = None) -> None:
+        """Make the API misbehave; ``None`` heals (and listens again on the same port).
+        ``nodata``: answer 200 with a JSON body without ``data`` (on ``path`` alone, if given)."""
         if kind not in FAULT_KINDS:
             raise ValueError("fault must be one of %s" % (FAULT_KINDS,))
         with self._life_lock:
             self._fault = (kind, max(0.0, float(delay)))
+            self._fault_path = path
             if self._host is not None and kind == "refuse" and self._server is not None:
                 self._unlisten()
             elif self._host is not None and kind != "refuse" and self._server is None:
@@ -934,6 +937,8 @@ class ProxmoxSimulator:
             return _error_reply(404, "Not found: %s" % path)
         if kind == "http500":
             return _error_reply(500, "simulated internal server error")
+        if kind == "nodata" and (self._fault_path is None or api_path == self._fault_path):
+            return _Reply(200, {"errors": None})  # 200, JSON, but no "data"
         if kind == "http401" or not self._token_ok(authorization):
             # PX: API -- a wrong token gets 401 after a deliberate delay.
             self._closing.wait(self.auth_fail_delay)

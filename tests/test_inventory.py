@@ -39,6 +39,8 @@ CASES = {
     "an entry that is not an object": ([GRANT, "/vms/104"], None),
     "an entry without a role": ([GRANT, {"path": "/vms/104", "type": "token"}], None),
     "a guest path that is not a VMID": ([GRANT, acl("/vms/abc", "NoAccess")], None),
+    "a path that does not start with /": ([GRANT, acl("vms/104", "NoAccess")], None),
+    "a relative path to a pool": ([GRANT, acl("pool/hidden", "NoAccess")], None),
 }
 
 
@@ -142,3 +144,40 @@ def test_vm_audit_must_be_propagated_from_vms(sim, sqlite_db):
     assert refused.value.kind == "privilege" and "without propagation" in str(refused.value)
     sim.set_vm_audit(True)
     assert list(inventory.read().guests) == [100]
+
+
+@pytest.mark.parametrize("path", ["/access/permissions", "/cluster/resources", "/cluster/status", "/access/acl",
+                                  "/cluster/nextid"])
+def test_an_answer_without_data_is_a_refusal_not_a_crash(sim, sqlite_db, path):
+    sim.add_guest(100)
+    sim.add_guest(101)
+    inventory = inventory_for(sim, sqlite_db)
+    sim.set_fault("nodata", path=path)
+    with pytest.raises(InventoryError) as err:
+        if path == "/access/acl":
+            inventory.acl_proof()
+        elif path == "/cluster/nextid":
+            inventory.vmid_in_use(150)
+        else:
+            inventory.read()
+    assert err.value.kind == "malformed" and path in str(err.value), err.value
+
+
+def test_quorum_is_checked_after_every_guest_list(sim, sqlite_db):
+    sim.add_guest(100)
+    inventory = inventory_for(sim, sqlite_db)
+    assert 100 in inventory.read()
+    sim.set_quorate(False)
+    sim.add_guest(101)  # on the quorate side
+    with pytest.raises(InventoryError) as err:
+        inventory.read()
+    assert err.value.kind == "no_quorum" and "pve1" in str(err.value)
+    sim.set_quorate(True)
+    assert {100, 101} <= set(inventory.read().guests)
+    sim.standalone = True
+    assert 101 in inventory.read()
+    sim.standalone = False
+    sim.set_sys_audit(False)
+    with pytest.raises(InventoryError) as err:
+        inventory.read()
+    assert err.value.kind == "privilege" and "Sys.Audit on /" in str(err.value)
