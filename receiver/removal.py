@@ -3,9 +3,9 @@
 1. Read the rows (the whole table, or the rows of some VMIDs).
 2. Take a guest list: the sweep reads one now; the watcher hands in the read that made
    its VMIDs candidates.  Plan with the pure planner; check the safety rules.
-3. Confirm: read which VMIDs an ACL could hide, then read the guest list again.  This
-   confirming read starts after the rows were read, so a guest that exists by then keeps
-   its rows, whatever the first read said.  A ghost whose guest is back is dropped; a ghost
+3. Confirm: read the guest list again, with the ACL list read on both sides of it (which
+   VMIDs an ACL could hide).  This confirming read starts after the rows were read, so a
+   guest that exists by then keeps its rows, whatever the first read said.  A ghost whose guest is back is dropped; a ghost
    whose VMID Proxmox says is taken although the token was not shown it (``hidden_guest``)
    keeps its row and is reported.
 4. Apply: delete or mark only the rows read in step 1, guarded in the WHERE clause by the
@@ -270,20 +270,20 @@ class Removal:
     def _confirm_ghosts(self, actions: list[Action], total: int) -> tuple[list[Action], list[int], list[int]]:
         """The actions that survive the confirming read, the ghosts dropped, the hidden VMIDs.
 
-        The ACL list is read *between* the two guest lists: a guest hidden in both either
-        keeps its ACL entry through this read (and is asked about one by one) or loses it
-        before the confirming read (and shows up there).  When it cannot be read, every
-        ghost is asked about one by one instead.
+        The ACL list says which VMIDs an ACL could hide from the token; only those are asked
+        about one by one (``/cluster/nextid``).  It is read on both sides of the confirming
+        read, and a VMID named by either read is asked about.  Read only before, an entry
+        added together with a new guest between that read and the confirming read would hide
+        the guest unnoticed; read only after, an entry lifted right after the confirming read
+        would.  When a read fails or proves nothing, every ghost is asked about.
         """
-        try:
-            hideable = self.proxmox.hideable_vmids()
-        except InventoryError as exc:
-            logger.warning("the ACL list could not be read (%s): every ghost's VMID is checked one by one", exc)
-            hideable = None
+        before = self._hideable()
         try:
             confirm = self.proxmox.read()
         except InventoryError as exc:
             raise Refused(refusal_for(exc), f"confirming inventory read failed: {exc}") from None
+        after = self._hideable()
+        hideable = None if before is None or after is None else before | after
         check_listing(confirm, total)
         back = {a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid in confirm}
         actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in back)]
@@ -298,6 +298,14 @@ class Removal:
             taken = set(hidden)
             actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in taken)]
         return actions, sorted(back), hidden
+
+    def _hideable(self) -> frozenset[int] | None:
+        """What the ACL list proves now (None: nothing, ask about every ghost)."""
+        try:
+            return self.proxmox.hideable_vmids()
+        except InventoryError as exc:
+            logger.warning("the ACL list could not be read (%s): every ghost's VMID is checked one by one", exc)
+            return None
 
 
 def _untouched(rows_by_key: dict[Any, int | None] | None, handled: Collection[Action]) -> frozenset[int]:

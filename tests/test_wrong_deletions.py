@@ -280,3 +280,34 @@ def test_hidden_guests_are_named_in_stats_and_metrics(sim, sqlite_db):
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'pve_janitor_hidden_guests{source="sweep"} 2.0' in metrics
     assert table_vmids(sqlite_db) == [100, 101, 103, 104]
+
+
+# --- found by the model-based test ------------------------------------------------
+
+@pytest.mark.parametrize("entry", ["watcher", "sweep"])
+def test_a_hidden_guest_created_between_the_acl_list_and_the_confirming_read_keeps_its_row(sim, sqlite_db, entry):
+    # Guest 100 is gone; an ACL will hide whatever holds VMID 100.  Right after the ACL list
+    # is read (no entry on /vms/100 yet: no such guest), a new guest 100 is created, hidden by
+    # its own NoAccess entry: the confirming read does not list it.  The ACL list read after
+    # the confirming read names /vms/100, so 100 is asked about, and its row stays.
+    table, runtime, inbox, watcher = live_world(sim, sqlite_db, vmids=range(100, 105))
+    sim.stop_guest(100)
+    sim.destroy_guest(100)
+    sim.set_visible({101, 102, 103, 104})
+    acl_list = runtime.inventory.hideable_vmids
+    reads = []
+
+    def acl_then_new_hidden_guest():
+        proof = acl_list()
+        reads.append(proof)
+        if len(reads) == 1:
+            sim.add_guest(100, name="new100")
+        return proof
+    runtime.inventory.hideable_vmids = acl_then_new_hidden_guest
+    if entry == "watcher":
+        inbox.accept(stop_event(100))
+        watcher.tick()
+    else:
+        assert runtime.sweeper.run().hidden == [100]
+    assert 100 in table_vmids(sqlite_db) and sim.guest(100) is not None
+    assert reads[0] == frozenset() and reads[1] == frozenset({100})

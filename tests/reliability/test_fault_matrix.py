@@ -107,17 +107,17 @@ class SimSeam:
     """Runs a callback inside the simulator at an exact moment of the conversation.
 
     ``before[n]`` / ``after[n]``: before / after the n-th ``/cluster/resources?type=vm``
-    answer is built (after: before it is sent).  :meth:`before_apply`: after the confirming
-    read's quorum check (``/cluster/status``, which every read ends with) is answered, the
-    last Proxmox call before a removal applies: the pipeline reads the ACL list between its
-    two inventory reads (so the confirming read is the first read after the first
-    ``/access/acl`` answer), and in this world (no ACL entry on any ``/vms/N``) it asks
+    answer is built (after: before it is sent).  :meth:`before_apply`: after the ACL list
+    read right after the confirming read is answered, the last Proxmox call before a removal
+    applies: the pipeline reads the ACL list on both sides of the confirming read (so the
+    confirming read is the first read after the first ``/access/acl`` answer, and ends with
+    its quorum check), and in this world (no ACL entry on any ``/vms/N``) it asks
     ``/cluster/nextid`` about no ghost.  Every request is
     logged, so :meth:`check_last_call` can prove that no Proxmox call came after it.
     Works for subprocesses too.
     """
 
-    LAST_CALL = "after the confirming read"
+    LAST_CALL = "after the ACL list that follows the confirming read"
 
     def __init__(self, sim):
         self.sim = sim
@@ -130,6 +130,7 @@ class SimSeam:
         self.requests: list[str] = []       # every request the simulator handled, in order
         self.requests_at_last_call: int | None = None
         self.confirming = False  # a read after the ACL list has been answered
+        self.confirmed = False  # ... and its quorum check too: the next ACL list is the last call
         resources, acl, status, handle = sim._api_resources, sim._api_acl, sim._api_cluster_status, sim._handle
 
         def wrapped_resources(query):
@@ -150,10 +151,8 @@ class SimSeam:
 
         def wrapped_status(query):
             answer = status(query)
-            if self.confirming and self.last_call is not None and self.LAST_CALL not in self.fired:
-                self.fired.append(self.LAST_CALL)
-                self.requests_at_last_call = len(self.requests)
-                self.last_call()
+            if self.confirming:
+                self.confirmed = True
             return answer
 
         def wrapped_acl(query):
@@ -161,6 +160,10 @@ class SimSeam:
                 return acl(query)
             finally:
                 self.acl_reads += 1
+                if self.confirmed and self.last_call is not None and self.LAST_CALL not in self.fired:
+                    self.fired.append(self.LAST_CALL)
+                    self.requests_at_last_call = len(self.requests)
+                    self.last_call()
 
         def logged(method, target, authorization):
             self.requests.append(f"{method} {target}")
@@ -391,7 +394,7 @@ def _arm_reuse_before_confirm(case: Case) -> None:
 def _reason_dropped(case: Case, out: Outcome) -> str:
     if case.entry == "watcher":
         assert 122 in out.data["stats"]["watched_vmids"]
-        return "VMID 122 seen again on the second read: missing count reset, still watched"
+        return "VMID 122 back in the confirming read: row kept, still watched"
     assert out.data["outcome"] == "done" and out.data["dropped_vmids"] == [122], out.data
     return "done; dropped_vmids=[122] (guest is back)"
 
