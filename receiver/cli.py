@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
-from .inventory import Inventory, InventoryError
+from .inventory import Inventory, InventoryError, grant_lines, token_id
 from .history import audit_entries
 from .logs import setup_logging
 from .restore import AuditNotFound, RestoreRefused, restore
@@ -192,10 +192,12 @@ def check(ctx: click.Context) -> None:
     line(problem is None, "mapping", problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs")
     try:
         version = runtime.inventory.version()
-        line(True, "proxmox", f"{settings.pve_host}:{settings.pve_port} answers, "
-                              f"version {version.get('version', '?')}")
-        runtime.inventory.check_privileges()
-        line(True, "privileges", "the token holds VM.Audit on /vms")
+        others = len(settings.pve_endpoints) - 1
+        line(True, "proxmox", f"{runtime.inventory.endpoint} answers, version {version.get('version', '?')}"
+                              + (f" ({others} more PVE_HOST endpoint{'s' * (others > 1)} to fall back on)"
+                                 if others > 0 else ""))
+        if not _privileges(runtime, line):
+            sys.exit(EXIT_REFUSED)
         runtime.inventory.check_quorum()
         line(True, "quorum", "the answering node is quorate (or standalone)")
         inventory = runtime.inventory.read()
@@ -214,6 +216,37 @@ def check(ctx: click.Context) -> None:
     except InventoryError as exc:
         line(False, "quorum" if exc.kind == "no_quorum" else "proxmox", str(exc))
     sys.exit(EXIT_REFUSED if failed else EXIT_OK)
+
+
+def _privileges(runtime: Runtime, line: Callable[[bool, str, str], None]) -> bool:
+    """The token's privileges, each with what is lost without it; False when nothing can work.
+
+    A token that holds nothing at all is almost always a privilege-separated token whose user
+    has no ACL: Proxmox gives such a token only what both hold.  The token cannot read its
+    user's privileges (that needs Sys.Audit on /access), so the lines that grant both are shown.
+    """
+    inventory, settings = runtime.inventory, runtime.settings
+    fix = "; run on a Proxmox node:\n" + "\n".join(f"          {cmd}" for cmd in grant_lines(settings))
+    if not any(inventory.permissions().values()):
+        line(False, "privileges", f"the token {token_id(settings)} holds no privilege at all. A privilege-"
+             "separated token holds only what its user holds too, so its user most likely has no ACL" + fix)
+        return False
+    try:
+        inventory.check_privileges()
+    except InventoryError as exc:
+        line(False, "privileges", f"{exc}{fix}")
+        return False
+    line(True, "privileges", "the token holds VM.Audit on /vms, propagated")
+    if inventory.privilege("/", "Sys.Audit") is None:
+        line(False, "privileges", "the token lacks Sys.Audit on /: quorum cannot be checked, so nothing is ever "
+             "removed, and the task tail sees only the token's own tasks (a destroyed stopped guest waits for "
+             "the sweep)" + fix)
+        return False
+    line(True, "privileges", "Sys.Audit on / (quorum, and every user's tasks for the task tail)")
+    if inventory.privilege("/access", "Sys.Audit") is None:
+        click.echo("WARN    privileges: the token lacks Sys.Audit on /access: the ACL list cannot prove the guest "
+                   "list complete, so every ghost's VMID is asked about one by one (slower, as safe)")
+    return True
 
 
 def _hidden_guests(runtime: Runtime, rows: list, inventory: Inventory, hideable: frozenset[int] | None) -> list[int]:

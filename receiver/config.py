@@ -49,8 +49,9 @@ class Settings:
     dry_run: bool = False
     # Connections.
     database_url: str = field(default="", repr=False)  # may hold a password
-    pve_host: str = ""
+    pve_host: str = ""  # the first of pve_endpoints
     pve_port: int = 8006
+    pve_endpoints: tuple[tuple[str, int], ...] = ()  # every PVE_HOST entry, in order
     pve_user: str = ""
     pve_token_name: str = ""
     pve_token_value: str = field(default="", repr=False)
@@ -242,8 +243,15 @@ def _convert(name: str, kind: str, raw: Any) -> dict[str, Any]:
             raise ValueError("must be true/false or the path of a CA bundle that exists")
         return {field_name: text}
     if kind == "host":
-        host, port = _split_host_port(str(raw).strip(), 8006)
-        return {"pve_host": host, "pve_port": port}
+        entries = [e.strip() for e in str(raw).split(",")]
+        if not any(entries):
+            return {"pve_host": "", "pve_endpoints": ()}
+        if not all(entries):
+            raise ValueError("has an empty entry (a comma-separated list of host or host:port)")
+        endpoints = tuple(_split_host_port(e, 8006) for e in entries)
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError("names one endpoint twice")
+        return {"pve_host": endpoints[0][0], "pve_port": endpoints[0][1], "pve_endpoints": endpoints}
     if kind == "bind":
         host, port = _split_host_port(str(raw).strip(), None)
         return {"bind_host": host, "bind_port": port}

@@ -13,10 +13,11 @@ delete nothing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import msgspec
 import requests
@@ -187,23 +188,80 @@ def parse_acl(entries: object) -> AclProof:
                                          "VMIDs with an ACL entry of their own are checked one by one)")
 
 
+# Errors another node may not have: the next PVE_HOST is tried.  A refused token or a missing
+# privilege is the same on every node of a cluster, and so is a malformed answer.
+FAILOVER_KINDS = frozenset({"unreachable", "timeout", "http", "no_quorum"})
+
+T = TypeVar("T")
+
+
+def token_id(settings: Settings) -> str:
+    return f"{settings.pve_user}!{settings.pve_token_name}"
+
+
+def grant_lines(settings: Settings) -> list[str]:
+    """The ``pveum`` lines that give the configured user and token what pve-janitor reads.
+
+    Both: a privilege-separated token holds only the privileges its user holds too
+    (pve-access-control ``RPCEnvironment::compile_acl_path``: user and token permissions are
+    intersected), so a role granted to the token alone gives it nothing.
+    """
+    return [f"pveum acl modify / --users {settings.pve_user} --roles PVEAuditor",
+            f"pveum acl modify / --tokens '{token_id(settings)}' --roles PVEAuditor"]
+
+
 class ProxmoxInventory:
-    """Reads the inventory with an API token; one instance per process."""
+    """Reads the inventory with an API token; one instance per process.
+
+    ``PVE_HOST`` may name several nodes of the cluster.  Every call goes to the active one;
+    when it fails in a way another node may not (unreachable, timeout, HTTP error, no
+    quorum), the next one is tried, and stays active until it fails in turn.  A whole guest
+    list is always read from one node, so its quorum check speaks for the list it read.
+    """
 
     def __init__(self, settings: Settings, on_read: Callable[[float, str], None] | None = None):
         self._settings = settings
-        self._api = ProxmoxAPI(
-            settings.pve_host,
-            port=settings.pve_port,
+        self._endpoints = settings.pve_endpoints or ((settings.pve_host, settings.pve_port),)
+        self._apis = [ProxmoxAPI(
+            host,
+            port=port,
             user=settings.pve_user,
             token_name=settings.pve_token_name,
             token_value=settings.pve_token_value,
             verify_ssl=settings.pve_verify_ssl,
             timeout=settings.pve_timeout,
             service="PVE",
-        )
+        ) for host, port in self._endpoints]
+        self._active = 0
+        self._switch_lock = threading.Lock()
         self._on_read = on_read
         self._acl_mode: str | None = None  # what hideable_vmids last logged
+
+    @property
+    def _api(self) -> ProxmoxAPI:
+        return self._apis[self._active]
+
+    @property
+    def endpoint(self) -> str:
+        """The ``host:port`` calls go to now."""
+        host, port = self._endpoints[self._active]
+        return f"{host}:{port}"
+
+    def _failover(self, attempt: Callable[[], T]) -> T:
+        """``attempt()`` on the active endpoint, then on the next ones while it fails in a way
+        another node may not; the last error when every endpoint failed."""
+        for tried in range(1, len(self._apis) + 1):
+            active = self._active
+            try:
+                return attempt()
+            except InventoryError as exc:
+                if exc.kind not in FAILOVER_KINDS or tried == len(self._apis):
+                    raise
+                with self._switch_lock:
+                    if self._active == active:  # another thread may have moved on already
+                        self._active = (active + 1) % len(self._apis)
+                logger.warning("PVE_HOST %s:%s failed (%s): trying %s", *self._endpoints[active], exc, self.endpoint)
+        raise AssertionError("unreachable")
 
     def _get(self, what: str, call: Callable[[], object]) -> object:
         try:
@@ -219,7 +277,7 @@ class ProxmoxInventory:
         except requests.exceptions.SSLError:
             raise InventoryError("tls", f"{what}: TLS verification failed (see PVE_VERIFY_SSL)") from None
         except requests.exceptions.ConnectionError:
-            raise InventoryError("unreachable", f"{what}: cannot connect to {self._settings.pve_host}:{self._settings.pve_port}") from None
+            raise InventoryError("unreachable", f"{what}: cannot connect to {self.endpoint}") from None
         except requests.exceptions.RequestException as exc:
             raise InventoryError("http", f"{what}: {type(exc).__name__}") from None
         except OSError as exc:  # e.g. the PVE_VERIFY_SSL bundle was removed after start
@@ -229,15 +287,29 @@ class ProxmoxInventory:
         except KeyError:  # proxmoxer: a JSON answer without "data"
             raise InventoryError("malformed", f"{what}: the answer has no 'data'") from None
 
-    def _privilege(self, path: str, privilege: str) -> object:
+    def _privilege(self, path: str, privilege: str, api: ProxmoxAPI | None = None) -> object:
         """The token's ``privilege`` on ``path`` as ``/access/permissions`` gives it: its propagate
         flag (1 or 0), or None when the token does not hold it."""
-        perms = self._get("/access/permissions", lambda: self._api.access.permissions.get(path=path))
+        api = api or self._api
+        perms = self._get("/access/permissions", lambda: api.access.permissions.get(path=path))
         privileges = perms.get(path) if isinstance(perms, dict) else None
         return privileges.get(privilege) if isinstance(privileges, dict) else None
 
+    def privilege(self, path: str, privilege: str) -> object:
+        """The token's ``privilege`` on ``path``: its propagate flag (1 or 0), None when not held."""
+        return self._failover(lambda: self._privilege(path, privilege))
+
+    def permissions(self) -> dict:
+        """Every privilege the token holds, by path (``GET /access/permissions``): already the
+        intersection with its user's for a privilege-separated token."""
+        perms = self._failover(lambda: self._get("/access/permissions", lambda: self._api.access.permissions.get()))
+        return perms if isinstance(perms, dict) else {}
+
     def check_privileges(self) -> None:
-        flag = self._privilege("/vms", "VM.Audit")
+        self._failover(self._check_privileges)
+
+    def _check_privileges(self, api: ProxmoxAPI | None = None) -> None:
+        flag = self._privilege("/vms", "VM.Audit", api)
         if flag is None:
             raise InventoryError(
                 "privilege",
@@ -255,6 +327,9 @@ class ProxmoxInventory:
             )
 
     def check_quorum(self) -> None:
+        self._failover(self._check_quorum)
+
+    def _check_quorum(self, api: ProxmoxAPI | None = None) -> None:
         """Raise InventoryError (``no_quorum``) unless the answering node is in a quorate cluster.
 
         ``/cluster/status`` has one ``{"type": "cluster", "quorate": 0|1}`` entry in a
@@ -263,7 +338,8 @@ class ProxmoxInventory:
         known, and a read that may be stale is not acted on.
         """
         try:
-            status = self._get("/cluster/status", lambda: self._api.cluster.status.get())
+            api = api or self._api
+            status = self._get("/cluster/status", lambda: api.cluster.status.get())
         except InventoryError as exc:
             if exc.kind == "privilege":
                 raise InventoryError("privilege", "/cluster/status: HTTP 403, quorum cannot be checked without "
@@ -282,14 +358,18 @@ class ProxmoxInventory:
                              "quorate: its guest list may be stale, so nothing is removed until quorum is back")
 
     def read(self) -> Inventory:
+        return self._failover(self._read_once)
+
+    def _read_once(self) -> Inventory:
         started = time.monotonic()
         outcome = "error"
+        api = self._api  # one node answers the whole read, whatever another thread switches to
         try:
-            self.check_privileges()
-            guests = parse_guests(self._get("/cluster/resources", self._guest_answer))
-            # After the list: a node that lost quorum before or while answering is caught
-            # unless quorum came back within these milliseconds.
-            self.check_quorum()
+            self._check_privileges(api)
+            guests = parse_guests(self._get("/cluster/resources", lambda: self._guest_answer(api)))
+            # After the list, from the same node: a node that lost quorum before or while
+            # answering is caught unless quorum came back within these milliseconds.
+            self._check_quorum(api)
             outcome = "ok"
         finally:
             elapsed = time.monotonic() - started
@@ -297,7 +377,7 @@ class ProxmoxInventory:
                 self._on_read(elapsed, outcome)
         return Inventory(guests, utcnow(), elapsed)
 
-    def _guest_answer(self) -> bytes:
+    def _guest_answer(self, api: ProxmoxAPI) -> bytes:
         """``GET /cluster/resources?type=vm`` as the raw bytes of the answer.
 
         Through proxmoxer's own session, base URL, token, TLS settings and timeout (proxmoxer
@@ -307,7 +387,7 @@ class ProxmoxInventory:
         about 0.45 s and 120 MB; :func:`parse_guests` takes 0.06 s.  HTTP errors surface as
         proxmoxer's ResourceException, as before.
         """
-        store = self._api._store
+        store = api._store
         with store["session"].request("GET", f"{store['base_url']}/cluster/resources", params={"type": "vm"},
                                       stream=True) as response:
             if response.status_code >= 400:
@@ -317,6 +397,9 @@ class ProxmoxInventory:
             return b"".join(response.iter_content(1 << 20))
 
     def vmid_in_use(self, vmid: int) -> bool:
+        return self._failover(lambda: self._vmid_in_use(vmid))
+
+    def _vmid_in_use(self, vmid: int) -> bool:
         """Whether the cluster has a guest with this VMID, whether the token may see it or not.
 
         ``/cluster/nextid?vmid=N`` answers from the cluster-wide VM list to any
@@ -340,6 +423,9 @@ class ProxmoxInventory:
         return answer is None or str(answer).strip() != str(vmid)
 
     def acl_proof(self) -> AclProof:
+        return self._failover(self._acl_proof)
+
+    def _acl_proof(self) -> AclProof:
         """Which ghosts :meth:`vmid_in_use` must check, from the ACL list (see :func:`parse_acl`).
 
         Two calls, however many guests and ghosts.  ``/access/acl`` lists every entry only
@@ -368,8 +454,8 @@ class ProxmoxInventory:
         return proof.hideable
 
     def tasks(self) -> list[Task]:
-        return parse_tasks(self._get("/cluster/tasks", lambda: self._api.cluster.tasks.get()))
+        return self._failover(lambda: parse_tasks(self._get("/cluster/tasks", lambda: self._api.cluster.tasks.get())))
 
     def version(self) -> dict:
-        data = self._get("/version", lambda: self._api.version.get())
+        data = self._failover(lambda: self._get("/version", lambda: self._api.version.get()))
         return data if isinstance(data, dict) else {}

@@ -175,13 +175,17 @@ def test_check_reports_each_line(seed_sim, seeded):
     env = janitor_env(seed_sim, seeded)
     ok = run_cli(["check"], env)
     assert ok.code == 0, ok.out
-    assert [line.split()[0] for line in ok.out.splitlines()] == ["ok"] * 8
+    assert [line.split()[0] for line in ok.out.splitlines()] == ["ok"] * 9
     assert "Sys.Audit on /access" in ok.out.splitlines()[-1]
-    assert "quorate" in ok.out and "mapping" in ok.out
+    assert "quorate" in ok.out and "mapping" in ok.out and "Sys.Audit on /" in ok.out
     seed_sim.set_sys_audit(False, only_access=True)  # slower sweeps, not a failure
     slow = run_cli(["check"], env)
     assert slow.code == 0, slow.out
-    assert [line.split()[0] for line in slow.out.splitlines()] == ["ok"] * 7 + ["WARN"]
+    assert [line.split()[0] for line in slow.out.splitlines()] == ["ok"] * 6 + ["WARN"] + ["ok"] * 2 + ["WARN"]
+    seed_sim.set_sys_audit(False)  # on / too: quorum cannot be checked, nothing would ever go
+    blind = run_cli(["check"], env)
+    assert blind.code == 3 and "lacks Sys.Audit on /:" in blind.out and "pveum acl modify / --users" in blind.out
+    seed_sim.set_sys_audit(True)
     assert "one /cluster/nextid request per ghost" in slow.out
     seed_sim.set_vm_audit(False)
     bad = run_cli(["check"], env)
