@@ -97,6 +97,7 @@ class Task:
     vmid: int | None
     status: str | None
     endtime: int | None
+    starttime: int | None = None
 
 
 def parse_guests(answer: bytes) -> dict[int, Guest]:
@@ -131,6 +132,7 @@ def parse_tasks(entries: object) -> list[Task]:
             vmid=int(raw_id) if raw_id.isdigit() else None,
             status=entry.get("status"),
             endtime=entry.get("endtime") if isinstance(entry.get("endtime"), int) else None,
+            starttime=entry.get("starttime") if isinstance(entry.get("starttime"), int) else None,
         ))
     return tasks
 
@@ -455,6 +457,18 @@ class ProxmoxInventory:
 
     def tasks(self) -> list[Task]:
         return self._failover(lambda: parse_tasks(self._get("/cluster/tasks", lambda: self._api.cluster.tasks.get())))
+
+    def node_tasks(self, node: str, types: Iterable[str], since: int) -> list[Task]:
+        """Finished tasks of these types that started on ``node`` at ``since`` or later, from its
+        full archive (``GET /nodes/{node}/tasks``: proxied to that node, so an offline node
+        answers 595).  Proxmox matches ``typefilter`` exactly and ``since`` against the start."""
+        found: list[Task] = []
+        for kind in sorted(types):
+            entries = self._failover(lambda: self._get(
+                f"/nodes/{node}/tasks", lambda: self._api.nodes(node).tasks.get(
+                    typefilter=kind, since=since, source="archive", limit=1000)))
+            found.extend(t for t in parse_tasks(entries) if t.node in (node, ""))
+        return found
 
     def version(self) -> dict:
         data = self._failover(lambda: self._get("/version", lambda: self._api.version.get()))

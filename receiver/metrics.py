@@ -36,6 +36,9 @@ class Metrics:
         self.hidden_guests = Gauge("pve_janitor_hidden_guests", "Ghosts' VMIDs that Proxmox says are in use "
                                    "although the token was not shown the guest (rows kept), at the last removal",
                                    ["source"], registry=r)
+        self.task_tail_blind = Gauge("pve_janitor_task_tail_blind", "1 when the token lacks Sys.Audit on /, so "
+                                     "/cluster/tasks shows only its own tasks (destroys of stopped guests wait "
+                                     "for the sweep)", registry=r)
         self.leader = Gauge("pve_janitor_leader", "1 when this receiver holds the sweep lease", registry=r)
 
     def removal(self, reason: str, source: str, n: int = 1) -> None:

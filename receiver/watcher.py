@@ -15,10 +15,10 @@ ONCE for all watched VMIDs, however many there are:
 * running again after having been seen stopped, or a start event: off the
   list, and the rows we had marked stopped go back to ``CLEANUP_RUNNING_STATUS``.
 
-Every ``CLEANUP_TASK_POLL_SECONDS`` it also reads ``/cluster/tasks``: a
-finished ``vzdestroy``/``qmdestroy`` not seen before puts its VMID on the list;
-that catches the destroy of a guest that was already stopped, which fires no
-hook.  An inventory failure removes nothing and keeps every VMID watched.
+Every ``CLEANUP_TASK_POLL_SECONDS`` it also polls the task tail
+(:mod:`receiver.tasktail`): a finished ``vzdestroy``/``qmdestroy`` not seen
+before puts its VMID on the list; that catches the destroy of a guest that was
+already stopped, which fires no hook.  An inventory failure removes nothing and keeps every VMID watched.
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ from .metrics import Metrics
 from .plan import GHOST
 from .removal import DRY_RUN, FAILED, REFUSED, Removal
 from .runtime import Runtime
+from .tasktail import TaskTail
 from .table import DatabaseError, chunks, describe_db_error, write_transaction
 from .timeutil import isoformat, utcnow
 
 logger = logging.getLogger(__name__)
 
-GAP_SWEEP_SECONDS = 30.0
 DRAIN_GATHER_SECONDS = 0.05
 
 
@@ -62,11 +62,8 @@ class Watcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._seen_tasks: set[str] = set()
-        self._last_finished: set[str] = set()
-        self._last_gap = float("-inf")
-        self.on_task_gap = on_task_gap
-        self.task_gaps = 0
+        self.tasks = TaskTail(runtime.inventory, on_gap=on_task_gap,
+                              on_blind=lambda blind: self.metrics.task_tail_blind.set(int(blind)))
         self._next_task_poll = 0.0
         self._last_status: dict[int, str] = {}
         self.watched: list[int] = []
@@ -219,39 +216,18 @@ class Watcher:
             return
         self._next_task_poll = mono + self.settings.task_poll_seconds
         try:
-            tasks = self.runtime.inventory.tasks()
+            hints = self.tasks.poll()
         except InventoryError as exc:
             self._error(exc.kind, f"task poll failed: {exc}")
             return
-        current = {t.upid for t in tasks}
-        finished = {t.upid for t in tasks if t.endtime}
-        if self._last_finished and finished and not (self._last_finished & finished):
-            self._task_gap(len(finished))
-        self._last_finished = finished
-        hints = [t for t in tasks if t.type in DESTROY_TASK_TYPES and t.endtime and t.vmid is not None
-                 and t.upid not in self._seen_tasks]
-        self._seen_tasks = (self._seen_tasks & current) | {t.upid for t in hints}
         if not hints:
             return
         until = now + timedelta(seconds=self.settings.watch_seconds)
         with write_transaction(self.runtime.engine) as conn:
-            watched = _watch_rows(conn, {t.vmid for t in hints})
+            watched = _watch_rows(conn, {t.vmid for t in hints if t.vmid is not None})
             for task in hints:
                 logger.info("watcher: %s of %s on %s finished: checking", task.type, task.vmid, task.node)
                 _upsert_watch(conn, watched, task.vmid, now, until, "task")
-
-    def _task_gap(self, listed: int) -> None:
-        """No task of the last poll is listed any more: more tasks finished in between than
-        /cluster/tasks keeps, so a destroy may have been missed.  Ask for a sweep (at most
-        once per GAP_SWEEP_SECONDS): it reconciles the whole table."""
-        self.task_gaps += 1
-        if time.monotonic() - self._last_gap < GAP_SWEEP_SECONDS:
-            return
-        self._last_gap = time.monotonic()
-        logger.info("watcher: the task list rolled over between two polls (%d finished listed, none seen "
-                    "before): a destroy may have been missed; asking for a sweep", listed)
-        if self.on_task_gap:
-            self.on_task_gap()
 
     def _check_watched(self, now: datetime) -> None:
         with self.runtime.engine.connect() as conn:
