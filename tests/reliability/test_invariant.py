@@ -38,14 +38,13 @@ from typing import Any, Callable
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import receiver.removal as removal_module
 from receiver import store
 from receiver.app import create_app
 from receiver.events import signature
-from receiver.fakepve import ProxmoxSimulator
+from receiver.simulator import ProxmoxSimulator
 from receiver.inbox import Inbox
 from receiver.metrics import Metrics
 from receiver.plan import GHOST
@@ -64,7 +63,8 @@ STAMPS = ("null", "old", "young", "unreadable")
 HOOK_SECRET = "model-hook-secret-0123456789"
 SEAMS = ("after_rows", "before_confirm", "before_apply")
 WHATS = ("create", "destroy", "stop", "insert", "touch", "delete", "hide", "unhide", "no_quorum", "quorum")
-INSIDE = st.one_of(st.none(), st.tuples(st.sampled_from(SEAMS), st.sampled_from(WHATS)))
+PICK = st.integers(0, 63)  # which row (or VMID): mapped onto what exists when the rule runs
+INSIDE = st.one_of(st.none(), st.tuples(st.sampled_from(SEAMS), st.sampled_from(WHATS), PICK, st.integers(0, 3)))
 
 EXAMPLES = {"sqlite": scaled(100, 1000), "postgres": scaled(30, 300), "mysql": scaled(30, 300)}
 if os.environ.get("JANITOR_MODEL_EXAMPLES"):  # for a longer run by hand
@@ -236,15 +236,17 @@ class Model(RuleBasedStateMachine):
         """A row whose guest was never created (or is gone): a ghost, unless a guest has the VMID."""
         self._insert(vmid, "running", stamps)
 
-    @precondition(lambda self: self.rows)
-    @rule(data=st.data(), status=st.sampled_from(STATUSES), stamps=st.sampled_from(STAMPS))
-    def platform_updates(self, data, status, stamps):
-        self._update(data.draw(st.sampled_from(sorted(self.rows))), status, stamps)
+    @rule(pick=PICK, status=st.sampled_from(STATUSES), stamps=st.sampled_from(STAMPS))
+    def platform_updates(self, pick, status, stamps):
+        key = self._row_key(pick)
+        if key is not None:
+            self._update(key, status, stamps)
 
-    @precondition(lambda self: self.rows)
-    @rule(data=st.data())
-    def platform_deletes(self, data):
-        self._delete(data.draw(st.sampled_from(sorted(self.rows))))
+    @rule(pick=PICK)
+    def platform_deletes(self, pick):
+        key = self._row_key(pick)
+        if key is not None:
+            self._delete(key)
 
     @rule(vmid=st.sampled_from(VMIDS), node=st.sampled_from(NODES), stamps=st.sampled_from(STAMPS))
     def platform_deploys(self, vmid, node, stamps):
@@ -264,9 +266,9 @@ class Model(RuleBasedStateMachine):
         except (KeyError, ValueError, RuntimeError):
             pass  # no such guest, locked, a running VM: Proxmox refuses too
 
-    @rule(data=st.data(), node=st.sampled_from(NODES), running=st.booleans())
-    def guest_created(self, data, node, running):
-        vmid = self._row_vmid(data)
+    @rule(pick=PICK, any_vmid=st.integers(0, 3), node=st.sampled_from(NODES), running=st.booleans())
+    def guest_created(self, pick, any_vmid, node, running):
+        vmid = self._row_vmid(pick, any_vmid)
         self._guest_op(lambda: self.world.sim.add_guest(vmid, node=node, status="running" if running else "stopped"))
 
     @rule(vmid=st.sampled_from(VMIDS))
@@ -277,16 +279,15 @@ class Model(RuleBasedStateMachine):
     def guest_started(self, vmid):
         self._guest_op(lambda: self.world.sim.start_guest(vmid))
 
-    @rule(vmid=st.sampled_from(VMIDS), lock=st.sampled_from([0.0, 0.0, 0.2]))
-    def guest_destroyed(self, vmid, lock):
-        self._guest_op(lambda: self.world.sim.destroy_guest(vmid, lock_seconds=lock))
+    @rule(vmid=st.sampled_from(VMIDS))
+    def guest_destroyed(self, vmid):
+        self._guest_op(lambda: self.world.sim.destroy_guest(vmid))
 
-    @precondition(lambda self: self.rows)
-    @rule(data=st.data(), event=st.booleans())
-    def app_destroyed_by_hand(self, data, event):
+    @rule(pick=PICK, event=st.booleans())
+    def app_destroyed_by_hand(self, pick, event):
         """Someone stops and destroys an app's guest (its hookscript posts the stop, or not)."""
-        vmid = data.draw(st.sampled_from(sorted({r["lxc_id"] for r in self.rows.values()}, key=str)))
-        if vmid is None or vmid in STEADY:
+        vmid = self._row_vmid(pick, any_vmid=1)
+        if vmid is None:
             return
         self._guest_op(lambda: self.world.sim.stop_guest(vmid))
         self._guest_op(lambda: self.world.sim.destroy_guest(vmid))
@@ -299,9 +300,9 @@ class Model(RuleBasedStateMachine):
 
     # --- what the token sees, and how Proxmox answers ------------------------------------
 
-    @rule(data=st.data(), via=st.sampled_from(["vms", "pool"]))
-    def acl_hides(self, data, via):
-        hidden = {self._row_vmid(data) for _ in range(data.draw(st.integers(0, 3)))}
+    @rule(picks=st.lists(st.tuples(PICK, st.integers(0, 3)), max_size=3), via=st.sampled_from(["vms", "pool"]))
+    def acl_hides(self, picks, via):
+        hidden = {self._row_vmid(pick, any_vmid) for pick, any_vmid in picks}
         self.world.sim.set_visible(None if not hidden else set(ALL_VMIDS) - hidden, via=via)
 
     @rule(node=st.sampled_from(NODES), online=st.sampled_from([True, True, False]))
@@ -323,23 +324,32 @@ class Model(RuleBasedStateMachine):
 
     # --- interleavings inside a removal ---------------------------------------------------
 
-    def _row_vmid(self, data) -> int:
-        """Mostly a VMID that has a row (where a wrong removal could happen), else any."""
-        with_rows = sorted({r["lxc_id"] for r in self.rows.values() if r["lxc_id"] in VMIDS})
-        if with_rows and data.draw(st.integers(0, 3)):
-            return data.draw(st.sampled_from(with_rows))
-        return data.draw(st.sampled_from(VMIDS))
+    # What a rule draws never depends on the model's state (which rows exist then): the product
+    # runs against real time and threads, and hypothesis must be able to replay a draw.  A
+    # "pick" is mapped onto whatever exists when the rule runs.
 
-    def _interleave(self, inside: tuple[str, str] | None, data) -> None:
+    def _row_key(self, pick: int) -> int | None:
+        keys = sorted(self.rows)
+        return keys[pick % len(keys)] if keys else None
+
+    def _row_vmid(self, pick: int, any_vmid: int) -> int | None:
+        """Mostly (``any_vmid`` > 0) a VMID that has a row, where a wrong removal could happen;
+        else any VMID of the churned pool."""
+        with_rows = sorted({r["lxc_id"] for r in self.rows.values() if r["lxc_id"] in VMIDS})
+        if with_rows and any_vmid:
+            return with_rows[pick % len(with_rows)]
+        return VMIDS[pick % len(VMIDS)]
+
+    def _interleave(self, inside: tuple[str, str, int, int] | None) -> None:
         """Arm one operation to run inside the next removal, at one of its seams."""
         if inside is None:
             return
-        seam, what = inside
+        seam, what, pick, any_vmid = inside
         if what == "create" and seam == "before_apply":
             return  # the one window no tool can close (see the module's docstring)
-        vmid = self._row_vmid(data)
+        vmid = self._row_vmid(pick, any_vmid)
         sim = self.world.sim
-        key = data.draw(st.sampled_from(sorted(self.rows))) if self.rows else None
+        key = self._row_key(pick)
         ops: dict[str, Callable[[], None]] = {
             "create": lambda: self._guest_op(lambda: sim.add_guest(vmid, node="pve1")),
             "destroy": lambda: self._guest_op(lambda: sim.destroy_guest(vmid)),
@@ -377,16 +387,16 @@ class Model(RuleBasedStateMachine):
             assert answer.status_code == 202, answer.get_json()
             self.events.append((body, headers))
 
-    @rule(task_poll=st.booleans(), inside=INSIDE, data=st.data())
-    def watcher_ticks(self, task_poll, inside, data):
-        self._interleave(inside, data)
-        if task_poll:
-            self.world.watcher._next_task_poll = 0
+    @rule(task_poll=st.booleans(), inside=INSIDE)
+    def watcher_ticks(self, task_poll, inside):
+        self._interleave(inside)
+        # Whether this tick polls the task list is the rule's to say, not the clock's.
+        self.world.watcher._next_task_poll = 0 if task_poll else float("inf")
         self.world.watcher.tick()
 
-    @rule(force=st.booleans(), dry_run=st.sampled_from([False, False, False, True]), inside=INSIDE, data=st.data())
-    def sweep(self, force, dry_run, inside, data):
-        self._interleave(inside, data)
+    @rule(force=st.booleans(), dry_run=st.sampled_from([False, False, False, True]), inside=INSIDE)
+    def sweep(self, force, dry_run, inside):
+        self._interleave(inside)
         result = self.world.runtime.sweeper.run(force=force, dry_run=dry_run)
         outcomes = OUTCOMES.setdefault(self.db_kind, {})
         outcomes[str(result.refusal or result.outcome)] = outcomes.get(str(result.refusal or result.outcome), 0) + 1
