@@ -32,8 +32,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.common import Receiver, drop_schema, percentile, postgres_schema_url, postgres_url
-from receiver.fakepve import ProxmoxSimulator
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator import ProxmoxSimulator
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.table import make_engine
 
 GUESTS = range(2000, 2500)

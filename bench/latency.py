@@ -33,8 +33,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.common import HOOK, Receiver, percentile
-from receiver.fakepve import ProxmoxSimulator
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator import ProxmoxSimulator
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.table import make_engine
 
 HOOK_SPACING_S = 0.8  # 2 tasks per sample: about 12 finished tasks per 5 s poll, far below 25

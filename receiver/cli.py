@@ -299,11 +299,25 @@ def restore_cmd(ctx: click.Context, audit_id: int) -> None:
 
 # --- demo ------------------------------------------------------------------
 
+def _simulator_tooling(module: str) -> Any:
+    """A module of the simulator package, loaded only by the commands that need it: it is
+    tooling, and its dependency comes with the ``simulator`` extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"receiver.simulator.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "trustme":
+            raise
+        _fail(EXIT_CONFIG, "the Proxmox simulator needs trustme: install pve-janitor[simulator]")
+        raise  # unreachable
+
+
 @main.command()
 @click.option("--once", is_flag=True, help="Run the story and exit: 0 only if every step happened.")
 def demo(once: bool) -> None:
     """Simulator + SQLite + receiver: watch ghosts get cleaned up, end to end."""
-    from .demo import run
+    run = _simulator_tooling("demo").run
 
     setup_logging(logging.WARNING)
     sys.exit(run(once=once, echo=click.echo))
@@ -319,11 +333,11 @@ def demo(once: bool) -> None:
               help="Also write the seed platform's apps table (47 rows) into this SQLite file.")
 def simulator(host: str, port: int, scene: str, seed_db: str | None) -> None:
     """Run the built-in Proxmox API simulator, to try pve-janitor without a cluster."""
-    from .fakepve import run_standalone
+    run_standalone = _simulator_tooling("standalone").run_standalone
 
     setup_logging(logging.INFO)
     if seed_db:
-        from .scene import seed_database
+        from .simulator.scene import seed_database
         from .table import make_engine
 
         engine = make_engine(f"sqlite:///{seed_db}")

@@ -21,9 +21,9 @@ import pytest
 import sqlalchemy as sa
 
 from receiver.config import load_settings, without_settings
-from receiver.fakepve import ProxmoxSimulator
+from receiver.simulator import ProxmoxSimulator
 from receiver.runtime import Runtime
-from receiver.scene import load_into, seed_database
+from receiver.simulator.scene import load_into, seed_database
 from receiver.table import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent

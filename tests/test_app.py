@@ -22,7 +22,7 @@ from receiver import store
 from receiver.app import ERROR_CODES, create_app
 from receiver.events import MAX_BODY_BYTES, signature
 from receiver.metrics import CONTENT_TYPE
-from receiver.scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database
+from receiver.simulator.scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database
 from receiver.timeutil import utcnow
 from conftest import make_runtime, table_vmids
 

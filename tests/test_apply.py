@@ -18,7 +18,7 @@ from receiver import store
 from receiver.apply import apply_actions
 from receiver.inventory import Guest, Inventory
 from receiver.plan import make_plan
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 from conftest import cli_command, janitor_env, make_runtime, table_vmids
 

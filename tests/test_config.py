@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings as hsettings, strategies as st
 
 from receiver.config import CONFIG_FILE_MAX_BYTES, VARIABLES, ConfigError, Settings, load_settings
-from receiver.scene import seed_database
+from receiver.simulator.scene import seed_database
 from conftest import ROOT, janitor_env, run_cli
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from receiver.config import ConfigError, load_settings
-from receiver.fakepve import ProxmoxSimulator
+from receiver.simulator import ProxmoxSimulator
 from receiver.inventory import InventoryError, ProxmoxInventory
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from conftest import janitor_env, make_runtime, run_cli, table_vmids
 
 GUESTS = (100, 101, 102)

@@ -1,7 +1,7 @@
-"""Tests of the Proxmox VE simulator (receiver/fakepve.py), over real HTTPS.
+"""Tests of the Proxmox VE simulator (receiver/simulator/), over real HTTPS.
 
 The simulator is what the rest of the suite and the demo trust to behave like
-Proxmox (see /work/shared/PROXMOX.md), so each test pins one documented behaviour.
+Proxmox (the PROXMOX.md facts), so each test pins one documented behaviour.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
-from receiver.fakepve import (
+from receiver.simulator import (
     HOOK_PHASES,
     ProxmoxSimulator,
     SimulatorError,
@@ -612,9 +612,9 @@ def test_hook_runs_while_the_api_keeps_answering(pve, sim, tmp_path):
 
 def test_run_standalone_prints_env_and_stops(monkeypatch):
     loaded = []
-    fake_scene = types.ModuleType("receiver.scene")
+    fake_scene = types.ModuleType("receiver.simulator.scene")
     fake_scene.load_into = lambda sim, scene: (loaded.append(scene), sim.add_guest(200))
-    monkeypatch.setitem(sys.modules, "receiver.scene", fake_scene)
+    monkeypatch.setitem(sys.modules, "receiver.simulator.scene", fake_scene)
     lines, stop = [], threading.Event()
     runner = threading.Thread(target=run_standalone, kwargs=dict(
         port=0, scene="demo", print_fn=lines.append, stop_event=stop))

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from receiver import store
 from receiver.restore import AuditNotFound, RestoreRefused, restore
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from conftest import janitor_env, make_runtime, run_cli
 
 # Outside 1 .. 2**63-1: no database can hold them, and no entry has them.

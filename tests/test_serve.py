@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from receiver import store
 from receiver.inbox import Event, Inbox
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from conftest import ROOT, cli_command, janitor_env, table_vmids
 
 HOOK = ROOT / "hookscript" / "pve-janitor-hook"

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from receiver import store
-from receiver.scene import ERROR_VMIDS, RUNNING_VMIDS, create_apps_table, app_row, seed_database
+from receiver.simulator.scene import ERROR_VMIDS, RUNNING_VMIDS, create_apps_table, app_row, seed_database
 from conftest import after_read, janitor_env, make_runtime, run_cli, table_vmids
 from datetime import timedelta
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from receiver import store
 from receiver.inbox import Event, Inbox
 from receiver.lease import Lease
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
 from conftest import after_read, make_runtime, table_vmids

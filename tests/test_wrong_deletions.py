@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from receiver import store
 from receiver.inbox import Event, Inbox
 from receiver.metrics import Metrics
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.watcher import Watcher
 from conftest import after_read, janitor_env, make_runtime, run_cli, table_vmids
 

@@ -23,7 +23,7 @@ import requests
 import sqlalchemy as sa
 
 from receiver.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 
 from conftest import ROOT, cli_command, janitor_env
 

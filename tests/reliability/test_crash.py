@@ -45,7 +45,7 @@ import pytest
 import sqlalchemy as sa
 
 from receiver import store
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.table import make_engine
 from conftest import Database
 from test_serve import Receiver, wait_until

@@ -50,7 +50,7 @@ from receiver.config import load_settings
 from receiver.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
 from receiver.inbox import Inbox
 from receiver.inventory import ProxmoxInventory
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
 from conftest import Database, _server_database, _sqlite_database, janitor_env, make_runtime, run_cli

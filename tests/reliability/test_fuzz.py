@@ -36,7 +36,7 @@ from receiver.events import MAX_BODY_BYTES, EventRejected, parse_event, signatur
 from receiver.inbox import PHASES, Event
 from receiver.inventory import Inventory
 from receiver.plan import make_plan
-from receiver.scene import app_row
+from receiver.simulator.scene import app_row
 from receiver.timeutil import utcnow
 
 from conftest import ROOT

@@ -20,7 +20,7 @@ import requests
 import sqlalchemy as sa
 
 from receiver import store
-from receiver.scene import app_row
+from receiver.simulator.scene import app_row
 from receiver.table import write_transaction
 
 from .support_io import (LONG, Serve, event_body, percentile, proc_fd_count, proc_rss_kb, record,

@@ -27,8 +27,8 @@ import pytest
 import sqlalchemy as sa
 
 from receiver import store
-from receiver.fakepve import ProxmoxSimulator
-from receiver.scene import load_into, seed_database
+from receiver.simulator import ProxmoxSimulator
+from receiver.simulator.scene import load_into, seed_database
 from receiver.table import make_engine
 
 from conftest import PG_ENV, ROOT, Database, cli_command, janitor_env

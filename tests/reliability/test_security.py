@@ -16,7 +16,7 @@ from receiver import store
 from receiver.config import ConfigError
 from receiver.inbox import Event, Inbox
 from receiver.restore import restore
-from receiver.scene import app_row, create_apps_table
+from receiver.simulator.scene import app_row, create_apps_table
 
 from conftest import ROOT, cli_command, janitor_env, make_runtime, table_vmids
 from test_install import UNIT_FILE, Env, assert_ok, env  # noqa: F401 - env: install.sh's fixture

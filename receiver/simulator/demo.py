@@ -25,12 +25,12 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
-from .config import without_settings
-from .fakepve import ProxmoxSimulator
+from ..config import without_settings
+from ..table import make_engine
+from .proxmox import ProxmoxSimulator
 from .scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database, seed_guests
-from .table import make_engine
 
-HOOKSCRIPT = Path(__file__).resolve().parent.parent / "hookscript" / "pve-janitor-hook"
+HOOKSCRIPT = Path(__file__).resolve().parents[2] / "hookscript" / "pve-janitor-hook"
 UNHOOKED_VMID = RUNNING_VMIDS[-1]  # the guest whose hookscript was never attached
 
 

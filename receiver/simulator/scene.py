@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .timeutil import utcnow
+from ..timeutil import utcnow
 
 RUNNING_VMIDS = tuple(range(100, 106))          # 6 apps, guests exist
 ERROR_VMIDS = tuple(range(120, 161))            # 41 error rows, guests gone
