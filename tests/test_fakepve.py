@@ -228,7 +228,10 @@ def test_auth_failure_waits_auth_fail_delay():
 
 
 def test_permissions_show_vm_audit(pve):
-    assert pve.access.permissions.get(path="/vms") == {"/vms": {"VM.Audit": 1, "Sys.Audit": 1}}
+    # PVEAuditor (pve-access-control AccessControl.pm create_roles: every audit privilege)
+    auditor = {"Datastore.Audit": 1, "Mapping.Audit": 1, "Pool.Audit": 1, "SDN.Audit": 1, "Sys.Audit": 1,
+               "VM.Audit": 1}
+    assert pve.access.permissions.get(path="/vms") == {"/vms": auditor}
 
 
 def test_token_without_vm_audit_sees_empty_lists(pve, sim):
@@ -271,10 +274,16 @@ def _grant(sim, path, roleid):
     return {"path": path, "type": "token", "ugid": sim.token_id, "roleid": roleid, "propagate": 1}
 
 
+def _set_up(sim):
+    """The default set-up: PVEAuditor on / for the user and for its privilege-separated token."""
+    return [{"path": "/", "type": "user", "ugid": sim.user, "roleid": "PVEAuditor", "propagate": 1},
+            _grant(sim, "/", "PVEAuditor")]
+
+
 def test_acl_lists_the_token_grant_and_a_noaccess_entry_per_hidden_guest(pve, sim):
-    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor")]
+    assert pve.access.acl.get() == _set_up(sim)
     sim.set_visible({101, 102})
-    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor"), _grant(sim, "/vms/100", "NoAccess"),
+    assert pve.access.acl.get() == [*_set_up(sim), _grant(sim, "/vms/100", "NoAccess"),
                                     _grant(sim, "/vms/103", "NoAccess")]
     assert pve.access.permissions.get(path="/vms/100") == {"/vms/100": {}}
     assert pve.access.permissions.get(path="/vms/101")["/vms/101"]["VM.Audit"] == 1
@@ -282,13 +291,13 @@ def test_acl_lists_the_token_grant_and_a_noaccess_entry_per_hidden_guest(pve, si
     assert [e["vmid"] for e in pve.cluster.resources.get(type="vm")] == [101, 102]
     assert _grant(sim, "/vms/104", "NoAccess") in pve.access.acl.get()
     sim.set_visible(None)
-    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor")]
+    assert pve.access.acl.get() == _set_up(sim)
 
 
 def test_guests_hidden_through_a_pool(pve, sim):
     sim.set_visible({101, 102}, via="pool")
     assert [e["vmid"] for e in pve.cluster.resources.get(type="vm")] == [101, 102]
-    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor"), _grant(sim, "/pool/hidden", "NoAccess")]
+    assert pve.access.acl.get() == [*_set_up(sim), _grant(sim, "/pool/hidden", "NoAccess")]
     assert pve.access.permissions.get(path="/pool/hidden") == {"/pool/hidden": {}}
     assert pve.access.permissions.get(path="/vms/100") == {"/vms/100": {}}
     assert pve.access.permissions.get(path="/vms")["/vms"]["VM.Audit"] == 1
@@ -323,7 +332,7 @@ def test_acl_fault_fails_that_route_alone(pve, sim):
     assert err.value.status_code == 500
     assert len(pve.cluster.resources.get(type="vm")) == 4
     sim.set_acl_fault(None)
-    assert pve.access.acl.get() == [_grant(sim, "/", "PVEAuditor")]
+    assert pve.access.acl.get() == _set_up(sim)
 
 
 # --------------------------------------------------------------------------- offline node

@@ -15,7 +15,10 @@ the API, quorum, proxmoxer) or the Proxmox source file named where it is coded:
   guest life cycle (no hook for a destroy, the ``lock: destroyed`` window), hooks run
   as Proxmox runs them (``hooks``);
 * ``tasks``: task records with real UPIDs and the ``/cluster/tasks`` list;
-* ``access``: what the API token may see;
+* ``userconfig``: users, groups, API tokens, roles, pools and ACL entries (user.cfg);
+  ``access``: what Proxmox computes from them, each rule naming the pve-access-control
+  function it follows; ``roles``: the built-in roles and ACL paths; ``pveum``: the
+  ``pveum`` lines users paste, applied to the configuration;
 * ``api``: the routes (``/cluster/resources``, ``/nodes/<n>/lxc|qemu``, per-guest
   status/config, ``/cluster/tasks``, ``/cluster/nextid``, ``/cluster/status``,
   ``/access/permissions``, ``/access/acl``);

@@ -1,23 +1,24 @@
 """The simulator's API routes: what each ``GET /api2/json/...`` answers.
 
 The read-only slice of the PVE API that pve-janitor uses (PROXMOX.md facts, API),
-served from the cluster's state (``Cluster``) and filtered by what the caller may see
-(``Access``).  ``ApiRoutes`` is a mixin of ``ProxmoxSimulator``; each route is a
-method ``_api_<name>(query, **path_fields)`` looked up on the simulator at request
-time, so a test may wrap one on an instance.
+served from the cluster's state (``Cluster``) and filtered by what the calling token
+holds in the privilege model (``access.AccessControl``), as pve-manager filters it.
+``ApiRoutes`` is a mixin of ``ProxmoxSimulator``; each route is a method
+``_api_<name>(query, **path_fields)`` looked up on the simulator at request time, so a
+test may wrap one on an instance.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from .cluster import Guest, lowest_free_vmid
+from .entries import config_path, guest_config, list_entry, node_entry, resource_entry
 
 API_PREFIX = "/api2/json"
 # pvestatd broadcasts guest stats every 10 s; /cluster/resources shows the last broadcast,
@@ -68,11 +69,6 @@ def _query_value(query: dict, key: str) -> Optional[str]:
     return values[0] if values else None
 
 
-def _config_path(node: str, kind: str, vmid: int) -> str:
-    directory = "lxc" if kind == "lxc" else "qemu-server"
-    return "nodes/%s/%s/%d.conf" % (node, directory, vmid)
-
-
 class ApiRoutes:
     """Route handlers; mixed into ``ProxmoxSimulator`` (needs ``Cluster`` and ``self.access``)."""
 
@@ -98,8 +94,19 @@ class ApiRoutes:
         if not self._online[node]:
             raise ApiError(595, "Errors during connection establishment, proxy handshake")
 
+    def _caller(self) -> str:
+        """The API token of the request being answered (this simulator's own outside one)."""
+        return getattr(self._request, "caller", None) or self.token_id
+
+    def _holds(self, path: str, privilege: str) -> bool:
+        return self.access.has(self._caller(), path, privilege)
+
     def _visible_guests(self) -> list:
-        return [g for _, g in sorted(self._known_guests().items()) if self.access.can_see(g.vmid)]
+        """pve-manager ``API2/Cluster.pm`` ``resources`` and the guest lists: only guests with
+        VM.Audit on ``/vms/N``; the others are skipped, not refused."""
+        caller = self._caller()
+        sees = self.access.guest_filter(caller, "VM.Audit")
+        return [g for _, g in sorted(self._known_guests().items()) if sees(g.vmid)]
 
     # ------------------------------------------------------------------ cluster
 
@@ -122,11 +129,12 @@ class ApiRoutes:
                         % (kind, ", ".join(RESOURCE_TYPES))})
         parts = []
         if kind in (None, "node"):
-            parts.extend(json.dumps(self._node_entry(node)).encode() for node in self.nodes)
+            uptime = self._node_uptime()
+            parts.extend(json.dumps(node_entry(node, self._online[node], uptime)).encode() for node in self.nodes)
         if kind in (None, "vm"):
             now = time.monotonic()
             stats_at = now - (now - self._node_boot_mono) % STATS_INTERVAL_S
-            key = (self._version, self.access.version, stats_at)
+            key = (self._version, self.access.version, self._caller(), stats_at)
             if kind == "vm" and self._vm_answer and self._vm_answer[0] == key:
                 return self._vm_answer[1]
             parts.extend(self._encoded_entry(g, stats_at) for g in self._visible_guests())
@@ -136,50 +144,30 @@ class ApiRoutes:
         return answer
 
     def _encoded_entry(self, guest: Guest, stats_at: float) -> bytes:
+        pool = self._shown_pool(guest.vmid)
         key = (guest.status, guest.lock, guest.name, guest.node, guest.tags, self._online[guest.node],
-               guest.uptime(stats_at))
+               guest.uptime(stats_at), pool)
         cached = guest.encoded
         if cached is None or cached[0] != key:
-            cached = guest.encoded = (key, json.dumps(self._resource_entry(guest, stats_at)).encode())
+            entry = resource_entry(guest, stats_at, self._online[guest.node], pool)
+            cached = guest.encoded = (key, json.dumps(entry).encode())
         return cached[1]
 
-    def _resource_entry(self, guest: Guest, now: float) -> dict:
-        entry = {
-            "id": "%s/%d" % (guest.type, guest.vmid), "vmid": guest.vmid, "node": guest.node,
-            "type": guest.type, "template": int(guest.template), "maxmem": guest.maxmem,
-            "maxdisk": guest.maxdisk, "maxcpu": guest.cpus,
-        }
-        if self._online[guest.node]:
-            running = guest.status != "stopped"
-            entry.update(
-                status=guest.status, name=guest.name, uptime=guest.uptime(now),
-                cpu=0.01 if running else 0, mem=guest.maxmem // 4 if running else 0,
-                disk=guest.maxdisk // 8, netin=0, netout=0, diskread=0, diskwrite=0,
-            )
-        else:  # an offline node's guest: status "unknown", no name
-            entry["status"] = "unknown"
-        if guest.lock:
-            entry["lock"] = guest.lock
-        if guest.tags:
-            entry["tags"] = guest.tags
-        return entry
+    def _shown_pool(self, vmid: int) -> Optional[str]:
+        """A guest's pool, shown only with Pool.Audit on it (API2/Cluster.pm ``resources``)."""
+        pool = self.access.pool_of(vmid) if self.access.pools else None
+        return pool if pool is not None and self._holds("/pool/" + pool, "Pool.Audit") else None
 
-    def _node_entry(self, node: str) -> dict:
-        entry = {"id": "node/%s" % node, "node": node, "type": "node"}
-        if self._online[node]:
-            entry.update(status="online", level="", maxcpu=8, cpu=0.02, maxmem=32 * 1024 ** 3,
-                         mem=8 * 1024 ** 3, maxdisk=100 * 1024 ** 3, disk=20 * 1024 ** 3,
-                         uptime=int(time.monotonic() - self._node_boot_mono) + 3600)
-        else:
-            entry["status"] = "offline"
-        return entry
+    def _node_uptime(self) -> int:
+        return int(time.monotonic() - self._node_boot_mono) + 3600
 
     def _api_tasks(self, query):
         """/cluster/tasks: running tasks plus the last finished ones, newest first."""
         return self.tasks.cluster_list()
 
     def _api_nextid(self, query):
-        """/cluster/nextid: the lowest free VMID >= 100, as a string."""
+        """/cluster/nextid (pve-manager ``API2/Cluster.pm`` ``nextid``): the lowest free VMID
+        >= 100, as a string, to any authenticated caller (``user => 'all'``)."""
         wanted = _query_value(query, "vmid")
         known = self._known_guests()
         if wanted is not None:
@@ -193,7 +181,7 @@ class ApiRoutes:
         """/cluster/status (pve-manager ``API2/Cluster.pm`` ``get_status``): needs Sys.Audit on
         ``/``; a cluster entry with ``quorate`` (none on a standalone node) and one entry
         per node, the answering one with ``local: 1``."""
-        if not self.access.sys_audit:
+        if not self._holds("/", "Sys.Audit"):
             raise ApiError(403, "Permission check failed (/, Sys.Audit)")
         entries = []
         if not self.standalone:
@@ -208,44 +196,29 @@ class ApiRoutes:
     # ------------------------------------------------------------------ nodes and guests
 
     def _api_nodes(self, query):
-        return [self._node_entry(node) for node in self.nodes]
+        return [node_entry(node, self._online[node], self._node_uptime()) for node in self.nodes]
 
     def _api_guest_list(self, query, node, kind):
         """/nodes/<node>/lxc|qemu: the guests on that node the caller may see."""
         now = time.monotonic()
-        return [self._list_entry(g, now) for g in self._visible_guests()
+        return [list_entry(g, now) for g in self._visible_guests()
                 if g.node == node and g.type == kind]
 
-    def _list_entry(self, guest: Guest, now: float) -> dict:
-        entry = {
-            "vmid": guest.vmid, "status": guest.status, "name": guest.name,
-            "uptime": guest.uptime(now), "maxmem": guest.maxmem, "maxdisk": guest.maxdisk,
-            "cpus": guest.cpus,
-        }
-        if guest.type == "lxc":
-            entry["type"] = "lxc"
-        if guest.template:
-            entry["template"] = 1
-        if guest.lock:
-            entry["lock"] = guest.lock
-        if guest.tags:
-            entry["tags"] = guest.tags
-        return entry
-
     def _guest_at(self, node: str, kind: str, vmid: str) -> Guest:
-        """Per-guest endpoints answer 403 without VM.Audit; an unknown guest: config missing."""
+        """Per-guest endpoints answer 403 without VM.Audit on ``/vms/N``; an unknown guest: its
+        config is missing."""
         number = int(vmid)
-        if not self.access.can_see(number):
+        if not self._holds("/vms/%d" % number, "VM.Audit"):
             raise ApiError(403, "Permission check failed (/vms/%d, VM.Audit)" % number)
         guest = self._guests.get(number)
         if guest is None or guest.node != node or guest.type != kind:
             raise ApiError(500, "Configuration file '%s' does not exist"
-                                % _config_path(node, kind, number))
+                                % config_path(node, kind, number))
         return guest
 
     def _api_status(self, query, node, kind, vmid):
         guest = self._guest_at(node, kind, vmid)
-        entry = self._list_entry(guest, time.monotonic())
+        entry = list_entry(guest, time.monotonic())
         entry["ha"] = {"managed": 0}
         if kind == "qemu":
             entry["qmpstatus"] = guest.status
@@ -253,48 +226,32 @@ class ApiRoutes:
 
     def _api_config(self, query, node, kind, vmid):
         guest = self._guest_at(node, kind, vmid)
-        config = _guest_config(guest)
+        config = guest_config(guest)
         config["digest"] = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()
         return config
 
     # ------------------------------------------------------------------ access
 
     def _api_permissions(self, query):
-        """/access/permissions: a token may read its own privileges."""
+        """/access/permissions (pve-access-control ``API2/AccessControl.pm`` ``permissions``):
+        ``{path: {privilege: propagate}}`` for ``path``, or for every path the caller holds
+        something on (``get_effective_permissions``).  Another principal's (``userid``) only
+        with Sys.Audit on ``/access``."""
+        caller = self._caller()
+        userid = _query_value(query, "userid") or caller
+        if userid != caller and not self._holds("/access", "Sys.Audit"):
+            raise ApiError(403, "Permission check failed (/access, Sys.Audit)")
         path = _query_value(query, "path")
         if path:
-            return {path: self.access.privileges_at(path)}
-        return {p: self.access.privileges_at(p) for p in ("/", "/access", "/vms")}
+            return {path: self.access.privileges(userid, path)}
+        return self.access.effective_permissions(userid)
 
     def _api_acl(self, query):
-        """/access/acl: every entry only to a caller with Sys.Audit on ``/access``."""
-        if self.access.acl_fault is not None:
-            raise ApiError(self.access.acl_fault, "simulated failure reading the ACL")
-        return self.access.acl_entries(self._guests)
-
-
-def _guest_config(guest: Guest) -> dict:
-    if guest.lock == "destroyed":  # a guest being destroyed: its config is {lock: destroyed}
-        return {"lock": "destroyed"}
-    memory_mb = guest.maxmem // (1024 * 1024)
-    if guest.type == "lxc":
-        config = {"hostname": guest.name, "arch": "amd64", "ostype": "debian",
-                  "cores": guest.cpus, "memory": memory_mb, "swap": 512,
-                  "rootfs": "local-lvm:vm-%d-disk-0,size=8G" % guest.vmid,
-                  "net0": "name=eth0,bridge=vmbr0,ip=dhcp,type=veth"}
-    else:
-        config = {"name": guest.name, "cores": guest.cpus, "memory": memory_mb,
-                  "scsi0": "local-lvm:vm-%d-disk-0,size=8G" % guest.vmid,
-                  "boot": "order=scsi0", "net0": "virtio,bridge=vmbr0"}
-    if guest.hookscript:  # set as local:snippets/<file>
-        config["hookscript"] = "local:snippets/%s" % os.path.basename(guest.hookscript)
-    if guest.template:
-        config["template"] = 1
-    if guest.tags:
-        config["tags"] = guest.tags
-    if guest.lock:
-        config["lock"] = guest.lock
-    return config
+        """/access/acl (pve-access-control ``API2/ACL.pm`` ``read_acl``): every entry only to a
+        caller with Sys.Audit on ``/access``, else those it may modify; 200 either way."""
+        if self._acl_fault is not None:
+            raise ApiError(self._acl_fault, "simulated failure reading the ACL")
+        return self.access.acl_entries(self._caller())
 
 
 ROUTES: list = [

@@ -272,9 +272,13 @@ class Cluster:
             self._changed()
             del self._guests[guest.vmid]
             del self._destroying[guest.vmid]
+            self._guest_gone(guest.vmid)
             if guest.destroy_task is not None:
                 end_wall = time.time() - (now - guest.gone_at_mono)
                 self.tasks.finish(guest.destroy_task, int(end_wall), "OK")
+
+    def _guest_gone(self, vmid: int) -> None:
+        """A destroyed guest has just disappeared (the simulator drops its ACL entries)."""
 
     def _record_task(self, node: str, task_type: str, vmid: int, starttime: int, status: str) -> None:
         self.tasks.record(node, task_type, vmid, starttime, status, int(time.time()))

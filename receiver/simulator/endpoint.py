@@ -28,7 +28,8 @@ STOP_JOIN_TIMEOUT_S = 3.0
 class HttpsEndpoint:
     """The serving half of ``ProxmoxSimulator``: start/stop, faults, counts, ``_handle``.
 
-    Needs ``token_id``, ``token_value``, ``auth_fail_delay`` and ``_route`` (``ApiRoutes``).
+    Needs ``access`` (the privilege model), ``auth_fail_delay``, ``_request`` (a
+    ``threading.local`` for the caller) and ``_route`` (``ApiRoutes``).
     """
 
     def _init_serving(self) -> None:
@@ -176,25 +177,33 @@ class HttpsEndpoint:
             return error_reply(500, "simulated internal server error")
         if kind == "nodata" and (self._fault_path is None or api_path == self._fault_path):
             return Reply(200, {"errors": None})  # 200, JSON, but no "data"
-        if kind == "http401" or not self._token_ok(authorization):
+        caller = None if kind == "http401" else self._caller_of(authorization)
+        if caller is None:
             # A wrong token gets 401 after a deliberate delay (3 s in PVE).
             self._closing.wait(self.auth_fail_delay)
             return error_reply(401, "authentication failure")
         if method != "GET":
             return error_reply(501, "Method '%s %s%s' not implemented" % (method, API_PREFIX, api_path))
+        self._request.caller = caller
         try:
             return Reply(200, {"data": self._route(api_path, parse_qs(parts.query))})
         except ApiError as exc:
             return error_reply(exc.status, exc.message, exc.errors)
+        finally:
+            self._request.caller = None
 
-    def _token_ok(self, authorization: Optional[str]) -> bool:
-        # Authorization: PVEAPIToken=<user>@<realm>!<tokenid>=<secret>
+    def _caller_of(self, authorization: Optional[str]) -> Optional[str]:
+        """The API token a request authenticates as, or None.
+
+        ``Authorization: PVEAPIToken=<user>@<realm>!<tokenid>=<secret>``; the token must exist
+        in the privilege model, with that secret.
+        """
         prefix = "PVEAPIToken="
         if not authorization or not authorization.startswith(prefix):
-            return False
+            return None
         token_id, sep, secret = authorization[len(prefix):].partition("=")
-        if not sep:
-            return False
-        id_ok = hmac.compare_digest(token_id.encode(), self.token_id.encode())
-        secret_ok = hmac.compare_digest(secret.encode(), self.token_value.encode())
-        return id_ok and secret_ok
+        with self._lock:
+            expected = self.access.token_secret(token_id) if sep else None
+        if expected is None:
+            return None
+        return token_id if hmac.compare_digest(secret.encode(), expected.encode()) else None
