@@ -268,7 +268,7 @@ class Model(RuleBasedStateMachine):
 
     @rule(pick=PICK, any_vmid=st.integers(0, 3), node=st.sampled_from(NODES), running=st.booleans())
     def guest_created(self, pick, any_vmid, node, running):
-        vmid = self._row_vmid(pick, any_vmid)
+        vmid = self._row_vmid(pick, any_vmid, ghosts_first=True)
         self._guest_op(lambda: self.world.sim.add_guest(vmid, node=node, status="running" if running else "stopped"))
 
     @rule(vmid=st.sampled_from(VMIDS))
@@ -313,6 +313,14 @@ class Model(RuleBasedStateMachine):
     def quorum(self, quorate):
         self.world.sim.set_quorate(quorate)
 
+    @rule(pick=PICK)
+    def split_brain_redeploy(self, pick):
+        """The answering node is cut off from quorum; on the quorate side a ghost row's VMID is
+        taken by a new guest (a redeploy the stale node cannot see)."""
+        self.world.sim.set_quorate(False)
+        vmid = self._row_vmid(pick, 1, ghosts_first=True)
+        self._guest_op(lambda: self.world.sim.add_guest(vmid, node="pve2"))
+
     @rule(kind=st.sampled_from([None, None, None, None, "refuse", "http500", "reset", "slow"]),
           delay=st.sampled_from([0.05, 0.3]))
     def api_fault(self, kind, delay):
@@ -332,10 +340,14 @@ class Model(RuleBasedStateMachine):
         keys = sorted(self.rows)
         return keys[pick % len(keys)] if keys else None
 
-    def _row_vmid(self, pick: int, any_vmid: int) -> int | None:
+    def _row_vmid(self, pick: int, any_vmid: int, ghosts_first: bool = False) -> int | None:
         """Mostly (``any_vmid`` > 0) a VMID that has a row, where a wrong removal could happen;
-        else any VMID of the churned pool."""
+        else any VMID of the churned pool.  ``ghosts_first``: a row's VMID that no guest holds
+        now, if there is one (a guest created there is what a removal must notice)."""
         with_rows = sorted({r["lxc_id"] for r in self.rows.values() if r["lxc_id"] in VMIDS})
+        if ghosts_first:
+            ghosts = [v for v in with_rows if v not in self.world.sim.vmids()]
+            with_rows = ghosts or with_rows
         if with_rows and any_vmid:
             return with_rows[pick % len(with_rows)]
         return VMIDS[pick % len(VMIDS)]
@@ -347,7 +359,7 @@ class Model(RuleBasedStateMachine):
         seam, what, pick, any_vmid = inside
         if what == "create" and seam == "before_apply":
             return  # the one window no tool can close (see the module's docstring)
-        vmid = self._row_vmid(pick, any_vmid)
+        vmid = self._row_vmid(pick, any_vmid, ghosts_first=what == "create")
         sim = self.world.sim
         key = self._row_key(pick)
         ops: dict[str, Callable[[], None]] = {
@@ -403,6 +415,14 @@ class Model(RuleBasedStateMachine):
         assert result.outcome != "failed" or result.refusal is not None, result.reason
         if dry_run:
             assert not result.applied
+
+    @rule(seam=st.sampled_from(["after_rows", "before_confirm"]), pick=PICK, use_watcher=st.booleans())
+    def removal_racing_a_redeploy(self, seam, pick, use_watcher):
+        """A sweep or a watcher tick while a ghost row's VMID is taken by a new guest inside it."""
+        if use_watcher:
+            self.watcher_ticks(task_poll=True, inside=(seam, "create", pick, 1))
+        else:
+            self.sweep(force=False, dry_run=False, inside=(seam, "create", pick, 1))
 
     # --- after every step ----------------------------------------------------------------------
 
