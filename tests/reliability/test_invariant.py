@@ -322,7 +322,7 @@ class Model(RuleBasedStateMachine):
         self._guest_op(lambda: self.world.sim.add_guest(vmid, node="pve2"))
 
     @rule(kind=st.sampled_from([None, None, None, None, "refuse", "http500", "reset", "slow"]),
-          delay=st.sampled_from([0.05, 0.3]))
+          delay=st.sampled_from([0.02, 0.1]))
     def api_fault(self, kind, delay):
         self.world.sim.set_fault(kind, delay)
 
