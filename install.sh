@@ -389,9 +389,14 @@ CLEANUP_ADMIN_TOKEN=$2
 #   sqlite:///$RECEIVER_STATE_DIR/platform.db   (the service may write only under $RECEIVER_STATE_DIR)
 #DATABASE_URL=
 
-# The Proxmox API, with a read-only token (role PVEAuditor):
+# The Proxmox API, with a read-only token (role PVEAuditor on /, for the user AND
+# the token: a privilege-separated token holds only what its user holds too):
+#   pveum user add janitor@pve
+#   pveum acl modify / --users janitor@pve --roles PVEAuditor
 #   pveum user token add janitor@pve sweep --privsep 1
 #   pveum acl modify / --tokens 'janitor@pve!sweep' --roles PVEAuditor
+# PVE_HOST may list several nodes (pve1:8006,pve2:8006): the first one that answers
+# and is quorate is read from.
 #PVE_HOST=pve1.example.com:8006
 #PVE_USER=janitor@pve
 #PVE_TOKEN_NAME=sweep

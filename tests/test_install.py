@@ -323,6 +323,9 @@ def test_receiver_writes_venv_env_file_unit_and_starts_it(env: Env) -> None:
         assert re.search(rf"^#{name}=", text, re.M), name
         assert name not in values
     assert "pve-janitor check" in text and "pve-janitor sweep --dry-run" in text
+    # The token set-up that works on a real cluster: PVEAuditor on / for the user and the token.
+    assert "#   pveum acl modify / --users janitor@pve --roles PVEAuditor" in text
+    assert "#   pveum acl modify / --tokens 'janitor@pve!sweep' --roles PVEAuditor" in text
     assert_no_secret(result, hook_secret, admin_token)
     assert "CLEANUP_HOOK_SECRET: (generated)" in result.stdout
 
