@@ -11,8 +11,8 @@ dependency (``trustme``) comes with the ``simulator`` extra.
 Each behaviour follows the Proxmox facts the project keeps in PROXMOX.md (hookscripts,
 the API, quorum, proxmoxer) or the Proxmox source file named where it is coded:
 
-* ``cluster``: guests, nodes, quorum and the stale list of a node without it, the
-  guest life cycle (no hook for a destroy, the ``lock: destroyed`` window), hooks run
+* ``cluster``: guests (``guests``), nodes, quorum and the stale list of a node without
+  it, the guest life cycle (no hook for a destroy, the ``lock: destroyed`` window), hooks run
   as Proxmox runs them (``hooks``);
 * ``tasks``: task records with real UPIDs and the ``/cluster/tasks`` list;
 * ``userconfig``: users, groups, API tokens, roles, pools and ACL entries (user.cfg);
@@ -31,7 +31,7 @@ It is not an emulator: it answers only the routes in ``api.ROUTES``, and it is
 read-only over HTTP, like the PVEAuditor token pve-janitor uses.
 """
 
-from .cluster import GUEST_TYPES, SimulatorError, lowest_free_vmid
+from .guests import GUEST_TYPES, SimulatorError, lowest_free_vmid
 from .hooks import HOOK_PHASES
 from .proxmox import ProxmoxSimulator
 from .standalone import export_lines, run_standalone

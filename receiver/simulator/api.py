@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .cluster import Guest, lowest_free_vmid
+from .guests import Guest, lowest_free_vmid
 from .entries import config_path, guest_config, list_entry, node_entry, resource_entry
 
 API_PREFIX = "/api2/json"

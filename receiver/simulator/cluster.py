@@ -14,63 +14,13 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from .guests import GUEST_STATUSES, GUEST_TYPES, VMID_MAX, VMID_MIN, Guest, SimulatorError
 from .hooks import HOOK_BASE_ENV, run_hook
-from .tasks import Task, TaskLog
+from .tasks import TaskLog
 
 logger = logging.getLogger(__name__)
-
-GUEST_TYPES = ("lxc", "qemu")
-GUEST_STATUSES = ("running", "stopped", "paused")
-VMID_MIN, VMID_MAX = 100, 999_999_999
-
-
-class SimulatorError(RuntimeError):
-    """A guest operation that Proxmox itself would refuse (e.g. ``qm destroy`` of a running VM)."""
-
-
-@dataclass
-class Guest:
-    vmid: int
-    node: str
-    type: str
-    status: str
-    name: str
-    template: bool
-    hookscript: Optional[str]
-    tags: Optional[str] = None
-    lock: Optional[str] = None
-    started_mono: Optional[float] = None
-    gone_at_mono: Optional[float] = None
-    destroy_task: Optional[Task] = None
-    maxmem: int = 512 * 1024 * 1024
-    maxdisk: int = 8 * 1024 * 1024 * 1024
-    cpus: int = 1
-    # (what the /cluster/resources entry depends on, that entry as JSON)
-    encoded: Optional[tuple] = field(default=None, repr=False, compare=False)
-
-    def uptime(self, now_mono: float) -> int:
-        if self.status == "stopped" or self.started_mono is None:
-            return 0
-        return max(0, int(now_mono - self.started_mono))
-
-    def as_dict(self) -> dict:
-        return {
-            "vmid": self.vmid, "node": self.node, "type": self.type, "status": self.status,
-            "name": self.name, "template": self.template, "hookscript": self.hookscript,
-            "tags": self.tags, "lock": self.lock,
-        }
-
-
-def lowest_free_vmid(used: Iterable[int]) -> int:
-    """The lowest VMID >= 100 not in ``used`` (``/cluster/nextid``: VMIDs are reused at once)."""
-    taken = set(used)
-    vmid = VMID_MIN
-    while vmid in taken:
-        vmid += 1
-    return vmid
 
 
 class Cluster:

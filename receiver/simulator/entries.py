@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .cluster import Guest
+from .guests import Guest
 
 
 def config_path(node: str, kind: str, vmid: int) -> str:
