@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -331,6 +332,19 @@ def _refusal(words: str, refusal: str) -> Callable[[Case, Outcome], str]:
 
 def _no_change(case: Case) -> None:
     return None
+
+
+def _pveum(line: str) -> Callable[[Case], None]:
+    return lambda case: case.sim.pveum(line)
+
+
+def _reason_other_host(case: Case, out: Outcome) -> str:
+    down = case.env_extra["PVE_HOST"].split(",")[0]
+    if case.entry == "watcher":
+        assert not out.text, out.text
+        return f"no error; {down} skipped, {case.sim.pve_host} read"
+    assert out.code in (0, 200) and out.data["outcome"] == "done", out.text
+    return f"done; {down} skipped"
 
 
 def _set_fault(kind: str, **kw) -> Callable[[Case], None]:
@@ -670,6 +684,18 @@ FAULTS: tuple[Fault, ...] = tuple(
     Fault("node_offline", "node pve2 offline (/nodes/pve2/* answers 595)", _arm_offline,
           lambda case: case.sim.set_node_online("pve2", True), _reason_offline,
           removed_during=frozenset(GHOSTS), expect="pve2's rows kept (listed, status unknown); ghosts go"),
+    Fault("privsep_user_lacks_role", "privilege-separated token whose user lacks PVEAuditor (the token holds "
+          "nothing: Proxmox intersects user and token)", _pveum("acl delete / --users janitor@pve --roles PVEAuditor"),
+          _pveum("acl modify / --users janitor@pve --roles PVEAuditor"), _refusal("VM.Audit", "privilege"),
+          expect="nothing removed; refused"),
+    Fault("no_sys_audit_root", "token without Sys.Audit on / (quorum unknowable, task tail blind)",
+          lambda case: case.sim.set_sys_audit(False), lambda case: case.sim.set_sys_audit(True),
+          _refusal("Sys.Audit on /", "privilege"), expect="nothing removed; refused"),
+    Fault("no_quorum", "the answering node lost quorum (its guest list may be stale)",
+          lambda case: case.sim.set_quorate(False), lambda case: case.sim.set_quorate(True),
+          _refusal("not quorate", "no_quorum"), expect="nothing removed; refused"),
+    Fault("one_host_down", "the first of two PVE_HOST endpoints is down", _no_change, _no_change,
+          _reason_other_host, removed_during=frozenset(GHOSTS), expect="the next endpoint answers; ghosts go"),
     Fault("no_vm_audit", "token without VM.Audit (empty lists)", lambda case: case.sim.set_vm_audit(False),
           lambda case: case.sim.set_vm_audit(True), _refusal("VM.Audit", "privilege"),
           expect="nothing removed; refused"),
@@ -741,6 +767,11 @@ def run_case(entry: str, fault: Fault, db: Database, sim, tmp_path, monkeypatch,
     case = Case(entry, db, sim, tmp_path, monkeypatch, caplog, server=getattr(db, "server", None))
     if fault.id == "timeout":
         case.env_extra["PVE_TIMEOUT"] = str(PVE_TIMEOUT)
+    if fault.id == "one_host_down":
+        with socket.socket() as probe:  # a port nobody listens on: a node that is down
+            probe.bind(("127.0.0.1", 0))
+            down = f"127.0.0.1:{probe.getsockname()[1]}"
+        case.env_extra["PVE_HOST"] = f"{down},{sim.pve_host}"
     case.ids = build_world(db, sim)
     case.seam = SimSeam(sim)
     if entry != "sweep":
