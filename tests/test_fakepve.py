@@ -348,7 +348,7 @@ def _vm_list(pve):
     (lambda sim: sim.start_guest(102), lambda vms: vms[102][0] == "running"),
     (lambda sim: sim.destroy_guest(102, lock_seconds=30), lambda vms: vms[102][1] == "destroyed"),
     (lambda sim: sim.destroy_guest(102), lambda vms: 102 not in vms),
-    (lambda sim: sim.set_node_online("pve2", False), lambda vms: vms[102] == ("unknown", None, None)),
+    (lambda sim: sim.set_node_online("pve2", False, stats_age=301), lambda vms: vms[102] == ("unknown", None, None)),
     (lambda sim: sim.set_vm_audit(False), lambda vms: vms == {}),
     (lambda sim: sim.set_visible({100}), lambda vms: set(vms) == {100}),
 ], ids=["add", "stop", "start", "destroying", "destroyed", "node offline", "no VM.Audit", "partial"])
@@ -362,7 +362,11 @@ def test_the_kept_vm_answer_follows_every_change(pve, sim, change, expect):
 
 
 def test_offline_node(pve, sim):
-    sim.set_node_online("pve2", False)
+    # Its last status and name for 5 minutes (its stats are still fresh), then unknown, no name.
+    sim.set_node_online("pve2", False, stats_age=299)
+    entries = _by_vmid(pve.cluster.resources.get(type="vm"))
+    assert entries[102]["status"] == "stopped" and entries[102]["name"] == "ct102"
+    sim.set_node_online("pve2", False, stats_age=301)
     entries = _by_vmid(pve.cluster.resources.get(type="vm"))
     assert set(entries) == {100, 101, 102, 103}  # still listed
     assert entries[102]["status"] == "unknown" and "name" not in entries[102]

@@ -145,11 +145,12 @@ class ApiRoutes:
 
     def _encoded_entry(self, guest: Guest, stats_at: float) -> bytes:
         pool = self._shown_pool(guest.vmid)
-        key = (guest.status, guest.lock, guest.name, guest.node, guest.tags, self._online[guest.node],
+        shown = self.stats_shown(guest.node, stats_at)
+        key = (guest.status, guest.lock, guest.name, guest.node, guest.tags, shown,
                guest.uptime(stats_at), pool)
         cached = guest.encoded
         if cached is None or cached[0] != key:
-            entry = resource_entry(guest, stats_at, self._online[guest.node], pool)
+            entry = resource_entry(guest, stats_at, shown, pool)
             cached = guest.encoded = (key, json.dumps(entry).encode())
         return cached[1]
 

@@ -22,6 +22,10 @@ from .tasks import TaskLog
 
 logger = logging.getLogger(__name__)
 
+# pve-manager API2/Cluster.pm resources: an offline node's guests keep their last status and
+# name until their stats are older than this, then show status "unknown" without name.
+OFFLINE_STATS_SECONDS = 300
+
 
 class Cluster:
     """Guests on nodes, and what happens to them.  All state sits under ``_lock``."""
@@ -39,6 +43,7 @@ class Cluster:
         self._guests: dict = {}
         self._destroying: dict = {}  # vmid -> guest in its ``lock: destroyed`` window
         self._online = {node: True for node in self.nodes}
+        self._offline_at: dict = {}  # node -> monotonic time of its last stats broadcast
         self._node_boot_mono = time.monotonic()
         self._stale: Optional[dict] = None  # the answering node's guest list while it has no quorum
         # Bumped by every change /cluster/resources?type=vm can show (see _changed).
@@ -254,14 +259,29 @@ class Cluster:
 
     # ------------------------------------------------------------------ nodes and quorum
 
-    def set_node_online(self, node: str, online: bool) -> None:
-        """An offline node's guests stay listed (status unknown, no name); /nodes/<node>/...
-        answers 595."""
+    def set_node_online(self, node: str, online: bool, stats_age: float = 0.0) -> None:
+        """An offline node's guests stay listed; /nodes/<node>/... answers 595.
+
+        pve-manager ``PVE/API2/Cluster.pm`` ``resources`` shows a guest's last broadcast status
+        and name while its stats are younger than 5 minutes (``PVE::Cluster`` rrd data ages
+        out after 300 s), then ``status: unknown`` without name.  ``stats_age``: how many
+        seconds ago the node went offline (its last stats broadcast), to test either side.
+        """
         with self._lock:
             if node not in self._online:
                 raise ValueError("unknown node %r" % node)
             self._online[node] = bool(online)
+            if online:
+                self._offline_at.pop(node, None)
+            elif node not in self._offline_at or stats_age:
+                self._offline_at[node] = time.monotonic() - float(stats_age)
             self._changed()
+
+    def stats_shown(self, node: str, now: float) -> bool:
+        """Whether ``node``'s guests show their status and name (online, or offline < 5 min)."""
+        if self._online[node]:
+            return True
+        return now - self._offline_at.get(node, now) < OFFLINE_STATS_SECONDS
 
     def set_quorate(self, quorate: bool) -> None:
         """Cut the answering node off from the quorate partition (False), or bring it back.

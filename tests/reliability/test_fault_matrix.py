@@ -360,7 +360,7 @@ def _arm_timeout(case: Case) -> None:
 
 
 def _arm_offline(case: Case) -> None:
-    case.sim.set_node_online("pve2", False)
+    case.sim.set_node_online("pve2", False, stats_age=301)  # past 5 minutes: status unknown
     api = ProxmoxInventory(load_settings(env=case.sim.env()))._api
     with pytest.raises(Exception) as refused:  # the fault is real: the node's own API answers 595
         api.nodes("pve2").lxc.get()
