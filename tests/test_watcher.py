@@ -267,24 +267,41 @@ def test_dry_run_watcher_changes_nothing(sim, sqlite_db, caplog):
     assert audit_sources(sqlite_db) == []
 
 
-def test_task_list_roll_over_between_polls_asks_for_a_sweep(world):
-    sim, db, runtime, inbox, _ = world
-    asked = []
-    watcher = Watcher(runtime, inbox, on_task_gap=lambda: asked.append(1))
+def roll_pve1_over(sim, watcher):
+    """Three finished stops seen at a poll, then 30 tasks on pve1 alone: more than its list keeps."""
     for v in range(100, 103):
-        sim.stop_guest(v)  # three finished vzstop tasks
+        sim.stop_guest(v)  # three finished vzstop tasks (101 on pve1, 100 and 102 on pve2)
     watcher.tick()
     sim.start_guest(100)
     watcher._next_task_poll = 0
     watcher.tick()
-    assert asked == []  # the list still overlaps the last poll's
-    for _ in range(15):  # 30 tasks: more than /cluster/tasks keeps
+    for _ in range(15):
         sim.stop_guest(103)
         sim.start_guest(103)
     watcher._next_task_poll = 0
+
+
+def test_task_list_roll_over_between_polls_reads_the_node_archive(world):
+    sim, db, runtime, inbox, _ = world
+    asked = []
+    watcher = Watcher(runtime, inbox, on_task_gap=lambda: asked.append(1))
+    roll_pve1_over(sim, watcher)
+    assert asked == [] and watcher.tasks.gaps == 0  # the lists still overlapped the last poll's
+    sim.reset_counts()
     watcher.tick()
-    # The simulator keeps no per-node archive yet: the archive read fails, so a sweep is asked for.
-    assert asked == [1] and watcher.tasks.gaps == 1
+    # pve1's archive (GET /nodes/pve1/tasks) is read instead of asking for a sweep.
+    assert asked == [] and watcher.tasks.gaps == 1 and watcher.tasks.archive_reads == 1
+    assert sim.request_count("/nodes/pve1/tasks") == 2 and sim.request_count("/nodes/pve2/tasks") == 0
+
+
+def test_task_list_roll_over_of_an_offline_node_asks_for_a_sweep(world):
+    sim, db, runtime, inbox, _ = world
+    asked = []
+    watcher = Watcher(runtime, inbox, on_task_gap=lambda: asked.append(1))
+    roll_pve1_over(sim, watcher)
+    sim.set_node_online("pve1", False)  # pmxcfs keeps its last list; its archive answers 595
+    watcher.tick()
+    assert asked == [1] and watcher.tasks.gaps == 1 and watcher.tasks.archive_reads == 0
 
 
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(world, tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .guests import Guest, lowest_free_vmid
+from .tasks import TaskQuery, TaskQueryError
 from .entries import config_path, guest_config, list_entry, node_entry, resource_entry
 
 API_PREFIX = "/api2/json"
@@ -163,8 +164,23 @@ class ApiRoutes:
         return int(time.monotonic() - self._node_boot_mono) + 3600
 
     def _api_tasks(self, query):
-        """/cluster/tasks: running tasks plus the last finished ones, newest first."""
-        return self.tasks.cluster_list()
+        """/cluster/tasks (pve-manager ``API2/Cluster.pm`` ``tasks``): every node's broadcast list.
+        Without Sys.Audit on ``/`` only entries whose user (token part split off) equals the
+        caller; a token request's caller is the full token id (pve-manager ``HTTPServer.pm``), so a
+        token then sees none of its tasks either."""
+        if self._holds("/", "Sys.Audit"):
+            return self.tasks.cluster_list()
+        caller = self._caller()
+        return self.tasks.cluster_list(lambda entry: entry["user"] == caller)
+
+    def _api_node_tasks(self, query, node):
+        """/nodes/{node}/tasks (pve-manager ``API2/Tasks.pm`` ``node_tasks``, proxied to the node):
+        the node's own archive; every task with Sys.Audit on ``/nodes/{node}``, else the caller's."""
+        try:
+            wanted = TaskQuery.parse(query)
+        except TaskQueryError as exc:
+            raise ApiError(400, "Parameter verification failed.", exc.errors) from None
+        return self.tasks.node_list(node, wanted, self._holds("/nodes/%s" % node, "Sys.Audit"), self._caller())
 
     def _api_nextid(self, query):
         """/cluster/nextid (pve-manager ``API2/Cluster.pm`` ``nextid``): the lowest free VMID
@@ -265,6 +281,7 @@ ROUTES: list = [
         (r"/access/permissions", "_api_permissions"),
         (r"/access/acl", "_api_acl"),
         (r"/nodes", "_api_nodes"),
+        (r"/nodes/(?P<node>[^/]+)/tasks", "_api_node_tasks"),
         (r"/nodes/(?P<node>[^/]+)/(?P<kind>lxc|qemu)", "_api_guest_list"),
         (r"/nodes/(?P<node>[^/]+)/(?P<kind>lxc|qemu)/(?P<vmid>\d+)/status/current", "_api_status"),
         (r"/nodes/(?P<node>[^/]+)/(?P<kind>lxc|qemu)/(?P<vmid>\d+)/config", "_api_config"),

@@ -271,6 +271,7 @@ class Cluster:
             if node not in self._online:
                 raise ValueError("unknown node %r" % node)
             self._online[node] = bool(online)
+            self.tasks.set_online(node, online)  # its last task list stays in /cluster/tasks
             if online:
                 self._offline_at.pop(node, None)
             elif node not in self._offline_at or stats_age:
