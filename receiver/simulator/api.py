@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from . import params
 from .guests import Guest, lowest_free_vmid
 from .tasks import TaskQuery, TaskQueryError
 from .entries import config_path, guest_config, list_entry, node_entry, resource_entry
@@ -80,6 +81,7 @@ class ApiRoutes:
             for pattern, method_name in ROUTES:
                 match = pattern.fullmatch(path)
                 if match:
+                    params.verify(method_name, query, match.groupdict())
                     return getattr(self, method_name)(query, **match.groupdict())
         raise ApiError(501, "Method 'GET %s%s' not implemented" % (API_PREFIX, path))
 

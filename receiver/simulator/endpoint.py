@@ -17,6 +17,7 @@ from typing import Optional
 from urllib.parse import parse_qs, urlsplit
 
 from .api import API_PREFIX, ApiError, Reply, error_reply
+from .params import MESSAGE as PARAMETER_MESSAGE, ParameterError
 from .server import TLSServer, make_tls, url_host
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ class HttpsEndpoint:
             return Reply(200, {"data": self._route(api_path, parse_qs(parts.query))})
         except ApiError as exc:
             return error_reply(exc.status, exc.message, exc.errors)
+        except ParameterError as exc:
+            return error_reply(400, PARAMETER_MESSAGE, exc.errors)
         finally:
             self._request.caller = None
 
