@@ -78,7 +78,8 @@ def guest_config(guest: Guest) -> dict:
                   "rootfs": "local-lvm:vm-%d-disk-0,size=8G" % guest.vmid,
                   "net0": "name=eth0,bridge=vmbr0,ip=dhcp,type=veth"}
     else:
-        config = {"name": guest.name, "cores": guest.cpus, "memory": memory_mb,
+        # qemu-server: ``memory`` is a property string (``[current=]<MiB>``), so a string.
+        config = {"name": guest.name, "cores": guest.cpus, "memory": str(memory_mb),
                   "scsi0": "local-lvm:vm-%d-disk-0,size=8G" % guest.vmid,
                   "boot": "order=scsi0", "net0": "virtio,bridge=vmbr0"}
     if guest.hookscript:  # set as local:snippets/<file>
