@@ -277,7 +277,8 @@ ANSWERS = [
     ("/version", None), ("/access/permissions", None), ("/access/permissions", {"path": "/vms"}),
     ("/access/permissions", {"path": "/access", "userid": "janitor@pve!sweep"}), ("/access/acl", None),
     ("/cluster/resources", None), ("/cluster/resources", {"type": "vm"}), ("/cluster/resources", {"type": "node"}),
-    ("/cluster/status", None), ("/cluster/tasks", None), ("/cluster/nextid", None), ("/cluster/nextid", {"vmid": "150"}),
+    ("/cluster/status", None), ("/cluster/tasks", None),
+    ("/cluster/nextid", None), ("/cluster/nextid", {"vmid": "150"}),
     ("/nodes/pve2/tasks", None), ("/nodes/pve2/tasks", {"typefilter": "vzdestroy", "since": "0", "source": "archive",
                                                        "limit": "1000"}),
     ("/nodes/pve1/tasks", {"source": "all", "vmid": "101", "errors": "0", "statusfilter": "ok,error"}),
@@ -359,14 +360,18 @@ def _good_values(rule: dict) -> list:
         return ["ok", "error,warning unknown"]
     if rule.get("format") == "pve-configid":
         return ["snap1", "a" * 40]
-    return {"integer": [str(rule.get("minimum", 0)), "1700000000"], "boolean": ["0", "1"]}.get(rule.get("type"), ["x"])
+    samples = {"integer": [str(rule.get("minimum", 0)), "1700000000"], "boolean": ["0", "1"]}
+    return samples.get(rule.get("type"), ["x"])
 
 
 PAGES = {  # a concrete path for each schema path
-    "/nodes/{node}/tasks": "/nodes/pve1/tasks", "/nodes/{node}/lxc": "/nodes/pve1/lxc",
-    "/nodes/{node}/qemu": "/nodes/pve1/qemu", "/nodes/{node}/lxc/{vmid}/status/current": "/nodes/pve1/lxc/101/status/current",
+    "/nodes/{node}/tasks": "/nodes/pve1/tasks",
+    "/nodes/{node}/lxc": "/nodes/pve1/lxc",
+    "/nodes/{node}/qemu": "/nodes/pve1/qemu",
+    "/nodes/{node}/lxc/{vmid}/status/current": "/nodes/pve1/lxc/101/status/current",
     "/nodes/{node}/qemu/{vmid}/status/current": "/nodes/pve1/qemu/100/status/current",
-    "/nodes/{node}/lxc/{vmid}/config": "/nodes/pve1/lxc/101/config", "/nodes/{node}/qemu/{vmid}/config": "/nodes/pve1/qemu/100/config",
+    "/nodes/{node}/lxc/{vmid}/config": "/nodes/pve1/lxc/101/config",
+    "/nodes/{node}/qemu/{vmid}/config": "/nodes/pve1/qemu/100/config",
 }
 BAD = [(t, name, text) for t in sorted(PRODUCT_ENDPOINTS | SIMULATOR_ONLY)
        for name, rule in sorted(_query_params(t).items()) for text in _bad_values(rule)]
@@ -386,9 +391,11 @@ def test_a_value_the_schema_rejects_is_a_400_naming_it(scene, template, name, te
     expected = {"type": "type check ('%s') failed - got '%s'" % (rule.get("type"), text),
                 "minimum": "value must have a minimum value of %s" % rule.get("minimum"),
                 "maximum": "value must have a maximum value of %s" % rule.get("maximum"),
-                "enum": "value '%s' does not have a value in the enumeration '%s'" % (text, ", ".join(rule.get("enum", ()))),
+                "enum": "value '%s' does not have a value in the enumeration '%s'"
+                        % (text, ", ".join(rule.get("enum", ()))),
                 "pattern": "value does not match the regex pattern",
-                "maxLength": "value may only be %s characters long" % rule.get("maxLength")}.get(param_error(text, rule))
+                "maxLength": "value may only be %s characters long" % rule.get("maxLength"),
+                }.get(param_error(text, rule))
     if expected is not None:
         assert message == expected
     else:
