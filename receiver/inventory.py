@@ -239,6 +239,11 @@ class ProxmoxInventory:
         self._on_read = on_read
         self._acl_mode: str | None = None  # what hideable_vmids last logged
 
+    def close(self) -> None:
+        """Close the HTTP connections kept open to every PVE_HOST (at shutdown)."""
+        for api in self._apis:
+            api._store["session"].close()
+
     @property
     def _api(self) -> ProxmoxAPI:
         return self._apis[self._active]

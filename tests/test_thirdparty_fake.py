@@ -106,3 +106,35 @@ def test_lost_quorum_removes_nothing(fake, sqlite_db):
     result = make_runtime(fake, sqlite_db).sweeper.run(force=True)
     assert result.outcome != "done" and "quorum" in result.reason.lower()
     assert table_vmids(sqlite_db) == [101, 250]
+
+
+def test_the_watcher_removes_a_destroyed_guests_row_after_its_stop_event(fake, sqlite_db):
+    """The hook path (stop event, then the guest gone from the list); the fake's task list is
+    static, so the task tail finds nothing here and the event does the work."""
+    from receiver.inbox import Event, Inbox
+    from receiver.watcher import Watcher
+
+    _seed(sqlite_db, (100, 101, 102))
+    fake.pve.add_ct(102, "worker", node="pve1", status="running")
+    runtime = make_runtime(fake, sqlite_db)
+    inbox = Inbox(runtime.engine)
+    watcher = Watcher(runtime, inbox)
+    inbox.accept(Event("fake-ev-1", 101, "post-stop", "pve1", 1.0))
+    try:
+        watcher.tick()
+        assert table_vmids(sqlite_db) == [100, 101, 102] and watcher.watched == [101]  # it still exists
+        fake.pve.cts[:] = [ct for ct in fake.pve.cts if ct.vmid != 101]  # destroyed (no destroy in its API)
+        watcher.tick()
+        assert table_vmids(sqlite_db) == [100, 102] and watcher.watched == [], (watcher.last_error, watcher.hidden)
+    finally:
+        runtime.inventory.close()  # before the fake's server stops: it warns about open connections
+
+
+def test_an_offline_nodes_guests_keep_their_rows(fake, sqlite_db):
+    _seed(sqlite_db, (100, 101, 250))
+    fake.pve.set_node_offline("pve1")
+    listed = make_runtime(fake, sqlite_db).inventory.read()
+    assert {100, 101} <= set(listed.guests)  # still listed, as Proxmox lists an offline node's guests
+    result = make_runtime(fake, sqlite_db).sweeper.run(force=True)
+    assert result.outcome == "done", result.reason
+    assert table_vmids(sqlite_db) == [100, 101]
