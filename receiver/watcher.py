@@ -40,6 +40,7 @@ from .metrics import Metrics
 from .plan import GHOST
 from .removal import DRY_RUN, FAILED, REFUSED, Removal
 from .runtime import Runtime
+from .safety import Refused, check_listing
 from .tasktail import TaskTail
 from .table import DatabaseError, chunks, describe_db_error, write_transaction
 from .timeutil import isoformat, utcnow
@@ -247,10 +248,12 @@ class Watcher:
             self._error(exc.kind, f"inventory unreadable, nothing removed, {len(watched)} VMIDs still "
                                   f"watched: {exc}")
             return
-        if not inventory.guests and self.runtime.table.count() > 0:
-            self._error("empty_inventory", "Proxmox listed no guests while the table has rows "
-                                           "(token without VM.Audit?): nothing removed")
-            return
+        if not inventory.guests:  # the table is counted only then
+            try:
+                check_listing(inventory, self.runtime.table.count())
+            except Refused as exc:
+                self._error(str(exc.refusal), f"nothing removed: {exc}")
+                return
         self.last_error = None
 
         missing, stopped, running_again = [], [], []
