@@ -104,13 +104,18 @@ def test_watcher_vmid_reused_between_the_rows_read_and_the_confirming_read_keeps
 
 # --- 2. a node without quorum ----------------------------------------------------
 
+def split_and_deploy_150(sim, db, table) -> None:
+    """The answering node loses quorum; app 150 is deployed on the quorate side after the
+    split (its row is a day old by now): this node's list does not have it."""
+    sim.set_quorate(False)
+    sim.add_guest(150, name="app150.apps.local")
+    with db.engine.begin() as conn:
+        conn.execute(table.insert(), [app_row(150, "running", age=timedelta(days=1))])
+
+
 def test_sweep_on_a_node_without_quorum_removes_nothing_and_says_no_quorum(sim, sqlite_db):
     table, runtime, inbox, watcher = live_world(sim, sqlite_db)
-    sim.set_quorate(False)
-    # Deployed on the quorate side after the split: this node's list does not have it.
-    sim.add_guest(150, name="app150.apps.local")
-    with sqlite_db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(150, "running", age=timedelta(days=1))])
+    split_and_deploy_150(sim, sqlite_db, table)
     before = rows(sqlite_db)
     env = janitor_env(sim, sqlite_db)
     result = run_cli(["sweep", "--json"], env)
@@ -129,10 +134,7 @@ def test_sweep_on_a_node_without_quorum_removes_nothing_and_says_no_quorum(sim, 
 
 def test_watcher_on_a_node_without_quorum_keeps_watching_and_removes_once_quorum_is_back(sim, any_db):
     table, runtime, inbox, watcher = live_world(sim, any_db)
-    sim.set_quorate(False)
-    sim.add_guest(150, name="app150.apps.local")
-    with any_db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(150, "running", age=timedelta(days=1))])
+    split_and_deploy_150(sim, any_db, table)
     sim.stop_guest(150)
     inbox.accept(stop_event(150))
     for _ in range(3):
