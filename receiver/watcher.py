@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from . import store
 from .apply import ApplyConflict
 from .inbox import START_PHASES, STOP_PHASES, Inbox
-from .inventory import DESTROY_TASK_TYPES, Inventory, InventoryError
+from .inventory import Inventory, InventoryError
 from .lease import Lease
 from .metrics import Metrics
 from .plan import GHOST

@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from receiver.config import load_settings, without_settings
 from receiver.simulator import ProxmoxSimulator
 from receiver.runtime import Runtime
-from receiver.simulator.scene import load_into, seed_database
+from receiver.simulator.scene import app_row, create_apps_table, load_into, seed_database
 from receiver.table import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +147,17 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> CliRes
 def seeded(any_db) -> Database:
     seed_database(any_db.engine)
     return any_db
+
+
+def running_apps(sim: ProxmoxSimulator, db: Database, vmids=range(100, 105)) -> sa.Table:
+    """An ``apps`` table with a day-old running row for each VMID, and each guest running
+    (odd VMIDs on pve1, even ones on pve2), named after its row's hostname."""
+    table = create_apps_table(db.engine)
+    with db.engine.begin() as conn:
+        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in vmids])
+    for v in vmids:
+        sim.add_guest(v, node="pve1" if v % 2 else "pve2", name=f"app{v}.apps.local")
+    return table
 
 
 def table_vmids(db: Database, table: str = "apps") -> list[int | None]:

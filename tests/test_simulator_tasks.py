@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
 
 import pytest
 from proxmoxer import ProxmoxAPI
@@ -16,10 +15,9 @@ from proxmoxer.core import ResourceException
 
 from receiver.inbox import Inbox
 from receiver.simulator import ProxmoxSimulator
-from receiver.simulator.scene import app_row, create_apps_table
 from receiver.simulator.tasks import BROADCAST_MAX_BYTES
 from receiver.watcher import Watcher
-from conftest import make_runtime, table_vmids
+from conftest import make_runtime, running_apps, table_vmids
 
 ENTRY_KEYS = {"upid", "node", "pid", "pstart", "starttime", "type", "id", "user"}
 
@@ -212,11 +210,7 @@ def test_without_sys_audit_on_the_node_its_list_holds_the_caller_s_own(archive, 
 def world(sim, any_db):
     """Guests 100-104 (odd on pve1, even on pve2), each with a day-old row; a watcher that
     counts the sweeps it asks for."""
-    table = create_apps_table(any_db.engine)
-    with any_db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in range(100, 105)])
-    for v in range(100, 105):
-        sim.add_guest(v, node="pve1" if v % 2 else "pve2", name=f"app{v}.apps.local")
+    running_apps(sim, any_db)
     runtime = make_runtime(sim, any_db, CLEANUP_TASK_POLL_SECONDS=0.5)
     asked: list = []
     watcher = Watcher(runtime, Inbox(runtime.engine), on_task_gap=lambda: asked.append(1))

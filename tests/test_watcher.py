@@ -14,7 +14,7 @@ from receiver.lease import Lease
 from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
-from conftest import after_read, make_runtime, table_vmids
+from conftest import after_read, make_runtime, running_apps, table_vmids
 
 _ids = itertools.count(1)
 
@@ -37,11 +37,7 @@ def audit_sources(db):
 @pytest.fixture
 def world(sim, any_db):
     """Guests 100-104 running, each with a day-old row."""
-    table = create_apps_table(any_db.engine)
-    with any_db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in range(100, 105)])
-    for v in range(100, 105):
-        sim.add_guest(v, node="pve1" if v % 2 else "pve2", name=f"app{v}.apps.local")
+    running_apps(sim, any_db)
     runtime = make_runtime(sim, any_db, CLEANUP_TASK_POLL_SECONDS=0.5)
     inbox = Inbox(runtime.engine)
     return sim, any_db, runtime, inbox, Watcher(runtime, inbox)

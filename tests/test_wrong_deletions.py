@@ -21,7 +21,7 @@ from receiver.inbox import Event, Inbox
 from receiver.metrics import Metrics
 from receiver.simulator.scene import app_row, create_apps_table
 from receiver.watcher import Watcher
-from conftest import after_read, janitor_env, make_runtime, run_cli, table_vmids
+from conftest import after_read, janitor_env, make_runtime, run_cli, running_apps, table_vmids
 
 _ids = itertools.count(1)
 
@@ -38,11 +38,7 @@ def rows(db) -> list[dict]:
 
 def live_world(sim, db, vmids=range(100, 105), **overrides):
     """Guests ``vmids`` running, each with a day-old row; a watcher on them."""
-    table = create_apps_table(db.engine)
-    with db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in vmids])
-    for v in vmids:
-        sim.add_guest(v, name=f"app{v}.apps.local")
+    table = running_apps(sim, db, vmids)
     runtime = make_runtime(sim, db, **overrides)
     inbox = Inbox(runtime.engine)
     return table, runtime, inbox, Watcher(runtime, inbox, Metrics())
