@@ -32,9 +32,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.common import Receiver, drop_schema, percentile, postgres_schema_url, postgres_url
+from receiver.db import make_engine
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.scene import app_row, create_apps_table
-from receiver.table import make_engine
 
 GUESTS = range(2000, 2500)
 SENDERS = 50

@@ -130,9 +130,9 @@ def cpu_seconds(pid: int) -> float:
 def seed_scene(workdir: Path) -> tuple[Any, str]:
     """The demo's seed scene: a started simulator with its guests, and the URL of a SQLite
     platform database in ``workdir`` holding its rows."""
+    from receiver.db import make_engine
     from receiver.simulator import ProxmoxSimulator
     from receiver.simulator.scene import load_into, seed_database
-    from receiver.table import make_engine
 
     db_url = f"sqlite:///{workdir / 'platform.db'}"
     engine = make_engine(db_url)

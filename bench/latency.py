@@ -33,9 +33,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench.common import HOOK, Receiver, percentile
+from receiver.db import make_engine
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.scene import app_row, create_apps_table
-from receiver.table import make_engine
 
 HOOK_SPACING_S = 0.8  # 2 tasks per sample: about 12 finished tasks per 5 s poll, far below 25
 TASK_SPACING_S = 1.0

@@ -47,9 +47,9 @@ import requests
 import sqlalchemy as sa
 
 from bench.common import PROFILE_ENV, ROOT, drop_schema, postgres_schema_url, postgres_url
+from receiver.db import make_engine
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.scene import app_row, create_apps_table
-from receiver.table import make_engine
 
 SIZES = (1_000, 10_000, 100_000)
 GHOST_EVERY = 10

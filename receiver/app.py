@@ -22,22 +22,20 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__, store
 from .config import Settings
-from .events import (MAX_BODY_BYTES, SIGNATURE_HEADER, TIMESTAMP_HEADER, EventRejected, parse_event,
-                     verify_signature)
+from .db import describe_db_error
+from .events import MAX_BODY_BYTES, SIGNATURE_HEADER, TIMESTAMP_HEADER, EventRejected, parse_event, verify_signature
 from .history import audit_entries
-from .inbox import Event, Inbox
+from .inbox import Inbox
 from .metrics import CONTENT_TYPE, Metrics
+from .model import Event, Outcome, Refusal
 from .runtime import Runtime
-from .safety import Refusal
-from .sweep import FAILED, REFUSED
-from .table import describe_db_error
 from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)
 
 HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT = 50, 500
 # Status of POST /run by sweep outcome; done, nothing, dry_run and disabled are 200.
-RUN_STATUS = {REFUSED: 422, FAILED: 503}
+RUN_STATUS = {Outcome.REFUSED: 422, Outcome.FAILED: 503}
 ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
@@ -195,7 +193,7 @@ def stats() -> Response:
 
 def _refusal_word(run: dict[str, Any]) -> str | None:
     """The refusal word of a refused or failed run (its reason starts with it, see Sweeper._record)."""
-    if run.get("outcome") not in (REFUSED, FAILED):
+    if run.get("outcome") not in (Outcome.REFUSED, Outcome.FAILED):
         return None
     word = (run.get("reason") or "").split(":", 1)[0]
     return word if word in {r.value for r in Refusal} else None

@@ -19,12 +19,13 @@ from typing import Sequence
 import sqlalchemy as sa
 
 from . import store
-from .plan import GHOST, OLD_ERROR, Action
-from .table import PlatformTable, chunks, write_transaction
+from .db import chunks, write_transaction
+from .model import Action, Reason
+from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
 
-REASON_COUNTERS = {GHOST: "ghost_apps_removed", OLD_ERROR: "old_errors_removed"}
+REASON_COUNTERS = {Reason.GHOST: "ghost_apps_removed", Reason.OLD_ERROR: "old_errors_removed"}
 
 
 class ApplyConflict(Exception):

@@ -16,14 +16,15 @@ import click
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
-from .inventory import Inventory, InventoryError, grant_lines, token_id
+from .db import DatabaseError
 from .history import audit_entries
+from .inventory import grant_lines, token_id
 from .logs import setup_logging
+from .model import Inventory, InventoryError
 from .restore import AuditNotFound, RestoreRefused, restore
+from .result import SweepResult
 from .runtime import Runtime
 from .safety import hidden_guests, vmid_column_problem
-from .sweep import SweepResult
-from .table import DatabaseError
 from .timeutil import utcnow
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 3
@@ -337,8 +338,8 @@ def simulator(host: str, port: int, scene: str, seed_db: str | None) -> None:
 
     setup_logging(logging.INFO)
     if seed_db:
+        from .db import make_engine
         from .simulator.scene import seed_database
-        from .table import make_engine
 
         engine = make_engine(f"sqlite:///{seed_db}")
         seed_database(engine)

@@ -17,7 +17,7 @@ import re
 import time
 from typing import Any
 
-from .inbox import PHASES, Event
+from .model import PHASES, Event
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_SKEW_SECONDS = 300

@@ -16,22 +16,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from . import store
-from .table import chunks, write_transaction
+from .db import chunks, write_transaction
+from .model import Event
 from .timeutil import isoformat, utcnow
 
-STOP_PHASES = frozenset({"pre-stop", "post-stop"})
-START_PHASES = frozenset({"pre-start", "post-start"})
-PHASES = STOP_PHASES | START_PHASES
 KEEP_PROCESSED = timedelta(days=7)
-
-
-@dataclass(frozen=True)
-class Event:
-    event_id: str
-    vmid: int
-    phase: str
-    node: str
-    ts: float
 
 
 @dataclass

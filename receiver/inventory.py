@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Callable, Iterable, TypeVar
 
 import msgspec
@@ -25,44 +23,10 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from .config import Settings
+from .model import VMID_MAX, VMID_MIN, AclProof, Guest, Inventory, InventoryError, Task
 from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)
-
-DESTROY_TASK_TYPES = frozenset({"vzdestroy", "qmdestroy"})
-VMID_MIN, VMID_MAX = 100, 999_999_999  # pve-vmid
-
-
-class InventoryError(Exception):
-    """The inventory could not be read completely and surely.
-
-    ``kind`` is a short machine word (unreachable, timeout, http, auth,
-    privilege, malformed, no_quorum) used in stats and metrics; the message says what
-    happened without any secret.
-    """
-
-    def __init__(self, kind: str, message: str):
-        self.kind = kind
-        super().__init__(message)
-
-
-class Guest(msgspec.Struct, frozen=True, gc=False):
-    """One guest as ``/cluster/resources?type=vm`` lists it, only the keys we read.
-
-    Decoded straight from the answer's bytes (:func:`parse_guests`): the other ~15 keys
-    of each entry are skipped while parsing, never built, and every key we read is
-    type-checked.  Its fields cannot form a reference cycle, so the cyclic garbage
-    collector does not track it (``gc=False``): 100,000 of them would otherwise make each
-    of its passes longer.
-    """
-
-    vmid: int
-    node: str
-    type: str
-    status: str = "unknown"
-    name: str | None = None
-    template: int | bool = 0  # the API sends 0/1
-    lock: str | None = None
 
 
 class _Answer(msgspec.Struct):
@@ -70,34 +34,6 @@ class _Answer(msgspec.Struct):
 
 
 _ANSWER = msgspec.json.Decoder(_Answer)
-
-
-@dataclass(frozen=True)
-class Inventory:
-    guests: dict[int, Guest]
-    read_at: datetime = field(default_factory=utcnow)
-    read_seconds: float = 0.0
-
-    def __contains__(self, vmid: object) -> bool:
-        return vmid in self.guests
-
-    def get(self, vmid: int) -> Guest | None:
-        return self.guests.get(vmid)
-
-    @classmethod
-    def of(cls, guests: Iterable[Guest], read_at: datetime | None = None) -> "Inventory":
-        return cls({g.vmid: g for g in guests}, read_at or utcnow())
-
-
-@dataclass(frozen=True)
-class Task:
-    upid: str
-    node: str
-    type: str
-    vmid: int | None
-    status: str | None
-    endtime: int | None
-    starttime: int | None = None
 
 
 def parse_guests(answer: bytes) -> dict[int, Guest]:
@@ -138,19 +74,6 @@ def parse_tasks(entries: object) -> list[Task]:
 
 
 NO_ACCESS = "NoAccess"  # the built-in role whose ACL entry takes every privilege away
-
-
-@dataclass(frozen=True)
-class AclProof:
-    """How far the ACL list proves a guest list complete (see :meth:`ProxmoxInventory.acl_proof`).
-
-    ``hideable``: the VMIDs an ACL could hide from the token; every other guest is surely
-    listed.  None: nothing is proved, every ghost must be checked.  ``reason`` says which,
-    for the log and ``pve-janitor check``.
-    """
-
-    hideable: frozenset[int] | None
-    reason: str
 
 
 def parse_acl(entries: object) -> AclProof:

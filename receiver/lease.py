@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from . import store
-from .table import write_transaction
+from .db import write_transaction
 from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)

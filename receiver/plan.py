@@ -24,81 +24,11 @@ unreadable rows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 from .config import Settings
-from .inventory import Inventory
-from .timeutil import parse_timestamp_strict
-
-GHOST = "ghost"
-OLD_ERROR = "old_error"
-
-
-class Row(NamedTuple):
-    """The mapped columns of one platform row, exactly as read when planning.
-
-    The raw values are what the apply step requires to be unchanged (the
-    observed-value guard).  Timestamps are parsed only when asked for
-    (``last_touched``): most rows' guests exist, and
-    for them no timestamp can change the outcome, so a sweep of 100,000 rows parses
-    the ones it must decide on, not 200,000 values.  A timestamp that cannot be read
-    raises ValueError there; the planner then keeps the row and reports it.  A named
-    tuple, not a dataclass: a sweep makes one per row, and it is made 3 times faster.
-    """
-
-    key: Any
-    vmid: int | None
-    hostname: str | None = None
-    status: str | None = None
-    raw_created: Any = None
-    raw_updated: Any = None
-    raw_vmid: Any = None
-    raw_status: Any = None
-    unreadable: str | None = None  # why the VMID could not be read: such a row is never acted on
-
-    def last_touched(self, created_column: str | None = "created_at",
-                     updated_column: str | None = "updated_at") -> datetime | None:
-        """The later of the created and updated timestamps (None when both are NULL).
-
-        ValueError, naming the column, when one cannot be read.
-        """
-        stamps = []
-        for column, raw in ((created_column, self.raw_created), (updated_column, self.raw_updated)):
-            try:
-                stamp = parse_timestamp_strict(raw)
-            except ValueError as exc:
-                raise ValueError(f"{column}: {exc}") from None
-            if stamp is not None:
-                stamps.append(stamp)
-        return max(stamps) if stamps else None
-
-
-@dataclass(frozen=True)
-class Action:
-    row: Row
-    action: str  # "delete" or "mark"
-    reason: str  # GHOST or OLD_ERROR
-    detail: str
-
-
-@dataclass(frozen=True)
-class Report:
-    kind: str  # "unmanaged_guest", "name_mismatch" or "unreadable_row"
-    vmid: int | None
-    detail: str
-
-
-@dataclass(frozen=True)
-class Plan:
-    actions: tuple[Action, ...]
-    reports: tuple[Report, ...]
-    rows_seen: int
-    kept: dict[str, int] = field(default_factory=dict)
-
-    def count(self, reason: str) -> int:
-        return sum(1 for a in self.actions if a.reason == reason)
+from .model import Action, Finding, Inventory, Plan, Reason, Report, Row, Verb
 
 
 def _age(now: datetime, then: datetime | None) -> str:
@@ -121,7 +51,8 @@ def _norm(status: str | None) -> str:
 def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings: Settings) -> Plan:
     protected = {_norm(s) for s in settings.protected_statuses}
     errors = {_norm(s) for s in settings.error_statuses}
-    mark_status = _norm(settings.mark_status) if settings.action == "mark" else None
+    verb = Verb(settings.action)
+    mark_status = _norm(settings.mark_status) if verb is Verb.MARK else None
     ghosts_wanted = settings.ghost_cleanup_enabled
     grace_start = now - timedelta(minutes=settings.grace_minutes)
     retention_start = now - timedelta(hours=settings.error_retention_hours)
@@ -141,11 +72,11 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
             vmids_with_rows.add(vmid)
             guest = guests.get(vmid)
             if guest is not None and guest.name and row.hostname and guest.name != row.hostname:
-                reports.append(Report("name_mismatch", vmid, f"row {row.key} says hostname {row.hostname!r}, "
+                reports.append(Report(Finding.NAME_MISMATCH, vmid, f"row {row.key} says hostname {row.hostname!r}, "
                                       f"guest {vmid} on {guest.node} is named {guest.name!r} (reused VMID?)"))
         if row.unreadable:
             kept["unreadable"] += 1
-            reports.append(Report("unreadable_row", vmid, f"row {row.key} kept: {row.unreadable}"))
+            reports.append(Report(Finding.UNREADABLE_ROW, vmid, f"row {row.key} kept: {row.unreadable}"))
             continue
         status = normalized.get(row.status)
         if status is None:
@@ -167,14 +98,14 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
             touched = row.last_touched(settings.created_column, settings.updated_column)
         except ValueError as exc:
             kept["unreadable"] += 1
-            reports.append(Report("unreadable_row", vmid, f"row {row.key} kept: {exc}"))
+            reports.append(Report(Finding.UNREADABLE_ROW, vmid, f"row {row.key} kept: {exc}"))
             continue
         if ghosts_wanted and guest is None:
             if touched is not None and touched > grace_start:
                 kept["young"] += 1
             else:
                 what = "has no VMID" if vmid is None else f"guest {vmid} does not exist"
-                actions.append(Action(row, settings.action, GHOST,
+                actions.append(Action(row, verb, Reason.GHOST,
                                       f"{what}; last touched {_age(now, touched)} ago"))
                 continue
 
@@ -183,7 +114,7 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
         if is_error and (touched is None or touched < retention_start):
             where = (f"; guest {vmid} still exists ({guest.status} on {guest.node})" if guest
                      else "")
-            actions.append(Action(row, settings.action, OLD_ERROR,
+            actions.append(Action(row, verb, Reason.OLD_ERROR,
                                   f"status {row.status!r} since {_age(now, touched)} "
                                   f"(retention {settings.error_retention_hours} h){where}"))
             continue
@@ -193,7 +124,7 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
     for vmid in sorted(guests.keys() - vmids_with_rows):
         guest = guests[vmid]
         if not guest.template:
-            reports.append(Report("unmanaged_guest", vmid,
+            reports.append(Report(Finding.UNMANAGED_GUEST, vmid,
                                   f"{guest.type} {vmid} ({guest.name or 'no name'}, {guest.status}) on "
                                   f"{guest.node} has no row"))
     return Plan(tuple(actions), tuple(reports), seen, kept)

@@ -22,23 +22,22 @@ import gc
 import logging
 import threading
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable, Collection, Iterator, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from .apply import ApplyConflict, ApplyResult, apply_actions
+from .apply import ApplyConflict, apply_actions
 from .config import Settings
-from .inventory import Inventory, InventoryError
-from .plan import GHOST, Action, Plan, Report, make_plan
-from .safety import Refusal, Refused, check_listing, check_plan_size, hidden_guests, refusal_for
-from .table import DatabaseError, PlatformTable
-from .timeutil import isoformat, utcnow
+from .db import DatabaseError
+from .model import Action, Inventory, InventoryError, Outcome, Plan, Reason, Refusal, Report
+from .plan import make_plan
+from .result import SweepResult, short_vmids
+from .safety import Refused, check_listing, check_plan_size, hidden_guests, refusal_for
+from .table import PlatformTable
+from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)
-
-DONE, NOTHING, DRY_RUN, REFUSED, DISABLED, FAILED = "done", "nothing", "dry_run", "refused", "disabled", "failed"
-
 
 class Proxmox(Protocol):
     """What the pipeline reads from Proxmox (:class:`receiver.inventory.ProxmoxInventory`)."""
@@ -48,80 +47,6 @@ class Proxmox(Protocol):
     def hideable_vmids(self) -> frozenset[int] | None: ...
 
     def vmid_in_use(self, vmid: int) -> bool: ...
-
-
-@dataclass
-class SweepResult:
-    """What one run of the pipeline did (a sweep's, or a watcher removal's)."""
-
-    outcome: str
-    reason: str = ""
-    refusal: Refusal | None = None
-    plan: Plan | None = None
-    applied: ApplyResult | None = None
-    dropped: list[int] = field(default_factory=list)  # ghosts whose guest came back before applying
-    hidden: list[int] = field(default_factory=list)  # ghosts' VMIDs held by a guest the token cannot see
-    duration_s: float = 0.0
-    dry_run: bool = False
-    started_at: Any = None
-    untouched_vmids: frozenset[int] = frozenset()  # VMIDs with a row read but not removed (VMID-scoped runs)
-
-    @property
-    def exit_code(self) -> int:
-        return 3 if self.outcome in (REFUSED, FAILED) else 0
-
-    def summary(self) -> str:
-        applied = len(self.applied.applied) if self.applied else 0
-        planned = len(self.plan.actions) if self.plan else 0
-        text = f"sweep {self.outcome}: {planned} planned, {applied} applied"
-        if self.applied and self.applied.skipped:
-            text += f", {len(self.applied.skipped)} skipped (changed since planning)"
-        if self.dropped:
-            text += f", {len(self.dropped)} dropped (guest is back)"
-        if self.hidden:
-            text += f", {len(self.hidden)} kept (hidden_guest: VMIDs {_short(self.hidden)})"
-        if self.refusal:
-            text += f" — refused ({self.refusal})"
-        if self.reason:
-            text += f" — {self.reason}"
-        return text + f" ({self.duration_s:.2f} s)"
-
-    def to_dict(self) -> dict[str, Any]:
-        plan = self.plan
-        return {
-            "outcome": self.outcome,
-            "reason": self.reason,
-            "refusal": str(self.refusal) if self.refusal else None,
-            "dry_run": self.dry_run,
-            "started_at": isoformat(self.started_at),
-            "duration_s": round(self.duration_s, 3),
-            "rows_seen": plan.rows_seen if plan else None,
-            "planned": [action_dict(a) for a in plan.actions] if plan else [],
-            "reports": [{"kind": r.kind, "vmid": r.vmid, "detail": r.detail} for r in plan.reports] if plan else [],
-            "kept": plan.kept if plan else {},
-            "applied": len(self.applied.applied) if self.applied else 0,
-            "skipped": [{"row_id": _jsonable(a.row.key), "why": why} for a, why in self.applied.skipped]
-            if self.applied else [],
-            "dropped_vmids": self.dropped,
-            "hidden_guests": self.hidden,
-            "counts": dict(self.applied.counts) if self.applied else {},
-        }
-
-
-def _short(vmids: list[int], most: int = 10) -> str:
-    shown = ", ".join(map(str, vmids[:most]))
-    return shown + (f" and {len(vmids) - most} more" if len(vmids) > most else "")
-
-
-def _jsonable(value: Any) -> Any:
-    return value if isinstance(value, (int, float, str, type(None))) else str(value)
-
-
-def action_dict(a: Action) -> dict[str, Any]:
-    return {
-        "action": a.action, "reason": a.reason, "row_id": _jsonable(a.row.key), "vmid": a.row.vmid,
-        "hostname": _jsonable(a.row.hostname), "status": a.row.status, "detail": a.detail,
-    }
 
 
 class _CyclicGc:
@@ -201,10 +126,10 @@ class Removal:
             return planned
         plan, total, rows_by_key = planned
         if dry_run:
-            return SweepResult(DRY_RUN, "dry run: nothing changed", plan=plan,
+            return SweepResult(Outcome.DRY_RUN, "dry run: nothing changed", plan=plan,
                                untouched_vmids=_untouched(rows_by_key, plan.actions))
         if not plan.actions:
-            return SweepResult(NOTHING, "", plan=plan, untouched_vmids=_untouched(rows_by_key, ()))
+            return SweepResult(Outcome.NOTHING, "", plan=plan, untouched_vmids=_untouched(rows_by_key, ()))
         with _cyclic_gc.frozen() if whole else nullcontext():
             return self._confirm_and_apply(plan, total, rows_by_key, source, may_apply)
 
@@ -216,17 +141,17 @@ class Removal:
             rows = self.table.fetch_rows(vmids=None if vmids is None else sorted(vmids))
             total = len(rows) if vmids is None else self.table.count()
         except DatabaseError as exc:
-            return SweepResult(FAILED, str(exc), refusal=Refusal.DATABASE)
+            return SweepResult(Outcome.FAILED, str(exc), refusal=Refusal.DATABASE)
         except SQLAlchemyError as exc:
-            return SweepResult(FAILED, f"database error {type(exc).__name__}", refusal=Refusal.DATABASE)
+            return SweepResult(Outcome.FAILED, f"database error {type(exc).__name__}", refusal=Refusal.DATABASE)
         try:
             inventory = first if first is not None else self.proxmox.read()
         except InventoryError as exc:
-            return SweepResult(REFUSED, f"inventory unreadable: {exc}", refusal=refusal_for(exc))
+            return SweepResult(Outcome.REFUSED, f"inventory unreadable: {exc}", refusal=refusal_for(exc))
         try:
             check_listing(inventory, total)
         except Refused as exc:
-            return SweepResult(REFUSED, str(exc), refusal=exc.refusal)
+            return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal)
         # Only a VMID-scoped run needs to know afterwards which VMIDs kept a row.
         rows_by_key = None if vmids is None else {r.key: r.vmid for r in rows}
         plan = make_plan(rows, inventory, self.clock(), self.settings)
@@ -236,35 +161,35 @@ class Removal:
         try:
             check_plan_size(len(plan.actions), total, self.settings, force)
         except Refused as exc:
-            return SweepResult(REFUSED, str(exc), refusal=exc.refusal, plan=plan)
+            return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal, plan=plan)
         return plan, total, rows_by_key
 
     def _confirm_and_apply(self, plan: Plan, total: int, rows_by_key: dict[Any, int | None] | None,
                            source: str, may_apply: Callable[[], bool] | None) -> SweepResult:
         actions, dropped, hidden = list(plan.actions), [], []
-        if any(a.reason == GHOST for a in actions):
+        if any(a.reason == Reason.GHOST for a in actions):
             try:
                 actions, dropped, hidden = self._confirm_ghosts(actions, total)
             except Refused as exc:
-                return SweepResult(REFUSED, str(exc), refusal=exc.refusal, plan=plan)
+                return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal, plan=plan)
             if hidden:
                 plan = replace(plan, reports=plan.reports + tuple(
                     Report("hidden_guest", v, f"Proxmox says VMID {v} is in use, but the token was not shown "
                                               "that guest (an ACL hides it?): its rows are kept")
                     for v in hidden))
         if may_apply is not None and not may_apply():
-            return SweepResult(REFUSED, "the lease was lost before applying: nothing removed",
+            return SweepResult(Outcome.REFUSED, "the lease was lost before applying: nothing removed",
                                refusal=Refusal.LEASE, plan=plan, dropped=dropped, hidden=hidden)
         try:
             applied = apply_actions(self.table, actions, source=source, now=self.clock())
         except (ApplyConflict, DatabaseError) as exc:
-            return SweepResult(FAILED, f"nothing changed: {exc}", refusal=Refusal.DATABASE, plan=plan,
+            return SweepResult(Outcome.FAILED, f"nothing changed: {exc}", refusal=Refusal.DATABASE, plan=plan,
                                dropped=dropped, hidden=hidden)
         except SQLAlchemyError as exc:
             logger.warning("apply failed, the transaction was rolled back: %s", type(exc).__name__)
-            return SweepResult(FAILED, f"nothing changed: database error {type(exc).__name__}",
+            return SweepResult(Outcome.FAILED, f"nothing changed: database error {type(exc).__name__}",
                                refusal=Refusal.DATABASE, plan=plan, dropped=dropped, hidden=hidden)
-        return SweepResult(DONE, "", plan=plan, applied=applied, dropped=dropped, hidden=hidden,
+        return SweepResult(Outcome.DONE, "", plan=plan, applied=applied, dropped=dropped, hidden=hidden,
                            untouched_vmids=_untouched(rows_by_key, applied.applied))
 
     def _confirm_ghosts(self, actions: list[Action], total: int) -> tuple[list[Action], list[int], list[int]]:
@@ -285,18 +210,18 @@ class Removal:
         after = self._hideable()
         hideable = None if before is None or after is None else before | after
         check_listing(confirm, total)
-        back = {a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid in confirm}
-        actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in back)]
-        ghosts = {a.row.vmid for a in actions if a.reason == GHOST and a.row.vmid is not None}
+        back = {a.row.vmid for a in actions if a.reason == Reason.GHOST and a.row.vmid in confirm}
+        actions = [a for a in actions if not (a.reason == Reason.GHOST and a.row.vmid in back)]
+        ghosts = {a.row.vmid for a in actions if a.reason == Reason.GHOST and a.row.vmid is not None}
         try:
             hidden = hidden_guests(ghosts, hideable, self.proxmox.vmid_in_use)
         except InventoryError as exc:
             raise Refused(refusal_for(exc), f"could not confirm that the ghosts' VMIDs are free: {exc}") from None
         if hidden:
             logger.warning("VMIDs %s are in use in Proxmox but were not listed to the token (hidden_guest): "
-                           "their rows are kept", _short(hidden))
+                           "their rows are kept", short_vmids(hidden))
             taken = set(hidden)
-            actions = [a for a in actions if not (a.reason == GHOST and a.row.vmid in taken)]
+            actions = [a for a in actions if not (a.reason == Reason.GHOST and a.row.vmid in taken)]
         return actions, sorted(back), hidden
 
     def _hideable(self) -> frozenset[int] | None:

@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import store
-from .table import PlatformTable, describe_db_error, write_transaction
+from .db import describe_db_error, write_transaction
+from .table import PlatformTable
 from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)

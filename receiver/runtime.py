@@ -13,9 +13,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import store
 from .config import Settings, require
+from .db import DatabaseError, make_engine
 from .inventory import ProxmoxInventory
 from .sweep import Sweeper
-from .table import DatabaseError, PlatformTable, make_engine
+from .table import PlatformTable
 
 
 @dataclass

@@ -20,30 +20,12 @@ is reported (``hidden_guest``); the other rows go on.
 from __future__ import annotations
 
 from collections import Counter
-from enum import Enum
 from typing import Callable, Iterable, Sequence
 
 from .config import Settings
-from .inventory import VMID_MAX, VMID_MIN, Inventory, InventoryError
-from .plan import Row
+from .model import VMID_MAX, VMID_MIN, Inventory, InventoryError, Refusal, Row
 
 GUARD_MIN_ROWS = 10
-
-
-class Refusal(str, Enum):
-    """Why a removal changed nothing (the value is the word shown to users)."""
-
-    INVENTORY = "inventory"
-    PRIVILEGE = "privilege"
-    NO_QUORUM = "no_quorum"
-    EMPTY_INVENTORY = "empty_inventory"
-    GUARD = "guard"
-    WOULD_EMPTY = "would_empty"
-    DATABASE = "database"
-    LEASE = "lease"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 LIFTED_BY_FORCE = frozenset({Refusal.GUARD, Refusal.WOULD_EMPTY})

@@ -8,7 +8,6 @@ lease holder sweeps.
 from __future__ import annotations
 
 import logging
-
 from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler

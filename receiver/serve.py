@@ -20,10 +20,10 @@ from .events import MAX_BODY_BYTES
 from .inbox import Inbox
 from .lease import Lease
 from .metrics import Metrics
-from .plan import GHOST, OLD_ERROR
+from .model import Reason
+from .result import SweepResult
 from .runtime import Runtime
 from .schedule import make_scheduler, request_sweep
-from .sweep import SweepResult
 from .watcher import Watcher
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
     if result.outcome not in ("disabled", "dry_run") or result.hidden:
         metrics.hidden_guests.labels(source="sweep").set(len(result.hidden))
     if result.applied:
-        for reason in (GHOST, OLD_ERROR):
+        for reason in (Reason.GHOST, Reason.OLD_ERROR):
             metrics.removal(reason, source, sum(1 for a in result.applied.applied if a.reason == reason))
     if result.outcome in ("done", "nothing") and result.started_at is not None:
         metrics.last_success.set(result.started_at.timestamp() + result.duration_s)

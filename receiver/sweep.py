@@ -15,16 +15,13 @@ from typing import Any, Callable
 
 from . import store
 from .config import Settings
-from .removal import (DISABLED, DONE, DRY_RUN, FAILED, NOTHING, REFUSED, Proxmox, Removal, SweepResult,
-                      action_dict)
+from .model import Outcome
+from .removal import Proxmox, Removal
+from .result import SweepResult
 from .table import PlatformTable
 from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["DISABLED", "DONE", "DRY_RUN", "FAILED", "NOTHING", "REFUSED", "SweepResult", "Sweeper",
-           "action_dict"]
-
 
 class Sweeper:
     """Runs sweeps; one at a time per process (``busy`` tells whether one runs)."""
@@ -63,7 +60,7 @@ class Sweeper:
         started = time.monotonic()
         dry = self.settings.dry_run if dry_run is None else (dry_run or self.settings.dry_run)
         if not self.settings.enabled:
-            result = SweepResult(DISABLED, "CLEANUP_ENABLED is false: nothing is read or changed")
+            result = SweepResult(Outcome.DISABLED, "CLEANUP_ENABLED is false: nothing is read or changed")
         else:
             result = self.pipeline.run(dry_run=dry, force=force, source=source)
         result.dry_run = dry
@@ -73,7 +70,7 @@ class Sweeper:
         return result
 
     def _record(self, result: SweepResult, source: str) -> None:
-        level = logging.WARNING if result.outcome in (REFUSED, FAILED) else logging.INFO
+        level = logging.WARNING if result.outcome in (Outcome.REFUSED, Outcome.FAILED) else logging.INFO
         logger.log(level, "%s", result.summary())
         engine = self.table.engine
         reason = f"{result.refusal}: {result.reason}" if result.refusal else result.reason
@@ -85,7 +82,7 @@ class Sweeper:
                 applied=len(result.applied.applied) if result.applied else 0,
                 duration_s=result.duration_s,
             )
-            if result.outcome in (REFUSED, FAILED):
+            if result.outcome in (Outcome.REFUSED, Outcome.FAILED):
                 store.record_error(engine, source, reason)
         except Exception:  # noqa: BLE001 - bookkeeping must not hide the sweep's own outcome
             logger.warning("could not record the sweep's outcome in the database", exc_info=True)

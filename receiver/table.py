@@ -1,13 +1,10 @@
-"""The platform's table, reflected, and the engine that reaches it.
+"""The platform's table, reflected.
 
 pve-janitor never defines the platform's schema: it reflects the table named
 by ``CLEANUP_TABLE`` and checks, at start, that every mapped column exists.
 Columns outside the mapping are never written, but they are read whole into
 the audit copy so that a restore puts back exactly what was removed.
 
-SQLite gets a busy timeout and write transactions that take the write lock
-up front (``BEGIN IMMEDIATE``), so a concurrent platform writer waits briefly
-instead of failing with "database is locked" half-way through our change.
 On SQLite, date/time columns are read as the text that is stored: SQLite has
 no date type and platforms store several formats, which we parse ourselves
 (:mod:`receiver.timeutil`) and write back unchanged.
@@ -15,103 +12,18 @@ no date type and platforms store several formats, which we parse ourselves
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
-from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, Callable, Iterator, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
-from .config import ConfigError, Settings, redact_url
-from .inventory import VMID_MAX, VMID_MIN
-from .plan import Row
+from .config import ConfigError, Settings
+from .db import GUARD_PARAMS, DatabaseError, bind_limit, chunks, describe_db_error
+from .model import VMID_MAX, VMID_MIN, Row
 
 logger = logging.getLogger(__name__)
-
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-CHUNK = 500  # keys per IN list where no PlatformTable says more: under every backend's limit (SQLite < 3.32: 999)
-# Bound parameters per statement: the platform table's batches.  PostgreSQL's and MySQL's
-# protocols allow 65,535, SQLite 32,766 since 3.32 (999 before).  Fewer, larger
-# statements for key lists (re-reading 10,000 ghosts: one SELECT instead of 20).
-BIND_LIMIT, OLD_SQLITE_BIND_LIMIT = 10_000, 900
-GUARD_PARAMS = 900
-
-
-class DatabaseError(Exception):
-    """The database could not be reached or answered with an error."""
-
-
-def make_engine(url: str) -> Engine:
-    """One engine per process; SQLite with a busy timeout and IMMEDIATE writes."""
-    connect_args = {}
-    if url.startswith(("mysql", "mariadb")):
-        # TIMESTAMP columns come back in the session's time zone; naive values are read as UTC.
-        connect_args["init_command"] = "SET time_zone = '+00:00'"
-    try:
-        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ConfigError([f"DATABASE_URL={redact_url(url)!r} cannot be used: {type(exc).__name__}: "
-                           f"{_first_line(exc)}"]) from None
-    if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine)
-    return engine
-
-
-def describe_db_error(exc: BaseException) -> str:
-    """The exception's kind and first line, without SQLAlchemy's SQL dump and parameters."""
-    orig = getattr(exc, "orig", None) or exc
-    return f"{type(orig).__name__}: {_first_line(orig)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-
-
-def _tune_sqlite(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised through every SQLite test
-        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves, below
-        cursor = dbapi_conn.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # pragma: no cover - exercised through every SQLite test
-        immediate = conn.get_execution_options().get("sqlite_immediate")
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-_sqlite_write_locks: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
-_sqlite_write_locks_guard = threading.Lock()
-
-
-def _sqlite_write_lock(engine: Engine) -> threading.RLock:
-    with _sqlite_write_locks_guard:
-        return _sqlite_write_locks.setdefault(engine.pool, threading.RLock())
-
-
-@contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A short transaction that will write; on SQLite it holds the write lock from the start.
-
-    On SQLite, this process's writers also queue on one in-process lock first.  SQLite lets
-    one writer in at a time; the others wait in its busy handler, which sleeps in steps of up
-    to 100 ms and serves nobody in order, so under a burst of events a writer could wait
-    seconds while the lock sat free.  The in-process lock hands over at once.  Writers in
-    other processes (the platform) still meet the busy timeout, as before.
-    """
-    if engine.dialect.name != "sqlite":
-        with engine.connect() as conn, conn.begin():
-            yield conn
-        return
-    with _sqlite_write_lock(engine), engine.connect() as conn:
-        conn = conn.execution_options(sqlite_immediate=True)
-        with conn.begin():
-            yield conn
 
 
 def _sqlite_raw_times(inspector, table, column_info) -> None:
@@ -295,26 +207,6 @@ class PlatformTable:
         return sa.and_(self.pk.in_([row.key for row in rows]), sa.or_(*clauses))
 
 
-def bind_limit(engine: Engine) -> int:
-    """How many bound parameters one statement may carry on this engine (with room to spare).
-
-    SQLite's limit is a build option: read from the library where Python can (3.11+),
-    else inferred from its version.
-    """
-    if engine.dialect.name != "sqlite":
-        return BIND_LIMIT
-    dbapi = engine.dialect.dbapi
-    which = getattr(dbapi, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
-    if which is not None:
-        try:
-            with engine.connect() as conn:
-                return max(1, min(BIND_LIMIT, conn.connection.dbapi_connection.getlimit(which) - 10))
-        except (AttributeError, SQLAlchemyError):
-            pass
-    version = getattr(dbapi, "sqlite_version_info", (0,))
-    return BIND_LIMIT if version >= (3, 32) else OLD_SQLITE_BIND_LIMIT
-
-
 def as_vmid(value: Any) -> int | None:
     """The VMID in a table value; None for NULL; ValueError for anything that cannot be a VMID.
 
@@ -342,8 +234,3 @@ def as_vmid(value: Any) -> int | None:
     if not VMID_MIN <= number <= VMID_MAX:
         raise ValueError(f"VMID {value!r} is outside Proxmox's range {VMID_MIN}-{VMID_MAX}")
     return number
-
-
-def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -23,7 +23,8 @@ import time
 from collections import deque
 from typing import Callable
 
-from .inventory import DESTROY_TASK_TYPES, InventoryError, ProxmoxInventory, Task
+from .inventory import ProxmoxInventory
+from .model import DESTROY_TASK_TYPES, InventoryError, Task
 
 logger = logging.getLogger(__name__)
 

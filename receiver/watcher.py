@@ -33,16 +33,15 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from . import store
 from .apply import ApplyConflict
-from .inbox import START_PHASES, STOP_PHASES, Inbox
-from .inventory import Inventory, InventoryError
+from .db import DatabaseError, chunks, describe_db_error, write_transaction
+from .inbox import Inbox
 from .lease import Lease
 from .metrics import Metrics
-from .plan import GHOST
-from .removal import DRY_RUN, FAILED, REFUSED, Removal
+from .model import START_PHASES, STOP_PHASES, Inventory, InventoryError, Outcome, Reason
+from .removal import Removal
 from .runtime import Runtime
 from .safety import Refused, check_listing
 from .tasktail import TaskTail
-from .table import DatabaseError, chunks, describe_db_error, write_transaction
 from .timeutil import isoformat, utcnow
 
 logger = logging.getLogger(__name__)
@@ -292,11 +291,11 @@ class Watcher:
         since planning, guest back or hidden).  Kept ones stay watched: the grace period may
         end before the watch does; the sweep is the safety net.
         """
-        result = self.removal.run(vmids=vmids, first=inventory, reasons=(GHOST,), dry_run=self.settings.dry_run,
+        result = self.removal.run(vmids=vmids, first=inventory, reasons=(Reason.GHOST,), dry_run=self.settings.dry_run,
                                   source="event", may_apply=self._may_apply)
         self.hidden = list(result.hidden)
         self.metrics.hidden_guests.labels(source="watcher").set(len(result.hidden))
-        if result.outcome in (REFUSED, FAILED):
+        if result.outcome in (Outcome.REFUSED, Outcome.FAILED):
             self._error(str(result.refusal or "internal"), f"nothing removed: {result.reason}")
             if result.refusal is not None:
                 self.metrics.refusal(str(result.refusal), "watcher")
@@ -304,12 +303,12 @@ class Watcher:
         for vmid in vmids:
             self._last_status.pop(vmid, None)
         plan = result.plan
-        if result.outcome == DRY_RUN and plan is not None:
+        if result.outcome == Outcome.DRY_RUN and plan is not None:
             for action in plan.actions:
                 logger.info("DRY-RUN: watcher would %s row %s (VMID %s): %s", action.action, action.row.key,
                             action.row.vmid, action.detail)
         elif result.applied is not None:
-            self.metrics.removal(GHOST, "event", len(result.applied.applied))
+            self.metrics.removal(Reason.GHOST, "event", len(result.applied.applied))
             for action in result.applied.applied:
                 logger.info("watcher: %s row %s (VMID %s): %s", action.action, action.row.key,
                             action.row.vmid, action.detail)

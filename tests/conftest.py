@@ -22,10 +22,10 @@ import pytest
 import sqlalchemy as sa
 
 from receiver.config import load_settings, without_settings
-from receiver.simulator import ProxmoxSimulator
+from receiver.db import make_engine
 from receiver.runtime import Runtime
+from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.scene import app_row, create_apps_table, load_into, seed_database
-from receiver.table import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ENV, MY_ENV = "JANITOR_TEST_POSTGRES_URL", "JANITOR_TEST_MYSQL_URL"

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
+from conftest import make_runtime, table_vmids
 
 from receiver import store
 from receiver.app import ERROR_CODES, create_app
@@ -24,7 +25,6 @@ from receiver.events import MAX_BODY_BYTES, signature
 from receiver.metrics import CONTENT_TYPE
 from receiver.simulator.scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database
 from receiver.timeutil import utcnow
-from conftest import make_runtime, table_vmids
 
 HOOK_SECRET = "hook-secret-7f3a9c2e5b"
 ADMIN_TOKEN = "admin-token-91b2d4f6a8"

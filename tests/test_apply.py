@@ -13,14 +13,14 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import cli_command, janitor_env, make_runtime, table_vmids
 
 from receiver import store
 from receiver.apply import apply_actions
-from receiver.inventory import Guest, Inventory
+from receiver.model import Guest, Inventory
 from receiver.plan import make_plan
 from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
-from conftest import cli_command, janitor_env, make_runtime, table_vmids
 
 
 def _seed(db, rows):
@@ -187,7 +187,7 @@ def test_concurrent_sqlite_writer_never_sees_locked_and_loses_nothing(sim, sqlit
 
 
 def _build_big_sqlite(path, n):
-    from receiver.table import make_engine
+    from receiver.db import make_engine
     engine = make_engine(f"sqlite:///{path}")
     table = create_apps_table(engine)
     with engine.begin() as conn:

@@ -11,11 +11,13 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import given, settings as hsettings, strategies as st
+from conftest import ROOT, janitor_env, run_cli
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from receiver.config import CONFIG_FILE_MAX_BYTES, VARIABLES, ConfigError, Settings, load_settings
 from receiver.simulator.scene import seed_database
-from conftest import ROOT, janitor_env, run_cli
 
 
 def test_defaults_match_the_contract():

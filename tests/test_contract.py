@@ -23,11 +23,11 @@ from importlib import resources
 
 import pytest
 import requests
+from conftest import janitor_env
 
 from receiver.config import load_settings
 from receiver.inventory import ProxmoxInventory
 from receiver.simulator import ProxmoxSimulator, params
-from conftest import janitor_env
 
 
 def _load_schema() -> dict:

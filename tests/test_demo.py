@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 import subprocess
 
-from receiver.config import without_settings
-
 from conftest import ROOT, cli_command
+
+from receiver.config import without_settings
 
 
 def test_demo_once_tells_the_whole_story():

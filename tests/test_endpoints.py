@@ -11,12 +11,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import janitor_env, make_runtime, run_cli, table_vmids
 
 from receiver.config import ConfigError, load_settings
+from receiver.inventory import ProxmoxInventory
+from receiver.model import InventoryError
 from receiver.simulator import ProxmoxSimulator
-from receiver.inventory import InventoryError, ProxmoxInventory
 from receiver.simulator.scene import app_row, create_apps_table
-from conftest import janitor_env, make_runtime, run_cli, table_vmids
 
 GUESTS = (100, 101, 102)
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver.events import EventRejected, parse_event, signature, verify_signature
-from receiver.inbox import PHASES, Event
+from receiver.model import PHASES, Event
 
 SECRET = "hook-secret-0123456789"
 NOW = 1_718_000_000.0

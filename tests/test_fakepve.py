@@ -30,7 +30,6 @@ from receiver.simulator import (
     run_standalone,
 )
 
-
 # --------------------------------------------------------------------------- fixtures
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import janitor_env
 
 from receiver.config import load_settings
-from receiver.inventory import Guest, InventoryError, ProxmoxInventory, parse_acl, parse_guests
-from conftest import janitor_env
+from receiver.inventory import ProxmoxInventory, parse_acl, parse_guests
+from receiver.model import Guest, InventoryError
 
 
 def acl(path, roleid="PVEAuditor", kind="token", ugid="janitor@pve!sweep", propagate=1):

@@ -5,11 +5,13 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from receiver.config import Settings
-from receiver.inventory import Guest, Inventory
-from receiver.plan import GHOST, OLD_ERROR, Row, make_plan
+from receiver.model import Guest, Inventory, Reason, Row
+from receiver.plan import make_plan
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 DEFAULT = Settings()
@@ -30,26 +32,26 @@ def inv(*vmids, status="running", **kw):
 CASES = [
     # (id, row, inventory, settings overrides, expected reason or None)
     ("present guest kept", row(vmid=100), inv(100), {}, None),
-    ("missing guest, old: ghost", row(vmid=200), inv(100), {}, GHOST),
-    ("NULL vmid, old: ghost", row(vmid=None), inv(100), {}, GHOST),
+    ("missing guest, old: ghost", row(vmid=200), inv(100), {}, Reason.GHOST),
+    ("NULL vmid, old: ghost", row(vmid=None), inv(100), {}, Reason.GHOST),
     ("missing guest, young: kept", row(vmid=200, age=timedelta(minutes=5)), inv(100), {}, None),
     ("created old but updated 5 min ago: kept", row(vmid=200, updated_age=timedelta(minutes=5)), inv(100), {}, None),
-    ("exactly at grace edge is old", row(vmid=200, age=timedelta(minutes=15)), inv(100), {}, GHOST),
-    ("NULL timestamps count as old", row(vmid=200, age=None), inv(100), {}, GHOST),
+    ("exactly at grace edge is old", row(vmid=200, age=timedelta(minutes=15)), inv(100), {}, Reason.GHOST),
+    ("NULL timestamps count as old", row(vmid=200, age=None), inv(100), {}, Reason.GHOST),
     ("protected status kept", row(vmid=200, status="deploying"), inv(100), {}, None),
     ("protected status is case-insensitive", row(vmid=200, status="Provisioning"), inv(100), {}, None),
     ("ghost cleanup disabled keeps ghost", row(vmid=200), inv(100), {"ghost_cleanup_enabled": False}, None),
-    ("old error, guest exists: old_error", row(vmid=100, status="error", age=timedelta(hours=25)), inv(100), {}, OLD_ERROR),
+    ("old error, guest exists: old_error", row(vmid=100, status="error", age=timedelta(hours=25)), inv(100), {}, Reason.OLD_ERROR),
     ("young error, guest exists: kept", row(vmid=100, status="error", age=timedelta(hours=23)), inv(100), {}, None),
-    ("old error, guest gone: ghost first", row(vmid=200, status="error"), inv(100), {}, GHOST),
+    ("old error, guest gone: ghost first", row(vmid=200, status="error"), inv(100), {}, Reason.GHOST),
     ("error ghost with ghost cleanup off: old_error", row(vmid=200, status="error"), inv(100),
-     {"ghost_cleanup_enabled": False}, OLD_ERROR),
-    ("error with NULL updated_at is old", row(vmid=100, status="error", updated_age="null"), inv(100), {}, OLD_ERROR),
+     {"ghost_cleanup_enabled": False}, Reason.OLD_ERROR),
+    ("error with NULL updated_at is old", row(vmid=100, status="error", updated_age="null"), inv(100), {}, Reason.OLD_ERROR),
     ("offline node guest (unknown) is present", row(vmid=100), inv(100, status="unknown"), {}, None),
     ("guest being destroyed (lock) is present", row(vmid=100), inv(100, lock="destroyed"), {}, None),
     ("already marked row not marked again", row(vmid=200, status="destroyed"), inv(100),
      {"action": "mark"}, None),
-    ("mark action marks ghost", row(vmid=200), inv(100), {"action": "mark"}, GHOST),
+    ("mark action marks ghost", row(vmid=200), inv(100), {"action": "mark"}, Reason.GHOST),
     ("retention longer keeps error", row(vmid=100, status="error", age=timedelta(hours=30)), inv(100),
      {"error_retention_hours": 48}, None),
 ]
@@ -103,7 +105,7 @@ settings_strategy = st.builds(
 def test_present_vmid_is_never_a_ghost(rows, inventory, s):
     plan = make_plan(rows, inventory, NOW, s)
     for action in plan.actions:
-        if action.reason == GHOST:
+        if action.reason == Reason.GHOST:
             assert action.row.vmid is None or action.row.vmid not in inventory
 
 
@@ -114,7 +116,7 @@ def test_protected_or_young_rows_are_never_touched(rows, inventory, s):
     grace_start = NOW - timedelta(minutes=s.grace_minutes)
     for action in plan.actions:
         assert (action.row.status or "").lower() not in s.protected_statuses
-        if action.reason == GHOST:
+        if action.reason == Reason.GHOST:
             touched = action.row.last_touched()
             assert touched is None or touched <= grace_start
 

@@ -9,11 +9,11 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import janitor_env, make_runtime, run_cli
 
 from receiver import store
 from receiver.restore import AuditNotFound, RestoreRefused, restore
 from receiver.simulator.scene import app_row, create_apps_table
-from conftest import janitor_env, make_runtime, run_cli
 
 # Outside 1 .. 2**63-1: no database can hold them, and no entry has them.
 IMPOSSIBLE_IDS = ["99999999999999999999", str(2**63), "0", "-1", "-99999999999999999999"]

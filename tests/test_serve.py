@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import ROOT, cli_command, janitor_env, table_vmids
 
 from receiver import store
-from receiver.inbox import Event, Inbox
+from receiver.inbox import Inbox
+from receiver.model import Event
 from receiver.simulator.scene import app_row, create_apps_table
-from conftest import ROOT, cli_command, janitor_env, table_vmids
 
 HOOK = ROOT / "hookscript" / "pve-janitor-hook"
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import ROOT, janitor_env, run_cli
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.roles import AccessError
-
-from conftest import ROOT, janitor_env, run_cli
 
 AUDITOR = ("Datastore.Audit", "Mapping.Audit", "Pool.Audit", "SDN.Audit", "Sys.Audit", "VM.Audit")
 VM_USER = ("VM.Audit", "VM.Backup", "VM.Config.CDROM", "VM.Config.Cloudinit", "VM.Console", "VM.PowerMgmt")

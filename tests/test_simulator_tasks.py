@@ -10,6 +10,7 @@ import json
 import time
 
 import pytest
+from conftest import make_runtime, running_apps, table_vmids
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
@@ -17,7 +18,6 @@ from receiver.inbox import Inbox
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.tasks import BROADCAST_MAX_BYTES
 from receiver.watcher import Watcher
-from conftest import make_runtime, running_apps, table_vmids
 
 ENTRY_KEYS = {"upid", "node", "pid", "pstart", "starttime", "type", "id", "user"}
 

@@ -6,14 +6,14 @@ in CI) PostgreSQL and MariaDB.
 from __future__ import annotations
 
 import gc
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import after_read, janitor_env, make_runtime, run_cli, table_vmids
 
 from receiver import store
-from receiver.simulator.scene import ERROR_VMIDS, RUNNING_VMIDS, create_apps_table, app_row, seed_database
-from conftest import after_read, janitor_env, make_runtime, run_cli, table_vmids
-from datetime import timedelta
+from receiver.simulator.scene import ERROR_VMIDS, RUNNING_VMIDS, app_row, create_apps_table, seed_database
 
 
 def snapshot(db, table="apps"):

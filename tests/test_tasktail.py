@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 
-from receiver.inventory import InventoryError, Task
+from receiver.model import InventoryError, Task
 from receiver.tasktail import TaskTail
 
 _pids = itertools.count(0x1000)

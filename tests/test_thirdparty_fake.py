@@ -25,9 +25,10 @@ import pytest
 
 pytest.importorskip("fakepve", reason="the third-party fake comes with fakepve (test-only): pip install fakepve")
 
-from receiver.inventory import Inventory  # noqa: E402
-from receiver.simulator.scene import app_row, create_apps_table  # noqa: E402
 from conftest import make_runtime, table_vmids  # noqa: E402
+
+from receiver.model import Inventory  # noqa: E402
+from receiver.simulator.scene import app_row, create_apps_table  # noqa: E402
 
 USER, TOKEN, SECRET = "janitor@pve", "sweep", "fake-token-secret"
 AUDITOR = ("VM.Audit", "Sys.Audit", "Datastore.Audit", "Pool.Audit", "SDN.Audit", "Mapping.Audit")
@@ -111,7 +112,8 @@ def test_lost_quorum_removes_nothing(fake, sqlite_db):
 def test_the_watcher_removes_a_destroyed_guests_row_after_its_stop_event(fake, sqlite_db):
     """The hook path (stop event, then the guest gone from the list); the fake's task list is
     static, so the task tail finds nothing here and the event does the work."""
-    from receiver.inbox import Event, Inbox
+    from receiver.inbox import Inbox
+    from receiver.model import Event
     from receiver.watcher import Watcher
 
     _seed(sqlite_db, (100, 101, 102))

@@ -7,14 +7,15 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import after_read, make_runtime, running_apps, table_vmids
 
 from receiver import store
-from receiver.inbox import Event, Inbox
+from receiver.inbox import Inbox
 from receiver.lease import Lease
+from receiver.model import Event
 from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
-from conftest import after_read, make_runtime, running_apps, table_vmids
 
 _ids = itertools.count(1)
 
@@ -420,7 +421,7 @@ def test_a_row_set_back_to_running_by_the_platform_does_not_freeze_the_watcher(w
 
 def test_watching_a_vmid_another_receiver_just_watched_is_not_an_error(world):
     """Two leaders for a moment (fail-over) both drain the same stop event."""
-    from receiver.table import write_transaction
+    from receiver.db import write_transaction
     from receiver.watcher import _upsert_watch
     sim, db, runtime, inbox, watcher = world
     now = utcnow()

@@ -15,13 +15,14 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import after_read, janitor_env, make_runtime, run_cli, running_apps, table_vmids
 
 from receiver import store
-from receiver.inbox import Event, Inbox
+from receiver.inbox import Inbox
 from receiver.metrics import Metrics
+from receiver.model import Event
 from receiver.simulator.scene import app_row, create_apps_table
 from receiver.watcher import Watcher
-from conftest import after_read, janitor_env, make_runtime, run_cli, running_apps, table_vmids
 
 _ids = itertools.count(1)
 

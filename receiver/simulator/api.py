@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import params
+from .entries import config_path, guest_config, list_entry, node_entry, resource_entry
 from .guests import Guest, lowest_free_vmid
 from .tasks import TaskQuery, TaskQueryError
-from .entries import config_path, guest_config, list_entry, node_entry, resource_entry
 
 API_PREFIX = "/api2/json"
 # pvestatd broadcasts guest stats every 10 s; /cluster/resources shows the last broadcast,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import sqlalchemy as sa
 
 from ..config import without_settings
-from ..table import make_engine
+from ..db import make_engine
 from .proxmox import ProxmoxSimulator
 from .scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database, seed_guests
 

@@ -17,7 +17,8 @@ from typing import Optional
 from urllib.parse import parse_qs, urlsplit
 
 from .api import API_PREFIX, ApiError, Reply, error_reply
-from .params import MESSAGE as PARAMETER_MESSAGE, ParameterError
+from .params import MESSAGE as PARAMETER_MESSAGE
+from .params import ParameterError
 from .server import TLSServer, make_tls, url_host
 
 logger = logging.getLogger(__name__)

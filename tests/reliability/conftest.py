@@ -29,10 +29,10 @@ from typing import Any, Iterator
 
 import pytest
 import sqlalchemy as sa
+from conftest import Database, _sqlite_database
 
 from receiver import store
-from receiver.table import make_engine
-from conftest import Database, _sqlite_database
+from receiver.db import make_engine
 
 LONG = os.environ.get("JANITOR_RELIABILITY") == "long"
 MODE = "long" if LONG else "short"

@@ -21,11 +21,10 @@ from typing import Any
 
 import requests
 import sqlalchemy as sa
+from conftest import ROOT, cli_command, janitor_env
 
 from receiver.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
 from receiver.simulator.scene import app_row, create_apps_table
-
-from conftest import ROOT, cli_command, janitor_env
 
 LONG = os.environ.get("JANITOR_RELIABILITY") == "long"
 HOOK = ROOT / "hookscript" / "pve-janitor-hook"

@@ -43,12 +43,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
-from receiver import store
-from receiver.simulator.scene import app_row, create_apps_table
-from receiver.table import make_engine
 from conftest import Database
 from test_serve import Receiver, wait_until
+
+from receiver import store
+from receiver.db import make_engine
+from receiver.simulator.scene import app_row, create_apps_table
 
 from .conftest import record, scaled
 

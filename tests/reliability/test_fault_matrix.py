@@ -42,10 +42,11 @@ from typing import Any, Callable
 
 import pytest
 import sqlalchemy as sa
+from conftest import Database, _server_database, _sqlite_database, janitor_env, make_runtime, run_cli
 from sqlalchemy import event as sa_event
 
-from receiver import store
 from receiver import removal as removal_module
+from receiver import store
 from receiver.app import create_app
 from receiver.config import load_settings
 from receiver.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
@@ -54,7 +55,6 @@ from receiver.inventory import ProxmoxInventory
 from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
-from conftest import Database, _server_database, _sqlite_database, janitor_env, make_runtime, run_cli
 
 from .conftest import check_nothing_half_done, record, scaled, snapshot
 

@@ -25,21 +25,26 @@ import requests
 import schemathesis
 import sqlalchemy as sa
 from apscheduler.triggers.interval import IntervalTrigger
-from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
+from conftest import ROOT
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
-                                               response_schema_conformance, status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from receiver import store
 from receiver.config import SECRET_VARIABLES, VARIABLES, ConfigError, Settings, load_settings
 from receiver.events import MAX_BODY_BYTES, EventRejected, parse_event, signature, verify_signature
-from receiver.inbox import PHASES, Event
-from receiver.inventory import Inventory
+from receiver.model import PHASES, Event, Inventory
 from receiver.plan import make_plan
 from receiver.simulator.scene import app_row
 from receiver.timeutil import utcnow
 
-from conftest import ROOT
 from .support_io import HOOK, LONG, Serve, record, seed_guests_and_rows, table_rows, wait_until
 
 OPENAPI = ROOT / "docs" / "openapi.yaml"

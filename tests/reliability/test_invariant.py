@@ -37,21 +37,23 @@ from typing import Any, Callable
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, settings, strategies as st
+from conftest import Database, _server_database, make_runtime
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import receiver.removal as removal_module
 from receiver import store
 from receiver.app import create_app
+from receiver.db import make_engine
 from receiver.events import signature
-from receiver.simulator import ProxmoxSimulator
 from receiver.inbox import Inbox
 from receiver.metrics import Metrics
-from receiver.plan import GHOST
-from receiver.table import make_engine
+from receiver.model import Reason
+from receiver.simulator import ProxmoxSimulator
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
-from conftest import Database, _server_database, make_runtime
+
 from .conftest import record, scaled
 
 VMIDS = tuple(range(100, 108))  # few, so that VMIDs are reused all the time
@@ -173,7 +175,7 @@ class Model(RuleBasedStateMachine):
         existing = self.world.sim.vmids()
         result = self._real_apply(table, actions, source=source, now=now)
         for action in result.applied:
-            if action.reason == GHOST and action.row.vmid in existing:
+            if action.reason == Reason.GHOST and action.row.vmid in existing:
                 self.violations.append(f"row {action.row.key} ({action.action}, {source}) removed while guest "
                                        f"{action.row.vmid} exists: {action.detail}")
             if "delete" in self.removed.get(action.row.key, ()):

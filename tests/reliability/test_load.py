@@ -20,11 +20,22 @@ import requests
 import sqlalchemy as sa
 
 from receiver import store
+from receiver.db import write_transaction
 from receiver.simulator.scene import app_row
-from receiver.table import write_transaction
 
-from .support_io import (LONG, Serve, event_body, percentile, proc_fd_count, proc_rss_kb, record,
-                         seed_guests_and_rows, signed_headers, table_rows, wait_until)
+from .support_io import (
+    LONG,
+    Serve,
+    event_body,
+    percentile,
+    proc_fd_count,
+    proc_rss_kb,
+    record,
+    seed_guests_and_rows,
+    signed_headers,
+    table_rows,
+    wait_until,
+)
 
 GUESTS = 500            # one node's guests: 1000 events (pre-stop + post-stop each)
 SENDERS = 50

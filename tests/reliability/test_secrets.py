@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import PG_ENV, ROOT, Database, cli_command, janitor_env
 
 from receiver import store
+from receiver.db import make_engine
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.scene import load_into, seed_database
-from receiver.table import make_engine
 
-from conftest import PG_ENV, ROOT, Database, cli_command, janitor_env
 from .support_io import HOOK, Serve, event_body, signed_headers, wait_until
 
 HOOK_SECRET = "hooksecret-" + secrets.token_hex(8)

@@ -11,15 +11,16 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import ROOT, cli_command, janitor_env, make_runtime, table_vmids
+from test_install import UNIT_FILE, Env, assert_ok, env  # noqa: F401 - env: install.sh's fixture
 
 from receiver import store
 from receiver.config import ConfigError
-from receiver.inbox import Event, Inbox
+from receiver.inbox import Inbox
+from receiver.model import Event
 from receiver.restore import restore
 from receiver.simulator.scene import app_row, create_apps_table
 
-from conftest import ROOT, cli_command, janitor_env, make_runtime, table_vmids
-from test_install import UNIT_FILE, Env, assert_ok, env  # noqa: F401 - env: install.sh's fixture
 from .support_io import Serve, event_body, seed_guests_and_rows, signed_headers, table_rows, wait_until
 
 RUNNING, STOPPED = range(100, 106), range(106, 110)
