@@ -30,6 +30,7 @@ from .metrics import CONTENT_TYPE, Metrics
 from .model import Event, Outcome, Refusal
 from .runtime import Runtime
 from .timeutil import utcnow
+from .watcher import watched_vmids
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +162,7 @@ def stats() -> Response:
         counters = store.read_counters(conn)
         errors = store.recent_errors(conn)
         last = store.last_run(conn)
-        w = store.watch
-        watched = [int(v) for v in conn.execute(
-            sa.select(w.c.vmid).where(w.c.until > utcnow()).order_by(w.c.vmid)).scalars()]
+        watched = watched_vmids(conn, utcnow())
     status = j.watcher.status() if j.watcher is not None else None
     return jsonify({
         "enabled": s.enabled,

@@ -351,6 +351,12 @@ class Watcher:
         conn.execute(marks.delete().where(marks.c.table_name == s.table, marks.c.vmid == vmid))
 
 
+def watched_vmids(conn: sa.Connection, now: datetime) -> list[int]:
+    """The VMIDs watched now, in order (for stats)."""
+    w = store.watch
+    return [int(v) for v in conn.execute(sa.select(w.c.vmid).where(w.c.until > now).order_by(w.c.vmid)).scalars()]
+
+
 def _watch_rows(conn: sa.Connection, vmids: set[int] | None = None) -> dict[int, dict[str, Any]]:
     """The watch list, or only its rows for ``vmids``.
 
