@@ -5,9 +5,9 @@
    its VMIDs candidates.  Plan with the pure planner; check the safety rules.
 3. Confirm: read the guest list again, with the ACL list read on both sides of it (which
    VMIDs an ACL could hide).  This confirming read starts after the rows were read, so a
-   guest that exists by then keeps its rows, whatever the first read said.  A ghost whose guest is back is dropped; a ghost
-   whose VMID Proxmox says is taken although the token was not shown it (``hidden_guest``)
-   keeps its row and is reported.
+   guest that exists by then keeps its rows, whatever the first read said.  A ghost whose
+   guest is back is dropped; a ghost whose VMID Proxmox says is taken although the token
+   was not shown it (``hidden_guest``) keeps its row and is reported.
 4. Apply: delete or mark only the rows read in step 1, guarded in the WHERE clause by the
    values observed then (:mod:`receiver.apply`).  A row that appeared after step 1 is never
    part of this removal; one that changed is skipped.
@@ -21,9 +21,10 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from typing import Any, Callable, Collection, Iterator, Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 

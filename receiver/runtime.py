@@ -2,11 +2,16 @@
 
 The CLI and ``serve`` build one Runtime per process; tests build theirs from
 a temp database and the simulator.  Nothing here runs at import time.
+
+The Runtime carries the process's one clock: the sweeper and (through
+``serve``) the watcher read the time from it, so a test that pins it pins
+every grace period and timestamp a removal writes.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from datetime import datetime
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -15,8 +20,9 @@ from . import store
 from .config import Settings, require
 from .db import DatabaseError, make_engine
 from .inventory import ProxmoxInventory
-from .sweep import Sweeper
+from .sweep import OnResult, Sweeper
 from .table import PlatformTable
+from .timeutil import utcnow
 
 
 @dataclass
@@ -26,12 +32,19 @@ class Runtime:
     table: PlatformTable
     inventory: ProxmoxInventory
     sweeper: Sweeper
+    clock: Callable[[], datetime] = utcnow
 
     @classmethod
     def build(cls, settings: Settings, engine: Engine | None = None,
               inventory: ProxmoxInventory | None = None,
-              on_read: Callable[[float, str], None] | None = None) -> "Runtime":
-        """Raises ConfigError (exit 2) or DatabaseError (exit 3)."""
+              on_read: Callable[[float, str], None] | None = None,
+              on_sweep: OnResult | None = None,
+              clock: Callable[[], datetime] = utcnow) -> Runtime:
+        """Raises ConfigError (exit 2) or DatabaseError (exit 3).
+
+        ``on_read`` sees each inventory read (seconds, outcome); ``on_sweep`` each sweep's
+        result and source (``serve`` hands in its metrics for both).
+        """
         require(settings, "DATABASE_URL", "PVE_HOST", "PVE_USER", "PVE_TOKEN_NAME", "PVE_TOKEN_VALUE")
         engine = engine or make_engine(settings.database_url)
         table = PlatformTable(engine, settings)
@@ -40,4 +53,5 @@ class Runtime:
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot create pve-janitor's tables: {type(exc).__name__}") from None
         inventory = inventory or ProxmoxInventory(settings, on_read=on_read)
-        return cls(settings, engine, table, inventory, Sweeper(settings, table, inventory))
+        sweeper = Sweeper(settings, table, inventory, on_result=on_sweep, clock=clock)
+        return cls(settings, engine, table, inventory, sweeper, clock)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from functools import partial
 from typing import Any
 
 import waitress
@@ -20,7 +21,7 @@ from .events import MAX_BODY_BYTES
 from .inbox import Inbox
 from .lease import Lease
 from .metrics import Metrics
-from .model import Reason
+from .model import Outcome, Reason
 from .result import SweepResult
 from .runtime import Runtime
 from .schedule import make_scheduler, request_sweep
@@ -34,27 +35,38 @@ CHANNEL_TIMEOUT_S = 30  # an idle or trickling client is dropped after this
 
 
 def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
+    """The sweeper's ``on_result`` hook: every sweep's outcome in the metrics, manual runs included."""
     metrics.sweep(result.outcome)
     if result.refusal is not None:
         metrics.refusal(str(result.refusal), "sweep")
-    if result.outcome not in ("disabled", "dry_run") or result.hidden:
+    if result.outcome not in (Outcome.DISABLED, Outcome.DRY_RUN) or result.hidden:
         metrics.hidden_guests.labels(source="sweep").set(len(result.hidden))
     if result.applied:
         for reason in (Reason.GHOST, Reason.OLD_ERROR):
             metrics.removal(reason, source, sum(1 for a in result.applied.applied if a.reason == reason))
-    if result.outcome in ("done", "nothing") and result.started_at is not None:
+    if result.outcome in (Outcome.DONE, Outcome.NOTHING) and result.started_at is not None:
         metrics.last_success.set(result.started_at.timestamp() + result.duration_s)
 
 
 def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
-    """Everything ``serve`` runs, wired but not started (tests start what they need)."""
+    """Everything ``serve`` runs, wired but not started (tests start what they need).
+
+    Every collaborator gets its hooks when it is constructed.  A test may hand in its own
+    ``runtime``: its engine, inventory and clock are reused, and the sweeper is built here,
+    with the metrics hook.
+    """
     metrics = Metrics()
-    runtime = runtime or Runtime.build(settings, on_read=metrics.inventory_read)
-    runtime.sweeper.on_result = lambda result, source: record_sweep(metrics, result, source)
+    on_sweep = partial(record_sweep, metrics)
+    if runtime is None:
+        runtime = Runtime.build(settings, on_read=metrics.inventory_read, on_sweep=on_sweep)
+    else:
+        runtime = Runtime.build(settings, engine=runtime.engine, inventory=runtime.inventory, on_sweep=on_sweep,
+                                clock=runtime.clock)
     inbox = Inbox(runtime.engine)
     lease = Lease(runtime.engine, settings.lease_seconds)
     scheduler = make_scheduler(runtime.sweeper, settings.interval_minutes, lease, housekeeping=inbox.forget_old)
-    watcher = Watcher(runtime, inbox, metrics, lease, on_task_gap=lambda: request_sweep(scheduler))
+    watcher = Watcher(runtime, inbox, metrics, lease, clock=runtime.clock,
+                      on_task_gap=partial(request_sweep, scheduler))
     app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics,
                      scheduler=scheduler)
     return {"runtime": runtime, "metrics": metrics, "inbox": inbox, "lease": lease, "watcher": watcher,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 from . import store
 from .config import Settings
@@ -23,15 +25,24 @@ from .timeutil import utcnow
 
 logger = logging.getLogger(__name__)
 
+OnResult = Callable[[SweepResult, str], None]
+"""Told of every sweep's result and its source, after it was recorded (``serve``: the metrics)."""
+
+
 class Sweeper:
-    """Runs sweeps; one at a time per process (``busy`` tells whether one runs)."""
+    """Runs sweeps; one at a time per process (``busy`` tells whether one runs).
+
+    ``clock`` is the process's one clock (:class:`receiver.runtime.Runtime`): it decides the
+    grace periods and stamps the run; ``on_result`` is given at construction, never set later.
+    """
 
     def __init__(self, settings: Settings, table: PlatformTable, proxmox: Proxmox,
-                 on_result: Callable[[SweepResult, str], None] | None = None):
+                 on_result: OnResult | None = None, clock: Callable[[], datetime] = utcnow):
         self.settings = settings
         self.table = table
-        self.pipeline = Removal(settings, table, proxmox)
-        self.on_result = on_result
+        self.clock = clock
+        self.pipeline = Removal(settings, table, proxmox, clock=clock)
+        self._on_result = on_result
         # What stats and metrics show of the last sweep beyond the runs table (not the plan: it
         # may hold 100,000 actions).
         self.last_refusal: str | None = None
@@ -56,7 +67,7 @@ class Sweeper:
             return self._run(**kwargs)
 
     def _run(self, *, dry_run: bool | None = None, force: bool = False, source: str = "sweep") -> SweepResult:
-        started_wall = utcnow()
+        started_wall = self.clock()
         started = time.monotonic()
         dry = self.settings.dry_run if dry_run is None else (dry_run or self.settings.dry_run)
         if not self.settings.enabled:
@@ -76,7 +87,7 @@ class Sweeper:
         reason = f"{result.refusal}: {result.reason}" if result.refusal else result.reason
         try:
             store.record_run(
-                engine, source=source, started_at=result.started_at, finished_at=utcnow(),
+                engine, source=source, started_at=result.started_at, finished_at=self.clock(),
                 outcome=result.outcome, reason=reason[:2000], dry_run=result.dry_run,
                 planned=len(result.plan.actions) if result.plan else 0,
                 applied=len(result.applied.applied) if result.applied else 0,
@@ -88,5 +99,5 @@ class Sweeper:
             logger.warning("could not record the sweep's outcome in the database", exc_info=True)
         self.last_refusal = str(result.refusal) if result.refusal else None
         self.last_hidden = list(result.hidden)
-        if self.on_result:
-            self.on_result(result, source)
+        if self._on_result:
+            self._on_result(result, source)
