@@ -9,25 +9,25 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
+from .checks import Checkup, Verdict
 from .config import ConfigError, Settings, load_settings
 from .db import DatabaseError
 from .history import audit_entries
-from .inventory import grant_lines, token_id
 from .logs import setup_logging
-from .model import Inventory, InventoryError
 from .restore import AuditNotFound, RestoreRefused, restore
 from .result import SweepResult
 from .runtime import Runtime
-from .safety import hidden_guests, vmid_column_problem
-from .timeutil import utcnow
+from .timeutil import age_text, utcnow
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 3
+CHECK_EXIT = {Verdict.PASSED: EXIT_OK, Verdict.FAILED: EXIT_REFUSED, Verdict.MISCONFIGURED: EXIT_CONFIG}
 
 
 def _fail(code: int, lines: list[str] | str) -> None:
@@ -118,13 +118,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> list[str]:
 
 
 def _age(now: datetime, then: datetime | None) -> str:
-    if then is None:
-        return "-"
-    seconds = max(0, int((now - then).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return "-" if then is None else age_text(now, then)
 
 
 def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -> None:
@@ -165,95 +159,10 @@ def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -
 def check(ctx: click.Context) -> None:
     """Check settings, database, table mapping, Proxmox and the token's privileges."""
     setup_logging(logging.WARNING)
-    failed = False
-
-    def line(ok: bool, what: str, detail: str = "") -> None:
-        nonlocal failed
-        failed |= not ok
-        click.echo(f"{'ok    ' if ok else 'FAILED'}  {what}{': ' + detail if detail else ''}")
-
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        for problem in exc.problems:
-            line(False, "settings", problem)
-        sys.exit(EXIT_CONFIG)
-    line(True, "settings", f"table {settings.table}, action {settings.action}, "
-                           f"interval {settings.interval_minutes} min, dry run {settings.dry_run}")
-    try:
-        runtime = Runtime.build(settings)
-        rows = runtime.table.fetch_rows()
-        line(True, "database", f"{runtime.engine.dialect.name}, table {settings.table!r} with "
-                               f"{len(rows)} rows and every mapped column")
-    except (ConfigError, DatabaseError) as exc:
-        for problem in getattr(exc, "problems", [str(exc)]):
-            line(False, "database", problem)
-        sys.exit(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_REFUSED)
-    problem = vmid_column_problem(rows)
-    line(problem is None, "mapping", problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs")
-    try:
-        version = runtime.inventory.version()
-        others = len(settings.pve_endpoints) - 1
-        line(True, "proxmox", f"{runtime.inventory.endpoint} answers, version {version.get('version', '?')}"
-                              + (f" ({others} more PVE_HOST endpoint{'s' * (others > 1)} to fall back on)"
-                                 if others > 0 else ""))
-        if not _privileges(runtime, line):
-            sys.exit(EXIT_REFUSED)
-        runtime.inventory.check_quorum()
-        line(True, "quorum", "the answering node is quorate (or standalone)")
-        inventory = runtime.inventory.read()
-        line(True, "inventory", f"{len(inventory.guests)} guests in {inventory.read_seconds:.2f} s")
-        proof = runtime.inventory.acl_proof()
-        if proof.hideable is not None:
-            line(True, "acl", f"Sys.Audit on /access: {proof.reason}")
-        else:  # safe, only slower: not a failure
-            click.echo(f"WARN    acl: {proof.reason}; sweeps and the watcher will make one "
-                       "/cluster/nextid request per ghost")
-        hidden = _hidden_guests(runtime, rows, inventory, proof.hideable)
-        if hidden:
-            click.echo(f"WARN    hidden_guest: VMIDs {', '.join(map(str, hidden))} have rows and are in use in "
-                       "Proxmox, but the token is not shown those guests (an ACL hides them); their rows are "
-                       "kept and reported")
-    except InventoryError as exc:
-        line(False, "quorum" if exc.kind == "no_quorum" else "proxmox", str(exc))
-    sys.exit(EXIT_REFUSED if failed else EXIT_OK)
-
-
-def _privileges(runtime: Runtime, line: Callable[[bool, str, str], None]) -> bool:
-    """The token's privileges, each with what is lost without it; False when nothing can work.
-
-    A token that holds nothing at all is almost always a privilege-separated token whose user
-    has no ACL: Proxmox gives such a token only what both hold.  The token cannot read its
-    user's privileges (that needs Sys.Audit on /access), so the lines that grant both are shown.
-    """
-    inventory, settings = runtime.inventory, runtime.settings
-    fix = "; run on a Proxmox node:\n" + "\n".join(f"          {cmd}" for cmd in grant_lines(settings))
-    if not any(inventory.permissions().values()):
-        line(False, "privileges", f"the token {token_id(settings)} holds no privilege at all. A privilege-"
-             "separated token holds only what its user holds too, so its user most likely has no ACL" + fix)
-        return False
-    try:
-        inventory.check_privileges()
-    except InventoryError as exc:
-        line(False, "privileges", f"{exc}{fix}")
-        return False
-    line(True, "privileges", "the token holds VM.Audit on /vms, propagated")
-    if inventory.privilege("/", "Sys.Audit") is None:
-        line(False, "privileges", "the token lacks Sys.Audit on /: quorum cannot be checked, so nothing is ever "
-             "removed, and the task tail sees only the token's own tasks (a destroyed stopped guest waits for "
-             "the sweep)" + fix)
-        return False
-    line(True, "privileges", "Sys.Audit on / (quorum, and every user's tasks for the task tail)")
-    if inventory.privilege("/access", "Sys.Audit") is None:
-        click.echo("WARN    privileges: the token lacks Sys.Audit on /access: the ACL list cannot prove the guest "
-                   "list complete, so every ghost's VMID is asked about one by one (slower, as safe)")
-    return True
-
-
-def _hidden_guests(runtime: Runtime, rows: list, inventory: Inventory, hideable: frozenset[int] | None) -> list[int]:
-    """Rows' VMIDs missing from the guest list that Proxmox says are in use (an ACL hides the guest)."""
-    missing = {r.vmid for r in rows if r.vmid is not None and r.vmid not in inventory}
-    return hidden_guests(missing, hideable, runtime.inventory.vmid_in_use)
+    checkup = Checkup()
+    for line in checkup:
+        click.echo(str(line))
+    sys.exit(CHECK_EXIT[checkup.verdict])
 
 
 # --- history / restore -----------------------------------------------------

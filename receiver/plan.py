@@ -29,19 +29,7 @@ from typing import Any, Iterable
 
 from .config import Settings
 from .model import Action, Finding, Inventory, Plan, Reason, Report, Row, Verb
-
-
-def _age(now: datetime, then: datetime | None) -> str:
-    if then is None:
-        return "no timestamp"
-    seconds = max(0, int((now - then).total_seconds()))
-    if seconds >= 2 * 86400:
-        return f"{seconds // 86400} d"
-    if seconds >= 2 * 3600:
-        return f"{seconds // 3600} h"
-    if seconds >= 120:
-        return f"{seconds // 60} min"
-    return f"{seconds} s"
+from .timeutil import age_text
 
 
 def _norm(status: str | None) -> str:
@@ -106,7 +94,7 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
             else:
                 what = "has no VMID" if vmid is None else f"guest {vmid} does not exist"
                 actions.append(Action(row, verb, Reason.GHOST,
-                                      f"{what}; last touched {_age(now, touched)} ago"))
+                                      f"{what}; last touched {age_text(now, touched)} ago"))
                 continue
 
         # The later of created/updated: an error row inserted a minute ago with a NULL
@@ -115,7 +103,7 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
             where = (f"; guest {vmid} still exists ({guest.status} on {guest.node})" if guest
                      else "")
             actions.append(Action(row, verb, Reason.OLD_ERROR,
-                                  f"status {row.status!r} since {_age(now, touched)} "
+                                  f"status {row.status!r} since {age_text(now, touched)} "
                                   f"(retention {settings.error_retention_hours} h){where}"))
             continue
         if guest is not None:

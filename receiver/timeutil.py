@@ -1,4 +1,4 @@
-"""Time in one place: timezone-aware UTC, and tolerant parsing of table values.
+"""Time in one place: timezone-aware UTC, tolerant parsing of table values, ages for people.
 
 Platform tables hold timestamps in whatever their ORM wrote: aware or naive
 datetimes, dates, ISO strings (with a space or a ``T``, with or without
@@ -68,3 +68,22 @@ def parse_timestamp_strict(value: object) -> datetime | None:
 
 def isoformat(value: datetime | None) -> str | None:
     return value.astimezone(timezone.utc).isoformat() if value else None
+
+
+def age_text(now: datetime, then: datetime | None) -> str:
+    """How long before ``now`` ``then`` was, for people: "3 d", "5 h", "12 min", "40 s".
+
+    A unit is used from two of it on ("36 h", not "1 d"), so the number says enough; a
+    ``then`` in the future reads as "0 s", None as "no timestamp".  The plan's reasons
+    (kept in the audit table) and the CLI's AGE column both use it.
+    """
+    if then is None:
+        return "no timestamp"
+    seconds = max(0, int((now - then).total_seconds()))
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} d"
+    if seconds >= 2 * 3600:
+        return f"{seconds // 3600} h"
+    if seconds >= 120:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
