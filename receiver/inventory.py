@@ -8,109 +8,30 @@ status ``unknown``), and ``GET /cluster/status``: a node cut off from the quorat
 part of the cluster still answers reads, from its own stale copy of the guest list
 (PROXMOX.md, "Quorum"), so a read counts only when that node is quorate.  Anything
 less than a complete, sure answer raises :class:`InventoryError`; callers then
-delete nothing.
+delete nothing.  The HTTP session to each node is :mod:`receiver.pveapi`'s; what the
+answers say, :mod:`receiver.answers`'.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
 
-import msgspec
-import requests
-from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
-from .config import Settings
-from .model import VMID_MAX, VMID_MIN, AclProof, Guest, Inventory, InventoryError, Task
+from .answers import parse_acl, parse_guests, parse_tasks
+from .model import VMID_MAX, VMID_MIN, AclProof, Inventory, InventoryError, Task
+from .pveapi import ByteCount, PveEndpoint
 from .timeutil import utcnow
 
+if TYPE_CHECKING:
+    from proxmoxer.core import ProxmoxResource
+
+    from .config import Settings
+
 logger = logging.getLogger(__name__)
-
-
-class _Answer(msgspec.Struct):
-    data: list[Guest]
-
-
-_ANSWER = msgspec.json.Decoder(_Answer)
-
-
-def parse_guests(answer: bytes) -> dict[int, Guest]:
-    """The guests in a ``/cluster/resources?type=vm`` answer (the raw JSON); raise on anything odd.
-
-    A half-understood answer must not become "these guests are gone": a missing
-    ``data`` list, an entry that is not an object, a key of the wrong type (a vmid
-    that is not an integer), or an entry without vmid or node is an
-    :class:`InventoryError`.  ``type=vm`` lists nothing but guests.
-    """
-    try:
-        entries = _ANSWER.decode(answer).data
-    except msgspec.ValidationError as exc:
-        raise InventoryError("malformed", f"/cluster/resources: unexpected answer ({exc})") from None
-    except msgspec.DecodeError:
-        raise InventoryError("malformed", "/cluster/resources: the answer is not JSON") from None
-    return {g.vmid: g for g in entries}
-
-
-def parse_tasks(entries: object) -> list[Task]:
-    if not isinstance(entries, list):
-        raise InventoryError("malformed", "/cluster/tasks did not return a list")
-    tasks = []
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("upid"), str):
-            continue
-        raw_id = str(entry.get("id") or "")
-        tasks.append(Task(
-            upid=entry["upid"],
-            node=str(entry.get("node") or ""),
-            type=str(entry.get("type") or ""),
-            vmid=int(raw_id) if raw_id.isdigit() else None,
-            status=entry.get("status"),
-            endtime=entry.get("endtime") if isinstance(entry.get("endtime"), int) else None,
-            starttime=entry.get("starttime") if isinstance(entry.get("starttime"), int) else None,
-        ))
-    return tasks
-
-
-NO_ACCESS = "NoAccess"  # the built-in role whose ACL entry takes every privilege away
-
-
-def parse_acl(entries: object) -> AclProof:
-    """What the whole ``GET /access/acl`` list proves, given VM.Audit propagated from ``/vms``.
-
-    A guest is listed when the token holds VM.Audit on ``/vms/N`` (pve-manager,
-    /cluster/resources).  Inherited from ``/vms``, that privilege is taken away only by
-    (pve-access-control, ``AccessControl::roles``, ``RPCEnvironment::compile_acl_path``):
-
-    * an entry on ``/vms/N`` itself, which replaces what ``/vms`` passed down;
-    * NoAccess on the pool holding N, which trumps every other role.  It reaches the pool's
-      path from ``/pool/P``, a parent pool, ``/pool`` or ``/``.
-
-    Which entries apply to this token (its own, its user's, the user's groups') is not
-    worked out: every ``/vms/N`` with an entry for anyone is hideable, and a NoAccess on
-    ``/``, ``/pool`` or ``/pool/...`` proves nothing (pool membership is not read).
-    Anything unexpected proves nothing either.
-    """
-    if not isinstance(entries, list):
-        return AclProof(None, "/access/acl did not answer with a list")
-    hideable: set[int] = set()
-    for entry in entries:
-        path = entry.get("path") if isinstance(entry, dict) else None
-        role = entry.get("roleid") if isinstance(entry, dict) else None
-        if not isinstance(path, str) or not isinstance(role, str):
-            return AclProof(None, "/access/acl listed an entry without path or role")
-        if not path.startswith("/"):
-            return AclProof(None, f"/access/acl listed an entry on {path!r}, not an absolute path")
-        if path.startswith("/vms/"):
-            tail = path[len("/vms/"):]
-            if not (tail.isascii() and tail.isdigit()):
-                return AclProof(None, f"/access/acl listed an entry on {path!r}, not a guest's path")
-            hideable.add(int(tail))
-        elif role == NO_ACCESS and (path in ("/", "/pool") or path.startswith("/pool/")):
-            return AclProof(None, f"a NoAccess ACL on {path} can hide the guests of a pool")
-    return AclProof(frozenset(hideable), f"the ACL list proves the guest list complete ({len(hideable)} "
-                                         "VMIDs with an ACL entry of their own are checked one by one)")
 
 
 # Errors another node may not have: the next PVE_HOST is tried.  A refused token or a missing
@@ -121,6 +42,7 @@ T = TypeVar("T")
 
 
 def token_id(settings: Settings) -> str:
+    """The API token as Proxmox names it in ACLs and logs: ``user@realm!name``."""
     return f"{settings.pve_user}!{settings.pve_token_name}"
 
 
@@ -138,25 +60,18 @@ def grant_lines(settings: Settings) -> list[str]:
 class ProxmoxInventory:
     """Reads the inventory with an API token; one instance per process.
 
-    ``PVE_HOST`` may name several nodes of the cluster.  Every call goes to the active one;
-    when it fails in a way another node may not (unreachable, timeout, HTTP error, no
-    quorum), the next one is tried, and stays active until it fails in turn.  A whole guest
-    list is always read from one node, so its quorum check speaks for the list it read.
+    ``PVE_HOST`` may name several nodes of the cluster, each with one HTTP session
+    (:class:`~receiver.pveapi.PveEndpoint`).  Every call goes to the active one; when it
+    fails in a way another node may not (unreachable, timeout, HTTP error, no quorum), the
+    next one is tried, and stays active until it fails in turn.  A whole guest list is
+    always read from one node, so its quorum check speaks for the list it read.
+    ``bytes_read`` counts what every call read from Proxmox.
     """
 
     def __init__(self, settings: Settings, on_read: Callable[[float, str], None] | None = None):
-        self._settings = settings
-        self._endpoints = settings.pve_endpoints or ((settings.pve_host, settings.pve_port),)
-        self._apis = [ProxmoxAPI(
-            host,
-            port=port,
-            user=settings.pve_user,
-            token_name=settings.pve_token_name,
-            token_value=settings.pve_token_value,
-            verify_ssl=settings.pve_verify_ssl,
-            timeout=settings.pve_timeout,
-            service="PVE",
-        ) for host, port in self._endpoints]
+        self.bytes_read = ByteCount()
+        self._endpoints = [PveEndpoint(settings, host, port, self.bytes_read)
+                           for host, port in settings.pve_endpoints or ((settings.pve_host, settings.pve_port),)]
         self._active = 0
         self._switch_lock = threading.Lock()
         self._on_read = on_read
@@ -164,64 +79,43 @@ class ProxmoxInventory:
 
     def close(self) -> None:
         """Close the HTTP connections kept open to every PVE_HOST (at shutdown)."""
-        for api in self._apis:
-            api._store["session"].close()
+        for endpoint in self._endpoints:
+            endpoint.close()
 
     @property
-    def _api(self) -> ProxmoxAPI:
-        return self._apis[self._active]
+    def _node(self) -> PveEndpoint:
+        return self._endpoints[self._active]
+
+    @property
+    def _api(self) -> ProxmoxResource:
+        """The active node's proxmoxer API, for a call the inventory does not make itself."""
+        return self._node.api
 
     @property
     def endpoint(self) -> str:
         """The ``host:port`` calls go to now."""
-        host, port = self._endpoints[self._active]
-        return f"{host}:{port}"
+        return self._node.name
 
     def _failover(self, attempt: Callable[[], T]) -> T:
         """``attempt()`` on the active endpoint, then on the next ones while it fails in a way
         another node may not; the last error when every endpoint failed."""
-        for tried in range(1, len(self._apis) + 1):
+        for tried in range(1, len(self._endpoints) + 1):
             active = self._active
             try:
                 return attempt()
             except InventoryError as exc:
-                if exc.kind not in FAILOVER_KINDS or tried == len(self._apis):
+                if exc.kind not in FAILOVER_KINDS or tried == len(self._endpoints):
                     raise
                 with self._switch_lock:
                     if self._active == active:  # another thread may have moved on already
-                        self._active = (active + 1) % len(self._apis)
-                logger.warning("PVE_HOST %s:%s failed (%s): trying %s", *self._endpoints[active], exc, self.endpoint)
+                        self._active = (active + 1) % len(self._endpoints)
+                logger.warning("PVE_HOST %s failed (%s): trying %s", self._endpoints[active].name, exc, self.endpoint)
         raise AssertionError("unreachable")
 
-    def _get(self, what: str, call: Callable[[], object]) -> object:
-        try:
-            return call()
-        except ResourceException as exc:
-            if exc.status_code == 401:
-                raise InventoryError("auth", f"{what}: HTTP 401, the API token was refused") from None
-            if exc.status_code == 403:
-                raise InventoryError("privilege", f"{what}: HTTP 403, the token lacks a privilege") from None
-            raise InventoryError("http", f"{what}: HTTP {exc.status_code} {exc.status_message}") from None
-        except requests.exceptions.Timeout:
-            raise InventoryError("timeout", f"{what}: no answer within {self._settings.pve_timeout:g} s") from None
-        except requests.exceptions.SSLError:
-            raise InventoryError("tls", f"{what}: TLS verification failed (see PVE_VERIFY_SSL)") from None
-        except requests.exceptions.ConnectionError:
-            raise InventoryError("unreachable", f"{what}: cannot connect to {self.endpoint}") from None
-        except requests.exceptions.RequestException as exc:
-            raise InventoryError("http", f"{what}: {type(exc).__name__}") from None
-        except OSError as exc:  # e.g. the PVE_VERIFY_SSL bundle was removed after start
-            raise InventoryError("tls", f"{what}: {type(exc).__name__}: {exc.strerror or exc}") from None
-        except ValueError:
-            raise InventoryError("malformed", f"{what}: the answer is not JSON") from None
-        except KeyError:  # proxmoxer: a JSON answer without "data"
-            raise InventoryError("malformed", f"{what}: the answer has no 'data'") from None
-
-    def _privilege(self, path: str, privilege: str, api: ProxmoxAPI | None = None) -> object:
+    def _privilege(self, path: str, privilege: str, node: PveEndpoint | None = None) -> object:
         """The token's ``privilege`` on ``path`` as ``/access/permissions`` gives it: its propagate
         flag (1 or 0), or None when the token does not hold it."""
-        api = api or self._api
-        perms = self._get("/access/permissions", lambda: api.access.permissions.get(path=path))
+        perms = (node or self._node).get("/access/permissions", path=path)
         privileges = perms.get(path) if isinstance(perms, dict) else None
         return privileges.get(privilege) if isinstance(privileges, dict) else None
 
@@ -232,14 +126,14 @@ class ProxmoxInventory:
     def permissions(self) -> dict:
         """Every privilege the token holds, by path (``GET /access/permissions``): already the
         intersection with its user's for a privilege-separated token."""
-        perms = self._failover(lambda: self._get("/access/permissions", lambda: self._api.access.permissions.get()))
+        perms = self._failover(lambda: self._node.get("/access/permissions"))
         return perms if isinstance(perms, dict) else {}
 
     def check_privileges(self) -> None:
         self._failover(self._check_privileges)
 
-    def _check_privileges(self, api: ProxmoxAPI | None = None) -> None:
-        flag = self._privilege("/vms", "VM.Audit", api)
+    def _check_privileges(self, node: PveEndpoint | None = None) -> None:
+        flag = self._privilege("/vms", "VM.Audit", node)
         if flag is None:
             raise InventoryError(
                 "privilege",
@@ -259,7 +153,7 @@ class ProxmoxInventory:
     def check_quorum(self) -> None:
         self._failover(self._check_quorum)
 
-    def _check_quorum(self, api: ProxmoxAPI | None = None) -> None:
+    def _check_quorum(self, node: PveEndpoint | None = None) -> None:
         """Raise InventoryError (``no_quorum``) unless the answering node is in a quorate cluster.
 
         ``/cluster/status`` has one ``{"type": "cluster", "quorate": 0|1}`` entry in a
@@ -268,8 +162,7 @@ class ProxmoxInventory:
         known, and a read that may be stale is not acted on.
         """
         try:
-            api = api or self._api
-            status = self._get("/cluster/status", lambda: api.cluster.status.get())
+            status = (node or self._node).get("/cluster/status")
         except InventoryError as exc:
             if exc.kind == "privilege":
                 raise InventoryError("privilege", "/cluster/status: HTTP 403, quorum cannot be checked without "
@@ -293,38 +186,19 @@ class ProxmoxInventory:
     def _read_once(self) -> Inventory:
         started = time.monotonic()
         outcome = "error"
-        api = self._api  # one node answers the whole read, whatever another thread switches to
+        node = self._node  # one node answers the whole read, whatever another thread switches to
         try:
-            self._check_privileges(api)
-            guests = parse_guests(self._get("/cluster/resources", lambda: self._guest_answer(api)))
+            self._check_privileges(node)
+            guests = parse_guests(node.guest_list())
             # After the list, from the same node: a node that lost quorum before or while
             # answering is caught unless quorum came back within these milliseconds.
-            self._check_quorum(api)
+            self._check_quorum(node)
             outcome = "ok"
         finally:
             elapsed = time.monotonic() - started
             if self._on_read:
                 self._on_read(elapsed, outcome)
         return Inventory(guests, utcnow(), elapsed)
-
-    def _guest_answer(self, api: ProxmoxAPI) -> bytes:
-        """``GET /cluster/resources?type=vm`` as the raw bytes of the answer.
-
-        Through proxmoxer's own session, base URL, token, TLS settings and timeout (proxmoxer
-        2.x keeps them in ``_store``), but not its parser: that held the answer as bytes, a
-        decoded copy and full dicts of about 20 keys each at once (and formatted the whole
-        answer into a debug message).  At 100,000 guests (30 MB of JSON) parsing that way took
-        about 0.45 s and 120 MB; :func:`parse_guests` takes 0.06 s.  HTTP errors surface as
-        proxmoxer's ResourceException, as before.
-        """
-        store = api._store
-        with store["session"].request("GET", f"{store['base_url']}/cluster/resources", params={"type": "vm"},
-                                      stream=True) as response:
-            if response.status_code >= 400:
-                raise ResourceException(response.status_code, response.reason or "", response.text[:200])
-            # In 1 MB reads, not requests' 10 kB ones (0.03 s less at 100,000 guests); requests
-            # still turns a broken or timed-out body into its own exceptions.
-            return b"".join(response.iter_content(1 << 20))
 
     def vmid_in_use(self, vmid: int) -> bool:
         return self._failover(lambda: self._vmid_in_use(vmid))
@@ -341,15 +215,16 @@ class ProxmoxInventory:
         """
         if not VMID_MIN <= vmid <= VMID_MAX:
             return False  # no guest can hold it (and Proxmox would answer 400 for the parameter)
+        node = self._node
 
         def call() -> object:
             try:
-                return self._api.cluster.nextid.get(vmid=vmid)
+                return node.api.cluster.nextid.get(vmid=vmid)
             except ResourceException as exc:
                 if exc.status_code == 400:
                     return None
                 raise
-        answer = self._get(f"/cluster/nextid?vmid={vmid}", call)
+        answer = node.call(f"/cluster/nextid?vmid={vmid}", call)
         return answer is None or str(answer).strip() != str(vmid)
 
     def acl_proof(self) -> AclProof:
@@ -364,10 +239,11 @@ class ProxmoxInventory:
         after :meth:`check_privileges` (VM.Audit propagated from ``/vms``), which every
         :meth:`read` does.  HTTP and connection errors raise InventoryError.
         """
-        if self._privilege("/access", "Sys.Audit") is None:
+        node = self._node
+        if self._privilege("/access", "Sys.Audit", node) is None:
             return AclProof(None, "the token lacks Sys.Audit on /access, so it would see only part of "
                                   "the ACL list (grant PVEAuditor on /, see docs/install.md)")
-        return parse_acl(self._get("/access/acl", lambda: self._api.access.acl.get()))
+        return parse_acl(node.get("/access/acl"))
 
     def hideable_vmids(self) -> frozenset[int] | None:
         """:meth:`acl_proof`'s VMIDs (None: check every ghost); says at INFO which mode is used,
@@ -384,7 +260,7 @@ class ProxmoxInventory:
         return proof.hideable
 
     def tasks(self) -> list[Task]:
-        return self._failover(lambda: parse_tasks(self._get("/cluster/tasks", lambda: self._api.cluster.tasks.get())))
+        return self._failover(lambda: parse_tasks(self._node.get("/cluster/tasks")))
 
     def node_tasks(self, node: str, types: Iterable[str], since: int) -> list[Task]:
         """Finished tasks of these types that started on ``node`` at ``since`` or later, from its
@@ -392,12 +268,11 @@ class ProxmoxInventory:
         answers 595).  Proxmox matches ``typefilter`` exactly and ``since`` against the start."""
         found: list[Task] = []
         for kind in sorted(types):
-            entries = self._failover(lambda: self._get(
-                f"/nodes/{node}/tasks", lambda: self._api.nodes(node).tasks.get(
-                    typefilter=kind, since=since, source="archive", limit=1000)))
+            entries = self._failover(lambda kind=kind: self._node.get(
+                f"/nodes/{node}/tasks", typefilter=kind, since=since, source="archive", limit=1000))
             found.extend(t for t in parse_tasks(entries) if t.node in (node, ""))
         return found
 
     def version(self) -> dict:
-        data = self._failover(lambda: self._get("/version", lambda: self._api.version.get()))
+        data = self._failover(lambda: self._node.get("/version"))
         return data if isinstance(data, dict) else {}
