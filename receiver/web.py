@@ -1,0 +1,70 @@
+"""What every HTTP route shares: the janitor object, JSON answers and errors, the admin token.
+
+Every answer is JSON, errors included, as ``{"error": <code>, "message": <text>}``; the
+routes (in the ``api_*`` modules) and the app's error handlers (:mod:`receiver.app`) build
+them here, so a status code has one word everywhere.
+"""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Response, current_app, jsonify, request
+
+from .config import Settings
+from .inbox import Inbox
+from .metrics import Metrics
+from .runtime import Runtime
+
+ERROR_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+    422: "refused", 500: "internal_error", 503: "unavailable",
+}
+
+
+@dataclass
+class Janitor:
+    """What the routes use; ``app.extensions["janitor"]``."""
+
+    settings: Settings
+    runtime: Runtime
+    inbox: Inbox
+    metrics: Metrics
+    watcher: Any = None  # status() -> dict, wake(); None when this process runs no watcher
+    scheduler: Any = None  # has ``running``; None when this process runs no scheduler
+
+
+def janitor() -> Janitor:
+    """The janitor of the app handling the current request."""
+    return current_app.extensions["janitor"]
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> Response:
+    response = jsonify({"error": ERROR_CODES.get(status, "error"), "message": message, **extra})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def json_response(body: dict[str, Any], status: int) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def is_admin(token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (constant-time compare)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(
+        _header_bytes(given.strip()), _bytes(token))
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _header_bytes(text: str) -> bytes:
+    """The bytes the client sent: WSGI hands header values over decoded as Latin-1."""
+    return text.encode("latin-1", "replace")
