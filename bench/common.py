@@ -9,32 +9,27 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from receiver.config import without_settings
+from receiver.db import make_engine
+from receiver.simulator import ProxmoxSimulator, launch
+from receiver.simulator.scene import load_into, seed_database
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 HOOK = ROOT / "hookscript" / "pve-janitor-hook"
 POSTGRES_ENV = "JANITOR_BENCH_POSTGRES_URL"
 POSTGRES_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROFILE_ENV = "JANITOR_BENCH_PYSPY"  # a path prefix: py-spy samples of each receiver and sweep go there
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -130,10 +125,6 @@ def cpu_seconds(pid: int) -> float:
 def seed_scene(workdir: Path) -> tuple[Any, str]:
     """The demo's seed scene: a started simulator with its guests, and the URL of a SQLite
     platform database in ``workdir`` holding its rows."""
-    from receiver.db import make_engine
-    from receiver.simulator import ProxmoxSimulator
-    from receiver.simulator.scene import load_into, seed_database
-
     db_url = f"sqlite:///{workdir / 'platform.db'}"
     engine = make_engine(db_url)
     seed_database(engine)
@@ -151,20 +142,16 @@ class Receiver:
 
     def __init__(self, workdir: Path, sim, db_url: str, **settings: str):
         self.dir = workdir
-        self.port = free_port()
+        self.port = launch.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.secret = secrets.token_hex(16)
-        from receiver.config import without_settings
-
         env = without_settings(os.environ)
         env.update(sim.env(), DATABASE_URL=db_url, CLEANUP_HOOK_SECRET=self.secret,
                    CLEANUP_BIND=f"127.0.0.1:{self.port}", **settings)
         self.log_path = workdir / "receiver.log"
-        self.log = open(self.log_path, "ab")
         self.profiler = None
-        self.proc = subprocess.Popen([sys.executable, "-m", "receiver.cli", "serve"], env=env,
-                                     stdout=self.log, stderr=self.log, cwd=ROOT)
-        self._wait_healthy()
+        self.launched = launch.start(env, self.log_path, timeout=60, cwd=ROOT)
+        self.proc = self.launched.proc
         if os.environ.get(PROFILE_ENV):
             self.start_profile(f"{os.environ[PROFILE_ENV]}.{self.port}")
 
@@ -184,19 +171,6 @@ class Receiver:
         path.write_text(text)
         return path
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"receiver exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"receiver did not become healthy:\n{self.log_tail()}")
-
     def wait_for_log(self, text: str, timeout: float = 30) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -206,8 +180,7 @@ class Receiver:
         return False
 
     def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
+        return self.launched.log_text()
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log_text()[-n:]
@@ -219,11 +192,4 @@ class Receiver:
         if self.profiler is not None:
             self.profiler.send_signal(signal.SIGINT)
             self.profiler.wait(30)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.launched.stop(30)

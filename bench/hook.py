@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import HOOK, Receiver, free_port, median, seed_scene
+from bench.common import HOOK, Receiver, median, seed_scene
+from receiver.simulator.launch import free_port
 
 PY = "/usr/bin/python3"
 TIMEOUT = 2.0

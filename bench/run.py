@@ -19,9 +19,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench import burst, hook, idle, latency, sweep_scale
 from bench.common import ROOT, machine

@@ -12,11 +12,11 @@ import json
 import os
 import secrets
 import subprocess
-import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -25,6 +25,7 @@ from receiver.config import load_settings, without_settings
 from receiver.db import make_engine
 from receiver.runtime import Runtime
 from receiver.simulator import ProxmoxSimulator
+from receiver.simulator.launch import cli_command
 from receiver.simulator.scene import app_row, create_apps_table, load_into, seed_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,11 +121,6 @@ def janitor_env(sim: ProxmoxSimulator, db: Database, **extra: Any) -> dict[str, 
 def make_runtime(sim: ProxmoxSimulator, db: Database, **overrides: Any) -> Runtime:
     settings = load_settings(env=janitor_env(sim, db), overrides=overrides)
     return Runtime.build(settings, engine=db.engine)
-
-
-def cli_command() -> list[str]:
-    script = Path(sys.executable).with_name("pve-janitor")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "receiver.cli"]
 
 
 @dataclass

@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -26,15 +25,11 @@ from conftest import ROOT, cli_command, janitor_env, table_vmids
 from receiver import store
 from receiver.inbox import Inbox
 from receiver.model import Event
+from receiver.simulator import launch
+from receiver.simulator.launch import free_port
 from receiver.simulator.scene import app_row, create_apps_table
 
 HOOK = ROOT / "hookscript" / "pve-janitor-hook"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:
@@ -46,21 +41,11 @@ class Receiver:
         self.env = janitor_env(sim, db, CLEANUP_HOOK_SECRET=self.secret, CLEANUP_ADMIN_TOKEN=self.admin,
                                CLEANUP_BIND=f"127.0.0.1:{self.port}", **extra)
         self.log = tmp_path / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
+        self.launched: launch.Launched | None = None
 
-    def start(self) -> "Receiver":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cli_command() + ["serve"], env=self.env, stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if self.get("/healthz")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"receiver not healthy in 30 s:\n{self.log.read_text()}")
+    def start(self) -> Receiver:
+        self.launched = launch.start(self.env, self.log, timeout=30)
+        return self
 
     def get(self, path: str):
         try:
@@ -83,15 +68,11 @@ class Receiver:
             return err.code
 
     def terminate(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            return self.proc.wait(30)
-        return self.proc.returncode if self.proc else 0
+        return self.launched.terminate(30) if self.launched else 0
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.launched:
+            self.launched.kill()
 
 
 @pytest.fixture

@@ -12,21 +12,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 
 from ..config import without_settings
 from ..db import make_engine
+from . import launch
+from .launch import Launched, free_port
 from .proxmox import ProxmoxSimulator
 from .scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database, seed_guests
 
@@ -38,25 +39,19 @@ class StepFailed(Exception):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Demo:
     def __init__(self, workdir: Path, echo: Callable[[str], None] = print):
         self.dir = workdir
         self.echo = echo
         self.db_path = workdir / "platform.db"
         self.db_url = f"sqlite:///{self.db_path}"
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.secret = secrets.token_hex(16)
         self.admin = secrets.token_hex(16)
         self.sim = ProxmoxSimulator(nodes=("pve1", "pve2"))
         self.engine = None
-        self.receiver: subprocess.Popen | None = None
+        self.receiver: Launched | None = None
         self.log_path = workdir / "receiver.log"
 
     # --- plumbing -----------------------------------------------------------
@@ -112,28 +107,14 @@ class Demo:
             if guest["vmid"] != UNHOOKED_VMID and not guest.get("template"):
                 guest["hookscript"] = str(HOOKSCRIPT)
             self.sim.add_guest(**guest)
-        log = open(self.log_path, "w")
-        self.receiver = subprocess.Popen([sys.executable, "-m", "receiver.cli", "serve"], env=self.env(),
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
-        log.close()
-        self.wait_for("the receiver answers /healthz", lambda: self._healthy(), 30)
-
-    def _healthy(self) -> bool:
-        if self.receiver.poll() is not None:
-            raise StepFailed(f"the receiver exited with {self.receiver.returncode}; see {self.log_path}")
         try:
-            return self.http("GET", "/healthz")[0] == 200
-        except OSError:
-            return False
+            self.receiver = launch.start(self.env(), self.log_path, timeout=30, cwd=self.dir)
+        except launch.LaunchError as exc:
+            raise StepFailed(f"{str(exc).splitlines()[0]}; see {self.log_path}") from exc
 
     def stop(self) -> None:
-        if self.receiver and self.receiver.poll() is None:
-            self.receiver.send_signal(signal.SIGTERM)
-            try:
-                self.receiver.wait(20)
-            except subprocess.TimeoutExpired:
-                self.receiver.kill()
-                self.receiver.wait()
+        if self.receiver:
+            self.receiver.stop(20)
         self.sim.stop()
         if self.engine is not None:
             self.engine.dispose()
@@ -224,7 +205,7 @@ def run(once: bool, echo: Callable[[str], None] = print) -> int:
                 echo(f"\nStill running: try  curl -s {demo.base}/api/v1/system/cleanup/stats  "
                      f"or  curl -s {demo.base}/metrics\nCtrl-C to stop.")
                 try:
-                    while demo.receiver.poll() is None:
+                    while demo.receiver.alive():
                         time.sleep(0.5)
                 except KeyboardInterrupt:
                     echo("stopping")

@@ -18,14 +18,14 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -33,6 +33,7 @@ from conftest import Database, _sqlite_database
 
 from receiver import store
 from receiver.db import make_engine
+from receiver.simulator.launch import free_port
 
 LONG = os.environ.get("JANITOR_RELIABILITY") == "long"
 MODE = "long" if LONG else "short"
@@ -53,12 +54,6 @@ def db(request, tmp_path) -> Iterator[Database]:
         yield from _sqlite_database(tmp_path)
     else:
         yield request.getfixturevalue("postgres_db")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OwnPostgres:
@@ -97,7 +92,7 @@ class OwnPostgres:
         except OSError:
             return ""
 
-    def init(self) -> "OwnPostgres":
+    def init(self) -> OwnPostgres:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         return self
 

@@ -21,9 +21,10 @@ from typing import Any
 
 import requests
 import sqlalchemy as sa
-from conftest import ROOT, cli_command, janitor_env
+from conftest import ROOT, janitor_env
 
 from receiver.events import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+from receiver.simulator import launch
 from receiver.simulator.scene import app_row, create_apps_table
 
 LONG = os.environ.get("JANITOR_RELIABILITY") == "long"
@@ -138,19 +139,8 @@ class Serve:
     # --- life cycle -------------------------------------------------------------
 
     def start(self, timeout: float = 30) -> Serve:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cli_command() + ["serve"], env=self.env, stdout=log, stderr=log,
-                                         cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_text()
-            try:
-                if self.get("/healthz").status == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not healthy in {timeout} s:\n{self.log_text()}")
+        self.proc = launch.start(self.env, self.log, timeout=timeout, cwd=ROOT).proc
+        return self
 
     @property
     def pid(self) -> int:
