@@ -5,20 +5,21 @@ transaction.  A row whose key, VMID, updated_at or status is no longer what
 the planner saw has been changed or re-used by the platform in between: it is
 skipped, not destroyed.  The delete/update statement itself carries the same
 observed-value guard; only the rows it really touched are audited and counted,
-in the same transaction.  A crash at any point leaves either the old state or
+in the same transaction, which also drops the deleted rows' stop marks
+(:mod:`receiver.stopmarks`).  A crash at any point leaves either the old state or
 the new one.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Sequence
 
 import sqlalchemy as sa
 
-from . import store
+from . import stopmarks, store
 from .db import chunks, write_transaction
 from .model import Action, Reason
 from .table import PlatformTable
@@ -62,20 +63,6 @@ def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: st
         return _apply(table, actions, source, now, per_row=True)
 
 
-def _drop_stop_marks(conn: sa.Connection, table: PlatformTable, keys: list[str]) -> None:
-    """A restored row or a re-used key must not inherit a deleted row's stop mark.
-
-    The marks held for the table are read first (as many as stopped apps, usually few),
-    so 10,000 removed rows do not make a 10,000-key IN list for nothing.
-    """
-    marks = store.stop_marks
-    if not keys:
-        return
-    marked = set(conn.execute(sa.select(marks.c.row_key).where(marks.c.table_name == table.settings.table)).scalars())
-    for part in chunks(sorted(marked.intersection(keys)), table.key_batch):
-        conn.execute(marks.delete().where(marks.c.table_name == table.settings.table, marks.c.row_key.in_(part)))
-
-
 def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: datetime,
            per_row: bool) -> ApplyResult:
     result = ApplyResult()
@@ -91,8 +78,8 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
             stmt = sa.select(*t.columns).where(table.pk.in_(part))
             if conn.dialect.name != "sqlite":
                 stmt = stmt.with_for_update()
-            for now_row in conn.execute(stmt).all():
-                current[now_row[i_key]] = now_row
+            for found in conn.execute(stmt).all():
+                current[found[i_key]] = found
 
         to_apply: list[Action] = []
         for key, action in by_key.items():
@@ -110,11 +97,13 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
         for action_kind in ("delete", "mark"):
             group = [a.row for a in to_apply if a.action == action_kind]
             for rows, guard, params in table.guarded_batches(group, per_row):
+                change: sa.Delete | sa.Update
                 if action_kind == "delete":
-                    stmt = t.delete().where(guard)
+                    change = t.delete().where(guard)
                 else:
-                    stmt = t.update().where(guard).values({table.status.name: table.settings.mark_status})
-                touched = conn.execute(stmt, params).rowcount
+                    assert table.status is not None  # CLEANUP_ACTION=mark requires CLEANUP_STATUS_COLUMN (config)
+                    change = t.update().where(guard).values({table.status.name: table.settings.mark_status})
+                touched = conn.execute(change, params).rowcount
                 part = [by_key[row.key] for row in rows]
                 if touched == len(part):
                     applied.extend(part)
@@ -135,12 +124,12 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
                 "reason": a.reason,
                 "source": source,
                 "detail": a.detail,
-                "row_json": store.encode_row(dict(zip(names, current[a.row.key]))),
+                "row_json": store.encode_row(dict(zip(names, current[a.row.key], strict=True))),
                 "removed_at": now,
             }
             for a in applied
         ])
-        _drop_stop_marks(conn, table, [str(a.row.key) for a in applied if a.action == "delete"])
+        stopmarks.drop_deleted(conn, table, [str(a.row.key) for a in applied if a.action == "delete"])
         counts = result.counts
         for a in applied:
             counts[REASON_COUNTERS[a.reason]] += 1
