@@ -217,14 +217,15 @@ def test_inbox_backlog_left_by_a_crash_is_processed_by_a_new_watcher(world):
 
 def test_only_the_lease_holder_watches(world):
     sim, db, runtime, inbox, _ = world
-    a = Watcher(runtime, inbox, lease=Lease(runtime.engine, 30, holder="a"))
+    lease_a = Lease(runtime.engine, 30, holder="a")
+    a = Watcher(runtime, inbox, lease=lease_a)
     b = Watcher(runtime, inbox, lease=Lease(runtime.engine, 30, holder="b"))
     inbox.accept(event(101, "post-stop"))
     a.tick()
     b.tick()
     assert (a.leader, b.leader) == (True, False)
     assert a.watched == [101] and b.watched == []
-    a.lease.release()
+    lease_a.release()
     b.tick()
     assert b.leader
 
@@ -337,7 +338,7 @@ def test_watcher_applies_the_percentage_guard(sim, sqlite_db):
     for _ in range(3):
         watcher.tick()
     assert len(table_vmids(sqlite_db)) == 20
-    assert "CLEANUP_MAX_DELETE_PERCENT" in watcher.last_error
+    assert "CLEANUP_MAX_DELETE_PERCENT" in (watcher.last_error or "")
     assert len(watcher.watched) == 14
 
 
@@ -417,21 +418,6 @@ def test_a_row_set_back_to_running_by_the_platform_does_not_freeze_the_watcher(w
         watcher.tick()
     assert 101 not in table_vmids(db)
     assert statuses(db)[100] == "stopped"
-
-
-def test_watching_a_vmid_another_receiver_just_watched_is_not_an_error(world):
-    """Two leaders for a moment (fail-over) both drain the same stop event."""
-    from receiver.db import write_transaction
-    from receiver.watcher import _upsert_watch
-    sim, db, runtime, inbox, watcher = world
-    now = utcnow()
-    with write_transaction(runtime.engine) as conn:
-        conn.execute(store.watch.insert().values(vmid=179, since=now, until=now, hint="stop", missing_reads=1))
-    with write_transaction(runtime.engine) as conn:
-        _upsert_watch(conn, {}, 179, now, now + timedelta(minutes=10), "stop")  # stale view: not watched
-    with db.engine.connect() as conn:
-        row = conn.execute(sa.select(store.watch)).mappings().one()
-    assert row["vmid"] == 179 and row["until"] > now and row["missing_reads"] == 1
 
 
 def test_an_acl_lifted_between_the_two_reads_cannot_let_a_hidden_guest_go(world):
