@@ -36,13 +36,15 @@ def sweep_job(sweeper: Sweeper, lease: Lease | None, housekeeping: Callable[[], 
 
 
 def make_scheduler(sweeper: Sweeper, interval_minutes: int, lease: Lease | None = None,
-                   first_run_now: bool = True,
                    housekeeping: Callable[[], object] | None = None) -> BackgroundScheduler:
-    """``housekeeping`` runs after each scheduled sweep on the lease holder (inbox pruning)."""
+    """``housekeeping`` runs after each scheduled sweep on the lease holder (inbox pruning).
+
+    The first run is due at once.  APScheduler keeps its own (wall) time, so its times come
+    from :func:`utcnow`, not from the runtime's clock a test may have pinned.
+    """
     scheduler = BackgroundScheduler(timezone="UTC", daemon=True)
-    first = {"next_run_time": utcnow()} if first_run_now else {}
     scheduler.add_job(sweep_job, "interval", minutes=interval_minutes, args=(sweeper, lease, housekeeping), id=JOB_ID,
-                      max_instances=1, coalesce=True, misfire_grace_time=None, **first)
+                      max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=utcnow())
     return scheduler
 
 

@@ -43,9 +43,8 @@ class Sweeper:
         self.clock = clock
         self.pipeline = Removal(settings, table, proxmox, clock=clock)
         self._on_result = on_result
-        # What stats and metrics show of the last sweep beyond the runs table (not the plan: it
-        # may hold 100,000 actions).
-        self.last_refusal: str | None = None
+        # What stats show of the last sweep beyond the runs table (not the plan: it may hold
+        # 100,000 actions).
         self.last_hidden: list[int] = []
         self._lock = threading.Lock()
 
@@ -95,9 +94,8 @@ class Sweeper:
             )
             if result.outcome in (Outcome.REFUSED, Outcome.FAILED):
                 store.record_error(engine, source, reason)
-        except Exception:  # noqa: BLE001 - bookkeeping must not hide the sweep's own outcome
+        except Exception:  # bookkeeping must not hide the sweep's own outcome
             logger.warning("could not record the sweep's outcome in the database", exc_info=True)
-        self.last_refusal = str(result.refusal) if result.refusal else None
         self.last_hidden = list(result.hidden)
         if self._on_result:
             self._on_result(result, source)
