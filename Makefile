@@ -4,18 +4,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench reliability venv clean
+.PHONY: test lint demo bench reliability venv clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,simulator]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,simulator,lint]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Lint, format and type checks; paths and rules are in pyproject.toml ([tool.ruff], [tool.mypy]).
+LINT_PATHS := receiver hookscript/pve-janitor-hook tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 # The long reliability runs (fault matrix, crash points, fuzzing, load, soak); `make test` runs short versions.
 reliability: $(STAMP)
@@ -29,4 +36,4 @@ demo: $(STAMP)
 	$(VENV)/bin/pve-janitor demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info
