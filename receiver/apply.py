@@ -12,16 +12,14 @@ the new one.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
 
 from . import stopmarks, store
 from .db import chunks, write_transaction
-from .model import Action, Reason
+from .model import Action, ApplyResult, Reason
 from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
@@ -31,13 +29,6 @@ REASON_COUNTERS = {Reason.GHOST: "ghost_apps_removed", Reason.OLD_ERROR: "old_er
 
 class ApplyConflict(Exception):
     """A set-based guarded statement touched another number of rows than expected."""
-
-
-@dataclass
-class ApplyResult:
-    applied: list[Action] = field(default_factory=list)
-    skipped: list[tuple[Action, str]] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)
 
 
 def _same(a: object, b: object) -> bool:

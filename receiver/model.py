@@ -8,10 +8,12 @@ reasons), so they compare equal to those words and serialise as them.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -226,3 +228,12 @@ class Plan:
 
     def count(self, reason: Reason) -> int:
         return sum(1 for a in self.actions if a.reason == reason)
+
+
+@dataclass
+class ApplyResult:
+    """What one apply step changed: the actions applied, those skipped (and why), counters."""
+
+    applied: list[Action] = field(default_factory=list)
+    skipped: list[tuple[Action, str]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)

@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .apply import ApplyResult
-from .model import Action, Outcome, Plan, Refusal
+from .model import Action, ApplyResult, Outcome, Plan, Refusal
 from .timeutil import isoformat
 
 

@@ -9,8 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from receiver.apply import ApplyResult
-from receiver.model import Action, Finding, Outcome, Plan, Reason, Refusal, Report, Row, Verb
+from receiver.model import Action, ApplyResult, Finding, Outcome, Plan, Reason, Refusal, Report, Row, Verb
 from receiver.result import SweepResult, short_vmids
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
