@@ -130,8 +130,8 @@ class PlatformTable:
     def guard_batch(self) -> int:
         """Rows per guarded IN-list statement (MySQL/MariaDB, see guarded_batches): key twice +
         observed values each, about 900 bound parameters.  Not more: a database checks a
-        row-value IN list term by term for each row it finds by key (on PostgreSQL, 10,000
-        ghosts took 1.1 s in batches of 2,000 rows against 0.7 s in batches of 180)."""
+        row-value IN list term by term for each row it finds by key, so longer lists cost
+        more than the statements they save (docs/performance.md)."""
         return max(1, GUARD_PARAMS // (3 + (self.updated is not None) + (self.status is not None)))
 
     def observed(self, row: Row) -> list[tuple[sa.Column, Any]]:
@@ -150,10 +150,10 @@ class PlatformTable:
 
         Where the driver sends an executemany in one go (sqlite3, psycopg's pipeline), each
         group of rows with the same NULL observed values is one executemany of a WHERE that
-        matches a single row by key and observed values: 10,000 ghosts in 0.12 s on SQLite
-        and 0.15 s on PostgreSQL, against about 0.35 and 0.45 s as IN lists, mostly spent by
-        SQLAlchemy expanding them.  PyMySQL sends an executemany one row at a time (1.1 s), so
+        matches a single row by key and observed values: cheaper than IN lists, whose cost is
+        mostly SQLAlchemy expanding them.  PyMySQL sends an executemany one row at a time, so
         MySQL/MariaDB get tuple IN lists (:meth:`observed_guard`).  ``per_row``: one row each.
+        The figures are in docs/performance.md.
         """
         if self.engine.dialect.name not in ("sqlite", "postgresql"):
             for part in ([[r] for r in rows] if per_row else chunks(rows, self.guard_batch)):
@@ -201,9 +201,8 @@ class PlatformTable:
                 match = self.pk.in_([v[0] for v in values])
             clauses.append(sa.and_(match, *conds))
         # The plain key list lets the database find the rows by primary key: SQLite uses no
-        # index for a tuple IN list, so each guarded statement scanned the whole table
-        # (100,000 rows, 10,000 ghosts: 45 scans, 0.8 s).  It matches no other row: every
-        # tuple above starts with the key.
+        # index for a tuple IN list, so without it each guarded statement scans the whole
+        # table.  It matches no other row: every tuple above starts with the key.
         return sa.and_(self.pk.in_([row.key for row in rows]), sa.or_(*clauses))
 
 
