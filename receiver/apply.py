@@ -14,13 +14,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 from . import stopmarks, store
 from .db import chunks, write_transaction
 from .model import Action, ApplyResult, Reason
-from .table import PlatformTable
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,9 +22,11 @@ from .db import DatabaseError
 from .history import audit_entries
 from .logs import setup_logging
 from .restore import AuditNotFound, RestoreRefused, restore
-from .result import SweepResult
 from .runtime import Runtime
 from .timeutil import age_text, utcnow
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .result import SweepResult
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 3
 CHECK_EXIT = {Verdict.PASSED: EXIT_OK, Verdict.FAILED: EXIT_REFUSED, Verdict.MISCONFIGURED: EXIT_CONFIG}

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import store
 from .db import describe_db_error, write_transaction
-from .table import PlatformTable
 from .timeutil import utcnow
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ def restore(table: PlatformTable, audit_id: int) -> Restored:
         if entry is None:
             raise AuditNotFound(f"no audit entry {audit_id}")
         if entry["restored_at"] is not None:
-            raise RestoreRefused(f"audit entry {audit_id} was already restored at {entry['restored_at']:%Y-%m-%d %H:%M:%S} UTC")
+            raise RestoreRefused(f"audit entry {audit_id} was already restored at "
+                                 f"{entry['restored_at']:%Y-%m-%d %H:%M:%S} UTC")
         if entry["table_name"] != table.settings.table:
             raise RestoreRefused(f"audit entry {audit_id} is for table {entry['table_name']!r}, "
                                  f"not {table.settings.table!r}")

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, jsonify, request
 
 from .config import Settings
-from .inbox import Inbox
-from .metrics import Metrics
-from .runtime import Runtime
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .inbox import Inbox
+    from .metrics import Metrics
+    from .runtime import Runtime
 
 ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
