@@ -14,7 +14,6 @@ Principals are ``user@realm`` or ``user@realm!tokenname``; ``root@pam`` holds ev
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from .roles import NO_ACCESS, path_key
 from .userconfig import ENTRY_TYPES, ROOT_USER, UserConfig, split_principal
@@ -106,7 +105,7 @@ class AccessControl(UserConfig):
         shared = self.has(principal, _ANY_GUEST, privilege)
         return lambda vmid: self.has(principal, "/vms/%d" % vmid, privilege) if vmid in special else shared
 
-    def pool_of(self, vmid: int) -> Optional[str]:
+    def pool_of(self, vmid: int) -> str | None:
         return next((pool for pool, members in self.pools.items() if vmid in members), None)
 
     def _cache_path(self, path: str) -> str:
@@ -176,7 +175,7 @@ class AccessControl(UserConfig):
         to any other only the entries on paths where it may modify permissions
         (RPCEnvironment.pm ``check_perm_modify``).  In ``iterate_acl_tree`` order."""
         audit = self.has(principal, "/access", "Sys.Audit")
-        entries = []
+        entries: list[dict] = []
         for path in sorted(self.acl, key=path_key):
             if not (audit or self._may_modify(principal, path)):
                 continue

@@ -15,12 +15,18 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from . import params
 from .entries import config_path, guest_config, list_entry, node_entry, resource_entry
 from .guests import Guest, lowest_free_vmid
 from .tasks import TaskQuery, TaskQueryError
+
+if TYPE_CHECKING:
+    import threading
+
+    from .access import AccessControl
+    from .tasks import TaskLog
 
 API_PREFIX = "/api2/json"
 # pvestatd broadcasts guest stats every 10 s; /cluster/resources shows the last broadcast,
@@ -34,7 +40,7 @@ PVE_VERSION = {"version": "8.2.4", "release": "8.2", "repoid": "faa83925c9641325
 class ApiError(Exception):
     """An HTTP error answer: PVE puts the message in the reason phrase; we add a JSON body."""
 
-    def __init__(self, status: int, message: str, errors: Optional[dict] = None):
+    def __init__(self, status: int, message: str, errors: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -49,7 +55,7 @@ class Encoded(bytes):
 class Reply:
     status: int
     body: dict
-    reason: Optional[str] = None
+    reason: str | None = None
 
     def payload(self) -> bytes:
         data = self.body.get("data")
@@ -58,21 +64,43 @@ class Reply:
         return json.dumps(self.body).encode("utf-8")
 
 
-def error_reply(status: int, message: str, errors: Optional[dict] = None) -> Reply:
-    body = {"data": None, "message": message}
+def error_reply(status: int, message: str, errors: dict | None = None) -> Reply:
+    body: dict = {"data": None, "message": message}
     if errors:
         body["errors"] = errors
     one_line = " ".join(message.split())
     return Reply(status, body, one_line.encode("latin-1", "replace").decode("latin-1")[:200])
 
 
-def _query_value(query: dict, key: str) -> Optional[str]:
+def _query_value(query: dict, key: str) -> str | None:
     values = query.get(key)
     return values[0] if values else None
 
 
 class ApiRoutes:
     """Route handlers; mixed into ``ProxmoxSimulator`` (needs ``Cluster`` and ``self.access``)."""
+
+    if TYPE_CHECKING:  # what the routes use of ``Cluster`` and ``ProxmoxSimulator``
+        nodes: tuple[str, ...]
+        standalone: bool
+        tasks: TaskLog
+        access: AccessControl
+        _lock: threading.RLock
+        _request: threading.local
+        _guests: dict
+        _online: dict[str, bool]
+        _node_boot_mono: float
+        _version: int
+        _acl_fault: int | None
+        _vm_answer: tuple | None
+
+        @property
+        def token_id(self) -> str: ...
+        @property
+        def quorate(self) -> bool: ...
+        def stats_shown(self, node: str, now: float) -> bool: ...
+        def _expire_locked(self) -> None: ...
+        def _known_guests(self) -> dict: ...
 
     def _route(self, path: str, query: dict):
         with self._lock:
@@ -130,7 +158,7 @@ class ApiRoutes:
             raise ApiError(400, "Parameter verification failed.", {
                 "type": "value '%s' does not have a value in the enumeration '%s'"
                         % (kind, ", ".join(RESOURCE_TYPES))})
-        parts = []
+        parts: list[bytes] = []
         if kind in (None, "node"):
             uptime = self._node_uptime()
             parts.extend(json.dumps(node_entry(node, self._online[node], uptime)).encode() for node in self.nodes)
@@ -157,7 +185,7 @@ class ApiRoutes:
             cached = guest.encoded = (key, json.dumps(entry).encode())
         return cached[1]
 
-    def _shown_pool(self, vmid: int) -> Optional[str]:
+    def _shown_pool(self, vmid: int) -> str | None:
         """A guest's pool, shown only with Pool.Audit on it (API2/Cluster.pm ``resources``)."""
         pool = self.access.pool_of(vmid) if self.access.pools else None
         return pool if pool is not None and self._holds("/pool/" + pool, "Pool.Audit") else None

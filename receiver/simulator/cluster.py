@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .guests import GUEST_STATUSES, GUEST_TYPES, VMID_MAX, VMID_MIN, Guest, SimulatorError
 from .hooks import HOOK_BASE_ENV, run_hook
@@ -45,7 +45,7 @@ class Cluster:
         self._online = {node: True for node in self.nodes}
         self._offline_at: dict = {}  # node -> monotonic time of its last stats broadcast
         self._node_boot_mono = time.monotonic()
-        self._stale: Optional[dict] = None  # the answering node's guest list while it has no quorum
+        self._stale: dict | None = None  # the answering node's guest list while it has no quorum
         # Bumped by every change /cluster/resources?type=vm can show (see _changed).
         self._version = 0
 
@@ -59,12 +59,12 @@ class Cluster:
         self,
         vmid: int,
         node: str = "pve1",
-        type: str = "lxc",  # noqa: A002 (the API field is called type)
+        type: str = "lxc",  # noqa: A002 - the API field is called type
         status: str = "running",
-        name: Optional[str] = None,
+        name: str | None = None,
         template: bool = False,
-        hookscript: Optional[str] = None,
-        tags: Optional[str] = None,
+        hookscript: str | None = None,
+        tags: str | None = None,
     ) -> dict:
         """Create a guest directly (no task, no hooks, like a scene's starting state)."""
         vmid = int(vmid)
@@ -97,7 +97,7 @@ class Cluster:
         if template and status != "stopped":
             raise ValueError("a template is always stopped")
 
-    def guest(self, vmid: int) -> Optional[dict]:
+    def guest(self, vmid: int) -> dict | None:
         with self._lock:
             self._expire_locked()
             guest = self._guests.get(int(vmid))
@@ -247,7 +247,7 @@ class Cluster:
             env["PVE_JANITOR_NODE"] = node
         return env
 
-    def _run_hook(self, guest: Guest, phase: str) -> Optional[int]:
+    def _run_hook(self, guest: Guest, phase: str) -> int | None:
         """Run the guest's hookscript for one phase; its exit code (0 without a hookscript,
         None when it could not run)."""
         if not guest.hookscript:

@@ -13,13 +13,16 @@ import ssl
 import threading
 import weakref
 from collections import Counter
-from typing import Optional
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from .api import API_PREFIX, ApiError, Reply, error_reply
 from .params import MESSAGE as PARAMETER_MESSAGE
 from .params import ParameterError
 from .server import TLSServer, make_tls, url_host
+
+if TYPE_CHECKING:
+    from .access import AccessControl
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +37,29 @@ class HttpsEndpoint:
     ``threading.local`` for the caller) and ``_route`` (``ApiRoutes``).
     """
 
+    if TYPE_CHECKING:  # what it uses of ``Cluster``, ``ApiRoutes`` and ``ProxmoxSimulator``
+        nodes: tuple[str, ...]
+        access: AccessControl
+        auth_fail_delay: float
+        _lock: threading.RLock
+        _request: threading.local
+
+        def _route(self, path: str, query: dict) -> object: ...
+
     def _init_serving(self) -> None:
         self._fault: tuple = (None, 0.0)
-        self._fault_path: Optional[str] = None
+        self._fault_path: str | None = None
         self._counts: Counter = Counter()
         self._count_lock = threading.Lock()
         self._closing = threading.Event()
         self._life_lock = threading.Lock()  # start/stop/listen transitions
-        self._host: Optional[str] = None
-        self._port: Optional[int] = None
-        self._context: Optional[ssl.SSLContext] = None
-        self._ca_path: Optional[str] = None
-        self._ca_cleanup: Optional[weakref.finalize] = None
-        self._server: Optional[TLSServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._host: str | None = None
+        self._port: int | None = None
+        self._context: ssl.SSLContext | None = None
+        self._ca_path: str | None = None
+        self._ca_cleanup: weakref.finalize | None = None
+        self._server: TLSServer | None = None
+        self._thread: threading.Thread | None = None
         self._servers: list = []
 
     # ------------------------------------------------------------------ life cycle
@@ -92,6 +104,8 @@ class HttpsEndpoint:
         self.stop()
 
     def _listen(self, port: int) -> None:
+        if self._context is None:
+            raise RuntimeError("simulator not started")
         server = TLSServer((self._host, port), self, self._context)
         self._port = server.server_address[1]
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -102,6 +116,8 @@ class HttpsEndpoint:
 
     def _unlisten(self) -> None:
         server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return  # not listening
         self._server = self._thread = None
         server.shutdown()
         server.server_close()
@@ -133,7 +149,7 @@ class HttpsEndpoint:
 
     # ------------------------------------------------------------------ faults and counts
 
-    def set_fault(self, kind: Optional[str], delay: float = 0.0, path: Optional[str] = None) -> None:
+    def set_fault(self, kind: str | None, delay: float = 0.0, path: str | None = None) -> None:
         """Make the API misbehave; ``None`` heals (and listens again on the same port).
         ``nodata``: answer 200 with a JSON body without ``data`` (on ``path`` alone, if given)."""
         if kind not in FAULT_KINDS:
@@ -143,7 +159,7 @@ class HttpsEndpoint:
             self._fault_path = path
             if self._host is not None and kind == "refuse" and self._server is not None:
                 self._unlisten()
-            elif self._host is not None and kind != "refuse" and self._server is None:
+            elif self._host is not None and self._port is not None and kind != "refuse" and self._server is None:
                 self._listen(self._port)
         logger.info("simulator fault set to %s", kind)
 
@@ -159,7 +175,7 @@ class HttpsEndpoint:
 
     # ------------------------------------------------------------------ one request
 
-    def _handle(self, method: str, target: str, authorization: Optional[str]) -> Optional[Reply]:
+    def _handle(self, method: str, target: str, authorization: str | None) -> Reply | None:
         """Answer one request; None means "close without answering" (fault reset)."""
         parts = urlsplit(target)
         path = parts.path
@@ -196,7 +212,7 @@ class HttpsEndpoint:
         finally:
             self._request.caller = None
 
-    def _caller_of(self, authorization: Optional[str]) -> Optional[str]:
+    def _caller_of(self, authorization: str | None) -> str | None:
         """The API token a request authenticates as, or None.
 
         ``Authorization: PVEAPIToken=<user>@<realm>!<tokenid>=<secret>``; the token must exist

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from .guests import Guest
 
@@ -13,7 +12,7 @@ def config_path(node: str, kind: str, vmid: int) -> str:
     return "nodes/%s/%s/%d.conf" % (node, directory, vmid)
 
 
-def resource_entry(guest: Guest, now: float, online: bool, pool: Optional[str]) -> dict:
+def resource_entry(guest: Guest, now: float, online: bool, pool: str | None) -> dict:
     """A guest's ``/cluster/resources`` entry (PROXMOX.md facts, API)."""
     entry = {
         "id": "%s/%d" % (guest.type, guest.vmid), "vmid": guest.vmid, "node": guest.node,
@@ -40,7 +39,7 @@ def resource_entry(guest: Guest, now: float, online: bool, pool: Optional[str]) 
 
 def node_entry(node: str, online: bool, uptime: int) -> dict:
     """A node's ``/cluster/resources`` (and ``/nodes``) entry."""
-    entry = {"id": "node/%s" % node, "node": node, "type": "node"}
+    entry: dict = {"id": "node/%s" % node, "node": node, "type": "node"}
     if online:
         entry.update(status="online", level="", maxcpu=8, cpu=0.02, maxmem=32 * 1024 ** 3,
                      mem=8 * 1024 ** 3, maxdisk=100 * 1024 ** 3, disk=20 * 1024 ** 3,

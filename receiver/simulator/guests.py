@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 from .tasks import Task
 
@@ -24,17 +24,17 @@ class Guest:
     status: str
     name: str
     template: bool
-    hookscript: Optional[str]
-    tags: Optional[str] = None
-    lock: Optional[str] = None
-    started_mono: Optional[float] = None
-    gone_at_mono: Optional[float] = None
-    destroy_task: Optional[Task] = None
+    hookscript: str | None
+    tags: str | None = None
+    lock: str | None = None
+    started_mono: float | None = None
+    gone_at_mono: float | None = None
+    destroy_task: Task | None = None
     maxmem: int = 512 * 1024 * 1024
     maxdisk: int = 8 * 1024 * 1024 * 1024
     cpus: int = 1
     # (what the /cluster/resources entry depends on, that entry as JSON)
-    encoded: Optional[tuple] = field(default=None, repr=False, compare=False)
+    encoded: tuple | None = field(default=None, repr=False, compare=False)
 
     def uptime(self, now_mono: float) -> int:
         if self.status == "stopped" or self.started_mono is None:

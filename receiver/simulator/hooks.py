@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ def run_hook(script: str, vmid: int, phase: str, env: dict) -> tuple:
             [script, str(vmid), phase], env=env, cwd="/", stdin=subprocess.DEVNULL,
             capture_output=True, timeout=HOOK_SAFETY_TIMEOUT_S, check=False,
         )
-        rc: Optional[int] = proc.returncode
+        rc: int | None = proc.returncode
         _log_output(vmid, phase, proc)
     except subprocess.TimeoutExpired:
         rc = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 MESSAGE = "Parameter verification failed."
 NOT_IN_SCHEMA = "property is not defined in schema and the schema does not allow additional properties"
@@ -45,14 +44,14 @@ class Param:
 
     type: str  # string | integer | boolean
     optional: bool = True
-    format: Optional[str] = None
-    pattern: Optional[str] = None
-    minimum: Optional[int] = None
-    maximum: Optional[int] = None
-    max_length: Optional[int] = None
+    format: str | None = None
+    pattern: str | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    max_length: int | None = None
     enum: tuple = ()
 
-    def error(self, value: str) -> Optional[str]:
+    def error(self, value: str) -> str | None:
         """The message Proxmox gives for ``value`` (a query string's text), or None when valid.
         Checks in ``check_prop``'s order: type, format, pattern, length, bounds, enum."""
         if self.type == "integer" and not re.fullmatch(r"[+-]?\d+", value):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import secrets
 import threading
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from . import pveum
 from .access import AccessControl
@@ -35,7 +36,7 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
         nodes: Iterable[str] = ("pve1", "pve2"),
         user: str = "janitor@pve",
         token_name: str = "sweep",
-        token_value: Optional[str] = None,
+        token_value: str | None = None,
         auth_fail_delay: float = 0.0,
         node_name_env: bool = True,
         task_user: str = "root@pam",
@@ -48,9 +49,9 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
         self.token_value = token_value if token_value is not None else secrets.token_hex(16)
         self.auth_fail_delay = float(auth_fail_delay)
         self.access = AccessControl()
-        self._acl_fault: Optional[int] = None
+        self._acl_fault: int | None = None
         self._request = threading.local()  # who is calling, for the route being answered
-        self._vm_answer: Optional[tuple] = None  # (what it depends on, encoded answer)
+        self._vm_answer: tuple | None = None  # (what it depends on, encoded answer)
         self._reset_switches()
         if self.user not in self.access.users:  # root@pam always is
             self.access.add_user(self.user)
@@ -119,7 +120,7 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
             self._switches.update(vm_audit=bool(allowed), vm_propagate=bool(propagate))
             self._apply_switches()
 
-    def set_visible(self, vmids: Optional[Iterable[int]], via: str = "vms") -> None:
+    def set_visible(self, vmids: Iterable[int] | None, via: str = "vms") -> None:
         """Hide every guest outside ``vmids`` from the token, now and when it is created: lists
         are partial while ``/vms`` still shows VM.Audit.  ``via="vms"``: a NoAccess entry on
         each hidden guest's ``/vms/N``; ``via="pool"``: the hidden guests in pool ``hidden``,
@@ -141,7 +142,7 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
                 self._switches["sys_audit"] = bool(allowed)
             self._apply_switches()
 
-    def add_acl(self, path: str, roleid: str, ugid: Optional[str] = None, type: str = "token",  # noqa: A002
+    def add_acl(self, path: str, roleid: str, ugid: str | None = None, type: str = "token",  # noqa: A002 - the ACL field is called type
                 propagate: bool = True) -> None:
         """One more ACL entry (default: for the token); a user or group it names is created
         when missing."""
@@ -155,13 +156,13 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
                 self.access.add_group(ugid)
             self.access.modify_acl(path, type, ugid, roleid, propagate=propagate)
 
-    def set_acl_fault(self, status: Optional[int]) -> None:
+    def set_acl_fault(self, status: int | None) -> None:
         """Make ``GET /access/acl`` alone answer this HTTP status; None heals."""
         with self._lock:
             self._acl_fault = None if status is None else int(status)
 
     def _reset_switches(self) -> None:
-        self._switches = {"vm_audit": True, "vm_propagate": True, "sys_audit": True,
+        self._switches: dict[str, Any] = {"vm_audit": True, "vm_propagate": True, "sys_audit": True,
                           "sys_audit_access": True, "visible": None, "via": "vms"}
         self._switch_entries: set = set()  # (path, type, ugid, role) the switches granted
 
@@ -197,7 +198,7 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
         else:
             self._grant("/vms/%d" % vmid, None)
 
-    def _grant(self, path: str, privileges: Optional[set], propagate: bool = True) -> None:
+    def _grant(self, path: str, privileges: set | None, propagate: bool = True) -> None:
         """The token gets a role holding exactly ``privileges`` (None: NoAccess) on ``path``."""
         role = "NoAccess" if privileges is None else self.access.role_holding(privileges)
         self.access.modify_acl(path, "token", self.token_id, role, propagate=propagate)

@@ -36,12 +36,13 @@ class _Handler(BaseHTTPRequestHandler):
     cannot keep answering over a kept-alive connection, and no socket outlives a test.
     """
 
+    server: TLSServer
     protocol_version = "HTTP/1.0"
     server_version = "pve-api-daemon/3.0"
     sys_version = ""
     timeout = CONNECTION_TIMEOUT_S
 
-    def do_GET(self):  # noqa: N802 (http.server naming)
+    def do_GET(self):
         self._serve()
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
@@ -72,9 +73,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
-    def log_message(self, format, *args):  # noqa: A002 (http.server signature)
+    def log_message(self, format, *args):  # noqa: A002 - http.server's signature
         # The request line never holds the token; headers are not logged.
-        logger.debug("%s - " + format, self.client_address[0], *args)
+        logger.debug("%s - " + format, self.client_address[0], *args)  # noqa: G003 - http.server's format, still lazy
 
 
 class TLSServer(ThreadingHTTPServer):
@@ -98,7 +99,8 @@ class TLSServer(ThreadingHTTPServer):
     def server_bind(self):
         # Skip HTTPServer.server_bind's getfqdn(): a reverse DNS lookup we do not need.
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, self.server_port = self.server_address[:2]
+        self.server_name = str(host)
 
     def finish_request(self, request, client_address):
         request.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -111,14 +113,16 @@ class TLSServer(ThreadingHTTPServer):
         with self._active_lock:
             self._active[me] = tls
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            super().finish_request(tls, client_address)  # the handler, on the TLS socket
         finally:
             with self._active_lock:
                 self._active.pop(me, None)
             tls.close()
 
     def handle_error(self, request, client_address):
-        logger.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+        # socketserver calls this from inside its `except` block, so the exception is there to log.
+        logger.debug("connection from %s ended with an error", client_address[0],
+                     exc_info=True)  # noqa: LOG014 - called inside socketserver's except
 
     def abort_connections(self) -> None:
         """Cut every open connection (at TCP level, under TLS) so its thread ends now."""

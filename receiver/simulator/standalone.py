@@ -7,7 +7,7 @@ import logging
 import shlex
 import signal
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .proxmox import ProxmoxSimulator
 
@@ -29,7 +29,7 @@ def run_standalone(
     port: int = 8006,
     scene: str = "seed",
     print_fn: Callable[[str], None] = print,
-    stop_event: Optional[threading.Event] = None,
+    stop_event: threading.Event | None = None,
 ) -> int:
     """Run a simulator until Ctrl-C / SIGTERM (or ``stop_event``); prints the env to export.
 

@@ -21,8 +21,9 @@ import itertools
 import json
 import re
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any
 
 # pve-common RESTEnvironment.pm active_workers: "my $MAX_FINISHED = 25", running ones included.
 FINISHED_TASKS_KEPT = 25
@@ -48,8 +49,8 @@ class Task:
     pid: int
     pstart: int
     starttime: int
-    endtime: Optional[int] = None
-    status: Optional[str] = None
+    endtime: int | None = None
+    status: str | None = None
 
     @property
     def upid(self) -> str:
@@ -73,7 +74,7 @@ class Task:
         return "%s %08X %s\n" % (self.upid, self.endtime or 0, self.status)
 
 
-def parse_upid(upid: str) -> Optional[dict]:
+def parse_upid(upid: str) -> dict | None:
     """Split a UPID into its fields (pve-common ``UPID.pm`` format); numbers as ints. None if malformed."""
     match = _UPID_RE.match(upid)
     if not match:
@@ -101,7 +102,7 @@ def may_see_own(entry: dict, caller: str) -> bool:
     return caller == entry["user"]
 
 
-def status_type(status: Optional[str]) -> str:
+def status_type(status: str | None) -> str:
     """pve-common ``PVE/Tools.pm`` ``upid_normalize_status_type``."""
     if not status:
         return "unknown"
@@ -129,20 +130,21 @@ class TaskQuery:
 
     start: int = 0
     limit: int = 50
-    userfilter: Optional[str] = None
-    typefilter: Optional[str] = None
-    vmid: Optional[int] = None
+    userfilter: str | None = None
+    typefilter: str | None = None
+    vmid: int | None = None
     errors: bool = False
     source: str = "archive"
-    since: Optional[int] = None
-    until: Optional[int] = None
-    statusfilter: Optional[str] = None
+    since: int | None = None
+    until: int | None = None
+    statusfilter: str | None = None
 
     @classmethod
-    def parse(cls, query: dict) -> "TaskQuery":
+    def parse(cls, query: dict) -> TaskQuery:
         """From a parsed query string (``{name: [value]}``); raises ``TaskQueryError`` naming every
         bad parameter, as Proxmox's parameter verification does."""
-        values, errors = {}, {}
+        values: dict[str, Any] = {}
+        errors: dict[str, str] = {}
         for name in ("start", "limit", "vmid", "since", "until"):
             raw = (query.get(name) or [None])[0]
             if raw is None:
@@ -223,7 +225,7 @@ class TaskLog:
         self._pids = itertools.count(0x2000)
         self._lock = threading.Lock()
 
-    def new(self, node: str, task_type: str, vmid: int, starttime: int, user: Optional[str] = None) -> Task:
+    def new(self, node: str, task_type: str, vmid: int, starttime: int, user: str | None = None) -> Task:
         """A task record of ``user`` (default ``self.user``; not yet listed: see ``start`` and ``record``)."""
         with self._lock:
             return Task(node=node, type=task_type, id=str(vmid), user=user or self.user,
@@ -246,7 +248,7 @@ class TaskLog:
             self._broadcast(task.node)
 
     def record(self, node: str, task_type: str, vmid: int, starttime: int, status: str,
-               endtime: int, user: Optional[str] = None) -> Task:
+               endtime: int, user: str | None = None) -> Task:
         """A task that has already finished (a stop, start or migration: done at once here)."""
         task = self.new(node, task_type, vmid, starttime, user)
         task.endtime, task.status = max(starttime, endtime), status

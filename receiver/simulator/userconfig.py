@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 from .roles import BUILTIN_ROLES, NO_ACCESS, VALID_PRIVILEGES, AccessError, normalize_path
 
@@ -205,7 +205,7 @@ class UserConfig:
         if not self.acl[path]:
             del self.acl[path]
 
-    def token_secret(self, principal: str) -> Optional[str]:
+    def token_secret(self, principal: str) -> str | None:
         """The secret of an API token that exists, else None."""
         userid, name = split_principal(principal)
         user = self.users.get(userid)
