@@ -32,7 +32,7 @@ from receiver.simulator import ProxmoxSimulator, params
 
 def _load_schema() -> dict:
     try:
-        data = resources.files("fakepve").joinpath("data", "pve-api.json.gz").read_bytes()
+        data = (resources.files("fakepve") / "data" / "pve-api.json.gz").read_bytes()
     except ModuleNotFoundError:
         pytest.skip("the PVE API schema comes with fakepve (test-only): pip install fakepve", allow_module_level=True)
     return json.loads(gzip.decompress(data))["paths"]
@@ -256,7 +256,7 @@ def test_every_parameter_the_product_sends_is_declared_and_valid(scene, sqlite_d
         inventory.version()
     finally:
         del scene._route
-    sent = {}
+    sent: dict[str, set[str]] = {}
     for path, query in seen:
         template = _template_of(path)
         sent.setdefault(template, set()).update(query)
@@ -361,7 +361,7 @@ def _good_values(rule: dict) -> list:
     if rule.get("format") == "pve-configid":
         return ["snap1", "a" * 40]
     samples = {"integer": [str(rule.get("minimum", 0)), "1700000000"], "boolean": ["0", "1"]}
-    return samples.get(rule.get("type"), ["x"])
+    return samples.get(rule.get("type", ""), ["x"])
 
 
 PAGES = {  # a concrete path for each schema path
@@ -382,7 +382,8 @@ GOOD = [(t, name, text) for t in sorted(PRODUCT_ENDPOINTS | SIMULATOR_ONLY)
 @pytest.mark.parametrize("template,name,text", BAD)
 def test_a_value_the_schema_rejects_is_a_400_naming_it(scene, template, name, text):
     rule = _query_params(template)[name]
-    assert param_error(text, rule) is not None  # the sample really is bad for the schema
+    problem = param_error(text, rule)
+    assert problem is not None  # the sample really is bad for the schema
     reply = _get(scene, PAGES.get(template, template), {name: text})
     assert reply.status_code == 400 and reply.reason == "Parameter verification failed."
     body = reply.json()
@@ -395,7 +396,7 @@ def test_a_value_the_schema_rejects_is_a_400_naming_it(scene, template, name, te
                         % (text, ", ".join(rule.get("enum", ()))),
                 "pattern": "value does not match the regex pattern",
                 "maxLength": "value may only be %s characters long" % rule.get("maxLength"),
-                }.get(param_error(text, rule))
+                }.get(problem)
     if expected is not None:
         assert message == expected
     else:

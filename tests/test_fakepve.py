@@ -624,10 +624,16 @@ def test_hook_runs_while_the_api_keeps_answering(pve, sim, tmp_path):
 
 def test_run_standalone_prints_env_and_stops(monkeypatch):
     loaded = []
+
+    def load_into(sim, scene):
+        loaded.append(scene)
+        sim.add_guest(200)
+
     fake_scene = types.ModuleType("receiver.simulator.scene")
-    fake_scene.load_into = lambda sim, scene: (loaded.append(scene), sim.add_guest(200))
+    monkeypatch.setattr(fake_scene, "load_into", load_into, raising=False)
     monkeypatch.setitem(sys.modules, "receiver.simulator.scene", fake_scene)
-    lines, stop = [], threading.Event()
+    lines: list[str] = []
+    stop = threading.Event()
     runner = threading.Thread(target=run_standalone, kwargs=dict(
         port=0, scene="demo", print_fn=lines.append, stop_event=stop))
     runner.start()

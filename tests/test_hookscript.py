@@ -17,8 +17,9 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from socketserver import ThreadingMixIn
 
 import pytest
 
@@ -33,13 +34,27 @@ PYTHON = os.environ.get("HOOK_TEST_PYTHON", sys.executable)
 
 # --- a receiver that checks what the contract says ---------------------------------
 
+class Receiver(HTTPServer):
+    """The test receiver's state, set by serve() and shared by its handlers."""
+
+    secret: str
+    force_status: int | None
+    seen: set[str]
+    events: list[dict]  # accepted events, in arrival order
+    log: list[tuple[int, bytes]]  # (status, raw body) of every request
+    url: str
+    delay: float  # SlowHandler's
+
+
 class Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
     def do_POST(self):
         server = self.server
         raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         timestamp = self.headers.get("X-Janitor-Timestamp", "")
-        expected = "sha256=" + hmac.new(
-            server.secret.encode("utf-8", "surrogateescape"), f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
+        key = server.secret.encode("utf-8", "surrogateescape")
+        expected = "sha256=" + hmac.new(key, f"{timestamp}.".encode() + raw, hashlib.sha256).hexdigest()
         signed = (
             self.path == "/api/v1/events"
             and self.headers.get("Content-Type") == "application/json"
@@ -76,13 +91,13 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(server_class=HTTPServer, handler=Handler):
+def serve(server_class: type[Receiver] = Receiver, handler=Handler):
     server = server_class(("127.0.0.1", 0), handler)
     server.secret = SECRET
     server.force_status = None
     server.seen = set()
-    server.events = []  # accepted events, in arrival order
-    server.log = []  # (status, raw body) of every request
+    server.events = []
+    server.log = []
     server.url = "http://127.0.0.1:%d" % server.server_port
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
@@ -111,7 +126,7 @@ class SlowHandler(Handler):
             pass
 
 
-class SlowServer(ThreadingHTTPServer):
+class SlowServer(ThreadingMixIn, Receiver):
     daemon_threads = True  # the receiver serves requests in parallel (waitress' threads)
 
     def handle_error(self, request, client_address):
@@ -201,7 +216,9 @@ def conf_env(tmp_path, spool_dir):
 @pytest.fixture(scope="module")
 def hook():
     loader = importlib.machinery.SourceFileLoader("pve_janitor_hook", str(HOOK))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
 
@@ -223,12 +240,20 @@ def in_process(hook, monkeypatch, spool_dir, capsys):
     return call
 
 
-def run_hook(env, *args, hook_path=HOOK, timeout=30):
+class TimedRun(subprocess.CompletedProcess):
+    """A finished run of the hookscript, and how long it took (``elapsed``, seconds)."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, elapsed: float):
+        super().__init__(proc.args, proc.returncode, proc.stdout, proc.stderr)
+        self.elapsed = elapsed
+
+
+def run_hook(env, *args, hook_path=HOOK, timeout=30) -> TimedRun:
     """Run the hookscript as Proxmox does (no shell); check it never leaks the secret."""
     start = time.monotonic()
     proc = subprocess.run([PYTHON, str(hook_path), *args], env=env, cwd="/",
                           capture_output=True, text=True, timeout=timeout)
-    proc.elapsed = time.monotonic() - start
+    proc = TimedRun(proc, time.monotonic() - start)
     assert SECRET not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
     return proc
@@ -484,7 +509,7 @@ def test_a_black_holed_first_address_leaves_time_for_the_next(hook, receiver, mo
     class HoleFirst(_socket.socket):
         def connect(self, address):
             if address == hole:
-                time.sleep(self.gettimeout())
+                time.sleep(self.gettimeout() or 0.0)
                 raise TimeoutError("timed out")
             return super().connect(address)
 

@@ -109,7 +109,8 @@ case "$1 $2" in
     [ -d "$cluster" ] || {{ echo '[{{"id":"node/pve","node":"pve","status":"online","type":"node"}}]'; exit 0; }}
     out=""
     for f in "$cluster"/*; do n=$(basename "$f")
-        out+="{{\\"id\\":\\"node/$n\\",\\"level\\":\\"\\",\\"node\\":\\"$n\\",\\"status\\":\\"online\\",\\"type\\":\\"node\\"}},"; done
+        out+="{{\\"id\\":\\"node/$n\\",\\"level\\":\\"\\",\\"node\\":\\"$n\\","
+        out+="\\"status\\":\\"online\\",\\"type\\":\\"node\\"}},"; done
     echo "[${{out%,}}]" ;;
 "get /nodes/"*)
     n=${{2#/nodes/}}; n=${{n%%/*}}
@@ -118,7 +119,9 @@ case "$1 $2" in
     [ -f "$f" ] || {{ echo "no such node '$n'" >&2; exit 2; }}
     grep -qx offline "$f" && {{ echo "hostname lookup '$n' failed - failed to get address info" >&2; exit 2; }}
     out=""
-    while read -r v; do [ -n "$v" ] && out+="{{\\"content\\":\\"snippets\\",\\"format\\":\\"snippet\\",\\"size\\":1,\\"volid\\":\\"$v\\"}},"; done <"$f"
+    while read -r v; do [ -n "$v" ] || continue
+        out+="{{\\"content\\":\\"snippets\\",\\"format\\":\\"snippet\\","
+        out+="\\"size\\":1,\\"volid\\":\\"$v\\"}},"; done <"$f"
     echo "[${{out%,}}]" ;;
 *) exit 9 ;;
 esac
@@ -216,8 +219,8 @@ class Env:
                 return line.split(": ", 1)[1]
         return None
 
-    def tree(self) -> dict[str, bytes]:
-        """Every file under the root with its content (and mode), to compare runs."""
+    def tree(self) -> dict[str, tuple[int, bytes]]:
+        """Every file under the root with its mode and content, to compare runs."""
         out = {}
         for p in sorted(self.root.rglob("*")):
             if p.is_file() and not p.is_symlink():
@@ -477,8 +480,9 @@ def test_receiver_dry_run_writes_nothing(env: Env) -> None:
     assert env.tree() == {} and not any(env.root.iterdir())
     assert [c for c in env.calls() if STATE_CHANGING.match(c)] == []
     lines = result.stdout.splitlines()
-    for expected in ("DRY-RUN: useradd", "/opt/pve-janitor/venv/bin/pip install", f"DRY-RUN: write {env.root}/{ENV_FILE}",
-                     f"DRY-RUN: write {env.root}/{UNIT_FILE}", "DRY-RUN: systemctl enable --now pve-janitor"):
+    for expected in ("DRY-RUN: useradd", "/opt/pve-janitor/venv/bin/pip install",
+                     f"DRY-RUN: write {env.root}/{ENV_FILE}", f"DRY-RUN: write {env.root}/{UNIT_FILE}",
+                     "DRY-RUN: systemctl enable --now pve-janitor"):
         assert any(expected in line and line.startswith("DRY-RUN: ") for line in lines), expected
 
 

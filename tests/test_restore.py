@@ -42,7 +42,7 @@ def _one_ghost_removed(sim, db):
     ghost = _row(db, 200)
     runtime = make_runtime(sim, db, CLEANUP_GRACE_MINUTES=0)
     result = runtime.sweeper.run(source="manual")
-    assert result.outcome == "done" and len(result.applied.applied) == 1
+    assert result.outcome == "done" and result.applied is not None and len(result.applied.applied) == 1
     with db.engine.connect() as conn:
         audit_id = conn.execute(sa.select(store.audit.c.id)).scalar_one()
     return runtime, audit_id, ghost

@@ -14,7 +14,7 @@ CORE = sorted((ROOT / "receiver").glob("*.py"))
 
 def _imported_modules(path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)

@@ -70,7 +70,7 @@ def test_a_destroy_is_hinted_once(cluster):
 
 
 def test_a_busy_node_pushing_a_destroy_out_is_caught_from_its_archive(cluster):
-    asked = []
+    asked: list[int] = []
     tail = tail_for(cluster, asked)
     for vmid in range(200, 205):
         cluster.run("pve1", "vzstart", vmid)
@@ -100,7 +100,7 @@ def test_another_nodes_quiet_list_does_not_hide_a_roll_over(cluster):
 
 
 def test_an_unreadable_archive_asks_for_a_sweep_once_per_period(cluster):
-    asked = []
+    asked: list[int] = []
     tail = tail_for(cluster, asked)
     cluster.run("pve1", "vzstart", 300)
     tail.poll()
@@ -125,7 +125,7 @@ def test_the_archive_read_starts_before_the_last_poll_and_before_what_was_runnin
 
 
 def test_a_token_without_sys_audit_is_said_to_be_blind(cluster, caplog):
-    blind = []
+    blind: list[bool] = []
     cluster.sys_audit = False
     tail = tail_for(cluster, blind=blind)
     tail.poll()

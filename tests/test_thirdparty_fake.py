@@ -25,10 +25,10 @@ import pytest
 
 pytest.importorskip("fakepve", reason="the third-party fake comes with fakepve (test-only): pip install fakepve")
 
-from conftest import make_runtime, table_vmids  # noqa: E402
+from conftest import make_runtime, table_vmids
 
-from receiver.model import Inventory  # noqa: E402
-from receiver.simulator.scene import app_row, create_apps_table  # noqa: E402
+from receiver.model import Inventory
+from receiver.simulator.scene import app_row, create_apps_table
 
 USER, TOKEN, SECRET = "janitor@pve", "sweep", "fake-token-secret"
 AUDITOR = ("VM.Audit", "Sys.Audit", "Datastore.Audit", "Pool.Audit", "SDN.Audit", "Mapping.Audit")
@@ -70,7 +70,9 @@ def test_inventory_reads_the_guests_and_quorum(fake, sqlite_db):
     runtime = make_runtime(fake, sqlite_db)
     inventory = runtime.inventory.read()
     assert {100, 101} <= set(inventory.guests)
-    assert inventory.get(101).type == "lxc" and inventory.get(100).type == "qemu"
+    lxc, qemu = inventory.get(101), inventory.get(100)
+    assert lxc is not None and lxc.type == "lxc"
+    assert qemu is not None and qemu.type == "qemu"
 
 
 def test_sweep_keeps_a_live_guest_and_removes_a_gone_one(fake, sqlite_db):
@@ -87,7 +89,8 @@ def test_a_vmid_held_by_a_guest_the_list_lacks_is_kept(fake, sqlite_db):
     runtime = make_runtime(fake, sqlite_db)
     assert runtime.inventory.hideable_vmids() is None  # fell back to per-VMID checks
     full = runtime.inventory.read()
-    runtime.inventory.read = lambda: Inventory.of([g for v, g in full.guests.items() if v != 101])
+    runtime.inventory.read = lambda: Inventory.of(  # type: ignore[method-assign]  # this instance only
+        [g for v, g in full.guests.items() if v != 101])
     result = runtime.sweeper.run(force=True)
     assert result.outcome == "done" and result.hidden == [101], result.summary()
     assert table_vmids(sqlite_db) == [101]  # 250 is gone for good, 101 only missing from the list
