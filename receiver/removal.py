@@ -167,7 +167,7 @@ class Removal:
 
     def _confirm_and_apply(self, plan: Plan, total: int, rows_by_key: dict[Any, int | None] | None,
                            source: str, may_apply: Callable[[], bool] | None) -> SweepResult:
-        actions, dropped, hidden = list(plan.actions), [], []
+        actions, dropped, hidden = list(plan.actions), list[int](), list[int]()
         if any(a.reason == Reason.GHOST for a in actions):
             try:
                 actions, dropped, hidden = self._confirm_ghosts(actions, total)
@@ -211,7 +211,8 @@ class Removal:
         after = self._hideable()
         hideable = None if before is None or after is None else before | after
         check_listing(confirm, total)
-        back = {a.row.vmid for a in actions if a.reason == Reason.GHOST and a.row.vmid in confirm}
+        back = {a.row.vmid for a in actions
+                if a.reason == Reason.GHOST and a.row.vmid is not None and a.row.vmid in confirm}
         actions = [a for a in actions if not (a.reason == Reason.GHOST and a.row.vmid in back)]
         ghosts = {a.row.vmid for a in actions if a.reason == Reason.GHOST and a.row.vmid is not None}
         try:

@@ -13,7 +13,7 @@ import signal
 from functools import partial
 from typing import Any
 
-import waitress
+from waitress.server import create_server
 
 from .app import create_app
 from .config import Settings
@@ -79,7 +79,7 @@ def _stop_on_signal(signum, _frame) -> None:
 
 def serve(settings: Settings) -> int:
     parts = build(settings)
-    server = waitress.create_server(
+    server = create_server(
         parts["app"], host=settings.bind_host, port=settings.bind_port, threads=HTTP_THREADS, ident="pve-janitor",
         # Refuse big bodies before buffering them (waitress' default is 1 GiB, spooled to /tmp):
         # no route takes more than an event.
@@ -89,8 +89,9 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _stop_on_signal)
     parts["watcher"].start()
     parts["scheduler"].start()
-    logger.info("pve-janitor %s listening on http://%s:%s (sweep every %s min, %s)",
-                "receiver", settings.bind_host, server.effective_port, settings.interval_minutes,
+    port = server.effective_port  # type: ignore[union-attr]  # one listener: a TcpWSGIServer (not in the stubs)
+    logger.info("pve-janitor receiver listening on http://%s:%s (sweep every %s min, %s)",
+                settings.bind_host, port, settings.interval_minutes,
                 "enabled" if settings.enabled else "DISABLED: nothing is changed")
     try:
         server.run()  # returns after SIGTERM/SIGINT, once requests in flight are done

@@ -53,12 +53,13 @@ def test_the_on_result_hook_sees_each_result_with_its_source(sim, sqlite_db):
     first = sweeper.run(dry_run=True, source="manual")
     second = sweeper.run()
     third = sweeper.try_run(source="sweep")
+    assert third is not None  # no other sweep was running
     assert [(o, s) for o, s, _ in seen] == [(Outcome.DRY_RUN, "manual"), (Outcome.DONE, "sweep"),
                                             (Outcome.NOTHING, "sweep")]
     assert [first.outcome, second.outcome, third.outcome] == [o for o, _, _ in seen]
     # The hook runs after the sweep applied: it sees the table as the sweep left it.
     assert seen[1][2] == [100, 101, 102, 103, 104]
-    assert [a.reason for a in second.applied.applied] == [Reason.GHOST]
+    assert second.applied is not None and [a.reason for a in second.applied.applied] == [Reason.GHOST]
 
 
 def test_a_disabled_sweep_reaches_the_hook_too(sim, sqlite_db):

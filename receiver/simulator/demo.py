@@ -50,7 +50,7 @@ class Demo:
         self.secret = secrets.token_hex(16)
         self.admin = secrets.token_hex(16)
         self.sim = ProxmoxSimulator(nodes=("pve1", "pve2"))
-        self.engine = None
+        self.engine = make_engine(self.db_url)  # connects only when first used
         self.receiver: Launched | None = None
         self.log_path = workdir / "receiver.log"
 
@@ -96,7 +96,6 @@ class Demo:
     # --- set-up ---------------------------------------------------------------
 
     def start(self) -> None:
-        self.engine = make_engine(self.db_url)
         seed_database(self.engine)
         self.sim.start()
         hook_conf = self.dir / "hook.conf"
@@ -116,8 +115,7 @@ class Demo:
         if self.receiver:
             self.receiver.stop(20)
         self.sim.stop()
-        if self.engine is not None:
-            self.engine.dispose()
+        self.engine.dispose()
 
     # --- the story ------------------------------------------------------------
 
@@ -132,7 +130,7 @@ class Demo:
 
         say("\n== 1. The first sweep (run by `serve` at start) and why the guard stops it")
         self.wait_for("the initial sweep finished", lambda: self._last_sweep() is not None, 30)
-        last = self._last_sweep()
+        last = self._last_sweep() or {}
         say(f"   outcome: {last['outcome']} — {last['reason']}")
         if last["outcome"] != "refused" or len(self.vmids()) != 47:
             raise StepFailed("the guard should have refused the first sweep and changed nothing")
@@ -205,7 +203,7 @@ def run(once: bool, echo: Callable[[str], None] = print) -> int:
                 echo(f"\nStill running: try  curl -s {demo.base}/api/v1/system/cleanup/stats  "
                      f"or  curl -s {demo.base}/metrics\nCtrl-C to stop.")
                 try:
-                    while demo.receiver.alive():
+                    while demo.receiver is not None and demo.receiver.alive():
                         time.sleep(0.5)
                 except KeyboardInterrupt:
                     echo("stopping")
