@@ -54,6 +54,7 @@ class Finding(Word):
     UNMANAGED_GUEST = "unmanaged_guest"
     NAME_MISMATCH = "name_mismatch"
     UNREADABLE_ROW = "unreadable_row"
+    HIDDEN_GUEST = "hidden_guest"  # a ghost's VMID in use by a guest the token is not shown
 
 
 class Outcome(Word):

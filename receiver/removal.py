@@ -24,19 +24,21 @@ import threading
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from .apply import ApplyConflict, apply_actions
 from .config import Settings
 from .db import DatabaseError
-from .model import Action, Inventory, InventoryError, Outcome, Plan, Reason, Refusal, Report
+from .model import Action, Finding, Inventory, InventoryError, Outcome, Plan, Reason, Refusal, Report
 from .plan import make_plan
 from .result import SweepResult, short_vmids
 from .safety import Refused, check_listing, check_plan_size, hidden_guests, refusal_for
-from .table import PlatformTable
 from .timeutil import utcnow
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ class Removal:
                 return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal, plan=plan)
             if hidden:
                 plan = replace(plan, reports=plan.reports + tuple(
-                    Report("hidden_guest", v, f"Proxmox says VMID {v} is in use, but the token was not shown "
+                    Report(Finding.HIDDEN_GUEST, v, f"Proxmox says VMID {v} is in use, but the token was not shown "
                                               "that guest (an ACL hides it?): its rows are kept")
                     for v in hidden))
         if may_apply is not None and not may_apply():

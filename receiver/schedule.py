@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from .lease import Lease
-from .sweep import Sweeper
 from .timeutil import utcnow
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .lease import Lease
+    from .sweep import Sweeper
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from waitress.server import create_server
 
@@ -22,10 +22,12 @@ from .inbox import Inbox
 from .lease import Lease
 from .metrics import Metrics
 from .model import Outcome, Reason
-from .result import SweepResult
 from .runtime import Runtime
 from .schedule import make_scheduler, request_sweep
 from .watcher import Watcher
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .result import SweepResult
 
 logger = logging.getLogger(__name__)
 

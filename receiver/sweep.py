@@ -13,15 +13,17 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import store
 from .config import Settings
 from .model import Outcome
 from .removal import Proxmox, Removal
 from .result import SweepResult
-from .table import PlatformTable
 from .timeutil import utcnow
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
 
