@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -23,7 +24,8 @@ from proxmoxer.core import ResourceException
 
 from .answers import parse_acl, parse_guests, parse_tasks
 from .model import VMID_MAX, VMID_MIN, AclProof, Inventory, InventoryError, Task
-from .pveapi import ByteCount, PveEndpoint
+from .probe import ListShape
+from .pveapi import ByteCount, PveEndpoint, Reply
 from .timeutil import utcnow
 
 if TYPE_CHECKING:
@@ -65,7 +67,9 @@ class ProxmoxInventory:
     fails in a way another node may not (unreachable, timeout, HTTP error, no quorum), the
     next one is tried, and stays active until it fails in turn.  A whole guest list is
     always read from one node, so its quorum check speaks for the list it read.
-    ``bytes_read`` counts what every call read from Proxmox.
+    ``bytes_read`` counts what every call read from Proxmox; ``shape`` is the size of the last
+    whole guest list read (by anyone: the sweep's too), from which the watcher estimates
+    what its probes and the next whole read would cost (:mod:`receiver.probe`).
     """
 
     def __init__(self, settings: Settings, on_read: Callable[[float, str], None] | None = None):
@@ -76,6 +80,7 @@ class ProxmoxInventory:
         self._switch_lock = threading.Lock()
         self._on_read = on_read
         self._acl_mode: str | None = None  # what hideable_vmids last logged
+        self.shape: ListShape | None = None
 
     def close(self) -> None:
         """Close the HTTP connections kept open to every PVE_HOST (at shutdown)."""
@@ -189,7 +194,8 @@ class ProxmoxInventory:
         node = self._node  # one node answers the whole read, whatever another thread switches to
         try:
             self._check_privileges(node)
-            guests = parse_guests(node.guest_list())
+            body = node.guest_list()
+            guests = parse_guests(body)
             # After the list, from the same node: a node that lost quorum before or while
             # answering is caught unless quorum came back within these milliseconds.
             self._check_quorum(node)
@@ -198,7 +204,19 @@ class ProxmoxInventory:
             elapsed = time.monotonic() - started
             if self._on_read:
                 self._on_read(elapsed, outcome)
+        self.shape = ListShape(len(guests), len(body), Counter((g.node, g.type) for g in guests.values()))
         return Inventory(guests, utcnow(), elapsed)
+
+    def guest_status(self, node: str, kind: str, vmid: int) -> Reply:
+        """``GET /nodes/{node}/{kind}/{vmid}/status/current`` as it came (proxied to that node:
+        595 when it is offline, 500 "does not exist" when the guest is not there, 403 without
+        VM.Audit on the guest); InventoryError only when no endpoint answered at all."""
+        return self._failover(lambda: self._node.fetch(f"/nodes/{node}/{kind}/{vmid}/status/current"))
+
+    def node_guests(self, node: str, kind: str) -> Reply:
+        """``GET /nodes/{node}/{kind}`` (``lxc`` or ``qemu``) as it came: the guests of that type
+        on that node the token may see (the others are left out, with no error)."""
+        return self._failover(lambda: self._node.fetch(f"/nodes/{node}/{kind}"))
 
     def vmid_in_use(self, vmid: int) -> bool:
         return self._failover(lambda: self._vmid_in_use(vmid))

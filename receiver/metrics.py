@@ -39,6 +39,13 @@ class Metrics:
         self.task_tail_blind = Gauge("pve_janitor_task_tail_blind", "1 when the token lacks Sys.Audit on /, so "
                                      "/cluster/tasks shows only its own tasks (destroys of stopped guests wait "
                                      "for the sweep)", registry=r)
+        self.probe_results = Counter(
+            "pve_janitor_probe_results", "What the watcher's reads said of each watched VMID, by kind (guest: "
+            "its status on its node, node: its node's guest list, full: the whole guest list) and result "
+            "(present, gone, offline, privilege, auth, http, malformed); gone only nominates a VMID for the "
+            "removal pipeline", ["kind", "result"], registry=r)
+        self.watcher_read_bytes = Counter("pve_janitor_watcher_read_bytes", "Bytes of answers the watcher "
+                                          "read from Proxmox, by kind (guest, node, full)", ["kind"], registry=r)
         self.leader = Gauge("pve_janitor_leader", "1 when this receiver holds the sweep lease", registry=r)
 
     def removal(self, reason: str, source: str, n: int = 1) -> None:

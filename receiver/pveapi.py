@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -39,6 +39,14 @@ def path_kind(url: str) -> str:
     if len(parts) > 2 and parts[1] == "nodes":
         parts[2] = "{node}"
     return "/".join("{vmid}" if part.isdigit() else part for part in parts) or "/"
+
+
+class Reply(NamedTuple):
+    """An answer as it came: status code, reason phrase (where Proxmox puts its error message), body."""
+
+    status: int
+    reason: str
+    body: bytes
 
 
 class ByteCount:
@@ -117,6 +125,15 @@ class PveEndpoint:
             body = b"".join(response.iter_content(1 << 20))
         self._counter.add("/cluster/resources", len(body))
         return body
+
+    def fetch(self, path: str) -> Reply:
+        """``GET path`` as it came, whatever its status: for the watcher's probes, whose every
+        answer means something (:mod:`receiver.probe`).  Only a failure to get an answer at all
+        (timeout, connection, TLS) raises InventoryError."""
+        def request() -> Reply:
+            response = self.session.get(f"{self._base_url}{path}")
+            return Reply(response.status_code, response.reason or "", response.content)
+        return self.call(path, request)
 
     def call(self, what: str, request: Callable[[], T]) -> T:
         """``request()``, any failure of it as :class:`InventoryError`: ``kind`` says what went

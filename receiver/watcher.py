@@ -4,17 +4,23 @@ Proxmox has no destroy hook (PROXMOX.md).  A stop event only says "this guest ma
 to disappear", so its VMID goes on the watch list (:mod:`receiver.watchlist`); so does the
 VMID of a finished ``vzdestroy``/``qmdestroy`` in the task tail (:mod:`receiver.tasktail`,
 polled every ``CLEANUP_TASK_POLL_SECONDS``), which catches the destroy of a guest that was
-already stopped and fires no hook.  Every tick reads the inventory ONCE for all watched
-VMIDs, however many there are:
+already stopped and fires no hook.  Each tick asks about the watched VMIDs that are due
+(:class:`receiver.probe.Fade`: every tick for a minute after the latest hint, then less and
+less often) in the cheapest way (:func:`receiver.probe.Costs.choose`: a guest's own status
+on its node, its node's guest list, or the whole guest list), so that a routine stop costs
+Proxmox the same few kilobytes whatever the cluster's size:
 
-* missing from the read: its rows go through the removal pipeline (:mod:`receiver.removal`),
-  as the sweep's do, with source ``event``; nothing is removed before a confirming read;
+* not on its node: only a *candidate*.  The whole guest list is read (privilege and quorum
+  checked) and the VMIDs missing from it go through the removal pipeline
+  (:mod:`receiver.removal`), as the sweep's do, with source ``event``; nothing is removed
+  before its confirming read.  A migrated guest is found on its new node by that read;
 * stopped: rows in the running status are set to ``CLEANUP_STOP_STATUS`` and marked
   (:mod:`receiver.stopmarks`), so that a start can set them back;
 * running again after having been seen stopped, or a start event: off the list, and the
   marked rows go back to ``CLEANUP_RUNNING_STATUS``.
 
-An inventory failure removes nothing and keeps every VMID watched.
+A failed read removes nothing and keeps every VMID watched; an odd probe answer (an
+offline node's 595, a 403, ...) makes no candidate, and is counted and said.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,7 +40,8 @@ from .db import DatabaseError, describe_db_error, write_transaction
 from .inbox import Inbox
 from .lease import Lease
 from .metrics import Metrics
-from .model import Inventory, InventoryError, Outcome, Reason
+from .model import STOP_PHASES, Inventory, InventoryError, Outcome, Reason
+from .probing import Probes
 from .removal import Removal
 from .runtime import Runtime
 from .safety import Refused, check_listing
@@ -72,6 +79,8 @@ class Watcher:
         self.ticks = 0
         self.hidden: list[int] = []  # watched VMIDs held by a guest the token cannot see
         self.removal = Removal(self.settings, runtime.table, runtime.inventory, clock=clock)
+        self.probes = Probes(runtime.inventory, self.metrics, self.settings.watch_seconds,
+                             self.settings.watch_interval_seconds)
 
     # --- thread ----------------------------------------------------------------
 
@@ -187,6 +196,9 @@ class Watcher:
                 stopmarks.unmark_started(conn, self.runtime.table, vmid)
                 self._last_status.pop(vmid, None)
             self.watched = sorted((set(self.watched) - vmids) | set(watched))
+        for e in events:
+            if e.phase in STOP_PHASES:
+                self.probes.hinted(e.vmid, e.node)
         self.metrics.watched.set(len(self.watched))
         return len(events)
 
@@ -206,44 +218,61 @@ class Watcher:
             return
         for task in hints:
             logger.info("watcher: %s of %s on %s finished: checking", task.type, task.vmid, task.node)
+            if task.vmid is not None:
+                self.probes.hinted(task.vmid, task.node, task.type)
         until = now + timedelta(seconds=self.settings.watch_seconds)
         with write_transaction(self.runtime.engine) as conn:
             watchlist.watch_all(conn, [t.vmid for t in hints if t.vmid is not None], now, until, watchlist.TASK_HINT)
 
     def _check_watched(self, now: datetime) -> None:
-        """One inventory read for every watched VMID, then act on what it says of each."""
-        watched = watchlist.current(self.runtime.engine, now)
-        self.watched = sorted(watched)
-        self.metrics.watched.set(len(watched))
-        if not watched:
+        """Ask about the watched VMIDs that are due, in the cheapest way; read the whole list only
+        when that is cheaper, a VMID's node is not known, or a probe found a candidate; act."""
+        watches = watchlist.current(self.runtime.engine, now)
+        self.watched = sorted(watches)
+        self.metrics.watched.set(len(watches))
+        self.probes.keep_only(set(watches))
+        try:
+            look = self.probes.look(watches, now, lambda: self._read_whole(len(watches)))
+        except InventoryError as exc:
+            self._error(exc.kind, f"inventory unreadable (probing watched guests), nothing removed, {len(watches)} "
+                                  f"VMIDs still watched: {exc}")
             return
+        if look is None:  # nothing due, or the whole list could not be read (said)
+            return
+        self.last_error = look.odd
+        self._act(now, watches, look.statuses, look.inventory)
+
+    def _read_whole(self, watched: int) -> Inventory | None:
+        """The whole guest list, or None when it cannot be read surely (said and counted)."""
         try:
             inventory = self.runtime.inventory.read()
         except InventoryError as exc:
-            self._error(exc.kind, f"inventory unreadable, nothing removed, {len(watched)} VMIDs still "
-                                  f"watched: {exc}")
-            return
+            self._error(exc.kind, f"inventory unreadable, nothing removed, {watched} VMIDs still watched: {exc}")
+            return None
         if not inventory.guests:  # the table is counted only then
             try:
                 check_listing(inventory, self.runtime.table.count())
             except Refused as exc:
                 self._error(str(exc.refusal), f"nothing removed: {exc}")
-                return
-        self.last_error = None
+                return None
+        return inventory
 
+    def _act(self, now: datetime, watched: Iterable[int], statuses: dict[int, str | None],
+             inventory: Inventory | None) -> None:
+        """Act on what this tick learnt: ``statuses`` holds the VMIDs it has an answer for, None
+        for one missing from the whole list ``inventory`` (only a whole list says "missing")."""
         missing, stopped, running_again = [], [], []
-        for vmid in watched:
-            guest = inventory.get(vmid)
-            if guest is None:
+        for vmid, status in statuses.items():
+            if status is None:
                 missing.append(vmid)
                 continue
-            if guest.status == "stopped":
+            if status == "stopped":
                 stopped.append(vmid)
-            elif guest.status == "running" and self._last_status.get(vmid) == "stopped":
+            elif status == "running" and self._last_status.get(vmid) == "stopped":
                 running_again.append(vmid)
-            self._last_status[vmid] = guest.status
+            self._last_status[vmid] = status
 
-        settled = self._remove_missing(missing, inventory) if missing else set()
+        settled = self._remove_missing(missing, inventory) if missing and inventory is not None else set()
         done = sorted(settled | set(running_again))
         with write_transaction(self.runtime.engine) as conn:
             watchlist.forget(conn, done)
@@ -274,6 +303,8 @@ class Watcher:
             return set()
         for vmid in vmids:
             self._last_status.pop(vmid, None)
+        for vmid in result.dropped:  # back by the confirming read (migrated, or its VMID reused): look again
+            self.probes.lost(vmid)
         if result.outcome == Outcome.DRY_RUN and result.plan is not None:
             for a in result.plan.actions:
                 logger.info("DRY-RUN: watcher would %s row %s (VMID %s): %s", a.action, a.row.key, a.row.vmid, a.detail)

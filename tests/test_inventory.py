@@ -109,3 +109,14 @@ def test_quorum_is_checked_after_every_guest_list(sim, sqlite_db):
     with pytest.raises(InventoryError) as err:
         inventory.read()
     assert err.value.kind == "privilege" and "Sys.Audit on /" in str(err.value)
+
+
+def test_a_whole_read_leaves_its_shape_for_the_probes(sim, sqlite_db):
+    for v in range(100, 110):
+        sim.add_guest(v, node="pve1" if v < 107 else "pve2", type="lxc" if v % 2 else "qemu")
+    inventory = ProxmoxInventory(load_settings(env=janitor_env(sim, sqlite_db)))
+    assert inventory.shape is None
+    inventory.read()
+    shape = inventory.shape
+    assert shape.guests == 10 and shape.body_bytes == inventory.bytes_read.by_path()["/cluster/resources"]
+    assert shape.per_node == {("pve1", "lxc"): 3, ("pve1", "qemu"): 4, ("pve2", "lxc"): 2, ("pve2", "qemu"): 1}

@@ -95,3 +95,22 @@ def test_one_session_per_endpoint_and_close_empties_it(sim, sqlite_db):
     assert 100 in inventory.read()  # closed is not broken: the next call connects again
     assert pools(first) == 1
     inventory.close()
+
+
+def test_a_probe_gets_every_answer_as_it_came_and_counted(sim, sqlite_db):
+    sim.add_guest(101, node="pve1")
+    sim.set_node_online("pve2", False)
+    inventory = inventory_for(sim, sqlite_db)
+    here = inventory.guest_status("pve1", "lxc", 101)
+    assert here.status == 200 and b'"status"' in here.body
+    gone = inventory.guest_status("pve1", "qemu", 101)
+    assert gone.status == 500 and "qemu-server/101.conf' does not exist" in gone.reason
+    offline = inventory.node_guests("pve2", "lxc")
+    assert offline.status == 595
+    counted = inventory.bytes_read.by_path()
+    assert counted["/nodes/{node}/lxc/{vmid}/status/current"] == len(here.body)
+    assert counted["/nodes/{node}/lxc"] == len(offline.body)
+    sim.set_fault("refuse")
+    with pytest.raises(InventoryError) as caught:  # no answer at all: the one case that raises
+        inventory.guest_status("pve1", "lxc", 101)
+    assert caught.value.kind == "unreachable"

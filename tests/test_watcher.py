@@ -168,7 +168,7 @@ def test_young_or_protected_row_of_a_gone_guest_is_kept(world):
     assert 100 in table_vmids(db) and watcher.watched == [100]
 
 
-def test_one_inventory_read_per_tick_however_many_are_watched(sim, sqlite_db):
+def test_one_read_per_tick_however_many_are_watched(sim, sqlite_db):
     table = create_apps_table(sqlite_db.engine)
     with sqlite_db.engine.begin() as conn:
         conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in range(100, 400)])
@@ -184,10 +184,16 @@ def test_one_inventory_read_per_tick_however_many_are_watched(sim, sqlite_db):
     for v in range(100, 400):
         inbox.accept(event(v, "post-stop"))
     sim.reset_counts()
-    for _ in range(3):
+    watcher.tick()
+    # Nothing read before: one read of the whole list, which also says where each guest is.
+    assert sim.request_count("/cluster/resources") == 1 and sim.request_count("/nodes/") == 0
+    sim.reset_counts()
+    for _ in range(2):
         watcher.tick()
+    # Then the 300 guests' node's lxc list once a tick: not 300 status requests, not the whole list.
     assert len(watcher.watched) == 300
-    assert sim.request_count("/cluster/resources") == 3
+    assert sim.request_count("/cluster/resources") == 0
+    assert sim.request_count("/nodes/pve1/lxc") == 2 and sim.request_count("") == 2
 
 
 def test_replayed_and_reordered_events(world):
