@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -158,11 +159,13 @@ class SqliteCrashDB(CrashDB):
 
     @property
     def target(self) -> Database:
+        if self._db is None:
+            raise RuntimeError("no attempt yet: reset() first")
         return self._db
 
     def _journal_size(self) -> int:
         try:
-            return os.path.getsize(self._db.engine.url.database + "-journal")
+            return os.path.getsize(f"{self.target.engine.url.database}-journal")
         except OSError:
             return 0
 
@@ -212,7 +215,7 @@ class PostgresCrashDB(CrashDB):
         url = sa.engine.make_url(self.base.url).update_query_dict({"application_name": self.app_name})
         return Database("postgres", url.render_as_string(hide_password=False), self.base.engine)
 
-    def _backends(self) -> list[Any]:
+    def _backends(self) -> Sequence[sa.Row]:
         with self.base.engine.connect() as conn:
             return conn.execute(sa.text(
                 "SELECT state, backend_xid IS NOT NULL AS writing, left(query, 40) AS query "
@@ -400,7 +403,7 @@ def kill_points(kills: int, calibration: dict[str, float], rng: random.Random) -
              "after_commit": 0.2}
     points: list[tuple[str, float]] = [("", 0.0)] * kills
     for anchor, slots in per_anchor.items():
-        for slot, delay in zip(slots, stratified_delays(len(slots), spans[anchor], rng)):
+        for slot, delay in zip(slots, stratified_delays(len(slots), spans[anchor], rng), strict=True):
             points[slot] = (anchor, delay)
     return points
 

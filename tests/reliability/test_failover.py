@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
@@ -24,6 +26,11 @@ import sqlalchemy as sa
 from receiver import store
 
 from .support_io import LONG, Serve, record, seed_guests_and_rows, table_rows, wait_until
+
+if TYPE_CHECKING:
+    from conftest import Database
+
+    from receiver.simulator import ProxmoxSimulator
 
 LEASE_SECONDS = 3
 TICK = 1.0          # CLEANUP_WATCH_INTERVAL_SECONDS
@@ -35,9 +42,9 @@ GUESTS = range(100, 200)
 class Cluster:
     """The receivers, the traffic against them, and what was observed."""
 
-    sim: object
-    db: object
-    tmp_path: object
+    sim: ProxmoxSimulator
+    db: Database
+    tmp_path: Path
     secret: str = "failover-hook-secret-0123456789"
     admin: str = "failover-admin-token-0123456789"
     receivers: list = field(default_factory=list)
@@ -106,12 +113,14 @@ class Cluster:
         with requests.Session() as session:
             while not self.stop.wait(0.05):
                 vmid = rng.choice(self.alive)
+                guest = self.sim.guest(vmid)
+                assert guest is not None, f"guest {vmid} is alive"
                 if rng.random() < 0.1 and len(self.alive) > 30:
                     self.alive.remove(vmid)
                     self.destroyed.append(vmid)
                     self.sim.destroy_guest(vmid)
                     phase = "post-stop"
-                elif self.sim.guest(vmid)["status"] == "running":
+                elif guest["status"] == "running":
                     self.sim.stop_guest(vmid)
                     phase = "post-stop"
                 else:
@@ -155,10 +164,11 @@ def test_leader_killed_again_and_again_the_other_takes_over_and_nothing_runs_twi
         cluster.leader(LEASE_SECONDS + 5)
         leaderless.append((began, time.monotonic() + 0.5))
         for _ in range(KILLS):
-            leader = cluster.leader(LEASE_SECONDS + 5)
-            leader.proc.send_signal(signal.SIGKILL)
+            proc = cluster.leader(LEASE_SECONDS + 5).proc
+            assert proc is not None  # the leader is a running receiver
+            proc.send_signal(signal.SIGKILL)
             killed = time.monotonic()
-            leader.proc.wait()
+            proc.wait()
             cluster.leader(LEASE_SECONDS + 5)
             takeovers.append(time.monotonic() - killed)
             leaderless.append((killed - 0.5, time.monotonic() + 0.5))
@@ -211,7 +221,8 @@ def test_leader_killed_again_and_again_the_other_takes_over_and_nothing_runs_twi
               f"{len(sweeps)} scheduled sweeps; "
               f"{len(cluster.destroyed)} guests destroyed, {len(audit)} rows removed")
 
-        record("failover", kills=KILLS, takeover_s=[round(t, 2) for t in takeovers], hung_takeover_s=round(hung_takeover, 2),
+        record("failover", kills=KILLS, takeover_s=[round(t, 2) for t in takeovers],
+               hung_takeover_s=round(hung_takeover, 2),
                step_down_s=round(step_down, 2), max_leaders=max(leaders_per_sample), manual_sweeps=len(cluster.runs),
                manual_overlaps=manual_overlaps, scheduled_sweeps=len(sweeps), removed=len(audit))
         assert max(takeovers) <= LEASE_SECONDS + 2 * TICK

@@ -36,9 +36,10 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -71,7 +72,7 @@ WATCHER_TICKS = 3                              # two reads to confirm a gone gue
 LOCK_SECONDS = {("sqlite", "sweep"): 10.0, "sqlite": scaled(4.0, 10.0), "postgres": scaled(3.0, 10.0)}
 
 
-def lock_seconds(case: "Case") -> float:
+def lock_seconds(case: Case) -> float:
     return LOCK_SECONDS.get((case.db.kind, case.entry), LOCK_SECONDS[case.db.kind])
 PVE_TIMEOUT = 1.0
 
@@ -212,15 +213,15 @@ class Case:
     caplog: Any
     ids: dict[Any, int] = field(default_factory=dict)
     env_extra: dict[str, str] = field(default_factory=dict)
-    seam: SimSeam | None = None
+    seam: SimSeam = field(init=False, repr=False)  # set by run_case() before any fault is armed
     mutated: set[int] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     server: Any = None  # OwnPostgres, for the database-going-away case
     runtime: Any = None
     watcher: Any = None
     client: Any = None
-    before_run: list[Callable[[], None]] = field(default_factory=list)
-    after_run: list[Callable[[], None]] = field(default_factory=list)
+    before_run: list[Callable[[], object]] = field(default_factory=list)
+    after_run: list[Callable[[], object]] = field(default_factory=list)
     responses: list[tuple[int, dict]] = field(default_factory=list)
 
     def build_in_process(self) -> None:
@@ -513,13 +514,16 @@ class LockHolder:
 
     def __init__(self, db: Database, seconds: float):
         self.db, self.seconds = db, seconds
-        self.held, self.error = threading.Event(), None
+        self.held = threading.Event()
+        self.error: Exception | None = None
         self.thread = threading.Thread(target=self._hold, daemon=True)
 
     def _hold(self) -> None:
         try:
             if self.db.kind == "sqlite":
-                conn = sqlite3.connect(self.db.engine.url.database, timeout=5, isolation_level=None)
+                path = self.db.engine.url.database
+                assert path is not None  # a file database
+                conn = sqlite3.connect(path, timeout=5, isolation_level=None)
                 conn.execute("BEGIN EXCLUSIVE")
                 self.held.set()
                 time.sleep(self.seconds)
@@ -527,8 +531,8 @@ class LockHolder:
                 conn.close()
             else:
                 engine = sa.create_engine(self.db.url)
-                with engine.connect() as conn, conn.begin():
-                    conn.exec_driver_sql("LOCK TABLE apps IN ACCESS EXCLUSIVE MODE")
+                with engine.connect() as connection, connection.begin():
+                    connection.exec_driver_sql("LOCK TABLE apps IN ACCESS EXCLUSIVE MODE")
                     self.held.set()
                     time.sleep(self.seconds)
                 engine.dispose()
@@ -536,7 +540,7 @@ class LockHolder:
             self.error = exc
             self.held.set()
 
-    def start(self) -> "LockHolder":
+    def start(self) -> LockHolder:
         self.thread.start()
         assert self.held.wait(10) and self.error is None, self.error
         return self

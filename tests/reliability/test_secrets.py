@@ -233,5 +233,5 @@ def _cli(sim, db, unreachable_url: str | None, tmp_path: Path, out: Transcript) 
         out.cli(["check"], {**env, "DATABASE_URL": unreachable_url}, expect=3)
         out.cli(["-v", "sweep"], {**env, "DATABASE_URL": unreachable_url}, expect=3)
         out.cli(["history"], {**env, "DATABASE_URL": unreachable_url}, expect=3)
-        out.cli(["check"], {**env, "DATABASE_URL": unreachable_url.replace("postgresql+psycopg", "postgresql+nodriver")},
-                expect=2)
+        no_driver_url = unreachable_url.replace("postgresql+psycopg", "postgresql+nodriver")
+        out.cli(["check"], {**env, "DATABASE_URL": no_driver_url}, expect=2)

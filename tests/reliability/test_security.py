@@ -49,7 +49,7 @@ def test_events_without_the_secret_are_refused_and_with_it_only_cause_checks(clu
     receiver = Serve(sim, db, tmp_path, extra={"CLEANUP_GRACE_MINUTES": 0}).start()
     try:
         # Without the secret: unsigned, forged, stale, and a captured request replayed.
-        statuses = Counter()
+        statuses: Counter[int] = Counter()
         for vmid in [*RUNNING, *STOPPED]:
             body = event_body(vmid, "post-stop")
             for headers in ({"Content-Type": "application/json"}, signed_headers("guessed-secret", body),
@@ -206,11 +206,12 @@ def test_sql_in_values_round_trips_through_sweep_audit_history_and_restore(sim, 
         conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in RUNNING])
         conn.execute(table.insert(), [{**app_row(v, "error", age=timedelta(days=2)), "hostname": text,
                                        "name": text[:100], "image": text}
-                                      for v, text in zip(ghosts, HOSTILE_VALUES)])
+                                      for v, text in zip(ghosts, HOSTILE_VALUES, strict=True)])
     before = table_rows(any_db)
     runtime = make_runtime(sim, any_db, CLEANUP_GRACE_MINUTES=0)
     result = runtime.sweeper.run(source="manual")
-    assert result.outcome == "done" and len(result.applied.applied) == len(HOSTILE_VALUES)
+    assert result.outcome == "done" and result.applied is not None
+    assert len(result.applied.applied) == len(HOSTILE_VALUES)
     assert table_vmids(any_db) == list(RUNNING)
     with any_db.engine.connect() as conn:
         audit = conn.execute(sa.select(store.audit.c.id, store.audit.c.hostname, store.audit.c.row_json)).all()
@@ -228,7 +229,7 @@ def test_sql_in_values_round_trips_through_sweep_audit_history_and_restore(sim, 
 
 # --- the installed files ------------------------------------------------------------------
 
-def test_the_installed_unit_runs_with_a_umask_that_keeps_new_files_private(env: Env):  # noqa: F811
+def test_the_installed_unit_runs_with_a_umask_that_keeps_new_files_private(env: Env):  # noqa: F811 - the fixture
     """install.sh's own tests check janitor.env and hook.conf are 0600 and the sandbox lines
     (tests/test_install.py); this adds the unit's UMask, which makes a SQLite database or
     anything else the service creates private too."""
