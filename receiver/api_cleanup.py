@@ -7,7 +7,7 @@ and is disabled without one.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, overload
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -129,6 +129,10 @@ def history() -> Response:
     return jsonify({"entries": entries, "next_before": entries[-1]["id"] if more else None})
 
 
+@overload
+def _count(name: str, default: int, low: int, high: int | None) -> int: ...
+@overload
+def _count(name: str, default: None, low: int, high: int | None) -> int | None: ...
 def _count(name: str, default: int | None, low: int, high: int | None) -> int | None:
     raw = request.args.get(name)
     if raw is None:

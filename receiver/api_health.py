@@ -7,6 +7,7 @@ the figures read from it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Blueprint, Response
@@ -47,7 +48,7 @@ def healthz() -> Response:
         scheduler = {"running": bool(j.scheduler.running)}
         if not scheduler["running"]:
             reasons.append("scheduler: not running")
-    body = {"status": "unhealthy" if reasons else "ok", "database": database, "watcher": watcher,
+    body: dict[str, Any] = {"status": "unhealthy" if reasons else "ok", "database": database, "watcher": watcher,
             "scheduler": scheduler}
     if reasons:
         body["reasons"] = reasons

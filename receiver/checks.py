@@ -95,9 +95,9 @@ class Checkup:
             return
         yield _ok("database", f"{runtime.engine.dialect.name}, table {settings.table!r} with "
                               f"{len(rows)} rows and every mapped column")
-        problem = vmid_column_problem(rows)
-        yield Line(Level.OK if problem is None else Level.FAILED, "mapping",
-                   problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs")
+        mapping_problem = vmid_column_problem(rows)
+        yield Line(Level.OK if mapping_problem is None else Level.FAILED, "mapping",
+                   mapping_problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs")
         try:
             yield from _proxmox(runtime, rows)
         except InventoryError as exc:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -72,7 +73,7 @@ def _tune_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-_sqlite_write_locks: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
+_sqlite_write_locks: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _sqlite_write_locks_guard = threading.Lock()
 
 
@@ -114,7 +115,9 @@ def bind_limit(engine: Engine) -> int:
     if which is not None:
         try:
             with engine.connect() as conn:
-                return max(1, min(BIND_LIMIT, conn.connection.dbapi_connection.getlimit(which) - 10))
+                raw = conn.connection.dbapi_connection
+                if raw is not None:
+                    return max(1, min(BIND_LIMIT, raw.getlimit(which) - 10))
         except (AttributeError, SQLAlchemyError):
             pass
     version = getattr(dbapi, "sqlite_version_info", (0,))

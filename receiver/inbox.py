@@ -97,7 +97,7 @@ class Inbox:
         t = store.inbox
         new: dict[int, bool] = {}
         with write_transaction(self.engine) as conn:
-            seen = set()
+            seen: set[str] = set()
             for part in chunks(sorted({w.event.event_id for w in batch})):
                 seen.update(conn.execute(sa.select(t.c.event_id).where(t.c.event_id.in_(part))).scalars())
             rows = []

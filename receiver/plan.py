@@ -24,8 +24,9 @@ unreadable rows.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any, Iterable
+from typing import Any
 
 from .config import Settings
 from .model import Action, Finding, Inventory, Plan, Reason, Report, Row, Verb

@@ -48,12 +48,12 @@ class Restored:
 
 def unique_column_sets(table: PlatformTable) -> list[tuple[str, ...]]:
     inspector = sa.inspect(table.engine)
-    sets = [(table.pk.name,)]
+    sets: list[tuple[str, ...]] = [(table.pk.name,)]
     for uc in inspector.get_unique_constraints(table.settings.table):
         sets.append(tuple(uc["column_names"]))
     for ix in inspector.get_indexes(table.settings.table):
         if ix.get("unique") and all(ix.get("column_names") or [None]):
-            sets.append(tuple(ix["column_names"]))
+            sets.append(tuple(name for name in ix["column_names"] if name))  # all named: checked above
     return list(dict.fromkeys(sets))
 
 

@@ -20,7 +20,7 @@ is reported (``hidden_guest``); the other rows go on.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .config import Settings
 from .model import VMID_MAX, VMID_MIN, Inventory, InventoryError, Refusal, Row

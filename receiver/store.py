@@ -14,7 +14,7 @@ import datetime as dt
 import decimal
 import json
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -162,10 +162,11 @@ def insert_audit(conn: Connection, entries: list[dict[str, Any]]) -> None:
     processors = [audit.c[name].type.bind_processor(conn.dialect) or _as_is for name in names]
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
         sql.Identifier(audit.name), sql.SQL(", ").join(sql.Identifier(name) for name in names))
+    raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)  # the dialect checked above
     try:
-        with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(statement) as copy:
+        with raw.cursor() as cursor, cursor.copy(statement) as copy:
             for entry in entries:
-                copy.write_row([process(entry[name]) for name, process in zip(names, processors)])
+                copy.write_row([process(entry[name]) for name, process in zip(names, processors, strict=True)])
     except psycopg.Error as exc:  # as SQLAlchemy would raise it: callers handle SQLAlchemyError
         raise sa.exc.DBAPIError(f"COPY {audit.name}", None, exc) from None
 

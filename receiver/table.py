@@ -12,8 +12,9 @@ no date type and platforms store several formats, which we parse ourselves
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -162,14 +163,14 @@ class PlatformTable:
         for nulls, members in self._by_null_pattern(rows).items():
             where = sa.and_(self.pk == sa.bindparam("pve_janitor_key"), *(
                 column.is_(None) if null else column == sa.bindparam(f"pve_janitor_seen{i}")
-                for i, ((column, _), null) in enumerate(zip(members[0][1], nulls))))
+                for i, ((column, _), null) in enumerate(zip(members[0][1], nulls, strict=True))))
             # Parameter names no platform column has: an UPDATE treats a parameter named like a
             # column as a value to set.
             params = [{"pve_janitor_key": row.key,
                        **{f"pve_janitor_seen{i}": v for i, (_, v) in enumerate(observed) if v is not None}}
                       for row, observed in members]
             if per_row:
-                for (row, _), one in zip(members, params):
+                for (row, _), one in zip(members, params, strict=True):
                     yield [row], where, [one]
             else:
                 yield [row for row, _ in members], where, params
@@ -192,8 +193,8 @@ class PlatformTable:
         clauses = []
         for nulls, members in self._by_null_pattern(rows).items():
             first = members[0][1]
-            columns = [c for (c, _), null in zip(first, nulls) if not null]
-            conds = [c.is_(None) for (c, _), null in zip(first, nulls) if null]
+            columns = [c for (c, _), null in zip(first, nulls, strict=True) if not null]
+            conds = [c.is_(None) for (c, _), null in zip(first, nulls, strict=True) if null]
             values = [(row.key, *(v for _, v in observed if v is not None)) for row, observed in members]
             if columns:
                 match = sa.tuple_(self.pk, *columns).in_(values)
