@@ -5,10 +5,10 @@ this command fail (a benchmark that crashes does: exit 1).  The whole run takes 
 minutes; ``--only`` picks benchmarks, ``--quick`` shrinks them for a smoke run (its numbers
 are not comparable and it does not write bench/results.json unless ``--output`` says so).
 
-    .venv/bin/python -m bench.run [--only latency,hook,burst,sweep,idle] [--quick] [--output PATH]
+    .venv/bin/python -m bench.run [--only latency,hook,burst,sweep,idle,watch] [--quick] [--output PATH]
 
 bench/results.json holds one key per figure, the unit in its name (``_s``, ``_ms``, ``_mb``,
-``_per_min``; ``_ratio`` and counts have none), plus ``_machine``, ``_load``, ``_goals``,
+``_bytes``, ``_per_min``; ``_ratio`` and counts have none), plus ``_machine``, ``_load``, ``_goals``,
 ``_notes`` and ``_detail`` (per-run breakdowns of the sweep) for the reader.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import burst, hook, idle, latency, sweep_scale
+from bench import burst, hook, idle, latency, sweep_scale, watch_load
 from bench.common import ROOT, machine
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -46,7 +46,14 @@ GOALS: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("burst_postgres_accept_p99_ms", "<= 250 ms", lambda v: v <= 250),
     ("burst_postgres_inventory_reads_per_tick", "<= 1 read per tick", lambda v: v <= 1.0),
     ("idle_inventory_reads_per_min", "0 while nothing is watched (sweep aside)", lambda v: v == 0),
+    ("watch_stop_no_destroy_10k_bytes", "<= 1 MB (1,000,000 bytes) per stop at 10,000 guests",
+     lambda v: v <= 1_000_000),
+    ("watch_stop_no_destroy_same_at_every_size", "the same bytes per stop at 1k, 10k, 100k guests", bool),
+    ("watch_stop_destroy_10k_full_reads", "<= 2 whole-list reads", lambda v: v <= 2),
+    ("watch_burst_10k_full_reads_per_tick", "< 1 whole-list read per tick", lambda v: v < 1),
 ]
+for _k in ("1k", "100k"):
+    GOALS.append((f"watch_stop_destroy_{_k}_full_reads", "<= 2 whole-list reads", lambda v: v <= 2))
 for _db in ("sqlite", "postgres"):
     _p = f"sweep_{_db}_100k"
     GOALS += [
@@ -80,12 +87,20 @@ def _burst(quick: bool) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     return figures, {}, notes
 
 
+def _watch(quick: bool) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    figures = watch_load.measure((1_000, 10_000) if quick else watch_load.SIZES)
+    per_stop = {v for k, v in figures.items() if k.startswith("watch_stop_no_destroy_") and k.endswith("k_bytes")}
+    figures["watch_stop_no_destroy_same_at_every_size"] = len(per_stop) == 1
+    return figures, {}, []
+
+
 BENCHMARKS: dict[str, Callable[[bool], tuple[dict[str, Any], dict[str, Any], list[str]]]] = {
     "latency": lambda quick: (latency.measure(10 if quick else 50, 5 if quick else 20), {}, []),
     "hook": lambda quick: (hook.measure(10 if quick else 30, 3 if quick else 10), {}, []),
     "burst": _burst,
     "sweep": _sweep,
     "idle": lambda quick: (idle.measure(15 if quick else 60), {}, []),
+    "watch": _watch,
 }
 
 
