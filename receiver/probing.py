@@ -145,6 +145,8 @@ class Probes:
                     seen[vmid] = merge(seen.get(vmid), answer)
         for vmid, answer in seen.items():
             self._count(vmid, kinds[vmid], answer)
+            if answer.result == Result.PRESENT and answer.node and answer.type:
+                self.where[vmid] = Where(answer.node, answer.type)
         return seen
 
     def saw_whole(self, inventory: Inventory, vmids: Iterable[int]) -> None:

@@ -231,6 +231,11 @@ def test_many_stopped_guests_of_one_node_are_read_from_its_list(sim, sqlite_db):
     assert sim.request_count("/nodes/pve2/lxc") == 1 and sim.request_count("/nodes/pve2/qemu") == 1
     assert sim.request_count("/nodes/") == 2 and sim.request_count("/cluster/resources") == 0
     assert len(watcher.watched) == 30
+    sim.reset_counts()
+    clock.advance()
+    watcher.tick()
+    # Their type is known now: the lxc list alone.
+    assert sim.request_count("/nodes/pve2/lxc") == 1 and sim.request_count("/nodes/") == 1
     sim.destroy_guest(even[0])
     sim.reset_counts()
     clock.advance()
