@@ -180,7 +180,7 @@ class Row(NamedTuple):
 
     key: Any
     vmid: int | None
-    hostname: str | None = None
+    hostname: Any = None  # as read: text in practice, but any column type (shown through str())
     status: str | None = None
     raw_created: Any = None
     raw_updated: Any = None

@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +39,7 @@ class Database:
     engine: sa.Engine
 
 
-def _server_database(kind: str) -> Iterator[Database]:
+def _server_database(kind: str) -> Generator[Database, None, None]:
     env = PG_ENV if kind == "postgres" else MY_ENV
     base = os.environ.get(env)
     if not base:
@@ -65,7 +65,7 @@ def _server_database(kind: str) -> Iterator[Database]:
         admin.dispose()
 
 
-def _sqlite_database(tmp_path: Path) -> Iterator[Database]:
+def _sqlite_database(tmp_path: Path) -> Generator[Database, None, None]:
     url = f"sqlite:///{tmp_path / 'platform.db'}"
     engine = make_engine(url)
     yield Database("sqlite", url, engine)
@@ -156,10 +156,14 @@ def running_apps(sim: ProxmoxSimulator, db: Database, vmids=range(100, 105)) -> 
     return table
 
 
+def sorted_vmids(vmids: Iterable[int | None]) -> list[int | None]:
+    """In order, a NULL (no VMID) last."""
+    return sorted(vmids, key=lambda v: (v is None, v or 0))
+
+
 def table_vmids(db: Database, table: str = "apps") -> list[int | None]:
     with db.engine.connect() as conn:
-        return sorted(conn.execute(sa.text(f"SELECT lxc_id FROM {table}")).scalars(),
-                      key=lambda v: (v is None, v or 0))
+        return sorted_vmids(conn.execute(sa.text(f"SELECT lxc_id FROM {table}")).scalars())
 
 
 def after_read(sim, n, fn):

@@ -83,7 +83,7 @@ def janitor(app):
 
 # --- helpers ---------------------------------------------------------------------------
 
-def event_body(event_id: str = "ev-1", vmid: int = 120, phase: str = "post-stop", node: str = "pve1",
+def event_body(event_id: str = "ev-1", vmid: int | str = 120, phase: str | None = "post-stop", node: str = "pve1",
                **extra: Any) -> bytes:
     data = {"event_id": event_id, "vmid": vmid, "phase": phase, "node": node, "ts": time.time(), **extra}
     return json.dumps(data).encode()
@@ -401,7 +401,8 @@ def test_history_is_empty_at_first(client):
 
 def test_history_pages_newest_first(client):
     assert client.post(RUN + "?force=true", headers=bearer()).status_code == 200
-    seen, before, pages = [], None, 0
+    seen: list[int] = []
+    before, pages = None, 0
     while True:
         query = "limit=20" + (f"&before={before}" if before else "")
         page = client.get(f"{HISTORY}?{query}").get_json()
@@ -559,7 +560,8 @@ def test_metrics_are_prometheus_text(client, app, watcher):
 def test_metrics_show_the_last_successful_sweep_from_the_database(client, app):
     assert client.post(RUN + "?force=true", headers=bearer()).status_code == 200
     client.get("/metrics")
-    assert abs(metric_value(app, "pve_janitor_last_successful_sweep_timestamp_seconds") - time.time()) < 60
+    last = metric_value(app, "pve_janitor_last_successful_sweep_timestamp_seconds")
+    assert last is not None and abs(last - time.time()) < 60
 
 
 # --- errors are JSON -------------------------------------------------------------------

@@ -100,7 +100,8 @@ def test_inventory_of_guests_by_vmid():
     inv = Inventory.of([guest(101), guest(102, node="pve2", type="qemu")], read_at=T0)
     assert 101 in inv and 102 in inv
     assert 103 not in inv and "101" not in inv and None not in inv
-    assert inv.get(102).node == "pve2"
+    found = inv.get(102)
+    assert found is not None and found.node == "pve2"
     assert inv.get(103) is None
     assert inv.read_at == T0
     assert sorted(inv.guests) == [101, 102]
@@ -146,6 +147,6 @@ def test_plan_count_counts_actions_by_reason():
                 (Report(Finding.UNMANAGED_GUEST, 106, "no row"),), rows_seen=5)
     assert plan.count(Reason.GHOST) == 2
     assert plan.count(Reason.OLD_ERROR) == 1
-    assert plan.count("ghost") == 2  # the word works as well as the enum
+    assert plan.count("ghost") == 2  # type: ignore[arg-type]  # on purpose: the word works as well as the enum
     assert Plan((), (), 0).count(Reason.GHOST) == 0
     assert plan.kept == {}

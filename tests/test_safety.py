@@ -102,7 +102,8 @@ class Asked:
     """A vmid_in_use that answers from a set and records what it was asked."""
 
     def __init__(self, in_use: set[int]):
-        self.in_use, self.asked = in_use, []
+        self.in_use = in_use
+        self.asked: list[int] = []
 
     def __call__(self, vmid: int) -> bool:
         self.asked.append(vmid)
@@ -157,6 +158,7 @@ def test_vmid_column_problem(table, problem):
     if problem is None:
         assert found is None
     else:
+        assert found is not None
         assert found.startswith(problem)
         assert "CLEANUP_VMID_COLUMN" in found
 

@@ -186,6 +186,7 @@ def test_last_run_and_last_success(db):
         last = store.last_run(conn)
         last_sweep = store.last_run(conn, "sweep")
         success = store.last_success_time(conn)
+    assert last is not None and last_sweep is not None
     assert (last["outcome"], last["source"]) == ("failed", "watcher")
     assert (last_sweep["outcome"], last_sweep["reason"]) == ("refused", "guard")
     assert last_sweep["finished_at"] == "2024-05-01T14:00:00+00:00"

@@ -304,7 +304,7 @@ def test_an_unreadable_acl_list_falls_back_to_asking_about_each_ghost(acl_world)
     assert sim.request_count("/cluster/nextid") == 4
 
 
-def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_world):
+def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_world, monkeypatch):
     sim, db, _ = acl_world
     runtime = make_runtime(sim, db)
     read, during = runtime.inventory.read, []
@@ -313,7 +313,7 @@ def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_
         during.append((gc.isenabled(), gc.get_freeze_count() > 0))
         return read()
 
-    runtime.inventory.read = read_and_look
+    monkeypatch.setattr(runtime.inventory, "read", read_and_look)
     assert gc.isenabled() and gc.get_freeze_count() == 0
     assert runtime.sweeper.run().outcome == "done"
     # Off while reading and planning; on for the confirming read and the apply (which may
@@ -325,13 +325,13 @@ def test_a_sweep_keeps_the_cyclic_gc_off_its_objects_and_always_restores_it(acl_
         during.append((gc.isenabled(), gc.get_freeze_count() > 0))
         raise RuntimeError("a bug in a read")
 
-    runtime.inventory.read = broken_read
+    monkeypatch.setattr(runtime.inventory, "read", broken_read)
     with pytest.raises(RuntimeError):
         runtime.sweeper.run()
     assert during[-1] == (False, False) and gc.isenabled() and gc.get_freeze_count() == 0
     sim.stop_guest(200)
     sim.destroy_guest(200)  # a ghost again, for a confirming read that fails
-    runtime.inventory.read = lambda: broken_read() if len(during) > 3 else read_and_look()
+    monkeypatch.setattr(runtime.inventory, "read", lambda: broken_read() if len(during) > 3 else read_and_look())
     with pytest.raises(RuntimeError):
         runtime.sweeper.run()
     assert during[-1] == (True, True) and gc.isenabled() and gc.get_freeze_count() == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -47,7 +48,7 @@ def live_world(sim, db, vmids=range(100, 105), **overrides):
 
 # --- 1. watcher + VMID reuse ------------------------------------------------------
 
-REUSE_SETTINGS = {
+REUSE_SETTINGS: dict[str, tuple[dict[str, Any], str | None]] = {
     "null timestamps": ({}, None),
     "grace 0": ({"CLEANUP_GRACE_MINUTES": 0}, "now"),
     "timestamps unmapped": ({"CLEANUP_CREATED_COLUMN": "", "CLEANUP_UPDATED_COLUMN": ""}, "now"),
@@ -211,7 +212,8 @@ def test_a_value_that_cannot_be_a_vmid_makes_the_row_unreadable_never_a_ghost(si
     runtime = make_runtime(sim, sqlite_db, CLEANUP_PORT_COLUMNS="", CLEANUP_HOSTNAME_COLUMN="",
                            CLEANUP_CREATED_COLUMN="", CLEANUP_UPDATED_COLUMN="")
     result = runtime.sweeper.run()
-    assert result.outcome == "done" and [a.row.key for a in result.applied.applied] == [2]
+    assert result.outcome == "done" and result.applied is not None and result.plan is not None
+    assert [a.row.key for a in result.applied.applied] == [2]
     assert [r.kind for r in result.plan.reports if r.vmid is None] == ["unreadable_row"]
     with sqlite_db.engine.connect() as conn:
         assert sorted(conn.execute(sa.select(table.c.id)).scalars()) == [1, 3]

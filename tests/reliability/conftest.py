@@ -142,8 +142,8 @@ def postgres_bindir() -> str | None:
     for initdb in reversed(found):
         if os.access(initdb, os.X_OK):
             return os.path.dirname(initdb)
-    initdb = shutil.which("initdb")
-    return os.path.dirname(initdb) if initdb else None
+    on_path = shutil.which("initdb")
+    return os.path.dirname(on_path) if on_path else None
 
 
 @pytest.fixture(scope="session")
