@@ -286,8 +286,10 @@ class ProxmoxInventory:
         answers 595).  Proxmox matches ``typefilter`` exactly and ``since`` against the start."""
         found: list[Task] = []
         for kind in sorted(types):
-            entries = self._failover(lambda kind=kind: self._node.get(
-                f"/nodes/{node}/tasks", typefilter=kind, since=since, source="archive", limit=1000))
+            def archive(kind: str = kind) -> object:
+                return self._node.get(f"/nodes/{node}/tasks", typefilter=kind, since=since, source="archive",
+                                      limit=1000)
+            entries = self._failover(archive)
             found.extend(t for t in parse_tasks(entries) if t.node in (node, ""))
         return found
 
