@@ -21,10 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .inventory import ProxmoxInventory
 from .model import DESTROY_TASK_TYPES, InventoryError, Task
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .inventory import ProxmoxInventory
 
 logger = logging.getLogger(__name__)
 

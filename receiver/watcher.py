@@ -30,23 +30,25 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import stopmarks, store, watchlist
 from .apply import ApplyConflict
 from .db import DatabaseError, describe_db_error, write_transaction
-from .inbox import Inbox
-from .lease import Lease
 from .metrics import Metrics
 from .model import STOP_PHASES, Inventory, InventoryError, Outcome, Reason
 from .probing import Probes
 from .removal import Removal
-from .runtime import Runtime
 from .safety import Refused, check_listing
 from .tasktail import TaskTail
 from .timeutil import isoformat, utcnow
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .inbox import Inbox
+    from .lease import Lease
+    from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
