@@ -39,6 +39,7 @@ from receiver.simulator.scene import app_row, create_apps_table
 
 HOOK_SPACING_S = 0.8  # 2 tasks per sample: about 12 finished tasks per 5 s poll, far below 25
 TASK_SPACING_S = 1.0
+STAYING = range(100, 110)  # guests and rows that are never destroyed
 POLL_S = 0.002  # the measuring must not add its own delay: 2 ms granularity
 
 
@@ -51,8 +52,11 @@ class Bench:
         self.engine = make_engine(self.db_url)
         table = create_apps_table(self.engine)
         with self.engine.begin() as conn:
+            # Rows of the guests that stay (100-109, below) too: without them the last destroys
+            # would take every row left, which the would_empty rule refuses (a real platform's
+            # table holds its running apps as well).
             conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1))
-                                          for v in self.hook_vmids + self.task_vmids])
+                                          for v in self.hook_vmids + self.task_vmids + list(STAYING)])
         self.sim = ProxmoxSimulator().start()
         for v in self.hook_vmids:
             self.sim.add_guest(v, hookscript=str(HOOK))
@@ -60,7 +64,7 @@ class Bench:
             self.sim.add_guest(v)
         # Guests that stay: a cluster whose every guest is gone reads as an empty inventory,
         # which the receiver refuses to act on (a token without VM.Audit looks the same).
-        for v in range(100, 110):
+        for v in STAYING:
             self.sim.add_guest(v)
         self.receiver = Receiver(workdir, self.sim, self.db_url, **settings)
         conf = self.receiver.hook_conf(workdir / "hook.conf", workdir / "spool")
