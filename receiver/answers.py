@@ -4,6 +4,7 @@ A half-understood answer must never become "these guests are gone", so anything 
 the guest list is an :class:`InventoryError`; the task and ACL lists are read as
 leniently as their callers can afford (see each function).
 """
+
 from __future__ import annotations
 
 import msgspec
@@ -48,15 +49,17 @@ def parse_tasks(entries: object) -> list[Task]:
         if not isinstance(entry, dict) or not isinstance(entry.get("upid"), str):
             continue
         raw_id = str(entry.get("id") or "")
-        tasks.append(Task(
-            upid=entry["upid"],
-            node=str(entry.get("node") or ""),
-            type=str(entry.get("type") or ""),
-            vmid=int(raw_id) if raw_id.isdigit() else None,
-            status=entry.get("status"),
-            endtime=entry.get("endtime") if isinstance(entry.get("endtime"), int) else None,
-            starttime=entry.get("starttime") if isinstance(entry.get("starttime"), int) else None,
-        ))
+        tasks.append(
+            Task(
+                upid=entry["upid"],
+                node=str(entry.get("node") or ""),
+                type=str(entry.get("type") or ""),
+                vmid=int(raw_id) if raw_id.isdigit() else None,
+                status=entry.get("status"),
+                endtime=entry.get("endtime") if isinstance(entry.get("endtime"), int) else None,
+                starttime=entry.get("starttime") if isinstance(entry.get("starttime"), int) else None,
+            )
+        )
     return tasks
 
 
@@ -90,11 +93,14 @@ def parse_acl(entries: object) -> AclProof:
         if not path.startswith("/"):
             return AclProof(None, f"/access/acl listed an entry on {path!r}, not an absolute path")
         if path.startswith("/vms/"):
-            tail = path[len("/vms/"):]
+            tail = path[len("/vms/") :]
             if not (tail.isascii() and tail.isdigit()):
                 return AclProof(None, f"/access/acl listed an entry on {path!r}, not a guest's path")
             hideable.add(int(tail))
         elif role == NO_ACCESS and (path in ("/", "/pool") or path.startswith("/pool/")):
             return AclProof(None, f"a NoAccess ACL on {path} can hide the guests of a pool")
-    return AclProof(frozenset(hideable), f"the ACL list proves the guest list complete ({len(hideable)} "
-                                         "VMIDs with an ACL entry of their own are checked one by one)")
+    return AclProof(
+        frozenset(hideable),
+        f"the ACL list proves the guest list complete ({len(hideable)} "
+        "VMIDs with an ACL entry of their own are checked one by one)",
+    )

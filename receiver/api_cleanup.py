@@ -4,6 +4,7 @@ Stats and history are public (the whole removed row only for the admin token: it
 hold credentials); running a sweep needs ``Authorization: Bearer <CLEANUP_ADMIN_TOKEN>``
 and is disabled without one.
 """
+
 from __future__ import annotations
 
 import re
@@ -38,30 +39,37 @@ def stats() -> Response:
         last = store.last_run(conn)
         watched = watched_vmids(conn, utcnow())
     status = j.watcher.status() if j.watcher is not None else None
-    return jsonify({
-        "enabled": s.enabled,
-        "last_run": last["finished_at"] if last else None,
-        **{name: counters[name] for name in store.COUNTERS},
-        "errors": errors,
-        "config": {
-            "error_retention_hours": s.error_retention_hours,
-            "ghost_cleanup_enabled": s.ghost_cleanup_enabled,
-            "cleanup_interval_minutes": s.interval_minutes,
-            "dry_run": s.dry_run,
-        },
-        "action": s.action,
-        "watched_vmids": watched,
-        "inbox_backlog": j.inbox.backlog(),
-        "last_event_per_node": j.inbox.last_event_per_node(),
-        "last_sweep": {**{k: last[k] for k in ("outcome", "reason", "duration_s", "finished_at", "source")},
-                       "refusal": _refusal_word(last)} if last else None,
-        # Ghosts' VMIDs held by guests the token cannot see (rows kept): last sweep, watcher.
-        "hidden_guests": sorted(set(j.runtime.sweeper.last_hidden)
-                                | set((status or {}).get("hidden_guests") or ())),
-        "sweep_running": j.runtime.sweeper.busy,
-        "leader": bool(status and status.get("leader")),
-        "watcher": {k: status.get(k) for k in ("alive", "last_tick", "last_error")} if status else None,
-    })
+    return jsonify(
+        {
+            "enabled": s.enabled,
+            "last_run": last["finished_at"] if last else None,
+            **{name: counters[name] for name in store.COUNTERS},
+            "errors": errors,
+            "config": {
+                "error_retention_hours": s.error_retention_hours,
+                "ghost_cleanup_enabled": s.ghost_cleanup_enabled,
+                "cleanup_interval_minutes": s.interval_minutes,
+                "dry_run": s.dry_run,
+            },
+            "action": s.action,
+            "watched_vmids": watched,
+            "inbox_backlog": j.inbox.backlog(),
+            "last_event_per_node": j.inbox.last_event_per_node(),
+            "last_sweep": {
+                **{k: last[k] for k in ("outcome", "reason", "duration_s", "finished_at", "source")},
+                "refusal": _refusal_word(last),
+            }
+            if last
+            else None,
+            # Ghosts' VMIDs held by guests the token cannot see (rows kept): last sweep, watcher.
+            "hidden_guests": sorted(
+                set(j.runtime.sweeper.last_hidden) | set((status or {}).get("hidden_guests") or ())
+            ),
+            "sweep_running": j.runtime.sweeper.busy,
+            "leader": bool(status and status.get("leader")),
+            "watcher": {k: status.get(k) for k in ("alive", "last_tick", "last_error")} if status else None,
+        }
+    )
 
 
 def _refusal_word(run: dict[str, Any]) -> str | None:
@@ -80,8 +88,11 @@ def run_sweep() -> Response:
     if not token:
         return error(403, "CLEANUP_ADMIN_TOKEN is not set: this endpoint is disabled")
     if not is_admin(token):
-        return error(401, "a valid 'Authorization: Bearer <CLEANUP_ADMIN_TOKEN>' header is required",
-                     headers={"WWW-Authenticate": 'Bearer realm="pve-janitor"'})
+        return error(
+            401,
+            "a valid 'Authorization: Bearer <CLEANUP_ADMIN_TOKEN>' header is required",
+            headers={"WWW-Authenticate": 'Bearer realm="pve-janitor"'},
+        )
     try:
         dry_run = _flag("dry_run")
         force = bool(_flag("force"))

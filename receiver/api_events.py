@@ -4,6 +4,7 @@ The checks run in the order that costs least, and a rejected event says why with
 status the hookscript acts on (see :mod:`receiver.events`); an accepted one wakes the
 watcher, which does the rest.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,13 @@ def post_event() -> Response:
     j.metrics.event(event.phase, "accepted" if new else "duplicate")
     if new and j.watcher is not None:
         j.watcher.wake()
-    body: dict[str, Any] = {"status": "accepted" if new else "duplicate", "event_id": event.event_id,
-                            "vmid": event.vmid, "phase": event.phase, "cleanup_enabled": j.settings.enabled}
+    body: dict[str, Any] = {
+        "status": "accepted" if new else "duplicate",
+        "event_id": event.event_id,
+        "vmid": event.vmid,
+        "phase": event.phase,
+        "cleanup_enabled": j.settings.enabled,
+    }
     if not j.settings.enabled:
         body["note"] = "CLEANUP_ENABLED is false: the event is stored, but nothing acts on it"
     return json_response(body, 202 if new else 200)
@@ -65,8 +71,9 @@ def _read_event(settings: Settings) -> Event:
     if len(body) > MAX_BODY_BYTES:
         raise too_large
     now = time.time()
-    verify_signature(settings.hook_secret, request.headers.get(TIMESTAMP_HEADER),
-                     request.headers.get(SIGNATURE_HEADER), body, now)
+    verify_signature(
+        settings.hook_secret, request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER), body, now
+    )
     if request.mimetype != "application/json":
         raise EventRejected(415, "Content-Type must be application/json")
     return parse_event(body, now)

@@ -4,6 +4,7 @@ Health checks something real (the database answers, the watcher and scheduler ru
 this process runs them); metrics are still served when the database is down, without
 the figures read from it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,11 @@ def healthz() -> Response:
     watcher = None
     if j.watcher is not None:
         status = j.watcher.status()
-        watcher = {"alive": bool(status.get("alive")), "leader": bool(status.get("leader")),
-                   "last_tick": status.get("last_tick")}
+        watcher = {
+            "alive": bool(status.get("alive")),
+            "leader": bool(status.get("leader")),
+            "last_tick": status.get("last_tick"),
+        }
         if not watcher["alive"]:
             reasons.append("watcher: not running")
     scheduler = None
@@ -48,8 +52,12 @@ def healthz() -> Response:
         scheduler = {"running": bool(j.scheduler.running)}
         if not scheduler["running"]:
             reasons.append("scheduler: not running")
-    body: dict[str, Any] = {"status": "unhealthy" if reasons else "ok", "database": database, "watcher": watcher,
-            "scheduler": scheduler}
+    body: dict[str, Any] = {
+        "status": "unhealthy" if reasons else "ok",
+        "database": database,
+        "watcher": watcher,
+        "scheduler": scheduler,
+    }
     if reasons:
         body["reasons"] = reasons
     return json_response(body, 503 if reasons else 200)

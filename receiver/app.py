@@ -8,6 +8,7 @@ no HTML page and no stack trace ever leaves the process.  The routes are in
 history) and :mod:`receiver.api_health` (health, metrics), and documented in
 ``docs/openapi.yaml`` and ``docs/http-api.md``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,12 +35,17 @@ __all__ = ["ERROR_CODES", "Janitor", "create_app"]
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None, inbox: Inbox | None = None,
-               watcher: Any = None, metrics: Metrics | None = None, scheduler: Any = None) -> Flask:
+def create_app(
+    settings: Settings,
+    runtime: Runtime | None = None,
+    inbox: Inbox | None = None,
+    watcher: Any = None,
+    metrics: Metrics | None = None,
+    scheduler: Any = None,
+) -> Flask:
     """The WSGI app; building ``runtime`` may raise ConfigError or DatabaseError."""
     runtime = runtime or Runtime.build(settings)
-    janitor = Janitor(settings, runtime, inbox or Inbox(runtime.engine), metrics or Metrics(),
-                      watcher, scheduler)
+    janitor = Janitor(settings, runtime, inbox or Inbox(runtime.engine), metrics or Metrics(), watcher, scheduler)
     app = Flask(__name__, static_folder=None)
     # One byte over the limit: a body streamed without Content-Length is cut at this size
     # without an error, so reading one byte more is how the events route tells "too large".
@@ -60,8 +66,9 @@ def index() -> Response:
     for rule in sorted(current_app.url_map.iter_rules(), key=lambda r: r.rule):
         view = current_app.view_functions[rule.endpoint]
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            routes.append({"method": method, "path": rule.rule,
-                           "description": (view.__doc__ or "").strip().splitlines()[0]})
+            routes.append(
+                {"method": method, "path": rule.rule, "description": (view.__doc__ or "").strip().splitlines()[0]}
+            )
     return jsonify({"service": "pve-janitor", "version": __version__, "routes": routes})
 
 

@@ -9,6 +9,7 @@ in the same transaction, which also drops the deleted rows' stop marks
 (:mod:`receiver.stopmarks`).  A crash at any point leaves either the old state or
 the new one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,7 @@ def _same(a: object, b: object) -> bool:
     return a == b or (a is None and b is None)
 
 
-def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: str,
-                  now: datetime) -> ApplyResult:
+def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: str, now: datetime) -> ApplyResult:
     """Apply ``actions`` (all of one kind per row) and return what happened.
 
     Set-based first.  If a guarded statement touches another number of rows than
@@ -57,8 +57,7 @@ def apply_actions(table: PlatformTable, actions: Sequence[Action], *, source: st
         return _apply(table, actions, source, now, per_row=True)
 
 
-def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: datetime,
-           per_row: bool) -> ApplyResult:
+def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: datetime, per_row: bool) -> ApplyResult:
     result = ApplyResult()
     t = table.table
     by_key = {a.row.key: a for a in actions}
@@ -108,21 +107,24 @@ def _apply(table: PlatformTable, actions: Sequence[Action], source: str, now: da
         if not applied:
             return result
 
-        store.insert_audit(conn, [
-            {
-                "table_name": table.settings.table,
-                "row_key": str(a.row.key),
-                "vmid": a.row.vmid,
-                "hostname": None if a.row.hostname is None else str(a.row.hostname)[:255],
-                "action": a.action,
-                "reason": a.reason,
-                "source": source,
-                "detail": a.detail,
-                "row_json": store.encode_row(dict(zip(names, current[a.row.key], strict=True))),
-                "removed_at": now,
-            }
-            for a in applied
-        ])
+        store.insert_audit(
+            conn,
+            [
+                {
+                    "table_name": table.settings.table,
+                    "row_key": str(a.row.key),
+                    "vmid": a.row.vmid,
+                    "hostname": None if a.row.hostname is None else str(a.row.hostname)[:255],
+                    "action": a.action,
+                    "reason": a.reason,
+                    "source": source,
+                    "detail": a.detail,
+                    "row_json": store.encode_row(dict(zip(names, current[a.row.key], strict=True))),
+                    "removed_at": now,
+                }
+                for a in applied
+            ],
+        )
         stopmarks.drop_deleted(conn, table, [str(a.row.key) for a in applied if a.action == "delete"])
         counts = result.counts
         for a in applied:

@@ -7,6 +7,7 @@ that leaves nothing to check after it ends the run: bad settings, an unusable da
 a token without the privileges that anything needs.  The CLI prints the lines and turns
 the verdict into its exit code.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -62,8 +63,7 @@ class Checkup:
     the runtime built, once the database stage has passed.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None,
-                 build: Callable[[Settings], Runtime] = Runtime.build):
+    def __init__(self, env: Mapping[str, str] | None = None, build: Callable[[Settings], Runtime] = Runtime.build):
         self.env = env
         self.build = build
         self.verdict = Verdict.PASSED
@@ -83,8 +83,11 @@ class Checkup:
             for problem in exc.problems:
                 yield _failed("settings", problem)
             return
-        yield _ok("settings", f"table {settings.table}, action {settings.action}, "
-                              f"interval {settings.interval_minutes} min, dry run {settings.dry_run}")
+        yield _ok(
+            "settings",
+            f"table {settings.table}, action {settings.action}, "
+            f"interval {settings.interval_minutes} min, dry run {settings.dry_run}",
+        )
         try:
             runtime = self.runtime = self.build(settings)
             rows = runtime.table.fetch_rows()
@@ -93,11 +96,16 @@ class Checkup:
             for problem in getattr(exc, "problems", [str(exc)]):
                 yield _failed("database", problem)
             return
-        yield _ok("database", f"{runtime.engine.dialect.name}, table {settings.table!r} with "
-                              f"{len(rows)} rows and every mapped column")
+        yield _ok(
+            "database",
+            f"{runtime.engine.dialect.name}, table {settings.table!r} with {len(rows)} rows and every mapped column",
+        )
         mapping_problem = vmid_column_problem(rows)
-        yield Line(Level.OK if mapping_problem is None else Level.FAILED, "mapping",
-                   mapping_problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs")
+        yield Line(
+            Level.OK if mapping_problem is None else Level.FAILED,
+            "mapping",
+            mapping_problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs",
+        )
         try:
             yield from _proxmox(runtime, rows)
         except InventoryError as exc:
@@ -109,9 +117,11 @@ def _proxmox(runtime: Runtime, rows: list[Row]) -> Iterator[Line]:
     settings, proxmox = runtime.settings, runtime.inventory
     version = proxmox.version()
     others = len(settings.pve_endpoints) - 1
-    yield _ok("proxmox", f"{proxmox.endpoint} answers, version {version.get('version', '?')}"
-                         + (f" ({others} more PVE_HOST endpoint{'s' * (others > 1)} to fall back on)"
-                            if others > 0 else ""))
+    yield _ok(
+        "proxmox",
+        f"{proxmox.endpoint} answers, version {version.get('version', '?')}"
+        + (f" ({others} more PVE_HOST endpoint{'s' * (others > 1)} to fall back on)" if others > 0 else ""),
+    )
     if not (yield from _privileges(runtime)):
         return
     proxmox.check_quorum()
@@ -122,13 +132,18 @@ def _proxmox(runtime: Runtime, rows: list[Row]) -> Iterator[Line]:
     if proof.hideable is not None:
         yield _ok("acl", f"Sys.Audit on /access: {proof.reason}")
     else:  # safe, only slower: not a failure
-        yield Line(Level.WARN, "acl", f"{proof.reason}; sweeps and the watcher will make one "
-                                      "/cluster/nextid request per ghost")
+        yield Line(
+            Level.WARN, "acl", f"{proof.reason}; sweeps and the watcher will make one /cluster/nextid request per ghost"
+        )
     hidden = _hidden_guests(runtime, rows, inventory, proof.hideable)
     if hidden:
-        yield Line(Level.WARN, "hidden_guest", f"VMIDs {', '.join(map(str, hidden))} have rows and are in use "
-                   "in Proxmox, but the token is not shown those guests (an ACL hides them); their rows are "
-                   "kept and reported")
+        yield Line(
+            Level.WARN,
+            "hidden_guest",
+            f"VMIDs {', '.join(map(str, hidden))} have rows and are in use "
+            "in Proxmox, but the token is not shown those guests (an ACL hides them); their rows are "
+            "kept and reported",
+        )
 
 
 def _privileges(runtime: Runtime) -> Generator[Line, None, bool]:
@@ -141,9 +156,11 @@ def _privileges(runtime: Runtime) -> Generator[Line, None, bool]:
     inventory, settings = runtime.inventory, runtime.settings
     fix = "; run on a Proxmox node:\n" + "\n".join(f"          {cmd}" for cmd in grant_lines(settings))
     if not any(inventory.permissions().values()):
-        yield _failed("privileges", f"the token {token_id(settings)} holds no privilege at all. A privilege-"
-                      "separated token holds only what its user holds too, so its user most likely has no ACL"
-                      + fix)
+        yield _failed(
+            "privileges",
+            f"the token {token_id(settings)} holds no privilege at all. A privilege-"
+            "separated token holds only what its user holds too, so its user most likely has no ACL" + fix,
+        )
         return False
     try:
         inventory.check_privileges()
@@ -152,19 +169,27 @@ def _privileges(runtime: Runtime) -> Generator[Line, None, bool]:
         return False
     yield _ok("privileges", "the token holds VM.Audit on /vms, propagated")
     if inventory.privilege("/", "Sys.Audit") is None:
-        yield _failed("privileges", "the token lacks Sys.Audit on /: quorum cannot be checked, so nothing is ever "
-                      "removed, and the task tail sees only the token's own tasks (a destroyed stopped guest "
-                      "waits for the sweep)" + fix)
+        yield _failed(
+            "privileges",
+            "the token lacks Sys.Audit on /: quorum cannot be checked, so nothing is ever "
+            "removed, and the task tail sees only the token's own tasks (a destroyed stopped guest "
+            "waits for the sweep)" + fix,
+        )
         return False
     yield _ok("privileges", "Sys.Audit on / (quorum, and every user's tasks for the task tail)")
     if inventory.privilege("/access", "Sys.Audit") is None:
-        yield Line(Level.WARN, "privileges", "the token lacks Sys.Audit on /access: the ACL list cannot prove the "
-                   "guest list complete, so every ghost's VMID is asked about one by one (slower, as safe)")
+        yield Line(
+            Level.WARN,
+            "privileges",
+            "the token lacks Sys.Audit on /access: the ACL list cannot prove the "
+            "guest list complete, so every ghost's VMID is asked about one by one (slower, as safe)",
+        )
     return True
 
 
-def _hidden_guests(runtime: Runtime, rows: list[Row], inventory: Inventory,
-                   hideable: frozenset[int] | None) -> list[int]:
+def _hidden_guests(
+    runtime: Runtime, rows: list[Row], inventory: Inventory, hideable: frozenset[int] | None
+) -> list[int]:
     """Rows' VMIDs missing from the guest list that Proxmox says are in use (an ACL hides the guest)."""
     missing = {r.vmid for r in rows if r.vmid is not None and r.vmid not in inventory}
     return hidden_guests(missing, hideable, runtime.inventory.vmid_in_use)

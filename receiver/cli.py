@@ -4,6 +4,7 @@ Exit codes (a contract scripts rely on): 0 done or nothing to do; 1 not found
 or interrupted; 2 bad configuration; 3 refused for safety or failed with
 nothing changed.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,6 +74,7 @@ def _init_logging(ctx: click.Context, settings: Settings, level: int | None = No
 
 # --- serve -----------------------------------------------------------------
 
+
 @main.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
@@ -94,10 +96,12 @@ def serve(ctx: click.Context) -> None:
 
 # --- sweep -----------------------------------------------------------------
 
+
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Plan and report; change nothing.")
-@click.option("--force", is_flag=True, help="Lift the deletion-percentage guard and the would-empty-table "
-              "guard (only those two).")
+@click.option(
+    "--force", is_flag=True, help="Lift the deletion-percentage guard and the would-empty-table guard (only those two)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan and result as JSON.")
 @click.pass_context
 def sweep(ctx: click.Context, dry_run: bool, force: bool, as_json: bool) -> None:
@@ -130,9 +134,18 @@ def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -
         title = "Plan (dry run)" if result.dry_run else "Plan"
         echo(f"{title}: {len(plan.actions)} of {plan.rows_seen} rows")
         if plan.actions:
-            rows = [[a.action, str(a.row.key), str(a.row.vmid if a.row.vmid is not None else "-"),
-                     str(a.row.hostname or "-"), str(a.row.status or "-"), _age(now, a.row.last_touched()),
-                     f"{a.reason}: {a.detail}"] for a in plan.actions]
+            rows = [
+                [
+                    a.action,
+                    str(a.row.key),
+                    str(a.row.vmid if a.row.vmid is not None else "-"),
+                    str(a.row.hostname or "-"),
+                    str(a.row.status or "-"),
+                    _age(now, a.row.last_touched()),
+                    f"{a.reason}: {a.detail}",
+                ]
+                for a in plan.actions
+            ]
             for line in _table(rows, ["ACTION", "ROW", "VMID", "HOSTNAME", "STATUS", "AGE", "REASON"]):
                 echo("  " + line)
         kept = ", ".join(f"{v} {k}" for k, v in plan.kept.items() if v)
@@ -149,12 +162,12 @@ def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -
     if result.dropped:
         echo(f"Dropped, guest is back: {', '.join(map(str, result.dropped))}")
     if result.hidden:
-        echo(f"Kept, hidden_guest (in use in Proxmox, not shown to the token): "
-             f"{', '.join(map(str, result.hidden))}")
+        echo(f"Kept, hidden_guest (in use in Proxmox, not shown to the token): {', '.join(map(str, result.hidden))}")
     echo(result.summary())
 
 
 # --- check -----------------------------------------------------------------
+
 
 @main.command()
 @click.pass_context
@@ -168,6 +181,7 @@ def check(ctx: click.Context) -> None:
 
 
 # --- history / restore -----------------------------------------------------
+
 
 @main.command()
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
@@ -185,9 +199,20 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     if not entries:
         click.echo("No audit entries.")
         return
-    rows = [[str(e["id"]), e["removed_at"][:19].replace("T", " "), e["action"], e["reason"], e["source"],
-             e["row_key"], str(e["vmid"] if e["vmid"] is not None else "-"), e["hostname"] or "-",
-             "restored" if e["restored_at"] else ""] for e in entries]
+    rows = [
+        [
+            str(e["id"]),
+            e["removed_at"][:19].replace("T", " "),
+            e["action"],
+            e["reason"],
+            e["source"],
+            e["row_key"],
+            str(e["vmid"] if e["vmid"] is not None else "-"),
+            e["hostname"] or "-",
+            "restored" if e["restored_at"] else "",
+        ]
+        for e in entries
+    ]
     for line in _table(rows, ["AUDIT", "WHEN (UTC)", "ACTION", "REASON", "SOURCE", "ROW", "VMID", "HOSTNAME", ""]):
         click.echo(line)
 
@@ -210,6 +235,7 @@ def restore_cmd(ctx: click.Context, audit_id: int) -> None:
 
 
 # --- demo ------------------------------------------------------------------
+
 
 def _simulator_tooling(module: str) -> Any:
     """A module of the simulator package, loaded only by the commands that need it: it is
@@ -237,12 +263,17 @@ def demo(once: bool) -> None:
 
 # --- simulator -------------------------------------------------------------
 
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8006, show_default=True, type=int)
 @click.option("--scene", default="seed", show_default=True, type=click.Choice(["seed", "empty"]))
-@click.option("--seed-db", "seed_db", metavar="PATH",
-              help="Also write the seed platform's apps table (47 rows) into this SQLite file.")
+@click.option(
+    "--seed-db",
+    "seed_db",
+    metavar="PATH",
+    help="Also write the seed platform's apps table (47 rows) into this SQLite file.",
+)
 def simulator(host: str, port: int, scene: str, seed_db: str | None) -> None:
     """Run the built-in Proxmox API simulator, to try pve-janitor without a cluster."""
     run_standalone = _simulator_tooling("standalone").run_standalone

@@ -11,6 +11,7 @@ The variables (names, kinds, conversion, unknown names) are in :mod:`receiver.va
 the reading of the file in :mod:`receiver.configfile`; their public names are re-exported
 here.  A leaf: this module and those two import nothing else of the package.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,19 @@ from .variables import (
     without_settings,
 )
 
-__all__ = ["ACTIONS", "CONFIG_FILE_MAX_BYTES", "KNOWN_VARIABLES", "SECRET_VARIABLES", "VARIABLES", "ConfigError",
-           "Settings", "load_settings", "redact_url", "require", "without_settings"]
+__all__ = [
+    "ACTIONS",
+    "CONFIG_FILE_MAX_BYTES",
+    "KNOWN_VARIABLES",
+    "SECRET_VARIABLES",
+    "VARIABLES",
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "redact_url",
+    "require",
+    "without_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +227,13 @@ def _cross_checks(settings: Settings) -> list[str]:
 
 def require(settings: Settings, *names: str) -> None:
     """Raise ConfigError unless every named connection setting is present."""
-    fields = {"DATABASE_URL": "database_url", "PVE_HOST": "pve_host", "PVE_USER": "pve_user",
-              "PVE_TOKEN_NAME": "pve_token_name", "PVE_TOKEN_VALUE": "pve_token_value"}
+    fields = {
+        "DATABASE_URL": "database_url",
+        "PVE_HOST": "pve_host",
+        "PVE_USER": "pve_user",
+        "PVE_TOKEN_NAME": "pve_token_name",
+        "PVE_TOKEN_VALUE": "pve_token_value",
+    }
     missing = [n for n in names if not getattr(settings, fields[n])]
     if missing:
         raise ConfigError([f"{n} is not set" for n in missing])

@@ -4,6 +4,7 @@ The path comes from the environment, so it may name anything: only a regular fil
 most :data:`CONFIG_FILE_MAX_BYTES` is read, and every other answer is a problem that
 names the variable, never an exception.  Keys are the variable names, in any case.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,13 @@ else:  # pragma: no cover - Python 3.10
 
 CONFIG_FILE_MAX_BYTES = 1 << 20  # a settings file is a few lines; this is only a bound on reading
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class _NotASettingsFile(Exception):
@@ -72,8 +78,7 @@ def read_toml(path: str) -> tuple[dict[str, Any], list[str]]:
     for key, value in data.items():
         name = key.upper()
         if name not in TABLE:
-            problems.append(f"CLEANUP_CONFIG: {path} has an unknown setting {key!r}"
-                            f"{did_you_mean(name, TABLE)}")
+            problems.append(f"CLEANUP_CONFIG: {path} has an unknown setting {key!r}{did_you_mean(name, TABLE)}")
             continue
         values[name] = value
     return values, problems

@@ -5,6 +5,7 @@ up front (``BEGIN IMMEDIATE``), so a concurrent platform writer waits briefly
 instead of failing with "database is locked" half-way through our change.
 Statements are cut into batches that stay under every backend's bound-parameter limit.
 """
+
 from __future__ import annotations
 
 import threading
@@ -42,8 +43,9 @@ def make_engine(url: str) -> Engine:
     try:
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
-        raise ConfigError([f"DATABASE_URL={redact_url(url)!r} cannot be used: {type(exc).__name__}: "
-                           f"{_first_line(exc)}"]) from None
+        raise ConfigError(
+            [f"DATABASE_URL={redact_url(url)!r} cannot be used: {type(exc).__name__}: {_first_line(exc)}"]
+        ) from None
     if engine.dialect.name == "sqlite":
         _tune_sqlite(engine)
     return engine
@@ -126,4 +128,4 @@ def bind_limit(engine: Engine) -> int:
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

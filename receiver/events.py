@@ -7,6 +7,7 @@ request can be replayed (the ``event_id`` makes a replay inside the window a
 no-op).  Every failure is an :class:`EventRejected` carrying the HTTP status;
 no message ever quotes the secret or the signature we expected.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,9 @@ def _key(secret: str) -> bytes:
     return secret.encode("utf-8", "surrogateescape")
 
 
-def verify_signature(secret: str, timestamp_header: str | None, signature_header: str | None,
-                     body: bytes, now: float) -> None:
+def verify_signature(
+    secret: str, timestamp_header: str | None, signature_header: str | None, body: bytes, now: float
+) -> None:
     """Raise EventRejected(401) unless the body is signed with ``secret`` within the time window."""
     if not secret:
         raise EventRejected(503, "hook secret not configured")
@@ -69,7 +71,7 @@ def verify_signature(secret: str, timestamp_header: str | None, signature_header
     match = _SIGNATURE.fullmatch(signature_header)
     if match is None:
         raise EventRejected(401, f"{SIGNATURE_HEADER} must be sha256=<64 hex digits>")
-    expected = signature(secret, timestamp_header, body)[len(SIGNATURE_PREFIX):]
+    expected = signature(secret, timestamp_header, body)[len(SIGNATURE_PREFIX) :]
     if not hmac.compare_digest(expected, match.group(1).lower()):
         raise EventRejected(401, "bad signature")
     # Written so that a NaN clock rejects rather than accepts.

@@ -4,6 +4,7 @@ The unique ``event_id`` makes replays no-ops (the hookscript re-sends spooled
 events; a load balancer may retry).  The watcher drains it; events left by a
 crash are simply still unprocessed at the next start.
 """
+
 from __future__ import annotations
 
 import threading
@@ -106,8 +107,16 @@ class Inbox:
                 new[i] = e.event_id not in seen
                 if new[i]:
                     seen.add(e.event_id)
-                    rows.append({"event_id": e.event_id, "vmid": e.vmid, "phase": e.phase, "node": e.node,
-                                 "ts": e.ts, "received_at": waiting.received_at})
+                    rows.append(
+                        {
+                            "event_id": e.event_id,
+                            "vmid": e.vmid,
+                            "phase": e.phase,
+                            "node": e.node,
+                            "ts": e.ts,
+                            "received_at": waiting.received_at,
+                        }
+                    )
             if rows:
                 conn.execute(t.insert(), rows)
         for i, waiting in enumerate(batch):  # committed
@@ -116,15 +125,19 @@ class Inbox:
     def pending(self, limit: int = 5000) -> list[Event]:
         t = store.inbox
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(t).where(t.c.processed_at.is_(None))
-                                .order_by(t.c.ts, t.c.received_at).limit(limit)).mappings().all()
+            rows = (
+                conn.execute(
+                    sa.select(t).where(t.c.processed_at.is_(None)).order_by(t.c.ts, t.c.received_at).limit(limit)
+                )
+                .mappings()
+                .all()
+            )
         return [Event(r["event_id"], int(r["vmid"]), r["phase"], r["node"], float(r["ts"])) for r in rows]
 
     def mark_processed(self, conn: sa.Connection, event_ids: list[str], now: datetime) -> None:
         t = store.inbox
         for start in range(0, len(event_ids), 500):
-            conn.execute(t.update().where(t.c.event_id.in_(event_ids[start:start + 500]))
-                         .values(processed_at=now))
+            conn.execute(t.update().where(t.c.event_id.in_(event_ids[start : start + 500])).values(processed_at=now))
 
     def forget_old(self, now: datetime | None = None) -> int:
         t = store.inbox
@@ -135,8 +148,9 @@ class Inbox:
     def backlog(self) -> int:
         t = store.inbox
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(t)
-                                .where(t.c.processed_at.is_(None))).scalar_one()
+            return conn.execute(
+                sa.select(sa.func.count()).select_from(t).where(t.c.processed_at.is_(None))
+            ).scalar_one()
 
     def last_event_per_node(self) -> dict[str, Any]:
         t = store.inbox

@@ -5,6 +5,7 @@ it every watcher tick; when it dies, the row expires and the next receiver to
 try takes it over, within the TTL.  Receivers' clocks are compared, so keep
 them in NTP sync (the TTL is seconds; skew should be far below it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,13 @@ def _holder_is_dead(holder: str) -> bool:
     if len(parts) != 4:
         return False
     host, pid_text, namespace, _ = parts
-    if (host != socket.gethostname() or namespace != _pid_namespace() or namespace == "0"
-            or not pid_text.isdigit() or int(pid_text) == os.getpid()):
+    if (
+        host != socket.gethostname()
+        or namespace != _pid_namespace()
+        or namespace == "0"
+        or not pid_text.isdigit()
+        or int(pid_text) == os.getpid()
+    ):
         return False
     try:
         os.kill(int(pid_text), 0)
@@ -107,8 +113,9 @@ class Lease:
                     except IntegrityError:
                         held = False
                 elif row["holder"] == self.holder or row["expires_at"] <= now or _holder_is_dead(row["holder"]):
-                    conn.execute(t.update().where(t.c.name == NAME)
-                                 .values(holder=self.holder, expires_at=now + self.ttl))
+                    conn.execute(
+                        t.update().where(t.c.name == NAME).values(holder=self.holder, expires_at=now + self.ttl)
+                    )
                     held = True
                 else:
                     held = False
@@ -125,8 +132,9 @@ class Lease:
             return
         try:
             with self.engine.begin() as conn:
-                conn.execute(store.lease.delete().where(store.lease.c.name == NAME,
-                                                        store.lease.c.holder == self.holder))
+                conn.execute(
+                    store.lease.delete().where(store.lease.c.name == NAME, store.lease.c.holder == self.holder)
+                )
         except SQLAlchemyError:
             logger.warning("lease: could not release; it expires by itself")
         self.held = False

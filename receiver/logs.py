@@ -3,6 +3,7 @@
 The code never logs a secret on purpose; this filter makes sure an exception
 text that happens to quote one (a URL, a header) does not leak it either.
 """
+
 from __future__ import annotations
 
 import logging

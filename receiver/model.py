@@ -6,6 +6,7 @@ imports nothing of the package but :mod:`receiver.timeutil`.  The enums are ``st
 enums whose value is the word users see (JSON, metrics labels, the audit table, exit-3
 reasons), so they compare equal to those words and serialise as them.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -188,8 +189,9 @@ class Row(NamedTuple):
     raw_status: Any = None
     unreadable: str | None = None  # why the VMID could not be read: such a row is never acted on
 
-    def last_touched(self, created_column: str | None = "created_at",
-                     updated_column: str | None = "updated_at") -> datetime | None:
+    def last_touched(
+        self, created_column: str | None = "created_at", updated_column: str | None = "updated_at"
+    ) -> datetime | None:
         """The later of the created and updated timestamps (None when both are NULL).
 
         ValueError, naming the column, when one cannot be read.

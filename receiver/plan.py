@@ -22,6 +22,7 @@ Findings that are only reported: guests with no row (templates excluded),
 rows whose guest's name differs from the row's hostname (a reused VMID?), and
 unreadable rows.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -61,8 +62,14 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
             vmids_with_rows.add(vmid)
             guest = guests.get(vmid)
             if guest is not None and guest.name and row.hostname and guest.name != row.hostname:
-                reports.append(Report(Finding.NAME_MISMATCH, vmid, f"row {row.key} says hostname {row.hostname!r}, "
-                                      f"guest {vmid} on {guest.node} is named {guest.name!r} (reused VMID?)"))
+                reports.append(
+                    Report(
+                        Finding.NAME_MISMATCH,
+                        vmid,
+                        f"row {row.key} says hostname {row.hostname!r}, "
+                        f"guest {vmid} on {guest.node} is named {guest.name!r} (reused VMID?)",
+                    )
+                )
         if row.unreadable:
             kept["unreadable"] += 1
             reports.append(Report(Finding.UNREADABLE_ROW, vmid, f"row {row.key} kept: {row.unreadable}"))
@@ -94,18 +101,22 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
                 kept["young"] += 1
             else:
                 what = "has no VMID" if vmid is None else f"guest {vmid} does not exist"
-                actions.append(Action(row, verb, Reason.GHOST,
-                                      f"{what}; last touched {age_text(now, touched)} ago"))
+                actions.append(Action(row, verb, Reason.GHOST, f"{what}; last touched {age_text(now, touched)} ago"))
                 continue
 
         # The later of created/updated: an error row inserted a minute ago with a NULL
         # updated_at is not past retention.
         if is_error and (touched is None or touched < retention_start):
-            where = (f"; guest {vmid} still exists ({guest.status} on {guest.node})" if guest
-                     else "")
-            actions.append(Action(row, verb, Reason.OLD_ERROR,
-                                  f"status {row.status!r} since {age_text(now, touched)} "
-                                  f"(retention {settings.error_retention_hours} h){where}"))
+            where = f"; guest {vmid} still exists ({guest.status} on {guest.node})" if guest else ""
+            actions.append(
+                Action(
+                    row,
+                    verb,
+                    Reason.OLD_ERROR,
+                    f"status {row.status!r} since {age_text(now, touched)} "
+                    f"(retention {settings.error_retention_hours} h){where}",
+                )
+            )
             continue
         if guest is not None:
             kept["present"] += 1
@@ -113,7 +124,11 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
     for vmid in sorted(guests.keys() - vmids_with_rows):
         guest = guests[vmid]
         if not guest.template:
-            reports.append(Report(Finding.UNMANAGED_GUEST, vmid,
-                                  f"{guest.type} {vmid} ({guest.name or 'no name'}, {guest.status}) on "
-                                  f"{guest.node} has no row"))
+            reports.append(
+                Report(
+                    Finding.UNMANAGED_GUEST,
+                    vmid,
+                    f"{guest.type} {vmid} ({guest.name or 'no name'}, {guest.status}) on {guest.node} has no row",
+                )
+            )
     return Plan(tuple(actions), tuple(reports), seen, kept)

@@ -16,6 +16,7 @@ Every read of the guest list checks the token's privilege and the answering node
 (:meth:`ProxmoxInventory.read`); whatever cannot be read surely refuses the removal
 (:mod:`receiver.safety`) and changes nothing.
 """
+
 from __future__ import annotations
 
 import gc
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # types only: no import at run time
     from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
+
 
 class Proxmox(Protocol):
     """What the pipeline reads from Proxmox (:class:`receiver.inventory.ProxmoxInventory`)."""
@@ -105,16 +107,23 @@ _cyclic_gc = _CyclicGc()
 class Removal:
     """The pipeline, bound to one table and one Proxmox reader; safe to run from several threads."""
 
-    def __init__(self, settings: Settings, table: PlatformTable, proxmox: Proxmox,
-                 clock: Callable[[], Any] = utcnow):
+    def __init__(self, settings: Settings, table: PlatformTable, proxmox: Proxmox, clock: Callable[[], Any] = utcnow):
         self.settings = settings
         self.table = table
         self.proxmox = proxmox
         self.clock = clock
 
-    def run(self, *, vmids: Collection[int] | None = None, first: Inventory | None = None,
-            reasons: Collection[str] | None = None, dry_run: bool = False, force: bool = False,
-            source: str = "sweep", may_apply: Callable[[], bool] | None = None) -> SweepResult:
+    def run(
+        self,
+        *,
+        vmids: Collection[int] | None = None,
+        first: Inventory | None = None,
+        reasons: Collection[str] | None = None,
+        dry_run: bool = False,
+        force: bool = False,
+        source: str = "sweep",
+        may_apply: Callable[[], bool] | None = None,
+    ) -> SweepResult:
         """One removal: of the whole table (``vmids`` None) or of the rows of ``vmids``.
 
         ``first``: a guest list read before this call (the watcher's tick); None reads one
@@ -129,16 +138,20 @@ class Removal:
             return planned
         plan, total, rows_by_key = planned
         if dry_run:
-            return SweepResult(Outcome.DRY_RUN, "dry run: nothing changed", plan=plan,
-                               untouched_vmids=_untouched(rows_by_key, plan.actions))
+            return SweepResult(
+                Outcome.DRY_RUN,
+                "dry run: nothing changed",
+                plan=plan,
+                untouched_vmids=_untouched(rows_by_key, plan.actions),
+            )
         if not plan.actions:
             return SweepResult(Outcome.NOTHING, "", plan=plan, untouched_vmids=_untouched(rows_by_key, ()))
         with _cyclic_gc.frozen() if whole else nullcontext():
             return self._confirm_and_apply(plan, total, rows_by_key, source, may_apply)
 
-    def _read_and_plan(self, vmids: Collection[int] | None, first: Inventory | None,
-                       reasons: Collection[str] | None, force: bool
-                       ) -> tuple[Plan, int, dict[Any, int | None] | None] | SweepResult:
+    def _read_and_plan(
+        self, vmids: Collection[int] | None, first: Inventory | None, reasons: Collection[str] | None, force: bool
+    ) -> tuple[Plan, int, dict[Any, int | None] | None] | SweepResult:
         """Rows, then the guest list, then the plan and the rules on its size."""
         try:
             rows = self.table.fetch_rows(vmids=None if vmids is None else sorted(vmids))
@@ -167,8 +180,14 @@ class Removal:
             return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal, plan=plan)
         return plan, total, rows_by_key
 
-    def _confirm_and_apply(self, plan: Plan, total: int, rows_by_key: dict[Any, int | None] | None,
-                           source: str, may_apply: Callable[[], bool] | None) -> SweepResult:
+    def _confirm_and_apply(
+        self,
+        plan: Plan,
+        total: int,
+        rows_by_key: dict[Any, int | None] | None,
+        source: str,
+        may_apply: Callable[[], bool] | None,
+    ) -> SweepResult:
         actions, dropped, hidden = list(plan.actions), list[int](), list[int]()
         if any(a.reason == Reason.GHOST for a in actions):
             try:
@@ -176,24 +195,58 @@ class Removal:
             except Refused as exc:
                 return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal, plan=plan)
             if hidden:
-                plan = replace(plan, reports=plan.reports + tuple(
-                    Report(Finding.HIDDEN_GUEST, v, f"Proxmox says VMID {v} is in use, but the token was not shown "
-                                              "that guest (an ACL hides it?): its rows are kept")
-                    for v in hidden))
+                plan = replace(
+                    plan,
+                    reports=plan.reports
+                    + tuple(
+                        Report(
+                            Finding.HIDDEN_GUEST,
+                            v,
+                            f"Proxmox says VMID {v} is in use, but the token was not shown "
+                            "that guest (an ACL hides it?): its rows are kept",
+                        )
+                        for v in hidden
+                    ),
+                )
         if may_apply is not None and not may_apply():
-            return SweepResult(Outcome.REFUSED, "the lease was lost before applying: nothing removed",
-                               refusal=Refusal.LEASE, plan=plan, dropped=dropped, hidden=hidden)
+            return SweepResult(
+                Outcome.REFUSED,
+                "the lease was lost before applying: nothing removed",
+                refusal=Refusal.LEASE,
+                plan=plan,
+                dropped=dropped,
+                hidden=hidden,
+            )
         try:
             applied = apply_actions(self.table, actions, source=source, now=self.clock())
         except (ApplyConflict, DatabaseError) as exc:
-            return SweepResult(Outcome.FAILED, f"nothing changed: {exc}", refusal=Refusal.DATABASE, plan=plan,
-                               dropped=dropped, hidden=hidden)
+            return SweepResult(
+                Outcome.FAILED,
+                f"nothing changed: {exc}",
+                refusal=Refusal.DATABASE,
+                plan=plan,
+                dropped=dropped,
+                hidden=hidden,
+            )
         except SQLAlchemyError as exc:
             logger.warning("apply failed, the transaction was rolled back: %s", type(exc).__name__)
-            return SweepResult(Outcome.FAILED, f"nothing changed: database error {type(exc).__name__}",
-                               refusal=Refusal.DATABASE, plan=plan, dropped=dropped, hidden=hidden)
-        return SweepResult(Outcome.DONE, "", plan=plan, applied=applied, dropped=dropped, hidden=hidden,
-                           untouched_vmids=_untouched(rows_by_key, applied.applied))
+            return SweepResult(
+                Outcome.FAILED,
+                f"nothing changed: database error {type(exc).__name__}",
+                refusal=Refusal.DATABASE,
+                plan=plan,
+                dropped=dropped,
+                hidden=hidden,
+            )
+        return SweepResult(
+            Outcome.DONE,
+            "",
+            plan=plan,
+            applied=applied,
+            dropped=dropped,
+            hidden=hidden,
+            untouched_vmids=_untouched(rows_by_key, applied.applied),
+        )
 
     def _confirm_ghosts(self, actions: list[Action], total: int) -> tuple[list[Action], list[int], list[int]]:
         """The actions that survive the confirming read, the ghosts dropped, the hidden VMIDs.
@@ -213,8 +266,9 @@ class Removal:
         after = self._hideable()
         hideable = None if before is None or after is None else before | after
         check_listing(confirm, total)
-        back = {a.row.vmid for a in actions
-                if a.reason == Reason.GHOST and a.row.vmid is not None and a.row.vmid in confirm}
+        back = {
+            a.row.vmid for a in actions if a.reason == Reason.GHOST and a.row.vmid is not None and a.row.vmid in confirm
+        }
         actions = [a for a in actions if not (a.reason == Reason.GHOST and a.row.vmid in back)]
         ghosts = {a.row.vmid for a in actions if a.reason == Reason.GHOST and a.row.vmid is not None}
         try:
@@ -222,8 +276,10 @@ class Removal:
         except InventoryError as exc:
             raise Refused(refusal_for(exc), f"could not confirm that the ghosts' VMIDs are free: {exc}") from None
         if hidden:
-            logger.warning("VMIDs %s are in use in Proxmox but were not listed to the token (hidden_guest): "
-                           "their rows are kept", short_vmids(hidden))
+            logger.warning(
+                "VMIDs %s are in use in Proxmox but were not listed to the token (hidden_guest): their rows are kept",
+                short_vmids(hidden),
+            )
             taken = set(hidden)
             actions = [a for a in actions if not (a.reason == Reason.GHOST and a.row.vmid in taken)]
         return actions, sorted(back), hidden

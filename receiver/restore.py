@@ -5,6 +5,7 @@ A restore refuses, changing nothing, when the row's key or any UNIQUE value
 person must decide.  A marked row gets its old status back, if it still has
 the mark.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,11 +75,13 @@ def restore(table: PlatformTable, audit_id: int) -> Restored:
         if entry is None:
             raise AuditNotFound(f"no audit entry {audit_id}")
         if entry["restored_at"] is not None:
-            raise RestoreRefused(f"audit entry {audit_id} was already restored at "
-                                 f"{entry['restored_at']:%Y-%m-%d %H:%M:%S} UTC")
+            raise RestoreRefused(
+                f"audit entry {audit_id} was already restored at {entry['restored_at']:%Y-%m-%d %H:%M:%S} UTC"
+            )
         if entry["table_name"] != table.settings.table:
-            raise RestoreRefused(f"audit entry {audit_id} is for table {entry['table_name']!r}, "
-                                 f"not {table.settings.table!r}")
+            raise RestoreRefused(
+                f"audit entry {audit_id} is for table {entry['table_name']!r}, not {table.settings.table!r}"
+            )
         row = store.decode_row(entry["row_json"])
         key = row.get(table.pk.name)
         if entry["action"] == "mark":
@@ -89,21 +92,26 @@ def restore(table: PlatformTable, audit_id: int) -> Restored:
             for columns in unique_sets:
                 if any(values.get(c) is None for c in columns):
                     continue  # NULLs never collide in a UNIQUE constraint
-                if conn.execute(sa.select(sa.func.count()).select_from(t).where(
-                        sa.and_(*(t.c[c] == values[c] for c in columns)))).scalar_one():
+                if conn.execute(
+                    sa.select(sa.func.count()).select_from(t).where(sa.and_(*(t.c[c] == values[c] for c in columns)))
+                ).scalar_one():
                     taken.append(", ".join(f"{c}={values[c]!r}" for c in columns))
             if taken:
-                raise RestoreRefused(f"cannot restore audit entry {audit_id}: taken by another row now: "
-                                     + "; ".join(taken))
+                raise RestoreRefused(
+                    f"cannot restore audit entry {audit_id}: taken by another row now: " + "; ".join(taken)
+                )
             try:
                 with conn.begin_nested():
                     conn.execute(t.insert().values(values))
             except IntegrityError as exc:
-                raise RestoreRefused(f"cannot restore audit entry {audit_id}: the database refused it "
-                                     f"({type(exc.orig).__name__}: a UNIQUE value or a reference is taken)") from None
+                raise RestoreRefused(
+                    f"cannot restore audit entry {audit_id}: the database refused it "
+                    f"({type(exc.orig).__name__}: a UNIQUE value or a reference is taken)"
+                ) from None
             except DBAPIError as exc:  # a value the table no longer accepts (schema changed since)
-                raise RestoreRefused(f"cannot restore audit entry {audit_id}: the database refused the row "
-                                     f"({describe_db_error(exc)})") from None
+                raise RestoreRefused(
+                    f"cannot restore audit entry {audit_id}: the database refused the row ({describe_db_error(exc)})"
+                ) from None
             message = f"row {key} (VMID {entry['vmid']}) is back in {table.settings.table}"
         conn.execute(store.audit.update().where(is_entry).values(restored_at=utcnow()))
         store.add_counters(conn, {"rows_restored": 1})
@@ -121,6 +129,7 @@ def _unmark(conn, table: PlatformTable, row: dict, key) -> str:
         .values({table.status.name: old_status})
     ).rowcount
     if changed != 1:
-        raise RestoreRefused(f"row {key} no longer exists or no longer has status "
-                             f"{table.settings.mark_status!r}: nothing to undo")
+        raise RestoreRefused(
+            f"row {key} no longer exists or no longer has status {table.settings.mark_status!r}: nothing to undo"
+        )
     return f"row {key} has status {old_status!r} again"

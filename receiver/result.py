@@ -1,4 +1,5 @@
 """What one run of the removal pipeline did, in the words the CLI, the HTTP API and the log use."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ class SweepResult:
             "kept": plan.kept if plan else {},
             "applied": len(self.applied.applied) if self.applied else 0,
             "skipped": [{"row_id": _jsonable(a.row.key), "why": why} for a, why in self.applied.skipped]
-            if self.applied else [],
+            if self.applied
+            else [],
             "dropped_vmids": self.dropped,
             "hidden_guests": self.hidden,
             "counts": dict(self.applied.counts) if self.applied else {},
@@ -77,6 +79,11 @@ def _jsonable(value: Any) -> Any:
 
 def action_dict(a: Action) -> dict[str, Any]:
     return {
-        "action": a.action, "reason": a.reason, "row_id": _jsonable(a.row.key), "vmid": a.row.vmid,
-        "hostname": _jsonable(a.row.hostname), "status": a.row.status, "detail": a.detail,
+        "action": a.action,
+        "reason": a.reason,
+        "row_id": _jsonable(a.row.key),
+        "vmid": a.row.vmid,
+        "hostname": _jsonable(a.row.hostname),
+        "status": a.row.status,
+        "detail": a.detail,
     }

@@ -7,6 +7,7 @@ The Runtime carries the process's one clock: the sweeper and (through
 ``serve``) the watcher read the time from it, so a test that pins it pins
 every grace period and timestamp a removal writes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,11 +36,15 @@ class Runtime:
     clock: Callable[[], datetime] = utcnow
 
     @classmethod
-    def build(cls, settings: Settings, engine: Engine | None = None,
-              inventory: ProxmoxInventory | None = None,
-              on_read: Callable[[float, str], None] | None = None,
-              on_sweep: OnResult | None = None,
-              clock: Callable[[], datetime] = utcnow) -> Runtime:
+    def build(
+        cls,
+        settings: Settings,
+        engine: Engine | None = None,
+        inventory: ProxmoxInventory | None = None,
+        on_read: Callable[[float, str], None] | None = None,
+        on_sweep: OnResult | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> Runtime:
         """Raises ConfigError (exit 2) or DatabaseError (exit 3).
 
         ``on_read`` sees each inventory read (seconds, outcome); ``on_sweep`` each sweep's

@@ -17,6 +17,7 @@ Hidden guests are not a refusal: a ghost whose VMID Proxmox says is in use,
 although the token was not shown that guest (an ACL hides it), keeps its row and
 is reported (``hidden_guest``); the other rows go on.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -56,9 +57,11 @@ def guard_tripped(would_go: int, total: int, settings: Settings) -> bool:
 def check_listing(inventory: Inventory, rows_in_table: int) -> None:
     """An empty guest list while the table has rows is what a token without VM.Audit sees."""
     if not inventory.guests and rows_in_table:
-        raise Refused(Refusal.EMPTY_INVENTORY,
-                      f"Proxmox listed no guests while the table has {rows_in_table} rows "
-                      "(a token without VM.Audit sees an empty list)")
+        raise Refused(
+            Refusal.EMPTY_INVENTORY,
+            f"Proxmox listed no guests while the table has {rows_in_table} rows "
+            "(a token without VM.Audit sees an empty list)",
+        )
 
 
 def check_plan_size(would_go: int, total: int, settings: Settings, force: bool) -> None:
@@ -70,19 +73,24 @@ def check_plan_size(would_go: int, total: int, settings: Settings, force: bool) 
     if force or not would_go:
         return
     if would_go >= total:
-        raise Refused(Refusal.WOULD_EMPTY,
-                      f"all {total} rows of the table would go: refused whatever its size (a wrong "
-                      "CLEANUP_VMID_COLUMN or a guest list missing guests looks like this); check the "
-                      "plan, then run with --force")
+        raise Refused(
+            Refusal.WOULD_EMPTY,
+            f"all {total} rows of the table would go: refused whatever its size (a wrong "
+            "CLEANUP_VMID_COLUMN or a guest list missing guests looks like this); check the "
+            "plan, then run with --force",
+        )
     if guard_tripped(would_go, total, settings):
-        raise Refused(Refusal.GUARD,
-                      f"{would_go} of {total} rows would go, more than "
-                      f"CLEANUP_MAX_DELETE_PERCENT={settings.max_delete_percent}% "
-                      "(check the plan, then run with --force)")
+        raise Refused(
+            Refusal.GUARD,
+            f"{would_go} of {total} rows would go, more than "
+            f"CLEANUP_MAX_DELETE_PERCENT={settings.max_delete_percent}% "
+            "(check the plan, then run with --force)",
+        )
 
 
-def hidden_guests(ghost_vmids: Iterable[int], hideable: frozenset[int] | None,
-                  vmid_in_use: Callable[[int], bool]) -> list[int]:
+def hidden_guests(
+    ghost_vmids: Iterable[int], hideable: frozenset[int] | None, vmid_in_use: Callable[[int], bool]
+) -> list[int]:
     """The ghosts' VMIDs that a guest the token cannot see still holds.
 
     ``hideable`` is what the ACL list proved (the VMIDs an ACL could hide; None: any), so
@@ -107,11 +115,15 @@ def vmid_column_problem(rows: Sequence[Row]) -> str | None:
     if not valued:
         return None
     if unreadable * 2 > valued:
-        return (f"{unreadable} of {valued} values are not VMIDs (whole numbers {VMID_MIN}-{VMID_MAX}): "
-                "is CLEANUP_VMID_COLUMN the column that holds the guest's VMID?")
+        return (
+            f"{unreadable} of {valued} values are not VMIDs (whole numbers {VMID_MIN}-{VMID_MAX}): "
+            "is CLEANUP_VMID_COLUMN the column that holds the guest's VMID?"
+        )
     counts = Counter(readable)
     repeated = sum(n for n in counts.values() if n > 1)
     if repeated * 2 > valued:
-        return (f"{repeated} of {valued} rows share their VMID with another row: is CLEANUP_VMID_COLUMN the "
-                "column that holds the guest's VMID?")
+        return (
+            f"{repeated} of {valued} rows share their VMID with another row: is CLEANUP_VMID_COLUMN the "
+            "column that holds the guest's VMID?"
+        )
     return None

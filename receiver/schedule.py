@@ -5,6 +5,7 @@ One job: a sweep at start, then every ``CLEANUP_INTERVAL_MINUTES``.
 once, and missed runs collapse into one.  With several receivers, only the
 lease holder sweeps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,16 +39,29 @@ def sweep_job(sweeper: Sweeper, lease: Lease | None, housekeeping: Callable[[], 
             logger.warning("housekeeping failed: %s; will retry at the next sweep", type(exc).__name__)
 
 
-def make_scheduler(sweeper: Sweeper, interval_minutes: int, lease: Lease | None = None,
-                   housekeeping: Callable[[], object] | None = None) -> BackgroundScheduler:
+def make_scheduler(
+    sweeper: Sweeper,
+    interval_minutes: int,
+    lease: Lease | None = None,
+    housekeeping: Callable[[], object] | None = None,
+) -> BackgroundScheduler:
     """``housekeeping`` runs after each scheduled sweep on the lease holder (inbox pruning).
 
     The first run is due at once.  APScheduler keeps its own (wall) time, so its times come
     from :func:`utcnow`, not from the runtime's clock a test may have pinned.
     """
     scheduler = BackgroundScheduler(timezone="UTC", daemon=True)
-    scheduler.add_job(sweep_job, "interval", minutes=interval_minutes, args=(sweeper, lease, housekeeping), id=JOB_ID,
-                      max_instances=1, coalesce=True, misfire_grace_time=None, next_run_time=utcnow())
+    scheduler.add_job(
+        sweep_job,
+        "interval",
+        minutes=interval_minutes,
+        args=(sweeper, lease, housekeeping),
+        id=JOB_ID,
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+        next_run_time=utcnow(),
+    )
     return scheduler
 
 

@@ -6,6 +6,7 @@ of this one process) and clean shutdown on SIGTERM: it stops taking requests
 and lets the requests in flight finish.  Then the scheduler and the watcher
 are shut down (each finishes its transaction in flight) and the process exits 0.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,17 +63,25 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
     if runtime is None:
         runtime = Runtime.build(settings, on_read=metrics.inventory_read, on_sweep=on_sweep)
     else:
-        runtime = Runtime.build(settings, engine=runtime.engine, inventory=runtime.inventory, on_sweep=on_sweep,
-                                clock=runtime.clock)
+        runtime = Runtime.build(
+            settings, engine=runtime.engine, inventory=runtime.inventory, on_sweep=on_sweep, clock=runtime.clock
+        )
     inbox = Inbox(runtime.engine)
     lease = Lease(runtime.engine, settings.lease_seconds)
     scheduler = make_scheduler(runtime.sweeper, settings.interval_minutes, lease, housekeeping=inbox.forget_old)
-    watcher = Watcher(runtime, inbox, metrics, lease, clock=runtime.clock,
-                      on_task_gap=partial(request_sweep, scheduler))
-    app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics,
-                     scheduler=scheduler)
-    return {"runtime": runtime, "metrics": metrics, "inbox": inbox, "lease": lease, "watcher": watcher,
-            "scheduler": scheduler, "app": app}
+    watcher = Watcher(
+        runtime, inbox, metrics, lease, clock=runtime.clock, on_task_gap=partial(request_sweep, scheduler)
+    )
+    app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics, scheduler=scheduler)
+    return {
+        "runtime": runtime,
+        "metrics": metrics,
+        "inbox": inbox,
+        "lease": lease,
+        "watcher": watcher,
+        "scheduler": scheduler,
+        "app": app,
+    }
 
 
 def _stop_on_signal(signum, _frame) -> None:
@@ -82,19 +91,29 @@ def _stop_on_signal(signum, _frame) -> None:
 def serve(settings: Settings) -> int:
     parts = build(settings)
     server = create_server(
-        parts["app"], host=settings.bind_host, port=settings.bind_port, threads=HTTP_THREADS, ident="pve-janitor",
+        parts["app"],
+        host=settings.bind_host,
+        port=settings.bind_port,
+        threads=HTTP_THREADS,
+        ident="pve-janitor",
         # Refuse big bodies before buffering them (waitress' default is 1 GiB, spooled to /tmp):
         # no route takes more than an event.
         max_request_body_size=MAX_BODY_BYTES + 1,
-        connection_limit=CONNECTION_LIMIT, channel_timeout=CHANNEL_TIMEOUT_S)
+        connection_limit=CONNECTION_LIMIT,
+        channel_timeout=CHANNEL_TIMEOUT_S,
+    )
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGINT, _stop_on_signal)
     parts["watcher"].start()
     parts["scheduler"].start()
     port = server.effective_port  # type: ignore[union-attr]  # one listener: a TcpWSGIServer (not in the stubs)
-    logger.info("pve-janitor receiver listening on http://%s:%s (sweep every %s min, %s)",
-                settings.bind_host, port, settings.interval_minutes,
-                "enabled" if settings.enabled else "DISABLED: nothing is changed")
+    logger.info(
+        "pve-janitor receiver listening on http://%s:%s (sweep every %s min, %s)",
+        settings.bind_host,
+        port,
+        settings.interval_minutes,
+        "enabled" if settings.enabled else "DISABLED: nothing is changed",
+    )
     try:
         server.run()  # returns after SIGTERM/SIGINT, once requests in flight are done
     finally:

@@ -9,6 +9,7 @@ Every function works in the caller's transaction: a mark is written with the sta
 stands for, and dropped in the transaction that deletes its row (so a restored row or a
 re-used key never inherits it, and a rolled-back delete keeps it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,17 +35,27 @@ def mark_stopped(conn: sa.Connection, table: PlatformTable, vmids: Sequence[int]
     s, status = table.settings, table.status
     if status is None:
         return 0
-    keys = conn.execute(sa.select(table.pk, table.vmid).where(
-        table.vmid.in_(vmids), status == s.running_status)).all()
+    keys = conn.execute(sa.select(table.pk, table.vmid).where(table.vmid.in_(vmids), status == s.running_status)).all()
     if not keys:
         return 0
-    conn.execute(table.table.update().where(table.pk.in_([k for k, _ in keys]), status == s.running_status)
-                 .values({status.name: s.stop_status}))
+    conn.execute(
+        table.table.update()
+        .where(table.pk.in_([k for k, _ in keys]), status == s.running_status)
+        .values({status.name: s.stop_status})
+    )
     marks = store.stop_marks
-    already = set(conn.execute(sa.select(marks.c.row_key).where(
-        marks.c.table_name == s.table, marks.c.row_key.in_([str(k) for k, _ in keys]))).scalars())
-    new = [{"table_name": s.table, "row_key": str(k), "vmid": int(v), "marked_at": now}
-           for k, v in keys if str(k) not in already]
+    already = set(
+        conn.execute(
+            sa.select(marks.c.row_key).where(
+                marks.c.table_name == s.table, marks.c.row_key.in_([str(k) for k, _ in keys])
+            )
+        ).scalars()
+    )
+    new = [
+        {"table_name": s.table, "row_key": str(k), "vmid": int(v), "marked_at": now}
+        for k, v in keys
+        if str(k) not in already
+    ]
     if new:
         conn.execute(marks.insert(), new)
     logger.info("watcher: %d rows of stopped guests %s set to %r", len(keys), list(vmids), s.stop_status)
@@ -58,13 +69,16 @@ def unmark_started(conn: sa.Connection, table: PlatformTable, vmid: int) -> None
     if status is None:
         return
     marks = store.stop_marks
-    keys = list(conn.execute(sa.select(marks.c.row_key).where(
-        marks.c.table_name == s.table, marks.c.vmid == vmid)).scalars())
+    keys = list(
+        conn.execute(sa.select(marks.c.row_key).where(marks.c.table_name == s.table, marks.c.vmid == vmid)).scalars()
+    )
     if not keys:
         return
-    conn.execute(table.table.update().where(table.pk.in_([table.key_from_text(k) for k in keys]),
-                                            status == s.stop_status)
-                 .values({status.name: s.running_status}))
+    conn.execute(
+        table.table.update()
+        .where(table.pk.in_([table.key_from_text(k) for k in keys]), status == s.stop_status)
+        .values({status.name: s.running_status})
+    )
     conn.execute(marks.delete().where(marks.c.table_name == s.table, marks.c.vmid == vmid))
 
 

@@ -7,6 +7,7 @@ the sweep lease survive restarts and be shared by several receivers.
 Timestamps are stored as naive UTC (portable across SQLite, PostgreSQL and
 MariaDB) and come back timezone-aware.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,7 +41,8 @@ class UTCDateTime(sa.types.TypeDecorator):
 metadata = sa.MetaData()
 
 audit = sa.Table(
-    "janitor_audit", metadata,
+    "janitor_audit",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("table_name", sa.String(128), nullable=False),
     sa.Column("row_key", sa.String(255), nullable=False),
@@ -57,13 +59,15 @@ audit = sa.Table(
 )
 
 counters = sa.Table(
-    "janitor_counters", metadata,
+    "janitor_counters",
+    metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 runs = sa.Table(
-    "janitor_runs", metadata,
+    "janitor_runs",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=False),
@@ -77,7 +81,8 @@ runs = sa.Table(
 )
 
 errors = sa.Table(
-    "janitor_errors", metadata,
+    "janitor_errors",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("at", UTCDateTime, nullable=False),
     sa.Column("source", sa.String(16), nullable=False),
@@ -85,7 +90,8 @@ errors = sa.Table(
 )
 
 inbox = sa.Table(
-    "janitor_inbox", metadata,
+    "janitor_inbox",
+    metadata,
     sa.Column("event_id", sa.String(128), primary_key=True),
     sa.Column("vmid", sa.BigInteger, nullable=False),
     sa.Column("phase", sa.String(16), nullable=False),
@@ -97,7 +103,8 @@ inbox = sa.Table(
 )
 
 watch = sa.Table(
-    "janitor_watch", metadata,
+    "janitor_watch",
+    metadata,
     sa.Column("vmid", sa.BigInteger, primary_key=True),
     sa.Column("since", UTCDateTime, nullable=False),
     sa.Column("until", UTCDateTime, nullable=False),
@@ -108,7 +115,8 @@ watch = sa.Table(
 )
 
 stop_marks = sa.Table(
-    "janitor_stop_marks", metadata,
+    "janitor_stop_marks",
+    metadata,
     sa.Column("table_name", sa.String(128), primary_key=True),
     sa.Column("row_key", sa.String(255), primary_key=True),
     sa.Column("vmid", sa.BigInteger, nullable=False),
@@ -116,14 +124,14 @@ stop_marks = sa.Table(
 )
 
 lease = sa.Table(
-    "janitor_lease", metadata,
+    "janitor_lease",
+    metadata,
     sa.Column("name", sa.String(32), primary_key=True),
     sa.Column("holder", sa.String(128), nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=False),
 )
 
-COUNTERS = ("ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed",
-            "rows_marked", "rows_restored")
+COUNTERS = ("ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed", "rows_marked", "rows_restored")
 KEEP_ERRORS = 50
 KEEP_RUNS = 500
 
@@ -161,7 +169,8 @@ def insert_audit(conn: Connection, entries: list[dict[str, Any]]) -> None:
     names = list(entries[0])
     processors = [audit.c[name].type.bind_processor(conn.dialect) or _as_is for name in names]
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(audit.name), sql.SQL(", ").join(sql.Identifier(name) for name in names))
+        sql.Identifier(audit.name), sql.SQL(", ").join(sql.Identifier(name) for name in names)
+    )
     raw = cast("psycopg.Connection[Any]", conn.connection.dbapi_connection)  # the dialect checked above
     try:
         with raw.cursor() as cursor, cursor.copy(statement) as copy:
@@ -179,7 +188,8 @@ def add_counters(conn: Connection, deltas: dict[str, int]) -> None:
     params = [{"n": name, "d": delta} for name, delta in deltas.items() if delta]
     if params:
         conn.execute(
-            counters.update().where(counters.c.name == sa.bindparam("n"))
+            counters.update()
+            .where(counters.c.name == sa.bindparam("n"))
             .values(value=counters.c.value + sa.bindparam("d")),
             params,
         )
@@ -209,9 +219,7 @@ def recent_errors(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
 def record_run(engine: Engine, **values: Any) -> None:
     with engine.begin() as conn:
         conn.execute(runs.insert().values(**values))
-        oldest_kept = conn.execute(
-            sa.select(runs.c.id).order_by(runs.c.id.desc()).offset(KEEP_RUNS).limit(1)
-        ).scalar()
+        oldest_kept = conn.execute(sa.select(runs.c.id).order_by(runs.c.id.desc()).offset(KEEP_RUNS).limit(1)).scalar()
         if oldest_kept is not None:
             conn.execute(runs.delete().where(runs.c.id <= oldest_kept))
 
@@ -236,6 +244,7 @@ def last_success_time(conn: Connection) -> dt.datetime | None:
 
 
 # Row values <-> JSON, losslessly, for the audit copy.
+
 
 def encode_value(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):

@@ -6,6 +6,7 @@ The sweeper adds what is a sweep's own: one at a time per process, the master
 switch, dry run, ``--force``, and the record of each run (log line, runs table,
 errors, the ``on_result`` hook that feeds the metrics).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,14 @@ class Sweeper:
     grace periods and stamps the run; ``on_result`` is given at construction, never set later.
     """
 
-    def __init__(self, settings: Settings, table: PlatformTable, proxmox: Proxmox,
-                 on_result: OnResult | None = None, clock: Callable[[], datetime] = utcnow):
+    def __init__(
+        self,
+        settings: Settings,
+        table: PlatformTable,
+        proxmox: Proxmox,
+        on_result: OnResult | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
         self.settings = settings
         self.table = table
         self.clock = clock
@@ -88,8 +95,13 @@ class Sweeper:
         reason = f"{result.refusal}: {result.reason}" if result.refusal else result.reason
         try:
             store.record_run(
-                engine, source=source, started_at=result.started_at, finished_at=self.clock(),
-                outcome=result.outcome, reason=reason[:2000], dry_run=result.dry_run,
+                engine,
+                source=source,
+                started_at=result.started_at,
+                finished_at=self.clock(),
+                outcome=result.outcome,
+                reason=reason[:2000],
+                dry_run=result.dry_run,
                 planned=len(result.plan.actions) if result.plan else 0,
                 applied=len(result.applied.applied) if result.applied else 0,
                 duration_s=result.duration_s,

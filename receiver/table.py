@@ -9,6 +9,7 @@ On SQLite, date/time columns are read as the text that is stored: SQLite has
 no date type and platforms store several formats, which we parse ourselves
 (:mod:`receiver.timeutil`) and write back unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,13 +49,14 @@ class PlatformTable:
             raise ConfigError([f"CLEANUP_TABLE={settings.table!r}: no such table in the database"]) from None
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot read the table {settings.table!r}: {describe_db_error(exc)}") from None
-        problems = [f"{name}={column!r}: no such column in table {settings.table!r}"
-                    for name, column in settings.mapped_columns().items()
-                    if column not in self.table.c]
+        problems = [
+            f"{name}={column!r}: no such column in table {settings.table!r}"
+            for name, column in settings.mapped_columns().items()
+            if column not in self.table.c
+        ]
         pk = list(self.table.primary_key.columns)
         if len(pk) != 1:
-            problems.append(f"CLEANUP_TABLE={settings.table!r} needs a single-column primary key "
-                            f"(found {len(pk)})")
+            problems.append(f"CLEANUP_TABLE={settings.table!r} needs a single-column primary key (found {len(pk)})")
         if problems:
             raise ConfigError(problems)
         self.pk = pk[0]
@@ -85,8 +87,9 @@ class PlatformTable:
         """Turns a result tuple into a Row; built once per read (100,000 rows: no per-row lookups)."""
         s = self.settings
         i_key, i_vmid = position[self.pk.name], position[self.vmid.name]
-        i_host, i_status, i_created, i_updated = (position[n] if n else None for n in (
-            s.hostname_column, s.status_column, s.created_column, s.updated_column))
+        i_host, i_status, i_created, i_updated = (
+            position[n] if n else None for n in (s.hostname_column, s.status_column, s.created_column, s.updated_column)
+        )
 
         def make(t: Sequence[Any]) -> Row:
             raw_vmid = t[i_vmid]
@@ -98,13 +101,17 @@ class PlatformTable:
                     vmid, problem = None, str(exc)
             raw_status = None if i_status is None else t[i_status]
             return Row(
-                t[i_key], vmid,
+                t[i_key],
+                vmid,
                 None if i_host is None else t[i_host],
                 raw_status if raw_status is None or type(raw_status) is str else str(raw_status),
                 None if i_created is None else t[i_created],
                 None if i_updated is None else t[i_updated],
-                raw_vmid, raw_status, problem,
+                raw_vmid,
+                raw_status,
+                problem,
             )
+
         return make
 
     def fetch_rows(self, vmids: Sequence[int] | None = None) -> list[Row]:
@@ -144,8 +151,9 @@ class PlatformTable:
             pairs.append((self.status, row.raw_status))
         return pairs
 
-    def guarded_batches(self, rows: Sequence[Row], per_row: bool = False
-                        ) -> Iterator[tuple[list[Row], sa.ColumnElement[bool], list[dict[str, Any]] | None]]:
+    def guarded_batches(
+        self, rows: Sequence[Row], per_row: bool = False
+    ) -> Iterator[tuple[list[Row], sa.ColumnElement[bool], list[dict[str, Any]] | None]]:
         """The guarded statements that act on ``rows``: (the rows one statement must touch,
         its WHERE clause, the parameters of an executemany or None when the clause holds them).
 
@@ -157,18 +165,26 @@ class PlatformTable:
         The figures are in docs/performance.md.
         """
         if self.engine.dialect.name not in ("sqlite", "postgresql"):
-            for part in ([[r] for r in rows] if per_row else chunks(rows, self.guard_batch)):
+            for part in [[r] for r in rows] if per_row else chunks(rows, self.guard_batch):
                 yield list(part), self.observed_guard(part), None
             return
         for nulls, members in self._by_null_pattern(rows).items():
-            where = sa.and_(self.pk == sa.bindparam("pve_janitor_key"), *(
-                column.is_(None) if null else column == sa.bindparam(f"pve_janitor_seen{i}")
-                for i, ((column, _), null) in enumerate(zip(members[0][1], nulls, strict=True))))
+            where = sa.and_(
+                self.pk == sa.bindparam("pve_janitor_key"),
+                *(
+                    column.is_(None) if null else column == sa.bindparam(f"pve_janitor_seen{i}")
+                    for i, ((column, _), null) in enumerate(zip(members[0][1], nulls, strict=True))
+                ),
+            )
             # Parameter names no platform column has: an UPDATE treats a parameter named like a
             # column as a value to set.
-            params = [{"pve_janitor_key": row.key,
-                       **{f"pve_janitor_seen{i}": v for i, (_, v) in enumerate(observed) if v is not None}}
-                      for row, observed in members]
+            params = [
+                {
+                    "pve_janitor_key": row.key,
+                    **{f"pve_janitor_seen{i}": v for i, (_, v) in enumerate(observed) if v is not None},
+                }
+                for row, observed in members
+            ]
             if per_row:
                 for (row, _), one in zip(members, params, strict=True):
                     yield [row], where, [one]

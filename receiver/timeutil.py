@@ -6,6 +6,7 @@ datetimes, dates, ISO strings (with a space or a ``T``, with or without
 is ``None`` (the planner reads it as "old"); a value that cannot be read is an
 error for :func:`parse_timestamp_strict` (the planner then keeps the row).
 """
+
 from __future__ import annotations
 
 from datetime import date, datetime, timezone

@@ -8,6 +8,7 @@ real), and it is answered with the closest real name.
 
 Like :mod:`receiver.config`, a leaf: it imports nothing of the package.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -150,7 +151,7 @@ def _split_host_port(text: str, default_port: int | None) -> tuple[str, int]:
         end = text.find("]")
         if end < 0:
             raise ValueError("has an unclosed '['")
-        host, rest = text[1:end], text[end + 1:]
+        host, rest = text[1:end], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise ValueError("must be host or host:port")

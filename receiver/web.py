@@ -4,6 +4,7 @@ Every answer is JSON, errors included, as ``{"error": <code>, "message": <text>}
 routes (in the ``api_*`` modules) and the app's error handlers (:mod:`receiver.app`) build
 them here, so a status code has one word everywhere.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -20,9 +21,17 @@ if TYPE_CHECKING:  # types only: no import at run time
     from .runtime import Runtime
 
 ERROR_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-    422: "refused", 500: "internal_error", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "refused",
+    500: "internal_error",
+    503: "unavailable",
 }
 
 
@@ -59,8 +68,9 @@ def json_response(body: dict[str, Any], status: int) -> Response:
 def is_admin(token: str) -> bool:
     """Whether the request carries ``Authorization: Bearer <token>`` (constant-time compare)."""
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(
-        _header_bytes(given.strip()), _bytes(token))
+    return (
+        bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(_header_bytes(given.strip()), _bytes(token))
+    )
 
 
 def _bytes(text: str) -> bytes:

@@ -6,6 +6,7 @@ mandatory: an unreachable server fails them) and skip with that reason
 otherwise.  Each test gets its own schema (PostgreSQL) or database (MariaDB),
 dropped afterwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,10 @@ def _server_database(kind: str) -> Generator[Database, None, None]:
     env = PG_ENV if kind == "postgres" else MY_ENV
     base = os.environ.get(env)
     if not base:
-        pytest.skip(f"{kind} tests need {env} (set by .ci/run; e.g. "
-                    f"{'postgresql+psycopg://postgres@127.0.0.1:5432/test' if kind == 'postgres' else 'mysql+pymysql://root@127.0.0.1:3306/test'})")
+        pytest.skip(
+            f"{kind} tests need {env} (set by .ci/run; e.g. "
+            f"{'postgresql+psycopg://postgres@127.0.0.1:5432/test' if kind == 'postgres' else 'mysql+pymysql://root@127.0.0.1:3306/test'})"
+        )
     name = f"jt_{secrets.token_hex(6)}"
     admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
     url_obj = sa.engine.make_url(base)
@@ -87,8 +90,13 @@ def mysql_db() -> Iterator[Database]:
     yield from _server_database("mysql")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-                        pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
 def any_db(request, tmp_path) -> Iterator[Database]:
     """The same test on SQLite, PostgreSQL and MariaDB."""
     if request.param == "sqlite":
@@ -134,8 +142,7 @@ class CliResult:
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 60) -> CliResult:
-    proc = subprocess.run(cli_command() + args, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run(cli_command() + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -177,4 +184,5 @@ def after_read(sim, n, fn):
             if len(reads) == n:
                 fn()
         return answer
+
     sim._api_resources = wrapped

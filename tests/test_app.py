@@ -4,6 +4,7 @@ pytest-flask builds ``client`` from the ``app`` fixture below.  The seed scene:
 47 rows, 41 of them error rows whose guests are gone, so a plain sweep trips
 the deletion-percentage guard and ``force=true`` removes exactly the 41.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,8 +40,13 @@ class WatcherStub:
         self.wakes = 0
 
     def status(self) -> dict[str, Any]:
-        return {"watched": self.watched, "leader": self.leader, "alive": self.alive,
-                "last_tick": "2024-06-10T06:13:20+00:00" if self.alive else None, "last_error": None}
+        return {
+            "watched": self.watched,
+            "leader": self.leader,
+            "alive": self.alive,
+            "last_tick": "2024-06-10T06:13:20+00:00" if self.alive else None,
+            "last_error": None,
+        }
 
     def wake(self) -> None:
         self.wakes += 1
@@ -83,16 +89,21 @@ def janitor(app):
 
 # --- helpers ---------------------------------------------------------------------------
 
-def event_body(event_id: str = "ev-1", vmid: int | str = 120, phase: str | None = "post-stop", node: str = "pve1",
-               **extra: Any) -> bytes:
+
+def event_body(
+    event_id: str = "ev-1", vmid: int | str = 120, phase: str | None = "post-stop", node: str = "pve1", **extra: Any
+) -> bytes:
     data = {"event_id": event_id, "vmid": vmid, "phase": phase, "node": node, "ts": time.time(), **extra}
     return json.dumps(data).encode()
 
 
 def signed_headers(body: bytes, secret: str = HOOK_SECRET, ts: int | None = None) -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
-    return {"X-Janitor-Timestamp": str(ts), "X-Janitor-Signature": signature(secret, ts, body),
-            "Content-Type": "application/json"}
+    return {
+        "X-Janitor-Timestamp": str(ts),
+        "X-Janitor-Signature": signature(secret, ts, body),
+        "Content-Type": "application/json",
+    }
 
 
 def send(client, body: bytes, **sign: Any):
@@ -124,11 +135,17 @@ def metric_value(app, name: str, **labels: str) -> float | None:
 
 # --- POST /api/v1/events ---------------------------------------------------------------
 
+
 def test_event_is_stored_202_and_wakes_the_watcher(client, app, platform_db, watcher):
     response = send(client, event_body("ev-1", vmid=120))
     assert response.status_code == 202
-    assert response.get_json() == {"status": "accepted", "event_id": "ev-1", "vmid": 120, "phase": "post-stop",
-                                   "cleanup_enabled": True}
+    assert response.get_json() == {
+        "status": "accepted",
+        "event_id": "ev-1",
+        "vmid": 120,
+        "phase": "post-stop",
+        "cleanup_enabled": True,
+    }
     assert inbox_ids(platform_db) == ["ev-1"]
     assert watcher.wakes == 1
     assert metric_value(app, "pve_janitor_events_total", phase="post-stop", outcome="accepted") == 1
@@ -171,8 +188,11 @@ def test_events_are_503_without_a_hook_secret(seed_sim, platform_db):
     runtime = build(seed_sim, platform_db, CLEANUP_HOOK_SECRET=None)
     app = create_app(runtime.settings, runtime=runtime)
     body = event_body()
-    assert_json_error(app.test_client().post(EVENTS, data=body, headers=signed_headers(body, secret="")), 503,
-                      "hook secret not configured")
+    assert_json_error(
+        app.test_client().post(EVENTS, data=body, headers=signed_headers(body, secret="")),
+        503,
+        "hook secret not configured",
+    )
     assert inbox_ids(platform_db) == []
 
 
@@ -197,12 +217,15 @@ def test_bad_signature_is_401_and_stores_nothing(client, app, platform_db):
     assert metric_value(app, "pve_janitor_events_total", phase="unknown", outcome="rejected") == 2
 
 
-@pytest.mark.parametrize("drop, garble, fragment", [
-    ("X-Janitor-Timestamp", None, "missing X-Janitor-Timestamp"),
-    ("X-Janitor-Signature", None, "missing X-Janitor-Signature"),
-    (None, ("X-Janitor-Timestamp", "yesterday"), "X-Janitor-Timestamp must be unix seconds"),
-    (None, ("X-Janitor-Signature", "md5=abc"), "X-Janitor-Signature must be sha256="),
-])
+@pytest.mark.parametrize(
+    "drop, garble, fragment",
+    [
+        ("X-Janitor-Timestamp", None, "missing X-Janitor-Timestamp"),
+        ("X-Janitor-Signature", None, "missing X-Janitor-Signature"),
+        (None, ("X-Janitor-Timestamp", "yesterday"), "X-Janitor-Timestamp must be unix seconds"),
+        (None, ("X-Janitor-Signature", "md5=abc"), "X-Janitor-Signature must be sha256="),
+    ],
+)
 def test_missing_or_garbled_headers_are_401(client, platform_db, drop, garble, fragment):
     body = event_body()
     headers = signed_headers(body)
@@ -214,28 +237,31 @@ def test_missing_or_garbled_headers_are_401(client, platform_db, drop, garble, f
     assert inbox_ids(platform_db) == []
 
 
-@pytest.mark.parametrize("body, fragment", [
-    (b"{not json", "not valid JSON"),
-    (b"", "not valid JSON"),
-    (b"\xc3\x28", "UTF-8"),
-    (b"[1, 2, 3]", "JSON object"),
-    (b'"post-stop"', "JSON object"),
-    (b"null", "JSON object"),
-    (json.dumps({"vmid": 120, "phase": "post-stop", "node": "pve1"}).encode(), "event_id"),
-    (event_body(event_id=""), "event_id"),
-    (event_body(event_id="x" * 129), "event_id"),
-    (event_body(event_id="tab\there"), "event_id"),
-    (event_body(vmid="120"), "vmid"),
-    (event_body(vmid=True), "vmid"),
-    (event_body(vmid=99), "vmid"),
-    (event_body(vmid=1_000_000_000), "vmid"),
-    (event_body(phase="destroy"), "phase"),
-    (event_body(phase=None), "phase"),
-    (event_body(node=""), "node"),
-    (event_body(node="n" * 65), "node"),
-    (event_body(ts="2024-06-10"), "ts"),
-    (event_body(ts=-5), "ts"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"\xc3\x28", "UTF-8"),
+        (b"[1, 2, 3]", "JSON object"),
+        (b'"post-stop"', "JSON object"),
+        (b"null", "JSON object"),
+        (json.dumps({"vmid": 120, "phase": "post-stop", "node": "pve1"}).encode(), "event_id"),
+        (event_body(event_id=""), "event_id"),
+        (event_body(event_id="x" * 129), "event_id"),
+        (event_body(event_id="tab\there"), "event_id"),
+        (event_body(vmid="120"), "vmid"),
+        (event_body(vmid=True), "vmid"),
+        (event_body(vmid=99), "vmid"),
+        (event_body(vmid=1_000_000_000), "vmid"),
+        (event_body(phase="destroy"), "phase"),
+        (event_body(phase=None), "phase"),
+        (event_body(node=""), "node"),
+        (event_body(node="n" * 65), "node"),
+        (event_body(ts="2024-06-10"), "ts"),
+        (event_body(ts=-5), "ts"),
+    ],
+)
 def test_malformed_or_invalid_bodies_are_400(client, platform_db, body, fragment):
     assert_json_error(send(client, body), 400, fragment)
     assert inbox_ids(platform_db) == []
@@ -275,9 +301,12 @@ def test_oversized_body_is_413_before_the_signature(client, platform_db):
 
 def test_oversized_chunked_body_without_content_length_is_413(client, platform_db):
     body = padded_event(MAX_BODY_BYTES + 1000)
-    response = client.post(EVENTS, input_stream=io.BytesIO(body),
-                           headers=signed_headers(body) | {"Transfer-Encoding": "chunked"},
-                           environ_overrides={"wsgi.input_terminated": True})
+    response = client.post(
+        EVENTS,
+        input_stream=io.BytesIO(body),
+        headers=signed_headers(body) | {"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
     assert_json_error(response, 413)
     assert inbox_ids(platform_db) == []
 
@@ -293,6 +322,7 @@ def test_event_is_503_when_the_database_is_down(client, app, platform_db, watche
 
 # --- POST /api/v1/system/cleanup/run ---------------------------------------------------
 
+
 def test_run_is_403_when_no_admin_token_is_configured(seed_sim, platform_db):
     runtime = build(seed_sim, platform_db, CLEANUP_ADMIN_TOKEN=None)
     client = create_app(runtime.settings, runtime=runtime).test_client()
@@ -300,15 +330,18 @@ def test_run_is_403_when_no_admin_token_is_configured(seed_sim, platform_db):
     assert_json_error(client.post(RUN, headers=bearer("anything")), 403)
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    bearer("wrong-token"),
-    bearer(ADMIN_TOKEN + "x"),
-    bearer(""),
-    {"Authorization": ADMIN_TOKEN},
-    {"Authorization": f"Basic {ADMIN_TOKEN}"},
-    {"Authorization": "Bearer tökén"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        bearer("wrong-token"),
+        bearer(ADMIN_TOKEN + "x"),
+        bearer(""),
+        {"Authorization": ADMIN_TOKEN},
+        {"Authorization": f"Basic {ADMIN_TOKEN}"},
+        {"Authorization": "Bearer tökén"},
+    ],
+)
 def test_run_without_the_right_token_is_401(client, platform_db, headers):
     response = client.post(RUN, headers=headers)
     assert_json_error(response, 401)
@@ -379,8 +412,9 @@ def test_run_while_a_sweep_is_running_is_409(client, runtime, platform_db):
     assert len(table_vmids(platform_db)) == 47
 
 
-@pytest.mark.parametrize("query", ["dry_run=yes", "dry_run=1", "dry_run=", "force=maybe", "force=0",
-                                   "dry_run=true&force=on"])
+@pytest.mark.parametrize(
+    "query", ["dry_run=yes", "dry_run=1", "dry_run=", "force=maybe", "force=0", "dry_run=true&force=on"]
+)
 def test_run_with_a_bad_query_is_400(client, platform_db, query):
     name = query.split("&")[-1].split("=")[0]
     assert_json_error(client.post(f"{RUN}?{query}", headers=bearer()), 400, f"{name} must be true or false")
@@ -392,6 +426,7 @@ def test_run_auth_is_checked_before_the_query(client):
 
 
 # --- GET /api/v1/system/cleanup/history ------------------------------------------------
+
 
 def test_history_is_empty_at_first(client):
     response = client.get(HISTORY)
@@ -439,18 +474,48 @@ def test_history_last_page_of_exact_size_has_no_next(client):
     assert len(page["entries"]) == 41 and page["next_before"] is None
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=501", "limit=abc", "limit=-1", "limit=1.5", "limit=",
-                                   "limit=%E0%A5%A7", "before=0", "before=x", "before=-3", "before=1e3"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=501",
+        "limit=abc",
+        "limit=-1",
+        "limit=1.5",
+        "limit=",
+        "limit=%E0%A5%A7",
+        "before=0",
+        "before=x",
+        "before=-3",
+        "before=1e3",
+    ],
+)
 def test_history_with_bad_parameters_is_400(client, query):
     assert_json_error(client.get(f"{HISTORY}?{query}"), 400, query.split("=")[0])
 
 
 # --- GET /api/v1/system/cleanup/stats --------------------------------------------------
 
-SEED_KEYS = {"enabled", "last_run", "ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed",
-             "errors", "config"}
-EXTRA_KEYS = {"rows_marked", "rows_restored", "watched_vmids", "inbox_backlog", "last_event_per_node",
-              "last_sweep", "leader", "action"}
+SEED_KEYS = {
+    "enabled",
+    "last_run",
+    "ghost_apps_removed",
+    "old_errors_removed",
+    "ports_freed",
+    "total_removed",
+    "errors",
+    "config",
+}
+EXTRA_KEYS = {
+    "rows_marked",
+    "rows_restored",
+    "watched_vmids",
+    "inbox_backlog",
+    "last_event_per_node",
+    "last_sweep",
+    "leader",
+    "action",
+}
 
 
 def test_stats_have_the_seed_shape_and_more(client):
@@ -458,8 +523,12 @@ def test_stats_have_the_seed_shape_and_more(client):
     assert response.status_code == 200
     stats = response.get_json()
     assert SEED_KEYS | EXTRA_KEYS <= set(stats)
-    assert stats["config"] == {"error_retention_hours": 24, "ghost_cleanup_enabled": True,
-                               "cleanup_interval_minutes": 60, "dry_run": False}
+    assert stats["config"] == {
+        "error_retention_hours": 24,
+        "ghost_cleanup_enabled": True,
+        "cleanup_interval_minutes": 60,
+        "dry_run": False,
+    }
     assert (stats["enabled"], stats["action"], stats["last_run"], stats["last_sweep"]) == (True, "delete", None, None)
     assert stats["total_removed"] == 0 and stats["errors"] == []
     assert stats["leader"] is True and stats["watcher"]["alive"] is True
@@ -472,11 +541,14 @@ def test_stats_follow_events_sweeps_and_the_watch_list(client, platform_db):
     assert client.post(RUN + "?force=true", headers=bearer()).status_code == 200
     now = utcnow()
     with platform_db.engine.begin() as conn:
-        conn.execute(store.watch.insert(), [
-            {"vmid": 133, "since": now, "until": now + timedelta(minutes=10), "hint": "stop"},
-            {"vmid": 131, "since": now, "until": now + timedelta(minutes=10), "hint": "task"},
-            {"vmid": 132, "since": now - timedelta(hours=1), "until": now - timedelta(minutes=1), "hint": "stop"},
-        ])
+        conn.execute(
+            store.watch.insert(),
+            [
+                {"vmid": 133, "since": now, "until": now + timedelta(minutes=10), "hint": "stop"},
+                {"vmid": 131, "since": now, "until": now + timedelta(minutes=10), "hint": "task"},
+                {"vmid": 132, "since": now - timedelta(hours=1), "until": now - timedelta(minutes=1), "hint": "stop"},
+            ],
+        )
     stats = client.get(STATS).get_json()
     assert (stats["ghost_apps_removed"], stats["total_removed"], stats["ports_freed"]) == (41, 41, 82)
     assert stats["inbox_backlog"] == 2
@@ -507,6 +579,7 @@ def test_stats_are_503_json_when_the_database_is_down(client, runtime):
 
 # --- GET /healthz, GET /metrics --------------------------------------------------------
 
+
 def test_healthz_ok(client):
     response = client.get("/healthz")
     assert response.status_code == 200
@@ -521,8 +594,9 @@ def test_healthz_ok_without_watcher_or_scheduler(runtime):
 
 
 def test_healthz_503_when_watcher_and_scheduler_are_dead(runtime):
-    app = create_app(runtime.settings, runtime=runtime, watcher=WatcherStub(alive=False),
-                     scheduler=SchedulerStub(running=False))
+    app = create_app(
+        runtime.settings, runtime=runtime, watcher=WatcherStub(alive=False), scheduler=SchedulerStub(running=False)
+    )
     response = app.test_client().get("/healthz")
     assert response.status_code == 503
     body = response.get_json()
@@ -549,9 +623,16 @@ def test_metrics_are_prometheus_text(client, app, watcher):
     assert response.status_code == 200
     assert response.headers["Content-Type"] == CONTENT_TYPE
     text = response.get_data(as_text=True)
-    for name in ("pve_janitor_events_total", "pve_janitor_sweeps_total", "pve_janitor_rows_removed_total",
-                 "pve_janitor_inventory_read_seconds", "pve_janitor_watched_vmids", "pve_janitor_inbox_backlog",
-                 "pve_janitor_last_successful_sweep_timestamp_seconds", "pve_janitor_leader"):
+    for name in (
+        "pve_janitor_events_total",
+        "pve_janitor_sweeps_total",
+        "pve_janitor_rows_removed_total",
+        "pve_janitor_inventory_read_seconds",
+        "pve_janitor_watched_vmids",
+        "pve_janitor_inbox_backlog",
+        "pve_janitor_last_successful_sweep_timestamp_seconds",
+        "pve_janitor_leader",
+    ):
         assert f"# TYPE {name}" in text
     assert metric_value(app, "pve_janitor_inbox_backlog") == 1
     assert metric_value(app, "pve_janitor_watched_vmids") == len(watcher.watched)
@@ -566,14 +647,22 @@ def test_metrics_show_the_last_successful_sweep_from_the_database(client, app):
 
 # --- errors are JSON -------------------------------------------------------------------
 
+
 def test_unknown_route_is_json_404(client):
     assert_json_error(client.get("/api/v1/nothing-here"), 404)
 
 
-@pytest.mark.parametrize("method, path, allowed", [
-    ("get", EVENTS, "POST"), ("delete", STATS, "GET"), ("get", RUN, "POST"), ("put", "/healthz", "GET"),
-    ("post", "/metrics", "GET"), ("post", HISTORY, "GET"),
-])
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("get", EVENTS, "POST"),
+        ("delete", STATS, "GET"),
+        ("get", RUN, "POST"),
+        ("put", "/healthz", "GET"),
+        ("post", "/metrics", "GET"),
+        ("post", HISTORY, "GET"),
+    ],
+)
 def test_wrong_method_is_json_405(client, method, path, allowed):
     response = getattr(client, method)(path)
     assert_json_error(response, 405, allowed)
@@ -602,15 +691,24 @@ def test_index_lists_the_routes(client):
 
 # --- the OpenAPI document --------------------------------------------------------------
 
+
 def spec() -> dict:
     return yaml.safe_load(SPEC.read_text())
 
 
 def test_openapi_paths_and_methods_match_the_app(app):
-    documented = {(path, method.upper()) for path, item in spec()["paths"].items()
-                  for method in item if method in ("get", "post", "put", "patch", "delete")}
-    served = {(rule.rule, method) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
-              for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}}
+    documented = {
+        (path, method.upper())
+        for path, item in spec()["paths"].items()
+        for method in item
+        if method in ("get", "post", "put", "patch", "delete")
+    }
+    served = {
+        (rule.rule, method)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
+    }
     assert documented == served
 
 
@@ -635,6 +733,7 @@ def test_openapi_documents_each_status_the_tests_see():
 
 
 # --- every database ----------------------------------------------------------------------
+
 
 def test_events_runs_and_history_on_every_database(seed_sim, seeded):
     """SQLite here; PostgreSQL and MariaDB too when configured (always in CI)."""

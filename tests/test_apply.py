@@ -1,5 +1,6 @@
 """Apply under races: rows changed or re-used between plan and apply, guests that come
 back, a concurrent SQLite writer, and SIGKILL in the middle of a large apply."""
+
 from __future__ import annotations
 
 import random
@@ -48,22 +49,31 @@ def test_row_changed_or_reused_between_plan_and_apply_is_skipped(sim, any_db):
         # The platform re-deployed app 201 into a new guest 301 (VMID re-used row) ...
         conn.execute(table.update().where(table.c.lxc_id == 201).values(lxc_id=301))
         # ... and touched app 202 (status change => updated_at moves).
-        conn.execute(table.update().where(table.c.lxc_id == 202)
-                     .values(status="deploying",
-                             updated_at=(utcnow() - timedelta(seconds=1)).replace(tzinfo=None, microsecond=0)))
+        conn.execute(
+            table.update()
+            .where(table.c.lxc_id == 202)
+            .values(
+                status="deploying", updated_at=(utcnow() - timedelta(seconds=1)).replace(tzinfo=None, microsecond=0)
+            )
+        )
     result = apply_actions(runtime.table, plan.actions, source="sweep", now=utcnow())
     assert [a.row.vmid for a in result.applied] == [203]
-    assert sorted(why for _, why in result.skipped) == ["lxc_id changed since planning",
-                                                        "updated_at, status changed since planning"]
+    assert sorted(why for _, why in result.skipped) == [
+        "lxc_id changed since planning",
+        "updated_at, status changed since planning",
+    ]
     assert table_vmids(any_db) == [100, 202, 301]
     assert _audit_vmids(any_db) == [203]
 
 
-@pytest.mark.parametrize("port_columns, freed", [("public_port,internal_port", 3), ("internal_port", 2),
-                                                  ("public_port", 1), ("", 0)])
+@pytest.mark.parametrize(
+    "port_columns, freed", [("public_port,internal_port", 3), ("internal_port", 2), ("public_port", 1), ("", 0)]
+)
 def test_ports_freed_follow_the_mapped_port_columns(sim, sqlite_db, port_columns, freed):
-    rows = [app_row(201, "running", age=timedelta(days=1)),
-            {**app_row(202, "running", age=timedelta(days=1)), "public_port": None}]  # a NULL port frees nothing
+    rows = [
+        app_row(201, "running", age=timedelta(days=1)),
+        {**app_row(202, "running", age=timedelta(days=1)), "public_port": None},
+    ]  # a NULL port frees nothing
     _seed(sqlite_db, rows)
     runtime = make_runtime(sim, sqlite_db, CLEANUP_PORT_COLUMNS=port_columns)
     plan = make_plan(runtime.table.fetch_rows(), Inventory.of([], utcnow()), utcnow(), runtime.settings)
@@ -80,11 +90,14 @@ def test_a_removed_row_takes_its_stop_mark_with_it(sim, any_db):
     keys = {r.vmid: str(r.key) for r in runtime.table.fetch_rows()}
     marks = store.stop_marks
     with any_db.engine.begin() as conn:
-        conn.execute(marks.insert(), [
-            {"table_name": "apps", "row_key": keys[201], "vmid": 201, "marked_at": utcnow()},
-            {"table_name": "apps", "row_key": keys[100], "vmid": 100, "marked_at": utcnow()},
-            {"table_name": "other", "row_key": keys[202], "vmid": 202, "marked_at": utcnow()},
-        ])
+        conn.execute(
+            marks.insert(),
+            [
+                {"table_name": "apps", "row_key": keys[201], "vmid": 201, "marked_at": utcnow()},
+                {"table_name": "apps", "row_key": keys[100], "vmid": 100, "marked_at": utcnow()},
+                {"table_name": "other", "row_key": keys[202], "vmid": 202, "marked_at": utcnow()},
+            ],
+        )
     plan = make_plan(runtime.table.fetch_rows(), runtime.inventory.read(), utcnow(), runtime.settings)
     result = apply_actions(runtime.table, plan.actions, source="sweep", now=utcnow())
     assert sorted_vmids(a.row.vmid for a in result.applied) == [201, 202]
@@ -114,10 +127,12 @@ def test_batches_follow_sqlite_s_own_parameter_limit(sim, sqlite_db):
 def test_guest_back_before_the_confirming_read_is_not_removed(sim, sqlite_db, monkeypatch):
     _seed(sqlite_db, [app_row(v, "running", age=timedelta(days=1)) for v in (100, 201)])
     runtime = make_runtime(sim, sqlite_db)
-    reads = iter([
-        Inventory.of([Guest(100, "pve1", "lxc", "running")]),
-        Inventory.of([Guest(100, "pve1", "lxc", "running"), Guest(201, "pve2", "lxc", "running")]),
-    ])
+    reads = iter(
+        [
+            Inventory.of([Guest(100, "pve1", "lxc", "running")]),
+            Inventory.of([Guest(100, "pve1", "lxc", "running"), Guest(201, "pve2", "lxc", "running")]),
+        ]
+    )
     monkeypatch.setattr(runtime.inventory, "read", lambda: next(reads))
     result = runtime.sweeper.run(source="sweep")
     assert result.outcome == "done" and result.dropped == [201]
@@ -131,8 +146,9 @@ def test_apply_and_audit_are_one_transaction(sim, sqlite_db):
     sim.add_guest(100)
     plan = make_plan(runtime.table.fetch_rows(), runtime.inventory.read(), utcnow(), runtime.settings)
     with sqlite_db.engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TRIGGER no_audit BEFORE INSERT ON janitor_audit "
-                             "BEGIN SELECT RAISE(ABORT, 'audit refused'); END")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON janitor_audit BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+        )
     with pytest.raises(sa.exc.IntegrityError):
         apply_actions(runtime.table, plan.actions, source="sweep", now=utcnow())
     assert table_vmids(sqlite_db) == [201, 202]
@@ -142,8 +158,11 @@ def test_apply_and_audit_are_one_transaction(sim, sqlite_db):
 
 def test_concurrent_sqlite_writer_never_sees_locked_and_loses_nothing(sim, sqlite_db):
     sim.add_guest(100)
-    _seed(sqlite_db, [app_row(100, "running", age=timedelta(days=1))]
-          + [app_row(v, "error", age=timedelta(days=2)) for v in range(1000, 1030)])
+    _seed(
+        sqlite_db,
+        [app_row(100, "running", age=timedelta(days=1))]
+        + [app_row(v, "error", age=timedelta(days=2)) for v in range(1000, 1030)],
+    )
     runtime = make_runtime(sim, sqlite_db, CLEANUP_MAX_DELETE_PERCENT=100)
     path = sqlite_db.engine.url.database
     errors, written = [], []
@@ -161,10 +180,16 @@ def test_concurrent_sqlite_writer_never_sees_locked_and_loses_nothing(sim, sqlit
                 try:
                     with conn:
                         # a fresh deployment (must survive) and a stale ghost (may be removed)
-                        conn.execute("INSERT INTO apps (name, lxc_id, hostname, status, created_at, updated_at) "
-                                     "VALUES (?, ?, ?, 'deploying', ?, ?)", (f"n{n}", vmid, f"n{n}", now, now))
-                        conn.execute("INSERT INTO apps (name, lxc_id, hostname, status, created_at, updated_at) "
-                                     "VALUES (?, ?, ?, 'error', ?, ?)", (f"g{n}", 900000 + n, f"g{n}", old, old))
+                        conn.execute(
+                            "INSERT INTO apps (name, lxc_id, hostname, status, created_at, updated_at) "
+                            "VALUES (?, ?, ?, 'deploying', ?, ?)",
+                            (f"n{n}", vmid, f"n{n}", now, now),
+                        )
+                        conn.execute(
+                            "INSERT INTO apps (name, lxc_id, hostname, status, created_at, updated_at) "
+                            "VALUES (?, ?, ?, 'error', ?, ?)",
+                            (f"g{n}", 900000 + n, f"g{n}", old, old),
+                        )
                     written.append(vmid)
                 except sqlite3.Error as exc:  # "database is locked" would land here
                     errors.append(repr(exc))
@@ -192,6 +217,7 @@ def test_concurrent_sqlite_writer_never_sees_locked_and_loses_nothing(sim, sqlit
 
 def _build_big_sqlite(path, n):
     from receiver.db import make_engine
+
     engine = make_engine(f"sqlite:///{path}")
     table = create_apps_table(engine)
     with engine.begin() as conn:
@@ -209,8 +235,12 @@ def test_sigkill_during_apply_leaves_all_or_nothing(sim, tmp_path):
     # How long a whole forced sweep takes here, so the kills spread over its second half.
     shutil.copy(template, tmp_path / "timing.db")
     started = time.monotonic()
-    timing = subprocess.run(cli_command() + ["sweep", "--force"], capture_output=True, text=True,
-                            env=janitor_env(sim, type("D", (), {"url": f"sqlite:///{tmp_path / 'timing.db'}"})()))
+    timing = subprocess.run(
+        cli_command() + ["sweep", "--force"],
+        capture_output=True,
+        text=True,
+        env=janitor_env(sim, type("D", (), {"url": f"sqlite:///{tmp_path / 'timing.db'}"})()),
+    )
     full = time.monotonic() - started
     assert timing.returncode == 0, timing.stderr
     rng = random.Random(20261125)
@@ -219,8 +249,12 @@ def test_sigkill_during_apply_leaves_all_or_nothing(sim, tmp_path):
         path = tmp_path / f"kill{attempt}.db"
         shutil.copy(template, path)
         db = type("D", (), {"url": f"sqlite:///{path}"})()
-        proc = subprocess.Popen(cli_command() + ["sweep", "--force"], env=janitor_env(sim, db),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cli_command() + ["sweep", "--force"],
+            env=janitor_env(sim, db),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.4, 1.0) * full)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -229,8 +263,9 @@ def test_sigkill_during_apply_leaves_all_or_nothing(sim, tmp_path):
         try:
             audited = conn.execute("SELECT count(*) FROM janitor_audit").fetchone()[0]
             removed = conn.execute("SELECT value FROM janitor_counters WHERE name='total_removed'").fetchone()[0]
-            both = conn.execute("SELECT count(*) FROM apps a "
-                                "JOIN janitor_audit j ON a.id = CAST(j.row_key AS INTEGER)").fetchone()[0]
+            both = conn.execute(
+                "SELECT count(*) FROM apps a JOIN janitor_audit j ON a.id = CAST(j.row_key AS INTEGER)"
+            ).fetchone()[0]
         except (sqlite3.OperationalError, TypeError):  # killed before our tables existed
             audited = removed = both = 0
         conn.close()
@@ -242,10 +277,18 @@ def test_sigkill_during_apply_leaves_all_or_nothing(sim, tmp_path):
 
 
 def _entry(i, **changes):
-    entry = {"table_name": "apps", "row_key": str(i), "vmid": 200 + i, "hostname": f"app{i}.apps.local",
-             "action": "delete", "reason": "ghost", "source": "sweep", "detail": "guest does not exist",
-             "row_json": store.encode_row({"id": i, "note": "ünïcode, tab\tand\nnewline"}),
-             "removed_at": utcnow() - timedelta(hours=i)}
+    entry = {
+        "table_name": "apps",
+        "row_key": str(i),
+        "vmid": 200 + i,
+        "hostname": f"app{i}.apps.local",
+        "action": "delete",
+        "reason": "ghost",
+        "source": "sweep",
+        "detail": "guest does not exist",
+        "row_json": store.encode_row({"id": i, "note": "ünïcode, tab\tand\nnewline"}),
+        "removed_at": utcnow() - timedelta(hours=i),
+    }
     return {**entry, **changes}
 
 

@@ -3,6 +3,7 @@
 tests/test_sweep_cli.py runs the command itself; here each stage's line, its level and the
 verdict are asserted without click.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -109,11 +110,17 @@ def test_a_wrong_vmid_column_fails_the_mapping_and_the_checks_go_on(seed_sim, se
     assert stages[3:] == [(Level.OK, w) for w in ALL_STAGES[3:]]
 
 
-@pytest.mark.parametrize("env, stage, detail", [
-    ({"CLEANUP_DRYRUN": "1", "CLEANUP_ACTION": "x"}, "settings", "CLEANUP_DRYRUN is not a setting (did you mean "
-                                                                 "CLEANUP_DRY_RUN?)"),
-    ({"CLEANUP_TABLE": "nope"}, "database", "CLEANUP_TABLE='nope': no such table in the database"),
-])
+@pytest.mark.parametrize(
+    "env, stage, detail",
+    [
+        (
+            {"CLEANUP_DRYRUN": "1", "CLEANUP_ACTION": "x"},
+            "settings",
+            "CLEANUP_DRYRUN is not a setting (did you mean CLEANUP_DRY_RUN?)",
+        ),
+        ({"CLEANUP_TABLE": "nope"}, "database", "CLEANUP_TABLE='nope': no such table in the database"),
+    ],
+)
 def test_wrong_settings_stop_the_checks_as_misconfigured(seed_sim, sqlite_db, env, stage, detail):
     from receiver.simulator.scene import seed_database
 

@@ -1,4 +1,5 @@
 """Settings: defaults, TOML, environment, bounds, and errors that name every bad variable."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,13 @@ from receiver.simulator.scene import seed_database
 
 def test_defaults_match_the_contract():
     s = load_settings(env={})
-    assert (s.enabled, s.error_retention_hours, s.ghost_cleanup_enabled, s.interval_minutes, s.dry_run) == \
-        (True, 24, True, 60, False)
+    assert (s.enabled, s.error_retention_hours, s.ghost_cleanup_enabled, s.interval_minutes, s.dry_run) == (
+        True,
+        24,
+        True,
+        60,
+        False,
+    )
     assert (s.table, s.vmid_column, s.hostname_column, s.status_column) == ("apps", "lxc_id", "hostname", "status")
     assert s.port_columns == ("public_port", "internal_port")
     assert s.protected_statuses == ("deploying", "creating", "pending", "provisioning")
@@ -32,16 +38,23 @@ def test_defaults_match_the_contract():
     assert (s.watch_seconds, s.watch_interval_seconds, s.task_poll_seconds) == (600, 1.0, 5.0)
 
 
-@pytest.mark.parametrize("text, expected", [("true", True), ("1", True), ("YES", True), ("false", False),
-                                            ("0", False), ("no", False)])
+@pytest.mark.parametrize(
+    "text, expected", [("true", True), ("1", True), ("YES", True), ("false", False), ("0", False), ("no", False)]
+)
 def test_booleans(text, expected):
     assert load_settings(env={"CLEANUP_DRY_RUN": text}).dry_run is expected
 
 
 def test_every_bad_variable_is_named_at_once():
     with pytest.raises(ConfigError) as err:
-        load_settings(env={"CLEANUP_ENABLED": "maybe", "CLEANUP_INTERVAL_MINUTES": "soon",
-                           "CLEANUP_ACTION": "nuke", "PVE_HOST": "https://pve:8006/"})
+        load_settings(
+            env={
+                "CLEANUP_ENABLED": "maybe",
+                "CLEANUP_INTERVAL_MINUTES": "soon",
+                "CLEANUP_ACTION": "nuke",
+                "PVE_HOST": "https://pve:8006/",
+            }
+        )
     text = str(err.value)
     for name in ("CLEANUP_ENABLED", "CLEANUP_INTERVAL_MINUTES", "CLEANUP_ACTION", "PVE_HOST"):
         assert name in text
@@ -77,8 +90,10 @@ def test_host_with_port_and_bind():
 
 def test_toml_file_then_environment_wins(tmp_path):
     path = tmp_path / "janitor.toml"
-    path.write_text('CLEANUP_TABLE = "deployments"\ncleanup_grace_minutes = 30\n'
-                    'CLEANUP_PORT_COLUMNS = ["port"]\nCLEANUP_DRY_RUN = true\n')
+    path.write_text(
+        'CLEANUP_TABLE = "deployments"\ncleanup_grace_minutes = 30\n'
+        'CLEANUP_PORT_COLUMNS = ["port"]\nCLEANUP_DRY_RUN = true\n'
+    )
     s = load_settings(env={"CLEANUP_CONFIG": str(path), "CLEANUP_GRACE_MINUTES": "45"})
     assert (s.table, s.grace_minutes, s.port_columns, s.dry_run) == ("deployments", 45, ("port",), True)
 
@@ -137,17 +152,21 @@ def test_database_password_is_a_secret():
 
 # --- unknown variables: a typo must stop the program, not be ignored ------------------------
 
-@pytest.mark.parametrize("name, suggestion", [
-    ("CLEANUP_DRYRUN", "CLEANUP_DRY_RUN"),
-    ("CLEANUP_DRY_RUNS", "CLEANUP_DRY_RUN"),
-    ("cleanup_dry_run", "CLEANUP_DRY_RUN"),  # environment names are case-sensitive: ignored, so a typo too
-    ("GHOST_CLEANUP_ENABLE", "GHOST_CLEANUP_ENABLED"),
-    ("ERROR_RETENTION_DAYS", "ERROR_RETENTION_HOURS"),
-    ("CLEANUP_INTERVAL", "CLEANUP_INTERVAL_MINUTES"),
-    ("CLEANUP_CONFIG_FILE", "CLEANUP_CONFIG"),
-    ("CLEANUP_X", None),
-    ("CLEANUP_FOO", None),
-])
+
+@pytest.mark.parametrize(
+    "name, suggestion",
+    [
+        ("CLEANUP_DRYRUN", "CLEANUP_DRY_RUN"),
+        ("CLEANUP_DRY_RUNS", "CLEANUP_DRY_RUN"),
+        ("cleanup_dry_run", "CLEANUP_DRY_RUN"),  # environment names are case-sensitive: ignored, so a typo too
+        ("GHOST_CLEANUP_ENABLE", "GHOST_CLEANUP_ENABLED"),
+        ("ERROR_RETENTION_DAYS", "ERROR_RETENTION_HOURS"),
+        ("CLEANUP_INTERVAL", "CLEANUP_INTERVAL_MINUTES"),
+        ("CLEANUP_CONFIG_FILE", "CLEANUP_CONFIG"),
+        ("CLEANUP_X", None),
+        ("CLEANUP_FOO", None),
+    ],
+)
 def test_an_unknown_variable_of_ours_is_a_named_error_with_the_closest_name(name, suggestion):
     with pytest.raises(ConfigError) as err:
         load_settings(env={name: "true"})
@@ -157,8 +176,14 @@ def test_an_unknown_variable_of_ours_is_a_named_error_with_the_closest_name(name
 
 def test_unknown_variables_are_reported_with_every_other_problem_and_never_show_their_value():
     with pytest.raises(ConfigError) as err:
-        load_settings(env={"CLEANUP_ADMIN_TOKN": "s3cret-admin-value", "CLEANUP_DRYRUN": "s3cret-too",
-                           "CLEANUP_ACTION": "nuke", "CLEANUP_DRY_RUN": "true"})
+        load_settings(
+            env={
+                "CLEANUP_ADMIN_TOKN": "s3cret-admin-value",
+                "CLEANUP_DRYRUN": "s3cret-too",
+                "CLEANUP_ACTION": "nuke",
+                "CLEANUP_DRY_RUN": "true",
+            }
+        )
     problems = err.value.problems
     assert "CLEANUP_ADMIN_TOKN is not a setting (did you mean CLEANUP_ADMIN_TOKEN?)" in problems
     assert "CLEANUP_DRYRUN is not a setting (did you mean CLEANUP_DRY_RUN?)" in problems
@@ -178,18 +203,27 @@ def test_every_setting_and_cleanup_config_is_known(tmp_path):
 
 def test_unknown_pve_variables_only_warn_and_the_hookscript_s_are_ignored(caplog):
     with caplog.at_level(logging.WARNING, logger="receiver.config"):
-        s = load_settings(env={"PVE_NODE": "pve-secret-node", "PVE_VERIFYSSL": "false",
-                               "PVE_JANITOR_URL": "http://x", "PVE_JANITOR_HOOK_CONF": "/x", "PVE_HOST": "pve"})
+        s = load_settings(
+            env={
+                "PVE_NODE": "pve-secret-node",
+                "PVE_VERIFYSSL": "false",
+                "PVE_JANITOR_URL": "http://x",
+                "PVE_JANITOR_HOOK_CONF": "/x",
+                "PVE_HOST": "pve",
+            }
+        )
     assert s.pve_host == "pve" and s.pve_verify_ssl is True  # PVE_VERIFYSSL changed nothing
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned == ["PVE_NODE is not a pve-janitor setting; ignored",
-                      "PVE_VERIFYSSL is not a pve-janitor setting (did you mean PVE_VERIFY_SSL?); ignored"]
+    assert warned == [
+        "PVE_NODE is not a pve-janitor setting; ignored",
+        "PVE_VERIFYSSL is not a pve-janitor setting (did you mean PVE_VERIFY_SSL?); ignored",
+    ]
     assert "pve-secret-node" not in caplog.text and "PVE_JANITOR" not in caplog.text
 
 
 def test_unknown_toml_key_suggests_the_closest_name(tmp_path):
     path = tmp_path / "janitor.toml"
-    path.write_text('cleanup_dryrun = true\nCLEANUP_NOTHING_LIKE_IT = 1\n')
+    path.write_text("cleanup_dryrun = true\nCLEANUP_NOTHING_LIKE_IT = 1\n")
     with pytest.raises(ConfigError) as err:
         load_settings(env={"CLEANUP_CONFIG": str(path)})
     assert err.value.problems == [
@@ -200,22 +234,26 @@ def test_unknown_toml_key_suggests_the_closest_name(tmp_path):
 
 # --- CLEANUP_CONFIG must be a regular file of sane size, read without blocking ---------------
 
+
 def _problems_in_a_child(env: dict, seconds: float = 10) -> list[str]:
     """load_settings(env)'s problems, computed in a child process with bounded time and memory.
 
     A reader that blocks on a FIFO or keeps reading /dev/zero must fail this test, not hang
     or exhaust the machine that runs it.
     """
-    script = ("import json, resource, sys\n"
-              "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
-              "from receiver.config import ConfigError, load_settings\n"
-              "try:\n    load_settings(env=json.loads(sys.argv[1]))\n"
-              "except ConfigError as exc:\n    print(json.dumps(exc.problems))\n"
-              "else:\n    print('[]')\n")
+    script = (
+        "import json, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from receiver.config import ConfigError, load_settings\n"
+        "try:\n    load_settings(env=json.loads(sys.argv[1]))\n"
+        "except ConfigError as exc:\n    print(json.dumps(exc.problems))\n"
+        "else:\n    print('[]')\n"
+    )
 
     try:
-        proc = subprocess.run([sys.executable, "-c", script, json.dumps(env)], capture_output=True, text=True,
-                              timeout=seconds, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(env)], capture_output=True, text=True, timeout=seconds, cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"load_settings still running after {seconds} s (blocked reading CLEANUP_CONFIG?)")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -239,13 +277,17 @@ def _huge(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("make, kind", [
-    (_fifo, "is a FIFO, not a regular file"),
-    (lambda _: "/dev/zero", "is a character device, not a regular file"),
-    (lambda _: "/dev/urandom", "is a character device, not a regular file"),
-    (_directory, "is a directory, not a regular file"),
-    (_huge, "is larger than 1 MiB; a settings file is a few lines"),
-], ids=["fifo", "dev-zero", "dev-urandom", "directory", "huge"])
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (_fifo, "is a FIFO, not a regular file"),
+        (lambda _: "/dev/zero", "is a character device, not a regular file"),
+        (lambda _: "/dev/urandom", "is a character device, not a regular file"),
+        (_directory, "is a directory, not a regular file"),
+        (_huge, "is larger than 1 MiB; a settings file is a few lines"),
+    ],
+    ids=["fifo", "dev-zero", "dev-urandom", "directory", "huge"],
+)
 def test_cleanup_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path, make, kind):
     path = make(tmp_path)
     assert _problems_in_a_child({"CLEANUP_CONFIG": path}) == [f"CLEANUP_CONFIG: {path} {kind}"]
@@ -264,6 +306,7 @@ def test_cleanup_config_of_exactly_the_bound_is_read(tmp_path):
 
 
 # --- through the real command line -----------------------------------------------------------
+
 
 def _count(db, table="apps"):
     with db.engine.connect() as conn:

@@ -42,23 +42,42 @@ SCHEMA = _load_schema()
 
 # What the product reads (receiver/inventory.py, receiver/tasktail.py via ProxmoxInventory).
 PRODUCT_ENDPOINTS = {
-    "/version", "/access/permissions", "/access/acl", "/cluster/resources", "/cluster/status",
-    "/cluster/tasks", "/cluster/nextid", "/nodes/{node}/tasks",
+    "/version",
+    "/access/permissions",
+    "/access/acl",
+    "/cluster/resources",
+    "/cluster/status",
+    "/cluster/tasks",
+    "/cluster/nextid",
+    "/nodes/{node}/tasks",
 }
 # Served by the simulator for tests and the demo, not read by the product.
 SIMULATOR_ONLY = {
-    "/nodes", "/nodes/{node}/lxc", "/nodes/{node}/qemu",
-    "/nodes/{node}/lxc/{vmid}/status/current", "/nodes/{node}/qemu/{vmid}/status/current",
-    "/nodes/{node}/lxc/{vmid}/config", "/nodes/{node}/qemu/{vmid}/config",
+    "/nodes",
+    "/nodes/{node}/lxc",
+    "/nodes/{node}/qemu",
+    "/nodes/{node}/lxc/{vmid}/status/current",
+    "/nodes/{node}/qemu/{vmid}/status/current",
+    "/nodes/{node}/lxc/{vmid}/config",
+    "/nodes/{node}/qemu/{vmid}/config",
 }
 # The simulator's route for each schema path (kind = lxc|qemu is part of the path).
 ROUTE_OF = {
-    "/version": "_api_version", "/cluster/resources": "_api_resources", "/cluster/tasks": "_api_tasks",
-    "/cluster/nextid": "_api_nextid", "/cluster/status": "_api_cluster_status", "/nodes": "_api_nodes",
-    "/access/permissions": "_api_permissions", "/access/acl": "_api_acl", "/nodes/{node}/tasks": "_api_node_tasks",
-    "/nodes/{node}/lxc": "_api_guest_list", "/nodes/{node}/qemu": "_api_guest_list",
-    "/nodes/{node}/lxc/{vmid}/status/current": "_api_status", "/nodes/{node}/qemu/{vmid}/status/current": "_api_status",
-    "/nodes/{node}/lxc/{vmid}/config": "_api_config", "/nodes/{node}/qemu/{vmid}/config": "_api_config",
+    "/version": "_api_version",
+    "/cluster/resources": "_api_resources",
+    "/cluster/tasks": "_api_tasks",
+    "/cluster/nextid": "_api_nextid",
+    "/cluster/status": "_api_cluster_status",
+    "/nodes": "_api_nodes",
+    "/access/permissions": "_api_permissions",
+    "/access/acl": "_api_acl",
+    "/nodes/{node}/tasks": "_api_node_tasks",
+    "/nodes/{node}/lxc": "_api_guest_list",
+    "/nodes/{node}/qemu": "_api_guest_list",
+    "/nodes/{node}/lxc/{vmid}/status/current": "_api_status",
+    "/nodes/{node}/qemu/{vmid}/status/current": "_api_status",
+    "/nodes/{node}/lxc/{vmid}/config": "_api_config",
+    "/nodes/{node}/qemu/{vmid}/config": "_api_config",
 }
 # Where real Proxmox encodes a value differently from what ``returns`` declares (PROXMOX.md:
 # /cluster/nextid answers the VMID as a string, e.g. {"data": "102"}).
@@ -84,9 +103,12 @@ def _query_params(path: str) -> dict:
 
 
 # JSONSchema.pm ``register_format``, for the formats these endpoints use.
-_FORMAT_CHECKS = {"pve-vmid": r"[1-9][0-9]{2,8}", "pve-node": r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?",
-                  "pve-configid": r"(?i:[a-z][a-z0-9_-]+)",
-                  "pve-task-status-type-list": r"(?i:[\s,;]*((ok|error|warning|unknown)[\s,;]*)*)"}
+_FORMAT_CHECKS = {
+    "pve-vmid": r"[1-9][0-9]{2,8}",
+    "pve-node": r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?",
+    "pve-configid": r"(?i:[a-z][a-z0-9_-]+)",
+    "pve-task-status-type-list": r"(?i:[\s,;]*((ok|error|warning|unknown)[\s,;]*)*)",
+}
 
 
 def param_error(text: str, rule: dict) -> str | None:
@@ -167,8 +189,9 @@ def test_shape_validator_catches_what_it_must():
     assert shape_errors([{"type": "lxc"}], rule)  # id is required
     assert shape_errors([{"id": "x", "type": "vm"}], rule)  # not in the enum
     assert shape_errors([{"id": "x", "type": "lxc", "vmid": 99}], rule)  # below the minimum
-    assert shape_errors([{"path": "/", "roleid": "R", "type": "user", "ugid": "u", "x": 1}],
-                        _method("/access/acl")["returns"])  # additionalProperties 0
+    assert shape_errors(
+        [{"path": "/", "roleid": "R", "type": "user", "ugid": "u", "x": 1}], _method("/access/acl")["returns"]
+    )  # additionalProperties 0
 
 
 # --------------------------------------------------------------------------- the simulator's rules = the schema's facts
@@ -191,8 +214,16 @@ def test_simulator_rules_state_the_schema_facts(path):
         assert mine.format == rule.get("format"), (path, name)
         assert mine.max_length == rule.get("maxLength"), (path, name)
         if "pattern" in rule:
-            for sample in ("janitor@pve", "janitor@pve!sweep", "root@pam", "a b@pve", "x@1realm", "u@pve!",
-                           "bad", "u:x@pve"):
+            for sample in (
+                "janitor@pve",
+                "janitor@pve!sweep",
+                "root@pam",
+                "a b@pve",
+                "x@1realm",
+                "u@pve!",
+                "bad",
+                "u:x@pve",
+            ):
                 theirs_ok = re.fullmatch(_regex(rule["pattern"]), sample) is not None
                 assert (mine.error(sample) is None) == theirs_ok, (path, name, sample)
 
@@ -220,8 +251,13 @@ def scene():
 
 
 def _get(sim, path: str, query=None) -> requests.Response:
-    return requests.get(sim.url + path, params=query, timeout=5, verify=sim.ca_path, headers={
-        "Authorization": "PVEAPIToken=%s=%s" % (sim.token_id, sim.token_value)})
+    return requests.get(
+        sim.url + path,
+        params=query,
+        timeout=5,
+        verify=sim.ca_path,
+        headers={"Authorization": "PVEAPIToken=%s=%s" % (sim.token_id, sim.token_value)},
+    )
 
 
 def _template_of(path: str) -> str:
@@ -274,17 +310,29 @@ def test_every_parameter_the_product_sends_is_declared_and_valid(scene, sqlite_d
 # --------------------------------------------------------------------------- (b) answers have the declared shape
 
 ANSWERS = [
-    ("/version", None), ("/access/permissions", None), ("/access/permissions", {"path": "/vms"}),
-    ("/access/permissions", {"path": "/access", "userid": "janitor@pve!sweep"}), ("/access/acl", None),
-    ("/cluster/resources", None), ("/cluster/resources", {"type": "vm"}), ("/cluster/resources", {"type": "node"}),
-    ("/cluster/status", None), ("/cluster/tasks", None),
-    ("/cluster/nextid", None), ("/cluster/nextid", {"vmid": "150"}),
-    ("/nodes/pve2/tasks", None), ("/nodes/pve2/tasks", {"typefilter": "vzdestroy", "since": "0", "source": "archive",
-                                                       "limit": "1000"}),
+    ("/version", None),
+    ("/access/permissions", None),
+    ("/access/permissions", {"path": "/vms"}),
+    ("/access/permissions", {"path": "/access", "userid": "janitor@pve!sweep"}),
+    ("/access/acl", None),
+    ("/cluster/resources", None),
+    ("/cluster/resources", {"type": "vm"}),
+    ("/cluster/resources", {"type": "node"}),
+    ("/cluster/status", None),
+    ("/cluster/tasks", None),
+    ("/cluster/nextid", None),
+    ("/cluster/nextid", {"vmid": "150"}),
+    ("/nodes/pve2/tasks", None),
+    ("/nodes/pve2/tasks", {"typefilter": "vzdestroy", "since": "0", "source": "archive", "limit": "1000"}),
     ("/nodes/pve1/tasks", {"source": "all", "vmid": "101", "errors": "0", "statusfilter": "ok,error"}),
-    ("/nodes", None), ("/nodes/pve1/lxc", None), ("/nodes/pve1/qemu", None), ("/nodes/pve1/qemu", {"full": "1"}),
-    ("/nodes/pve1/lxc/101/status/current", None), ("/nodes/pve1/qemu/100/status/current", None),
-    ("/nodes/pve2/lxc/102/config", None), ("/nodes/pve2/qemu/103/config", None),
+    ("/nodes", None),
+    ("/nodes/pve1/lxc", None),
+    ("/nodes/pve1/qemu", None),
+    ("/nodes/pve1/qemu", {"full": "1"}),
+    ("/nodes/pve1/lxc/101/status/current", None),
+    ("/nodes/pve1/qemu/100/status/current", None),
+    ("/nodes/pve2/lxc/102/config", None),
+    ("/nodes/pve2/qemu/103/config", None),
 ]
 
 
@@ -373,10 +421,18 @@ PAGES = {  # a concrete path for each schema path
     "/nodes/{node}/lxc/{vmid}/config": "/nodes/pve1/lxc/101/config",
     "/nodes/{node}/qemu/{vmid}/config": "/nodes/pve1/qemu/100/config",
 }
-BAD = [(t, name, text) for t in sorted(PRODUCT_ENDPOINTS | SIMULATOR_ONLY)
-       for name, rule in sorted(_query_params(t).items()) for text in _bad_values(rule)]
-GOOD = [(t, name, text) for t in sorted(PRODUCT_ENDPOINTS | SIMULATOR_ONLY)
-        for name, rule in sorted(_query_params(t).items()) for text in _good_values(rule)]
+BAD = [
+    (t, name, text)
+    for t in sorted(PRODUCT_ENDPOINTS | SIMULATOR_ONLY)
+    for name, rule in sorted(_query_params(t).items())
+    for text in _bad_values(rule)
+]
+GOOD = [
+    (t, name, text)
+    for t in sorted(PRODUCT_ENDPOINTS | SIMULATOR_ONLY)
+    for name, rule in sorted(_query_params(t).items())
+    for text in _good_values(rule)
+]
 
 
 @pytest.mark.parametrize("template,name,text", BAD)
@@ -389,14 +445,14 @@ def test_a_value_the_schema_rejects_is_a_400_naming_it(scene, template, name, te
     body = reply.json()
     assert body["data"] is None and set(body["errors"]) == {name}
     message = body["errors"][name]
-    expected = {"type": "type check ('%s') failed - got '%s'" % (rule.get("type"), text),
-                "minimum": "value must have a minimum value of %s" % rule.get("minimum"),
-                "maximum": "value must have a maximum value of %s" % rule.get("maximum"),
-                "enum": "value '%s' does not have a value in the enumeration '%s'"
-                        % (text, ", ".join(rule.get("enum", ()))),
-                "pattern": "value does not match the regex pattern",
-                "maxLength": "value may only be %s characters long" % rule.get("maxLength"),
-                }.get(problem)
+    expected = {
+        "type": "type check ('%s') failed - got '%s'" % (rule.get("type"), text),
+        "minimum": "value must have a minimum value of %s" % rule.get("minimum"),
+        "maximum": "value must have a maximum value of %s" % rule.get("maximum"),
+        "enum": "value '%s' does not have a value in the enumeration '%s'" % (text, ", ".join(rule.get("enum", ()))),
+        "pattern": "value does not match the regex pattern",
+        "maxLength": "value may only be %s characters long" % rule.get("maxLength"),
+    }.get(problem)
     if expected is not None:
         assert message == expected
     else:

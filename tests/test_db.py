@@ -1,4 +1,5 @@
 """The engine and its transactions (receiver/db.py)."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -23,10 +24,13 @@ from receiver.db import (
 SQLITE_LIMIT_VARIABLE_NUMBER = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)  # Python 3.11+
 
 
-@pytest.mark.parametrize("url", [
-    "nosuchdialect://janitor:s3cr3t-pw@db.example/platform",
-    "postgresql+nosuchdriver://janitor:s3cr3t-pw@db.example/platform",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nosuchdialect://janitor:s3cr3t-pw@db.example/platform",
+        "postgresql+nosuchdriver://janitor:s3cr3t-pw@db.example/platform",
+    ],
+)
 def test_an_unusable_url_is_a_config_error_naming_database_url_without_the_password(url):
     with pytest.raises(ConfigError) as caught:
         make_engine(url)
@@ -38,11 +42,14 @@ def test_an_unusable_url_is_a_config_error_naming_database_url_without_the_passw
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no chained traceback to leak it
 
 
-@pytest.mark.parametrize("url", [
-    "not a url janitor:s3cr3t-pw@db.example",
-    "mysql+pymysql://janitor:s3cr3t-pw@db.example:notaport/platform",
-    "postgresql://janitor:s3cr3t-pw@[::1/platform",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url janitor:s3cr3t-pw@db.example",
+        "mysql+pymysql://janitor:s3cr3t-pw@db.example:notaport/platform",
+        "postgresql://janitor:s3cr3t-pw@[::1/platform",
+    ],
+)
 def test_an_unparsable_url_is_a_config_error_that_shows_no_part_of_it(url):
     with pytest.raises(ConfigError) as caught:
         make_engine(url)
@@ -53,8 +60,9 @@ def test_an_unparsable_url_is_a_config_error_that_shows_no_part_of_it(url):
 
 def _failing_query(engine) -> DBAPIError:
     with pytest.raises(DBAPIError) as caught, engine.connect() as conn:
-        conn.execute(sa.text("SELECT secret_column FROM no_such_table WHERE token = :token"),
-                     {"token": "hunter2-parameter"})
+        conn.execute(
+            sa.text("SELECT secret_column FROM no_such_table WHERE token = :token"), {"token": "hunter2-parameter"}
+        )
     return caught.value
 
 
@@ -68,12 +76,15 @@ def test_describe_db_error_is_the_driver_error_s_first_line_without_sql_or_param
     assert "hunter2-parameter" not in text and "[SQL" not in text and "[parameters" not in text
 
 
-@pytest.mark.parametrize("exc, text", [
-    (ValueError("first line\nsecond line\n"), "ValueError: first line"),
-    (ValueError("  \n  padded  \nmore"), "ValueError: padded  "),
-    (RuntimeError(""), "RuntimeError: "),
-    (OSError("   "), "OSError: "),
-])
+@pytest.mark.parametrize(
+    "exc, text",
+    [
+        (ValueError("first line\nsecond line\n"), "ValueError: first line"),
+        (ValueError("  \n  padded  \nmore"), "ValueError: padded  "),
+        (RuntimeError(""), "RuntimeError: "),
+        (OSError("   "), "OSError: "),
+    ],
+)
 def test_describe_db_error_of_a_plain_exception(exc, text):
     assert describe_db_error(exc) == text
 
@@ -198,13 +209,16 @@ def test_bind_limit_is_within_what_the_database_takes(any_db):
         assert sorted(found) == [1, limit]
 
 
-@pytest.mark.parametrize("items, size, expected", [
-    ([], 3, []),
-    ([1], 3, [[1]]),
-    ([1, 2, 3], 3, [[1, 2, 3]]),
-    ([1, 2, 3, 4, 5, 6, 7], 3, [[1, 2, 3], [4, 5, 6], [7]]),
-    ([1, 2], 1, [[1], [2]]),
-])
+@pytest.mark.parametrize(
+    "items, size, expected",
+    [
+        ([], 3, []),
+        ([1], 3, [[1]]),
+        ([1, 2, 3], 3, [[1, 2, 3]]),
+        ([1, 2, 3, 4, 5, 6, 7], 3, [[1, 2, 3], [4, 5, 6], [7]]),
+        ([1, 2], 1, [[1], [2]]),
+    ],
+)
 def test_chunks(items, size, expected):
     assert [list(c) for c in chunks(items, size)] == expected
 

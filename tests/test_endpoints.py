@@ -3,6 +3,7 @@
 Two simulators stand for two nodes of one cluster (the same guests, the same token); a
 port nobody listens on stands for a node that is down.
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,9 +96,15 @@ def test_every_node_failing_removes_nothing_and_names_the_last_error(two_nodes, 
     seeded_table(sqlite_db)
     first.set_quorate(False)
     second.set_fault("refuse")
-    inventory = ProxmoxInventory(load_settings(env={
-        **janitor_env(first, sqlite_db), "PVE_HOST": f"{first.pve_host},{second.pve_host}",
-        "PVE_VERIFY_SSL": bundle}))
+    inventory = ProxmoxInventory(
+        load_settings(
+            env={
+                **janitor_env(first, sqlite_db),
+                "PVE_HOST": f"{first.pve_host},{second.pve_host}",
+                "PVE_VERIFY_SSL": bundle,
+            }
+        )
+    )
     with pytest.raises(InventoryError) as err:
         inventory.read()
     assert err.value.kind == "unreachable" and second.pve_host in str(err.value)
@@ -110,9 +117,15 @@ def test_every_node_failing_removes_nothing_and_names_the_last_error(two_nodes, 
 def test_a_refused_token_is_not_retried_elsewhere(two_nodes, sqlite_db):
     first, second, bundle = two_nodes
     first.set_fault("http401")
-    inventory = ProxmoxInventory(load_settings(env={
-        **janitor_env(first, sqlite_db), "PVE_HOST": f"{first.pve_host},{second.pve_host}",
-        "PVE_VERIFY_SSL": bundle}))
+    inventory = ProxmoxInventory(
+        load_settings(
+            env={
+                **janitor_env(first, sqlite_db),
+                "PVE_HOST": f"{first.pve_host},{second.pve_host}",
+                "PVE_VERIFY_SSL": bundle,
+            }
+        )
+    )
     with pytest.raises(InventoryError) as err:
         inventory.read()
     assert err.value.kind == "auth" and second.request_count() == 0

@@ -1,4 +1,5 @@
 """receiver.events: the signature check and the body's validation, without HTTP."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,6 +34,7 @@ def rejected(call, *args, **kwargs) -> EventRejected:
 
 # --- verify_signature ----------------------------------------------------------------
 
+
 def test_signature_is_hmac_sha256_of_timestamp_dot_body():
     expected = hmac.new(SECRET.encode(), b"1718000000." + BODY, hashlib.sha256).hexdigest()
     assert signature(SECRET, 1718000000, BODY) == "sha256=" + expected
@@ -65,26 +67,29 @@ def test_nan_clock_rejects():
 GOOD_TS, GOOD_SIG = signed()
 
 
-@pytest.mark.parametrize("ts, sig, fragment", [
-    (None, GOOD_SIG, "missing X-Janitor-Timestamp"),
-    ("", GOOD_SIG, "missing X-Janitor-Timestamp"),
-    (GOOD_TS, None, "missing X-Janitor-Signature"),
-    (GOOD_TS, "", "missing X-Janitor-Signature"),
-    ("1718000000.5", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
-    ("-1718000000", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
-    (" 1718000000", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
-    ("1718000000\n", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
-    ("١٧١٨٠٠٠٠٠٠", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),  # Arabic-Indic digits
-    ("1" * 40, GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
-    (GOOD_TS, GOOD_SIG[7:], "X-Janitor-Signature must be sha256="),
-    (GOOD_TS, "sha1=" + GOOD_SIG[7:], "X-Janitor-Signature must be sha256="),
-    (GOOD_TS, GOOD_SIG[:-1], "X-Janitor-Signature must be sha256="),
-    (GOOD_TS, GOOD_SIG + "0", "X-Janitor-Signature must be sha256="),
-    (GOOD_TS, "sha256=" + "g" * 64, "X-Janitor-Signature must be sha256="),
-    (GOOD_TS, signature("another secret", GOOD_TS, BODY), "bad signature"),
-    (GOOD_TS, signature(SECRET, int(GOOD_TS) + 1, BODY), "bad signature"),
-    (GOOD_TS, signature(SECRET, GOOD_TS, BODY + b" "), "bad signature"),
-])
+@pytest.mark.parametrize(
+    "ts, sig, fragment",
+    [
+        (None, GOOD_SIG, "missing X-Janitor-Timestamp"),
+        ("", GOOD_SIG, "missing X-Janitor-Timestamp"),
+        (GOOD_TS, None, "missing X-Janitor-Signature"),
+        (GOOD_TS, "", "missing X-Janitor-Signature"),
+        ("1718000000.5", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
+        ("-1718000000", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
+        (" 1718000000", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
+        ("1718000000\n", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
+        ("١٧١٨٠٠٠٠٠٠", GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),  # Arabic-Indic digits
+        ("1" * 40, GOOD_SIG, "X-Janitor-Timestamp must be unix seconds"),
+        (GOOD_TS, GOOD_SIG[7:], "X-Janitor-Signature must be sha256="),
+        (GOOD_TS, "sha1=" + GOOD_SIG[7:], "X-Janitor-Signature must be sha256="),
+        (GOOD_TS, GOOD_SIG[:-1], "X-Janitor-Signature must be sha256="),
+        (GOOD_TS, GOOD_SIG + "0", "X-Janitor-Signature must be sha256="),
+        (GOOD_TS, "sha256=" + "g" * 64, "X-Janitor-Signature must be sha256="),
+        (GOOD_TS, signature("another secret", GOOD_TS, BODY), "bad signature"),
+        (GOOD_TS, signature(SECRET, int(GOOD_TS) + 1, BODY), "bad signature"),
+        (GOOD_TS, signature(SECRET, GOOD_TS, BODY + b" "), "bad signature"),
+    ],
+)
 def test_missing_garbled_or_wrong_signature_is_401(ts, sig, fragment):
     exc = rejected(verify_signature, SECRET, ts, sig, BODY, NOW)
     assert exc.status == 401
@@ -110,6 +115,7 @@ def test_the_hookscript_signs_what_the_receiver_verifies():
 
 
 # --- parse_event ---------------------------------------------------------------------
+
 
 def event_json(**changes) -> bytes:
     data = {"event_id": "e-1", "vmid": 101, "phase": "post-stop", "node": "pve1", "ts": 1718000000.5}
@@ -153,53 +159,56 @@ def test_longest_allowed_fields():
     assert (len(event.event_id), len(event.node)) == (128, 64)
 
 
-@pytest.mark.parametrize("body, fragment", [
-    (b"", "not valid JSON"),
-    (b"{", "not valid JSON"),
-    (b"{'event_id': 'x'}", "not valid JSON"),
-    (b"\xff\xfe{}", "UTF-8"),
-    (b"[" * 100_000, "not valid JSON"),
-    (b"[]", "JSON object"),
-    (b"[1, 2]", "JSON object"),
-    (b'"event"', "JSON object"),
-    (b"42", "JSON object"),
-    (b"null", "JSON object"),
-    (b'{"event_id":"e","vmid":101,"phase":"post-stop","node":"pve1","ts":NaN}', "not valid JSON"),
-    (b'{"event_id":"e","vmid":101,"phase":"post-stop","node":"pve1","ts":Infinity}', "not valid JSON"),
-    (event_json(event_id=DROP), "event_id is missing"),
-    (event_json(event_id=""), "event_id must be a non-empty string"),
-    (event_json(event_id=7), "event_id must be a non-empty string"),
-    (event_json(event_id=None), "event_id must be a non-empty string"),
-    (event_json(event_id="x" * 129), "event_id must be at most 128"),
-    (event_json(event_id="caf\u00e9"), "event_id must be printable ASCII"),
-    (event_json(event_id="a\nb"), "event_id must be printable ASCII"),
-    (event_json(event_id="a\x00b"), "event_id must be printable ASCII"),
-    (event_json(vmid=DROP), "vmid is missing"),
-    (event_json(vmid="101"), "vmid must be an integer"),
-    (event_json(vmid=101.0), "vmid must be an integer"),
-    (event_json(vmid=True), "vmid must be an integer"),
-    (event_json(vmid=None), "vmid must be an integer"),
-    (event_json(vmid=99), "vmid must be between 100 and 999999999"),
-    (event_json(vmid=1_000_000_000), "vmid must be between"),
-    (event_json(vmid=-101), "vmid must be between"),
-    (event_json(vmid=10**30), "vmid must be between"),
-    (event_json(phase=DROP), "phase is missing"),
-    (event_json(phase="destroy"), "phase must be one of"),
-    (event_json(phase="POST-STOP"), "phase must be one of"),
-    (event_json(phase=["post-stop"]), "phase must be one of"),
-    (event_json(phase={"a": 1}), "phase must be one of"),
-    (event_json(node=DROP), "node is missing"),
-    (event_json(node=""), "node must be a non-empty string"),
-    (event_json(node=["pve1"]), "node must be a non-empty string"),
-    (event_json(node="n" * 65), "node must be at most 64"),
-    (event_json(node="pve 1"), "node must be printable ASCII without spaces"),
-    (event_json(ts="now"), "ts must be a number"),
-    (event_json(ts=True), "ts must be a number"),
-    (event_json(ts=[1]), "ts must be a number"),
-    (event_json(ts=-1), "ts must be unix seconds"),
-    (event_json(ts=1e12), "ts must be unix seconds"),
-    (event_json(ts=10**400), "ts must be unix seconds"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"", "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b"{'event_id': 'x'}", "not valid JSON"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"[" * 100_000, "not valid JSON"),
+        (b"[]", "JSON object"),
+        (b"[1, 2]", "JSON object"),
+        (b'"event"', "JSON object"),
+        (b"42", "JSON object"),
+        (b"null", "JSON object"),
+        (b'{"event_id":"e","vmid":101,"phase":"post-stop","node":"pve1","ts":NaN}', "not valid JSON"),
+        (b'{"event_id":"e","vmid":101,"phase":"post-stop","node":"pve1","ts":Infinity}', "not valid JSON"),
+        (event_json(event_id=DROP), "event_id is missing"),
+        (event_json(event_id=""), "event_id must be a non-empty string"),
+        (event_json(event_id=7), "event_id must be a non-empty string"),
+        (event_json(event_id=None), "event_id must be a non-empty string"),
+        (event_json(event_id="x" * 129), "event_id must be at most 128"),
+        (event_json(event_id="caf\u00e9"), "event_id must be printable ASCII"),
+        (event_json(event_id="a\nb"), "event_id must be printable ASCII"),
+        (event_json(event_id="a\x00b"), "event_id must be printable ASCII"),
+        (event_json(vmid=DROP), "vmid is missing"),
+        (event_json(vmid="101"), "vmid must be an integer"),
+        (event_json(vmid=101.0), "vmid must be an integer"),
+        (event_json(vmid=True), "vmid must be an integer"),
+        (event_json(vmid=None), "vmid must be an integer"),
+        (event_json(vmid=99), "vmid must be between 100 and 999999999"),
+        (event_json(vmid=1_000_000_000), "vmid must be between"),
+        (event_json(vmid=-101), "vmid must be between"),
+        (event_json(vmid=10**30), "vmid must be between"),
+        (event_json(phase=DROP), "phase is missing"),
+        (event_json(phase="destroy"), "phase must be one of"),
+        (event_json(phase="POST-STOP"), "phase must be one of"),
+        (event_json(phase=["post-stop"]), "phase must be one of"),
+        (event_json(phase={"a": 1}), "phase must be one of"),
+        (event_json(node=DROP), "node is missing"),
+        (event_json(node=""), "node must be a non-empty string"),
+        (event_json(node=["pve1"]), "node must be a non-empty string"),
+        (event_json(node="n" * 65), "node must be at most 64"),
+        (event_json(node="pve 1"), "node must be printable ASCII without spaces"),
+        (event_json(ts="now"), "ts must be a number"),
+        (event_json(ts=True), "ts must be a number"),
+        (event_json(ts=[1]), "ts must be a number"),
+        (event_json(ts=-1), "ts must be unix seconds"),
+        (event_json(ts=1e12), "ts must be unix seconds"),
+        (event_json(ts=10**400), "ts must be unix seconds"),
+    ],
+)
 def test_invalid_bodies_are_400_naming_the_field(body, fragment):
     exc = rejected(parse_event, body, NOW)
     assert exc.status == 400
@@ -214,8 +223,12 @@ json_values = st.recursive(
     max_leaves=12,
 )
 event_keys = st.sampled_from(["event_id", "vmid", "phase", "node", "ts", "other"])
-field_values = (json_values | st.sampled_from(sorted(PHASES)) | st.integers(0, 2 * 10**9)
-                | st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7f), max_size=140))
+field_values = (
+    json_values
+    | st.sampled_from(sorted(PHASES))
+    | st.integers(0, 2 * 10**9)
+    | st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=140)
+)
 
 
 @settings(max_examples=300, deadline=None)

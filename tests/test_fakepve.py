@@ -46,9 +46,15 @@ def sim():
 
 def _client(sim, token_value=None, timeout=5):
     host, port = sim.pve_host.rsplit(":", 1)
-    return ProxmoxAPI(host, port=int(port), user=sim.user, token_name=sim.token_name,
-                      token_value=token_value or sim.token_value, verify_ssl=sim.ca_path,
-                      timeout=timeout)
+    return ProxmoxAPI(
+        host,
+        port=int(port),
+        user=sim.user,
+        token_name=sim.token_name,
+        token_value=token_value or sim.token_value,
+        verify_ssl=sim.ca_path,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -61,8 +67,7 @@ def http(sim):
     # verify is passed per request (in _get): requests lets REQUESTS_CA_BUNDLE from the
     # environment override a Session's own .verify, but not a per-request one.
     with requests.Session() as session:
-        session.headers["Authorization"] = "PVEAPIToken=%s!%s=%s" % (
-            sim.user, sim.token_name, sim.token_value)
+        session.headers["Authorization"] = "PVEAPIToken=%s!%s=%s" % (sim.user, sim.token_name, sim.token_value)
         yield session
 
 
@@ -138,8 +143,15 @@ def test_cluster_resources_vm_entries(pve):
     ct = _by_vmid(entries)[101]
     keys = ("id", "vmid", "node", "type", "status", "name", "template", "tags")
     assert {k: ct[k] for k in keys} == {
-        "id": "lxc/101", "vmid": 101, "node": "pve1", "type": "lxc", "status": "running",
-        "name": "web", "template": 0, "tags": "app"}
+        "id": "lxc/101",
+        "vmid": 101,
+        "node": "pve1",
+        "type": "lxc",
+        "status": "running",
+        "name": "web",
+        "template": 0,
+        "tags": "app",
+    }
     assert ct["maxmem"] > 0 and ct["maxdisk"] > 0 and isinstance(ct["uptime"], int)
     assert "lock" not in ct
     assert _by_vmid(entries)[100]["id"] == "qemu/100"
@@ -150,7 +162,9 @@ def test_cluster_resources_vm_entries(pve):
 def test_cluster_resources_nodes_and_type_filter(pve):
     nodes = pve.cluster.resources.get(type="node")
     assert [(n["node"], n["status"], n["type"]) for n in nodes] == [
-        ("pve1", "online", "node"), ("pve2", "online", "node")]
+        ("pve1", "online", "node"),
+        ("pve2", "online", "node"),
+    ]
     everything = pve.cluster.resources.get()
     assert {e["type"] for e in everything} == {"node", "lxc", "qemu"}
     with pytest.raises(ResourceException) as err:
@@ -179,11 +193,14 @@ def test_guest_status_and_config(pve, sim, tmp_path):
     assert "hookscript" not in pve.nodes("pve1").lxc(101).config.get()
 
 
-@pytest.mark.parametrize("node,kind,vmid,conf", [
-    ("pve1", "lxc", 999, "nodes/pve1/lxc/999.conf"),
-    ("pve2", "lxc", 101, "nodes/pve2/lxc/101.conf"),          # exists, but on pve1
-    ("pve1", "qemu", 101, "nodes/pve1/qemu-server/101.conf"),  # exists, but is a container
-])
+@pytest.mark.parametrize(
+    "node,kind,vmid,conf",
+    [
+        ("pve1", "lxc", 999, "nodes/pve1/lxc/999.conf"),
+        ("pve2", "lxc", 101, "nodes/pve2/lxc/101.conf"),  # exists, but on pve1
+        ("pve1", "qemu", 101, "nodes/pve1/qemu-server/101.conf"),  # exists, but is a container
+    ],
+)
 def test_unknown_guest_is_a_missing_config_file(pve, node, kind, vmid, conf):
     with pytest.raises(ResourceException) as err:
         getattr(pve.nodes(node), kind)(vmid).status.current.get()
@@ -194,8 +211,7 @@ def test_unknown_guest_is_a_missing_config_file(pve, node, kind, vmid, conf):
 def test_unknown_route_and_writes_are_not_implemented(http, sim):
     missing = _get(http, sim, "/nodes/pve1/storage")
     assert missing.status_code == 501 and "not implemented" in missing.json()["message"]
-    write = http.post(sim.url + "/nodes/pve1/lxc", data={"vmid": 150}, timeout=5,
-                      verify=sim.ca_path)
+    write = http.post(sim.url + "/nodes/pve1/lxc", data={"vmid": 150}, timeout=5, verify=sim.ca_path)
     assert write.status_code == 501 and write.json()["data"] is None
     assert 150 not in sim.vmids()
     outside = http.get(sim.url.replace("/api2/json", "/"), timeout=5, verify=sim.ca_path)
@@ -212,8 +228,11 @@ def test_wrong_or_missing_token_is_401(sim, http):
     bare = requests.get(sim.url + "/cluster/resources", verify=sim.ca_path, timeout=5)
     assert bare.status_code == 401 and "message" in bare.json()
     other_user = requests.get(
-        sim.url + "/version", verify=sim.ca_path, timeout=5,
-        headers={"Authorization": "PVEAPIToken=root@pam!sweep=%s" % sim.token_value})
+        sim.url + "/version",
+        verify=sim.ca_path,
+        timeout=5,
+        headers={"Authorization": "PVEAPIToken=root@pam!sweep=%s" % sim.token_value},
+    )
     assert other_user.status_code == 401
 
 
@@ -228,8 +247,7 @@ def test_auth_failure_waits_auth_fail_delay():
 
 def test_permissions_show_vm_audit(pve):
     # PVEAuditor (pve-access-control AccessControl.pm create_roles: every audit privilege)
-    auditor = {"Datastore.Audit": 1, "Mapping.Audit": 1, "Pool.Audit": 1, "SDN.Audit": 1, "Sys.Audit": 1,
-               "VM.Audit": 1}
+    auditor = {"Datastore.Audit": 1, "Mapping.Audit": 1, "Pool.Audit": 1, "SDN.Audit": 1, "Sys.Audit": 1, "VM.Audit": 1}
     assert pve.access.permissions.get(path="/vms") == {"/vms": auditor}
 
 
@@ -275,15 +293,20 @@ def _grant(sim, path, roleid):
 
 def _set_up(sim):
     """The default set-up: PVEAuditor on / for the user and for its privilege-separated token."""
-    return [{"path": "/", "type": "user", "ugid": sim.user, "roleid": "PVEAuditor", "propagate": 1},
-            _grant(sim, "/", "PVEAuditor")]
+    return [
+        {"path": "/", "type": "user", "ugid": sim.user, "roleid": "PVEAuditor", "propagate": 1},
+        _grant(sim, "/", "PVEAuditor"),
+    ]
 
 
 def test_acl_lists_the_token_grant_and_a_noaccess_entry_per_hidden_guest(pve, sim):
     assert pve.access.acl.get() == _set_up(sim)
     sim.set_visible({101, 102})
-    assert pve.access.acl.get() == [*_set_up(sim), _grant(sim, "/vms/100", "NoAccess"),
-                                    _grant(sim, "/vms/103", "NoAccess")]
+    assert pve.access.acl.get() == [
+        *_set_up(sim),
+        _grant(sim, "/vms/100", "NoAccess"),
+        _grant(sim, "/vms/103", "NoAccess"),
+    ]
     assert pve.access.permissions.get(path="/vms/100") == {"/vms/100": {}}
     assert pve.access.permissions.get(path="/vms/101")["/vms/101"]["VM.Audit"] == 1
     sim.add_guest(104)  # outside the visible set: hidden, and its entry is there at the next request
@@ -317,8 +340,13 @@ def test_without_sys_audit_the_acl_list_is_empty_not_an_error(pve, sim):
 
 def test_added_acl_entries_are_listed_only(pve, sim):
     sim.add_acl("/pool/team", "NoAccess", ugid="devs", type="group", propagate=False)
-    assert pve.access.acl.get()[-1] == {"path": "/pool/team", "type": "group", "ugid": "devs",
-                                        "roleid": "NoAccess", "propagate": 0}
+    assert pve.access.acl.get()[-1] == {
+        "path": "/pool/team",
+        "type": "group",
+        "ugid": "devs",
+        "roleid": "NoAccess",
+        "propagate": 0,
+    }
     assert len(pve.cluster.resources.get(type="vm")) == 4
     with pytest.raises(ValueError):
         sim.add_acl("/", "PVEAuditor", type="robot")
@@ -341,16 +369,23 @@ def _vm_list(pve):
     return {e["vmid"]: (e["status"], e.get("lock"), e.get("name")) for e in pve.cluster.resources.get(type="vm")}
 
 
-@pytest.mark.parametrize("change, expect", [
-    (lambda sim: sim.add_guest(150, node="pve2"), lambda vms: vms[150] == ("running", None, "ct150")),
-    (lambda sim: sim.stop_guest(101), lambda vms: vms[101][0] == "stopped"),
-    (lambda sim: sim.start_guest(102), lambda vms: vms[102][0] == "running"),
-    (lambda sim: sim.destroy_guest(102, lock_seconds=30), lambda vms: vms[102][1] == "destroyed"),
-    (lambda sim: sim.destroy_guest(102), lambda vms: 102 not in vms),
-    (lambda sim: sim.set_node_online("pve2", False, stats_age=301), lambda vms: vms[102] == ("unknown", None, None)),
-    (lambda sim: sim.set_vm_audit(False), lambda vms: vms == {}),
-    (lambda sim: sim.set_visible({100}), lambda vms: set(vms) == {100}),
-], ids=["add", "stop", "start", "destroying", "destroyed", "node offline", "no VM.Audit", "partial"])
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda sim: sim.add_guest(150, node="pve2"), lambda vms: vms[150] == ("running", None, "ct150")),
+        (lambda sim: sim.stop_guest(101), lambda vms: vms[101][0] == "stopped"),
+        (lambda sim: sim.start_guest(102), lambda vms: vms[102][0] == "running"),
+        (lambda sim: sim.destroy_guest(102, lock_seconds=30), lambda vms: vms[102][1] == "destroyed"),
+        (lambda sim: sim.destroy_guest(102), lambda vms: 102 not in vms),
+        (
+            lambda sim: sim.set_node_online("pve2", False, stats_age=301),
+            lambda vms: vms[102] == ("unknown", None, None),
+        ),
+        (lambda sim: sim.set_vm_audit(False), lambda vms: vms == {}),
+        (lambda sim: sim.set_visible({100}), lambda vms: set(vms) == {100}),
+    ],
+    ids=["add", "stop", "start", "destroying", "destroyed", "node offline", "no VM.Audit", "partial"],
+)
 def test_the_kept_vm_answer_follows_every_change(pve, sim, change, expect):
     # The type=vm answer is served from a cache while nothing changes: each change
     # must show on the very next read.
@@ -456,8 +491,7 @@ def test_destroy_task_upid_parses(pve, sim):
     task = next(t for t in pve.cluster.tasks.get() if t["type"] == "qmdestroy")
     fields = parse_upid(task["upid"])
     assert fields is not None
-    assert (fields["node"], fields["type"], fields["id"], fields["user"]) == (
-        "pve1", "qmdestroy", "100", "root@pam")
+    assert (fields["node"], fields["type"], fields["id"], fields["user"]) == ("pve1", "qmdestroy", "100", "root@pam")
     assert fields["starttime"] == task["starttime"] and fields["pid"] == task["pid"]
     assert (task["id"], task["node"], task["status"]) == ("100", "pve1", "OK")
     assert isinstance(task["id"], str)
@@ -524,8 +558,7 @@ def test_request_count_is_thread_safe(http, sim):
 
     def hammer():
         for _ in range(5):
-            requests.get(sim.url + "/version", verify=sim.ca_path, timeout=5,
-                         headers=dict(http.headers))
+            requests.get(sim.url + "/version", verify=sim.ca_path, timeout=5, headers=dict(http.headers))
 
     threads = [threading.Thread(target=hammer) for _ in range(6)]
     for thread in threads:
@@ -545,11 +578,16 @@ def test_hooks_run_like_proxmox_in_order(sim, tmp_path):
     assert sim.start_guest(120) is True
     sim.stop_guest(120)
     runs = _recorded(log)
-    assert [r["argv"] for r in runs] == [["120", phase] for phase in
-                                         ("pre-start", "post-start", "pre-stop", "post-stop")]
+    assert [r["argv"] for r in runs] == [
+        ["120", phase] for phase in ("pre-start", "post-start", "pre-stop", "post-stop")
+    ]
     assert runs[0]["cwd"] == "/"
-    assert runs[0]["env"] == {"LC_ALL": "C", "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
-                              "PVE_JANITOR_HOOK_CONF": "/tmp/hook.conf", "PVE_JANITOR_NODE": "pve2"}
+    assert runs[0]["env"] == {
+        "LC_ALL": "C",
+        "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
+        "PVE_JANITOR_HOOK_CONF": "/tmp/hook.conf",
+        "PVE_JANITOR_NODE": "pve2",
+    }
     assert [(v, p, rc) for v, p, rc, _ in sim.hook_runs] == [(120, p, 0) for p in HOOK_PHASES]
     assert all(duration >= 0 for *_, duration in sim.hook_runs)
 
@@ -611,8 +649,12 @@ def test_hook_runs_while_the_api_keeps_answering(pve, sim, tmp_path):
         "data = json.load(urllib.request.urlopen(req, context=ctx, timeout=5))['data']\n"
         "mine = [e['status'] for e in data if e['vmid'] == 126]\n"
         "open(%r, 'a').write(json.dumps([sys.argv[2], mine]) + '\\n')\n"
-    ) % (sim.ca_path, sim.url + "/cluster/resources?type=vm",
-         "PVEAPIToken=%s=%s" % (sim.token_id, sim.token_value), str(seen))
+    ) % (
+        sim.ca_path,
+        sim.url + "/cluster/resources?type=vm",
+        "PVEAPIToken=%s=%s" % (sim.token_id, sim.token_value),
+        str(seen),
+    )
     sim.add_guest(126, hookscript=_hookscript(tmp_path, body))
     sim.stop_guest(126)
     observed = [json.loads(line) for line in seen.read_text().splitlines()]
@@ -634,23 +676,24 @@ def test_run_standalone_prints_env_and_stops(monkeypatch):
     monkeypatch.setitem(sys.modules, "receiver.simulator.scene", fake_scene)
     lines: list[str] = []
     stop = threading.Event()
-    runner = threading.Thread(target=run_standalone, kwargs=dict(
-        port=0, scene="demo", print_fn=lines.append, stop_event=stop))
+    runner = threading.Thread(
+        target=run_standalone, kwargs=dict(port=0, scene="demo", print_fn=lines.append, stop_event=stop)
+    )
     runner.start()
     try:
         deadline = time.monotonic() + 5
         while not any(ln.startswith("# Ctrl-C") for ln in lines) and time.monotonic() < deadline:
             time.sleep(0.02)
-        exports = dict(line[len("export "):].split("=", 1)
-                       for line in lines if line.startswith("export "))
+        exports = dict(line[len("export ") :].split("=", 1) for line in lines if line.startswith("export "))
         assert loaded == ["demo"]
-        assert set(exports) == {"PVE_HOST", "PVE_USER", "PVE_TOKEN_NAME", "PVE_TOKEN_VALUE",
-                                "PVE_VERIFY_SSL"}
+        assert set(exports) == {"PVE_HOST", "PVE_USER", "PVE_TOKEN_NAME", "PVE_TOKEN_VALUE", "PVE_VERIFY_SSL"}
         assert any("throwaway" in line for line in lines)
         answer = requests.get(
-            "https://%s/api2/json/cluster/resources" % exports["PVE_HOST"], timeout=5,
+            "https://%s/api2/json/cluster/resources" % exports["PVE_HOST"],
+            timeout=5,
             verify=exports["PVE_VERIFY_SSL"],
-            headers={"Authorization": "PVEAPIToken=janitor@pve!sweep=" + exports["PVE_TOKEN_VALUE"]})
+            headers={"Authorization": "PVEAPIToken=janitor@pve!sweep=" + exports["PVE_TOKEN_VALUE"]},
+        )
         assert [e["vmid"] for e in answer.json()["data"] if "vmid" in e] == [200]
     finally:
         stop.set()

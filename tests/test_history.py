@@ -1,4 +1,5 @@
 """The audit trail as users read it (receiver/history.py)."""
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -15,12 +16,24 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 def db(any_db):
     store.ensure_schema(any_db.engine)
     with any_db.engine.begin() as conn:
-        store.insert_audit(conn, [{
-            "table_name": "apps", "row_key": str(i), "vmid": 120 + i, "hostname": f"app{i}.local", "action": "delete",
-            "reason": "ghost", "source": "sweep", "detail": f"guest {120 + i} is gone",
-            "row_json": store.encode_row({"id": i, "lxc_id": 120 + i, "blob": b"\x00"}),
-            "removed_at": T0 + timedelta(minutes=i),
-        } for i in range(5)])
+        store.insert_audit(
+            conn,
+            [
+                {
+                    "table_name": "apps",
+                    "row_key": str(i),
+                    "vmid": 120 + i,
+                    "hostname": f"app{i}.local",
+                    "action": "delete",
+                    "reason": "ghost",
+                    "source": "sweep",
+                    "detail": f"guest {120 + i} is gone",
+                    "row_json": store.encode_row({"id": i, "lxc_id": 120 + i, "blob": b"\x00"}),
+                    "removed_at": T0 + timedelta(minutes=i),
+                }
+                for i in range(5)
+            ],
+        )
     return any_db
 
 
@@ -28,9 +41,17 @@ def test_entries_are_newest_first_and_limited(db):
     entries = audit_entries(db.engine, limit=3)
     assert [e["row_key"] for e in entries] == ["4", "3", "2"]
     assert entries[0] == {
-        "id": entries[0]["id"], "table": "apps", "row_key": "4", "vmid": 124, "hostname": "app4.local",
-        "action": "delete", "reason": "ghost", "source": "sweep", "detail": "guest 124 is gone",
-        "removed_at": "2024-05-01T12:04:00+00:00", "restored_at": None,
+        "id": entries[0]["id"],
+        "table": "apps",
+        "row_key": "4",
+        "vmid": 124,
+        "hostname": "app4.local",
+        "action": "delete",
+        "reason": "ghost",
+        "source": "sweep",
+        "detail": "guest 124 is gone",
+        "removed_at": "2024-05-01T12:04:00+00:00",
+        "restored_at": None,
         "row": {"id": 4, "lxc_id": 124, "blob": {"$t": "bytes", "v": "AA=="}},
     }
 

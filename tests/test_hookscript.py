@@ -4,6 +4,7 @@ HTTP receiver that checks the signature exactly as the public contract states.
 Fixtures live in this file on purpose: the hookscript is a standalone file with
 no package, and nothing here is shared with the receiver's tests.
 """
+
 import hashlib
 import hmac
 import importlib.machinery
@@ -33,6 +34,7 @@ PYTHON = os.environ.get("HOOK_TEST_PYTHON", sys.executable)
 
 
 # --- a receiver that checks what the contract says ---------------------------------
+
 
 class Receiver(HTTPServer):
     """The test receiver's state, set by serve() and shared by its handlers."""
@@ -201,6 +203,7 @@ def spool_dir(tmp_path):
 @pytest.fixture
 def conf_env(tmp_path, spool_dir):
     """Write hook.conf; returns the environment Proxmox would give the hook, plus the conf."""
+
     def make(url, secret=SECRET, extra=""):
         conf = tmp_path / "hook.conf"
         conf.write_text(f"URL={url}\nSECRET={secret}\nSPOOL_DIR={spool_dir}\n{extra}")
@@ -210,6 +213,7 @@ def conf_env(tmp_path, spool_dir):
             "PVE_JANITOR_HOOK_CONF": str(conf),
             "PVE_JANITOR_NODE": NODE,
         }
+
     return make
 
 
@@ -226,6 +230,7 @@ def hook():
 @pytest.fixture
 def in_process(hook, monkeypatch, spool_dir, capsys):
     """Call main() in this process with the given environment; returns (code, stderr)."""
+
     def call(argv, env):
         for key in ("PVE_JANITOR_URL", "PVE_JANITOR_SECRET", "PVE_JANITOR_NODE", "PVE_JANITOR_HOOK_CONF"):
             monkeypatch.delenv(key, raising=False)
@@ -237,6 +242,7 @@ def in_process(hook, monkeypatch, spool_dir, capsys):
         assert SECRET not in err
         assert "Traceback" not in err
         return code, err
+
     return call
 
 
@@ -251,8 +257,9 @@ class TimedRun(subprocess.CompletedProcess):
 def run_hook(env, *args, hook_path=HOOK, timeout=30) -> TimedRun:
     """Run the hookscript as Proxmox does (no shell); check it never leaks the secret."""
     start = time.monotonic()
-    proc = subprocess.run([PYTHON, str(hook_path), *args], env=env, cwd="/",
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [PYTHON, str(hook_path), *args], env=env, cwd="/", capture_output=True, text=True, timeout=timeout
+    )
     proc = TimedRun(proc, time.monotonic() - start)
     assert SECRET not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
@@ -269,6 +276,7 @@ def spool_event(spool_dir, name, body):
 
 
 # --- delivery ------------------------------------------------------------------------
+
 
 def test_event_is_signed_and_carries_the_contract_fields(receiver, conf_env, spool_dir):
     before = time.time()
@@ -342,6 +350,7 @@ def test_hostname_url_is_resolved(receiver, conf_env):
 
 
 # --- failure: spool ------------------------------------------------------------------
+
 
 def test_receiver_down_spools_the_event(refused_url, conf_env, spool_dir):
     proc = run_hook(conf_env(refused_url), "101", "post-stop")
@@ -459,8 +468,7 @@ def test_a_server_dripping_bytes_cannot_stretch_the_run(drip_url, conf_env, spoo
 
 
 def test_https_url_against_a_plain_http_receiver_spools(receiver, conf_env, spool_dir):
-    proc = run_hook(conf_env("https://127.0.0.1:%d" % receiver.server_port, extra="TIMEOUT=1\n"),
-                    "101", "post-stop")
+    proc = run_hook(conf_env("https://127.0.0.1:%d" % receiver.server_port, extra="TIMEOUT=1\n"), "101", "post-stop")
     assert proc.returncode == 0
     assert proc.elapsed <= 1.5
     assert "spooled" in proc.stderr and len(spooled(spool_dir)) == 1
@@ -468,6 +476,7 @@ def test_https_url_against_a_plain_http_receiver_spools(receiver, conf_env, spoo
 
 def test_tls_handshake_gets_only_what_is_left_of_the_deadline(hook, black_hole_url, monkeypatch):
     """A connect that takes a while must not leave the TLS handshake a whole new TIMEOUT."""
+
     class SlowConnect(socket.socket):
         def connect(self, address):
             time.sleep(0.6)  # as a slow SYN-ACK would
@@ -483,15 +492,15 @@ def test_tls_handshake_gets_only_what_is_left_of_the_deadline(hook, black_hole_u
 
 @pytest.mark.parametrize("kind", ["fifo", "too large"])
 def test_a_ca_file_that_is_not_a_small_regular_file_cannot_hang_an_https_post(
-        black_hole_url, conf_env, spool_dir, tmp_path, hook, kind):
+    black_hole_url, conf_env, spool_dir, tmp_path, hook, kind
+):
     """OpenSSL opens the CA bundle blocking: a FIFO there would stop the hook for good."""
     ca_file = tmp_path / "ca.pem"
     if kind == "fifo":
         os.mkfifo(ca_file)
     else:
         ca_file.write_bytes(b"-" * (hook.MAX_CA_BYTES + 1))
-    env = dict(conf_env(black_hole_url.replace("http://", "https://"), extra="TIMEOUT=1\n"),
-               SSL_CERT_FILE=str(ca_file))
+    env = dict(conf_env(black_hole_url.replace("http://", "https://"), extra="TIMEOUT=1\n"), SSL_CERT_FILE=str(ca_file))
 
     proc = run_hook(env, "101", "pre-start", timeout=10)
 
@@ -504,6 +513,7 @@ def test_a_ca_file_that_is_not_a_small_regular_file_cannot_hang_an_https_post(
 def test_a_black_holed_first_address_leaves_time_for_the_next(hook, receiver, monkeypatch):
     """A host name with a dead IPv6 and a working IPv4 address must still get through."""
     import _socket
+
     hole = ("127.0.0.1", 9)  # never really connected to: connect() below plays a dropped SYN
 
     class HoleFirst(_socket.socket):
@@ -523,6 +533,7 @@ def test_a_black_holed_first_address_leaves_time_for_the_next(hook, receiver, mo
 
 # --- replay ----------------------------------------------------------------------
 
+
 def test_spooled_events_are_replayed_oldest_first(receiver, refused_url, conf_env, spool_dir):
     down = conf_env(refused_url)
     for vmid in ("101", "102", "103"):
@@ -541,7 +552,9 @@ def test_spooled_events_are_replayed_oldest_first(receiver, refused_url, conf_en
 def test_old_spooled_events_are_resigned_with_a_fresh_timestamp(receiver, conf_env, spool_dir):
     old = time.time() - 3600
     body = b'{"event_id":"%s","vmid":107,"phase":"post-stop","node":"pve9","ts":%.3f}' % (
-        uuid.uuid4().hex.encode(), old)
+        uuid.uuid4().hex.encode(),
+        old,
+    )
     spool_event(spool_dir, "%020d-old.json" % int(old * 1e9), body)
 
     assert run_hook(conf_env(receiver.url), "108", "post-stop").returncode == 0
@@ -571,8 +584,9 @@ def test_a_slow_receiver_still_gets_new_events_and_the_spool_drains(slow_receive
     assert spooled(spool_dir) == []  # and the spool drained (one per run at this speed)
 
 
-def test_a_replay_thread_that_outlives_the_run_keeps_its_spool_fd(hook, receiver, conf_env, spool_dir,
-                                                                  in_process, monkeypatch):
+def test_a_replay_thread_that_outlives_the_run_keeps_its_spool_fd(
+    hook, receiver, conf_env, spool_dir, in_process, monkeypatch
+):
     """Closing the spool's directory fd under a replay thread still using it would
     send its unlink to whatever file reuses the number."""
     spool_event(spool_dir, f"{1:020d}-old.json", event_bytes(102))
@@ -592,8 +606,11 @@ def test_a_replay_thread_that_outlives_the_run_keeps_its_spool_fd(hook, receiver
 def test_an_already_delivered_spooled_event_is_removed_on_200(receiver, conf_env, spool_dir):
     event_id = uuid.uuid4().hex
     receiver.seen.add(event_id)
-    spool_event(spool_dir, f"{1:020d}-{event_id}.json",
-                b'{"event_id":"%s","vmid":105,"phase":"pre-stop","node":"n","ts":1}' % event_id.encode())
+    spool_event(
+        spool_dir,
+        f"{1:020d}-{event_id}.json",
+        b'{"event_id":"%s","vmid":105,"phase":"pre-stop","node":"n","ts":1}' % event_id.encode(),
+    )
     assert run_hook(conf_env(receiver.url), "106", "pre-stop").returncode == 0
     assert [status for status, _ in receiver.log] == [200, 202]
     assert spooled(spool_dir) == []
@@ -601,8 +618,11 @@ def test_an_already_delivered_spooled_event_is_removed_on_200(receiver, conf_env
 
 def test_a_malformed_spooled_event_is_moved_aside(receiver, conf_env, spool_dir):
     spool_event(spool_dir, f"{1:020d}-garbage.json", b"this is not json")
-    spool_event(spool_dir, f"{2:020d}-good.json",
-                b'{"event_id":"%s","vmid":109,"phase":"post-stop","node":"n","ts":1}' % uuid.uuid4().hex.encode())
+    spool_event(
+        spool_dir,
+        f"{2:020d}-good.json",
+        b'{"event_id":"%s","vmid":109,"phase":"post-stop","node":"n","ts":1}' % uuid.uuid4().hex.encode(),
+    )
 
     proc = run_hook(conf_env(receiver.url), "110", "post-stop")
 
@@ -644,16 +664,23 @@ def test_spool_is_bounded_to_10000_files(refused_url, conf_env, spool_dir):
 
 # --- spool safety: the hook runs as root ----------------------------------------------
 
+
 def event_bytes(vmid, event_id=None):
     return b'{"event_id":"%s","vmid":%d,"phase":"post-stop","node":"n","ts":1}' % (
-        (event_id or uuid.uuid4().hex).encode(), vmid)
+        (event_id or uuid.uuid4().hex).encode(),
+        vmid,
+    )
 
 
 def write_conf(tmp_path, url, spool):
     conf = tmp_path / "hook.conf"
     conf.write_text(f"URL={url}\nSECRET={SECRET}\nSPOOL_DIR={spool}\nTIMEOUT=1\n")
-    return {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf),
-            "PVE_JANITOR_NODE": NODE}
+    return {
+        "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
+        "LC_ALL": "C",
+        "PVE_JANITOR_HOOK_CONF": str(conf),
+        "PVE_JANITOR_NODE": NODE,
+    }
 
 
 def test_a_spooled_symlink_is_never_followed(receiver, conf_env, spool_dir, tmp_path):
@@ -790,9 +817,21 @@ def test_a_symlinked_rejected_dir_is_not_used(receiver, conf_env, spool_dir, tmp
 
 # --- always exit 0 -----------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [[], ["101"], ["abc", "post-stop"], ["-1", "post-stop"],
-                                  ["101", "destroy"], ["101", "post-stop", "extra"], ["१०१", "post-stop"],
-                                  ["99", "post-stop"], ["1000000000", "pre-start"]])
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["101"],
+        ["abc", "post-stop"],
+        ["-1", "post-stop"],
+        ["101", "destroy"],
+        ["101", "post-stop", "extra"],
+        ["१०१", "post-stop"],
+        ["99", "post-stop"],
+        ["1000000000", "pre-start"],
+    ],
+)
 def test_bad_arguments_print_usage_and_exit_zero(receiver, conf_env, in_process, argv):
     code, err = in_process(argv, conf_env(receiver.url))
     assert code == 0
@@ -815,7 +854,8 @@ def test_config_syntax_quotes_comments_unknown_keys(receiver, tmp_path, spool_di
         + f'URL = "{receiver.url}/"\r\n'.encode()
         + f"SECRET='{SECRET}'\r\n".encode()
         + f"export SPOOL_DIR={spool_dir}\r\n".encode()
-        + b"COLOUR=blue\r\njust some words\r\n\xff\xfe garbage =\r\nTIMEOUT=1.5\r\n")
+        + b"COLOUR=blue\r\njust some words\r\n\xff\xfe garbage =\r\nTIMEOUT=1.5\r\n"
+    )
     code, err = in_process(["101", "post-stop"], {"PVE_JANITOR_HOOK_CONF": str(conf)})
     assert code == 0
     assert "sent (202)" in err
@@ -874,15 +914,23 @@ def env_without_conf(receiver, hook):
         pytest.skip(f"{hook.DEFAULT_SPOOL_DIR} exists: a run without SPOOL_DIR would replay it")
 
     def make(conf):
-        return {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf),
-                "PVE_JANITOR_NODE": NODE, "PVE_JANITOR_URL": receiver.url, "PVE_JANITOR_SECRET": SECRET}
+        return {
+            "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
+            "LC_ALL": "C",
+            "PVE_JANITOR_HOOK_CONF": str(conf),
+            "PVE_JANITOR_NODE": NODE,
+            "PVE_JANITOR_URL": receiver.url,
+            "PVE_JANITOR_SECRET": SECRET,
+        }
+
     yield make
     assert not os.path.lexists(hook.DEFAULT_SPOOL_DIR)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "/dev/tty", "directory", "socket"])
 def test_a_config_that_is_not_a_regular_file_is_ignored_without_blocking(
-        receiver, env_without_conf, hook, tmp_path, kind):
+    receiver, env_without_conf, hook, tmp_path, kind
+):
     """A FIFO without a writer would block a plain open() for ever, and with it the
     guest's start; a device would be read as a config."""
     listener = None
@@ -935,16 +983,18 @@ def test_a_config_larger_than_the_bound_is_ignored_unread(receiver, env_without_
     assert [e["vmid"] for e in receiver.events] == [101, 102]
 
 
-@pytest.mark.parametrize("extra, why", [("TIMEOUT=soon\n", "TIMEOUT"), ("TIMEOUT=-3\n", "TIMEOUT"),
-                                        ("TIMEOUT=nan\n", "TIMEOUT")])
+@pytest.mark.parametrize(
+    "extra, why", [("TIMEOUT=soon\n", "TIMEOUT"), ("TIMEOUT=-3\n", "TIMEOUT"), ("TIMEOUT=nan\n", "TIMEOUT")]
+)
 def test_bad_timeout_falls_back_to_the_default(receiver, conf_env, in_process, extra, why):
     code, err = in_process(["101", "post-stop"], conf_env(receiver.url, extra=extra))
     assert code == 0
     assert "sent (202)" in err and why in err
 
 
-@pytest.mark.parametrize("url", ["ftp://example.org", "no-scheme", "http://", "http://h:99999",
-                                 "http://user:pw@127.0.0.1:1"])
+@pytest.mark.parametrize(
+    "url", ["ftp://example.org", "no-scheme", "http://", "http://h:99999", "http://user:pw@127.0.0.1:1"]
+)
 def test_bad_url_spools(conf_env, in_process, spool_dir, url):
     code, err = in_process(["101", "post-stop"], conf_env(url))
     assert code == 0
@@ -978,12 +1028,17 @@ def test_secret_is_scrubbed_from_every_message(hook, capsys, monkeypatch):
     assert SECRET not in err and "***" in err
 
 
-@pytest.mark.parametrize("secret, up, line", [
-    ("e", True, "pve-janitor-hook: 101 post-stop sent (202)\n"),
-    ("a", False, "pve-janitor-hook: 101 post-stop spooled (receiver unreachable: Connection refused)\n"),
-], ids=["e-receiver-up", "a-receiver-down"])
-def test_a_one_character_secret_does_not_garble_the_output(receiver, refused_url, conf_env, spool_dir,
-                                                           secret, up, line):
+@pytest.mark.parametrize(
+    "secret, up, line",
+    [
+        ("e", True, "pve-janitor-hook: 101 post-stop sent (202)\n"),
+        ("a", False, "pve-janitor-hook: 101 post-stop spooled (receiver unreachable: Connection refused)\n"),
+    ],
+    ids=["e-receiver-up", "a-receiver-down"],
+)
+def test_a_one_character_secret_does_not_garble_the_output(
+    receiver, refused_url, conf_env, spool_dir, secret, up, line
+):
     receiver.secret = secret
     proc = run_hook(conf_env(receiver.url if up else refused_url, secret=secret), "101", "post-stop")
     assert proc.returncode == 0
@@ -1011,14 +1066,17 @@ def test_secrets_of_eight_characters_or_more_are_scrubbed(hook, capsys, monkeypa
 
 # --- CHAIN ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def chained(tmp_path):
     """A platform's own hookscript that records its argv and exits with a chosen code."""
+
     def make(exit_code):
         script = tmp_path / "platform-hook"
         script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/chain.log\nexit {exit_code}\n')
         script.chmod(0o755)
         return script, tmp_path / "chain.log"
+
     return make
 
 
@@ -1077,6 +1135,7 @@ def test_chain_pointing_at_itself_does_not_loop(receiver, conf_env):
 
 # --- the file itself ----------------------------------------------------------------
 
+
 def test_file_is_an_executable_python3_script():
     assert HOOK.read_text().startswith("#!/usr/bin/python3")
     assert stat.S_IMODE(HOOK.stat().st_mode) == 0o755
@@ -1084,10 +1143,25 @@ def test_file_is_an_executable_python3_script():
 
 def test_runs_without_importing_expensive_modules(receiver, conf_env):
     """Speed guard: the run should cost about a bare interpreter start (docs/hookscript.md)."""
-    proc = subprocess.run([PYTHON, "-I", "-S", "-X", "importtime", str(HOOK), "101", "post-stop"],
-                          env=conf_env(receiver.url), capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [PYTHON, "-I", "-S", "-X", "importtime", str(HOOK), "101", "post-stop"],
+        env=conf_env(receiver.url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0 and "sent (202)" in proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
     assert "_socket" in imported  # the parse works
-    assert not imported & {"http.client", "json", "urllib.request", "hmac", "socket", "ssl",
-                           "subprocess", "uuid", "email.parser", "threading"}
+    assert not imported & {
+        "http.client",
+        "json",
+        "urllib.request",
+        "hmac",
+        "socket",
+        "ssl",
+        "subprocess",
+        "uuid",
+        "email.parser",
+        "threading",
+    }

@@ -1,4 +1,5 @@
 """The durable event inbox (receiver/inbox.py): stored before the answer, replays are no-ops."""
+
 from __future__ import annotations
 
 import threading
@@ -22,8 +23,9 @@ def db(any_db):
     return any_db
 
 
-def event(event_id: str, vmid: int = 101, phase: str = "post-stop", node: str = "pve1",
-          ts: float = 1_714_564_800.25) -> Event:
+def event(
+    event_id: str, vmid: int = 101, phase: str = "post-stop", node: str = "pve1", ts: float = 1_714_564_800.25
+) -> Event:
     return Event(event_id, vmid, phase, node, ts)
 
 
@@ -98,8 +100,20 @@ def test_mark_processed_takes_events_out_of_pending_and_the_backlog(db):
     inbox = Inbox(db.engine)
     ids = [f"e-{i:04d}" for i in range(1203)]  # more than one UPDATE's worth of keys
     with db.engine.begin() as conn:  # accepted earlier, as accept() stores them
-        conn.execute(store.inbox.insert(), [{"event_id": event_id, "vmid": 101, "phase": "post-stop", "node": "pve1",
-                                             "ts": float(i), "received_at": T0} for i, event_id in enumerate(ids)])
+        conn.execute(
+            store.inbox.insert(),
+            [
+                {
+                    "event_id": event_id,
+                    "vmid": 101,
+                    "phase": "post-stop",
+                    "node": "pve1",
+                    "ts": float(i),
+                    "received_at": T0,
+                }
+                for i, event_id in enumerate(ids)
+            ],
+        )
     keep = {"e-0000", "e-0600", "e-1202"}
     with db.engine.begin() as conn:
         inbox.mark_processed(conn, [i for i in ids if i not in keep], T0)

@@ -8,6 +8,7 @@ root, ``systemctl enable --now`` marks the unit enabled and active, ``useradd``
 adds the user to the root's passwd.  So "running twice = once" is checked against
 the same evidence a real node would give.
 """
+
 from __future__ import annotations
 
 import os
@@ -210,8 +211,9 @@ class Env:
         (self.state / "cluster").mkdir(exist_ok=True)
         (self.state / "cluster" / "pve").write_text(OURS + "\n")
         for name, vols in nodes.items():
-            (self.state / "cluster" / name).write_text(vols + "\n" if isinstance(vols, str) else
-                                                       "".join(v + "\n" for v in vols))
+            (self.state / "cluster" / name).write_text(
+                vols + "\n" if isinstance(vols, str) else "".join(v + "\n" for v in vols)
+            )
 
     def hookscript_of(self, kind: str, vmid: int) -> str | None:
         for line in (self.state / kind / f"{vmid}.conf").read_text().splitlines():
@@ -296,10 +298,18 @@ def assert_no_secret(result: subprocess.CompletedProcess, *secrets: str) -> None
 ENV_FILE = "etc/pve-janitor/janitor.env"
 UNIT_FILE = "etc/systemd/system/pve-janitor.service"
 SANDBOX = [
-    "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-    "PrivateDevices=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes",
-    "ProtectControlGroups=yes", "RestrictSUIDSGID=yes", "LockPersonality=yes",
-    "RestrictNamespaces=yes", "CapabilityBoundingSet=",
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ProtectHome=yes",
+    "PrivateTmp=yes",
+    "PrivateDevices=yes",
+    "ProtectKernelTunables=yes",
+    "ProtectKernelModules=yes",
+    "ProtectControlGroups=yes",
+    "RestrictSUIDSGID=yes",
+    "LockPersonality=yes",
+    "RestrictNamespaces=yes",
+    "CapabilityBoundingSet=",
     # Only the receiver's own subdirectory: /var/lib/pve-janitor is root's, since a
     # Proxmox node's hookscript (root) spools under it (docs/install-script.md).
     "ReadWritePaths=/var/lib/pve-janitor/receiver",
@@ -321,8 +331,15 @@ def test_receiver_writes_venv_env_file_unit_and_starts_it(env: Env) -> None:
     assert hook_secret != admin_token
     assert values["CLEANUP_DRY_RUN"] == "true"
     text = env_file.read_text()
-    for name in ("DATABASE_URL", "PVE_HOST", "PVE_USER", "PVE_TOKEN_NAME", "PVE_TOKEN_VALUE",
-                 "PVE_VERIFY_SSL", "CLEANUP_BIND"):
+    for name in (
+        "DATABASE_URL",
+        "PVE_HOST",
+        "PVE_USER",
+        "PVE_TOKEN_NAME",
+        "PVE_TOKEN_VALUE",
+        "PVE_VERIFY_SSL",
+        "CLEANUP_BIND",
+    ):
         assert re.search(rf"^#{name}=", text, re.M), name
         assert name not in values
     assert "pve-janitor check" in text and "pve-janitor sweep --dry-run" in text
@@ -333,8 +350,12 @@ def test_receiver_writes_venv_env_file_unit_and_starts_it(env: Env) -> None:
     assert "CLEANUP_HOOK_SECRET: (generated)" in result.stdout
 
     unit = (env.root / UNIT_FILE).read_text().splitlines()
-    for line in SANDBOX + ["User=pve-janitor", "EnvironmentFile=/etc/pve-janitor/janitor.env",
-                           "ExecStart=/opt/pve-janitor/venv/bin/pve-janitor serve", "Restart=on-failure"]:
+    for line in SANDBOX + [
+        "User=pve-janitor",
+        "EnvironmentFile=/etc/pve-janitor/janitor.env",
+        "ExecStart=/opt/pve-janitor/venv/bin/pve-janitor serve",
+        "Restart=on-failure",
+    ]:
         assert line in unit, line
 
     venv = env.root / "opt/pve-janitor/venv"
@@ -359,8 +380,11 @@ def test_receiver_state_is_a_subdirectory_of_a_root_owned_state_dir(env: Env) ->
     assert f"chown {os.getuid()}:{os.getgid()} {receiver_state}" in calls  # the service user's (fake ids)
     assert not any(c.endswith(f" {state}") for c in calls if c.startswith("chown"))
     unit = (env.root / UNIT_FILE).read_text().splitlines()
-    for line in ("StateDirectory=pve-janitor/receiver", "WorkingDirectory=/var/lib/pve-janitor/receiver",
-                 "ReadWritePaths=/var/lib/pve-janitor/receiver"):
+    for line in (
+        "StateDirectory=pve-janitor/receiver",
+        "WorkingDirectory=/var/lib/pve-janitor/receiver",
+        "ReadWritePaths=/var/lib/pve-janitor/receiver",
+    ):
         assert line in unit, line
     assert "ReadWritePaths=/var/lib/pve-janitor" not in unit
     assert "sqlite:////var/lib/pve-janitor/receiver/platform.db" in (env.root / ENV_FILE).read_text()
@@ -422,8 +446,10 @@ def test_receiver_second_run_changes_nothing(env: Env) -> None:
 def test_receiver_keeps_existing_values_and_adds_only_missing_secret(env: Env) -> None:
     env_file = env.root / ENV_FILE
     env_file.parent.mkdir(parents=True)
-    original = ("# mine\nCLEANUP_HOOK_SECRET=my-own-hook-secret-0123456789\n"
-                "DATABASE_URL=sqlite:////var/lib/pve-janitor/platform.db\nCLEANUP_DRY_RUN=false\n")
+    original = (
+        "# mine\nCLEANUP_HOOK_SECRET=my-own-hook-secret-0123456789\n"
+        "DATABASE_URL=sqlite:////var/lib/pve-janitor/platform.db\nCLEANUP_DRY_RUN=false\n"
+    )
     env_file.write_text(original)
     env_file.chmod(0o644)
     result = env.run("receiver")
@@ -447,14 +473,21 @@ def test_receiver_without_systemd_prints_manual_command(env: Env, systemd_dir: b
     result = env.run("receiver", extra_env={"PVE_JANITOR_ASSUME_SYSTEMD": assume} if assume else None)
     assert_ok(result)
     assert not [c for c in env.calls() if c.startswith("systemctl")]
-    assert ("set -a; . /etc/pve-janitor/janitor.env; set +a; /opt/pve-janitor/venv/bin/pve-janitor serve"
-            in result.stdout)
+    assert (
+        "set -a; . /etc/pve-janitor/janitor.env; set +a; /opt/pve-janitor/venv/bin/pve-janitor serve" in result.stdout
+    )
     assert (env.root / UNIT_FILE).is_file()  # the unit is still there for later
 
 
 def test_receiver_prefix_and_extras(env: Env) -> None:
-    result = env.run("receiver", "--prefix", "/srv/janitor", "--extras", "postgres",
-                     extra_env={"PVE_JANITOR_PIP_ARGS": "--no-index --find-links /srv/wheels"})
+    result = env.run(
+        "receiver",
+        "--prefix",
+        "/srv/janitor",
+        "--extras",
+        "postgres",
+        extra_env={"PVE_JANITOR_PIP_ARGS": "--no-index --find-links /srv/wheels"},
+    )
     assert_ok(result)
     unit = (env.root / UNIT_FILE).read_text()
     assert "ExecStart=/srv/janitor/venv/bin/pve-janitor serve" in unit.splitlines()
@@ -480,9 +513,13 @@ def test_receiver_dry_run_writes_nothing(env: Env) -> None:
     assert env.tree() == {} and not any(env.root.iterdir())
     assert [c for c in env.calls() if STATE_CHANGING.match(c)] == []
     lines = result.stdout.splitlines()
-    for expected in ("DRY-RUN: useradd", "/opt/pve-janitor/venv/bin/pip install",
-                     f"DRY-RUN: write {env.root}/{ENV_FILE}", f"DRY-RUN: write {env.root}/{UNIT_FILE}",
-                     "DRY-RUN: systemctl enable --now pve-janitor"):
+    for expected in (
+        "DRY-RUN: useradd",
+        "/opt/pve-janitor/venv/bin/pip install",
+        f"DRY-RUN: write {env.root}/{ENV_FILE}",
+        f"DRY-RUN: write {env.root}/{UNIT_FILE}",
+        "DRY-RUN: systemctl enable --now pve-janitor",
+    ):
         assert any(expected in line and line.startswith("DRY-RUN: ") for line in lines), expected
 
 
@@ -510,8 +547,7 @@ def test_node_installs_hook_conf_storage_and_attaches(node: Env) -> None:
     assert mode(hook) == 0o755
     conf = node.root / HOOK_CONF
     assert mode(conf) == 0o600
-    assert env_values(conf) == {"URL": URL, "SECRET": SECRET, "TIMEOUT": "2",
-                                "SPOOL_DIR": "/var/lib/pve-janitor/spool"}
+    assert env_values(conf) == {"URL": URL, "SECRET": SECRET, "TIMEOUT": "2", "SPOOL_DIR": "/var/lib/pve-janitor/spool"}
 
     assert "pvesm set local --content iso,vztmpl,backup,snippets" in calls
     assert "\tcontent iso,vztmpl,backup,snippets" in (node.root / "etc/pve/storage.cfg").read_text()
@@ -522,7 +558,7 @@ def test_node_installs_hook_conf_storage_and_attaches(node: Env) -> None:
     assert node.hookscript_of("lxc", 102) == "local:snippets/other-hook"
     assert node.hookscript_of("qemu", 201) == OURS
     # The guest with another hookscript is listed at the end, with the way out.
-    tail = result.stdout[result.stdout.index("Skipped"):]
+    tail = result.stdout[result.stdout.index("Skipped") :]
     assert "102" in tail and "local:snippets/other-hook" in tail and "--chain" in tail
     assert "Guests: 2 attached, 1 already had pve-janitor-hook, 1 skipped, 0 failed." in result.stdout
     assert "201" not in tail  # already ours: skipped silently
@@ -606,8 +642,9 @@ def test_node_chain_records_other_hookscript_and_attaches(node: Env) -> None:
     assert node.hookscript_of("lxc", 103) == "local:snippets/third-hook"
     assert f"pct set 102 --hookscript {OURS}" in calls
     assert not any(c.startswith("pct set 103") for c in calls)
-    assert re.search(r"103 \(CT\): has hookscript local:snippets/third-hook, but hook\.conf can CHAIN only one",
-                     result.stdout)
+    assert re.search(
+        r"103 \(CT\): has hookscript local:snippets/third-hook, but hook\.conf can CHAIN only one", result.stdout
+    )
 
     # Re-running without --chain keeps CHAIN: guest 102 still relies on it.
     assert_ok(node.run("node", "--url", URL, "--secret", SECRET, "--attach", "all"))
@@ -666,8 +703,7 @@ def test_node_force_attach_attaches_and_warns_loudly(node: Env) -> None:
 
 
 def test_node_attach_refuses_when_the_cluster_cannot_be_listed(node: Env) -> None:
-    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "101",
-                      extra_env={"FAKE_FAIL_NODES": "1"})
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "101", extra_env={"FAKE_FAIL_NODES": "1"})
     assert result.returncode == 1
     assert "'pvesh get /nodes' failed" in result.stderr
     assert node.hookscript_of("lxc", 101) is None
@@ -711,8 +747,7 @@ def test_node_failed_attach_is_reported_and_exits_1(node: Env) -> None:
 
 
 def test_node_unreadable_guest_list_fails_before_writing_hook_conf(node: Env) -> None:
-    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "all",
-                      extra_env={"FAKE_FAIL_LIST": "1"})
+    result = node.run("node", "--url", URL, "--secret", SECRET, "--attach", "all", extra_env={"FAKE_FAIL_LIST": "1"})
     assert result.returncode == 1
     assert "'pct list' failed" in result.stderr
     assert not (node.root / HOOK_CONF).exists()
@@ -732,8 +767,10 @@ def test_node_keeps_other_hook_conf_lines_and_updates_url(node: Env) -> None:
     conf.parent.mkdir(parents=True)
     conf.write_text("# tuned by hand\nURL=http://old:1\nTIMEOUT=5\nCHAIN=/usr/local/bin/x\n")
     assert_ok(node.run("node", "--url", URL, "--secret", SECRET))
-    assert conf.read_text() == (f"# tuned by hand\nURL={URL}\nTIMEOUT=5\nCHAIN=/usr/local/bin/x\n"
-                                f"SECRET={SECRET}\nSPOOL_DIR=/var/lib/pve-janitor/spool\n")
+    assert conf.read_text() == (
+        f"# tuned by hand\nURL={URL}\nTIMEOUT=5\nCHAIN=/usr/local/bin/x\n"
+        f"SECRET={SECRET}\nSPOOL_DIR=/var/lib/pve-janitor/spool\n"
+    )
     assert mode(conf) == 0o600
 
 
@@ -761,10 +798,14 @@ def test_node_dry_run_changes_nothing(node: Env) -> None:
     assert [c for c in node.calls() if STATE_CHANGING.match(c)] == []
     assert node.hookscript_of("lxc", 101) is None
     lines = result.stdout.splitlines()
-    for expected in ("DRY-RUN: install -m 0755", f"DRY-RUN: write {node.root}/{HOOK_CONF} (mode 0600",
-                     "DRY-RUN: pvesm set local --content iso,vztmpl,backup,snippets",
-                     f"DRY-RUN: pct set 101 --hookscript {OURS}", f"DRY-RUN: pct set 102 --hookscript {OURS}",
-                     f"DRY-RUN: qm set 200 --hookscript {OURS}"):
+    for expected in (
+        "DRY-RUN: install -m 0755",
+        f"DRY-RUN: write {node.root}/{HOOK_CONF} (mode 0600",
+        "DRY-RUN: pvesm set local --content iso,vztmpl,backup,snippets",
+        f"DRY-RUN: pct set 101 --hookscript {OURS}",
+        f"DRY-RUN: pct set 102 --hookscript {OURS}",
+        f"DRY-RUN: qm set 200 --hookscript {OURS}",
+    ):
         assert any(line.startswith(expected) for line in lines), expected
     assert_no_secret(result, SECRET)
 
@@ -778,10 +819,20 @@ def test_node_secret_file(node: Env, tmp_path: Path) -> None:
     assert_no_secret(result, SECRET)
 
 
-@pytest.mark.parametrize("url", [
-    "ftp://10.0.0.5:8765", "10.0.0.5:8765", "http://", "http://host:99999", "http://host:0",
-    "http://user:pw@host:8765", "http://host:8765/x?y=1", "http://ho st", "javascript:alert(1)",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://10.0.0.5:8765",
+        "10.0.0.5:8765",
+        "http://",
+        "http://host:99999",
+        "http://host:0",
+        "http://user:pw@host:8765",
+        "http://host:8765/x?y=1",
+        "http://ho st",
+        "javascript:alert(1)",
+    ],
+)
 def test_node_rejects_bad_url(node: Env, url: str) -> None:
     result = node.run("node", "--url", url, "--secret", SECRET)
     assert result.returncode == 2, result.stderr
@@ -789,12 +840,15 @@ def test_node_rejects_bad_url(node: Env, url: str) -> None:
     assert not (node.root / HOOK).exists() and node.calls() == []
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "needs --secret"),
-    (["--secret", ""], "secret is empty"),
-    (["--secret", "short-secret"], "too short"),
-    (["--secret", "has spaces in the secret value"], "spaces"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "needs --secret"),
+        (["--secret", ""], "secret is empty"),
+        (["--secret", "short-secret"], "too short"),
+        (["--secret", "has spaces in the secret value"], "spaces"),
+    ],
+)
 def test_node_rejects_missing_or_weak_secret(node: Env, args: list[str], message: str) -> None:
     result = node.run("node", "--url", URL, *args)
     assert result.returncode == 2
@@ -802,11 +856,19 @@ def test_node_rejects_missing_or_weak_secret(node: Env, args: list[str], message
     assert not (node.root / HOOK_CONF).exists()
 
 
-@pytest.mark.parametrize("secret", [
-    "dollar-$HOME-in-the-secret-0123", "hash#comment-in-the-secret-0123", "back\\slash-in-the-secret-0123",
-    "semi;colon-in-the-secret-012345", "backtick`in-the-secret-01234567", "non-ascii-\u00e9-in-the-secret-0123",
-    "percent%specifier-in-secret-0123", "trailing-space-in-the-secret-01 ",
-])
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "dollar-$HOME-in-the-secret-0123",
+        "hash#comment-in-the-secret-0123",
+        "back\\slash-in-the-secret-0123",
+        "semi;colon-in-the-secret-012345",
+        "backtick`in-the-secret-01234567",
+        "non-ascii-\u00e9-in-the-secret-0123",
+        "percent%specifier-in-secret-0123",
+        "trailing-space-in-the-secret-01 ",
+    ],
+)
 def test_node_refuses_a_secret_that_config_readers_would_read_differently(node: Env, secret: str) -> None:
     result = node.run("node", "--url", URL, "--secret", secret)
     assert result.returncode == 2
@@ -851,16 +913,19 @@ def test_node_refuses_non_root_without_root_dir(node: Env) -> None:
     assert "must run as root" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["node", "--url", URL, "--secret", SECRET, "--bogus"], "unknown option: --bogus"),
-    (["upgrade"], "unknown mode 'upgrade'"),
-    ([], "which mode"),
-    (["node", "--url", URL, "--secret", SECRET, "--attach", "abc"], "--attach takes 'all' or VMIDs"),
-    (["node", "--url"], "--url needs a value"),
-    (["node", "--url", URL, "--secret", SECRET, "--chain"], "--chain only matters with --attach"),
-    (["node", "--url", URL, "--secret", SECRET, "--force-attach"], "--force-attach only matters with --attach"),
-    (["receiver", "--force-attach"], "--force-attach is for node mode"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["node", "--url", URL, "--secret", SECRET, "--bogus"], "unknown option: --bogus"),
+        (["upgrade"], "unknown mode 'upgrade'"),
+        ([], "which mode"),
+        (["node", "--url", URL, "--secret", SECRET, "--attach", "abc"], "--attach takes 'all' or VMIDs"),
+        (["node", "--url"], "--url needs a value"),
+        (["node", "--url", URL, "--secret", SECRET, "--chain"], "--chain only matters with --attach"),
+        (["node", "--url", URL, "--secret", SECRET, "--force-attach"], "--force-attach only matters with --attach"),
+        (["receiver", "--force-attach"], "--force-attach is for node mode"),
+    ],
+)
 def test_usage_errors_exit_2(env: Env, args: list[str], message: str) -> None:
     result = env.run(*args)
     assert result.returncode == 2

@@ -1,4 +1,5 @@
 """The sweep lease (receiver/lease.py): one leader among receivers sharing a database."""
+
 from __future__ import annotations
 
 import os
@@ -89,11 +90,14 @@ def test_an_unrenewed_lease_expires_and_is_taken_over(sqlite_db):
     assert a.current_holder() == "b"
 
 
-@pytest.mark.parametrize("expires_in, taken", [
-    (timedelta(seconds=-1), True),
-    (timedelta(minutes=-10), True),
-    (timedelta(seconds=60), False),
-])
+@pytest.mark.parametrize(
+    "expires_in, taken",
+    [
+        (timedelta(seconds=-1), True),
+        (timedelta(minutes=-10), True),
+        (timedelta(seconds=60), False),
+    ],
+)
 def test_another_holder_s_row_is_taken_only_once_expired(db, expires_in, taken):
     put_lease(db.engine, "other", expires_in)
     lease = Lease(db.engine, 30, holder="me")
@@ -112,18 +116,21 @@ def _namespace() -> str:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux PID namespaces")
-@pytest.mark.parametrize("holder, taken", [
-    pytest.param(lambda: f"{socket.gethostname()}:{_dead_pid()}:{_namespace()}:x", True,
-                 id="dead-process-on-this-host"),
-    pytest.param(lambda: f"{socket.gethostname()}:{os.getpid()}:{_namespace()}:x", False,
-                 id="this-process"),
-    pytest.param(lambda: f"other-{socket.gethostname()}:{_dead_pid()}:{_namespace()}:x", False,
-                 id="other-host"),
-    pytest.param(lambda: f"{socket.gethostname()}:{_dead_pid()}:1{_namespace()}:x", False,
-                 id="other-pid-namespace"),
-    pytest.param(lambda: f"{socket.gethostname()}:{_dead_pid()}:0:x", False, id="unknown-namespace"),
-    pytest.param(lambda: "not-a-holder-of-ours", False, id="foreign-format"),
-])
+@pytest.mark.parametrize(
+    "holder, taken",
+    [
+        pytest.param(
+            lambda: f"{socket.gethostname()}:{_dead_pid()}:{_namespace()}:x", True, id="dead-process-on-this-host"
+        ),
+        pytest.param(lambda: f"{socket.gethostname()}:{os.getpid()}:{_namespace()}:x", False, id="this-process"),
+        pytest.param(lambda: f"other-{socket.gethostname()}:{_dead_pid()}:{_namespace()}:x", False, id="other-host"),
+        pytest.param(
+            lambda: f"{socket.gethostname()}:{_dead_pid()}:1{_namespace()}:x", False, id="other-pid-namespace"
+        ),
+        pytest.param(lambda: f"{socket.gethostname()}:{_dead_pid()}:0:x", False, id="unknown-namespace"),
+        pytest.param(lambda: "not-a-holder-of-ours", False, id="foreign-format"),
+    ],
+)
 def test_an_unexpired_lease_of_a_dead_process_on_this_host_is_taken_at_once(sqlite_db, holder, taken):
     store.ensure_schema(sqlite_db.engine)
     put_lease(sqlite_db.engine, holder(), timedelta(minutes=5))

@@ -1,4 +1,5 @@
 """Logging setup and the secret scrubber (receiver/logs.py)."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Prometheus metrics on a registry of the app's own (receiver/metrics.py)."""
+
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -7,9 +8,11 @@ from receiver.metrics import Metrics
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(metrics.render().decode())
-            for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
 
 
 def test_each_metrics_object_has_a_registry_of_its_own():
@@ -26,8 +29,9 @@ def test_removals_add_up_by_reason_and_source_and_zero_adds_no_series():
     m.removal("old_error", "watcher", 0)
     found = samples(m)
     assert found[("pve_janitor_rows_removed_total", (("reason", "ghost"), ("source", "sweep")))] == 4
-    assert not any(name == "pve_janitor_rows_removed_total" and ("reason", "old_error") in labels
-                   for name, labels in found)
+    assert not any(
+        name == "pve_janitor_rows_removed_total" and ("reason", "old_error") in labels for name, labels in found
+    )
 
 
 def test_refusals_events_and_inventory_reads_are_labelled():

@@ -1,4 +1,5 @@
 """The planner: a table of cases, and hypothesis properties."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -20,13 +21,21 @@ DEFAULT = Settings()
 def row(key=1, vmid=200, status="running", age=timedelta(days=2), updated_age=None, hostname=None):
     created = None if age is None else NOW - age
     updated = created if updated_age is None else (None if updated_age == "null" else NOW - updated_age)
-    return Row(key=key, vmid=vmid, hostname=hostname, status=status, raw_created=created, raw_updated=updated,
-               raw_vmid=vmid)
+    return Row(
+        key=key, vmid=vmid, hostname=hostname, status=status, raw_created=created, raw_updated=updated, raw_vmid=vmid
+    )
 
 
 def inv(*vmids, status="running", **kw):
-    return Inventory.of([Guest(v, "pve1", "lxc", status, name=kw.get("name"), template=kw.get("template", False),
-                               lock=kw.get("lock")) for v in vmids], NOW)
+    return Inventory.of(
+        [
+            Guest(
+                v, "pve1", "lxc", status, name=kw.get("name"), template=kw.get("template", False), lock=kw.get("lock")
+            )
+            for v in vmids
+        ],
+        NOW,
+    )
 
 
 CASES = [
@@ -41,21 +50,40 @@ CASES = [
     ("protected status kept", row(vmid=200, status="deploying"), inv(100), {}, None),
     ("protected status is case-insensitive", row(vmid=200, status="Provisioning"), inv(100), {}, None),
     ("ghost cleanup disabled keeps ghost", row(vmid=200), inv(100), {"ghost_cleanup_enabled": False}, None),
-    ("old error, guest exists: old_error", row(vmid=100, status="error", age=timedelta(hours=25)), inv(100), {},
-     Reason.OLD_ERROR),
+    (
+        "old error, guest exists: old_error",
+        row(vmid=100, status="error", age=timedelta(hours=25)),
+        inv(100),
+        {},
+        Reason.OLD_ERROR,
+    ),
     ("young error, guest exists: kept", row(vmid=100, status="error", age=timedelta(hours=23)), inv(100), {}, None),
     ("old error, guest gone: ghost first", row(vmid=200, status="error"), inv(100), {}, Reason.GHOST),
-    ("error ghost with ghost cleanup off: old_error", row(vmid=200, status="error"), inv(100),
-     {"ghost_cleanup_enabled": False}, Reason.OLD_ERROR),
-    ("error with NULL updated_at is old", row(vmid=100, status="error", updated_age="null"), inv(100), {},
-     Reason.OLD_ERROR),
+    (
+        "error ghost with ghost cleanup off: old_error",
+        row(vmid=200, status="error"),
+        inv(100),
+        {"ghost_cleanup_enabled": False},
+        Reason.OLD_ERROR,
+    ),
+    (
+        "error with NULL updated_at is old",
+        row(vmid=100, status="error", updated_age="null"),
+        inv(100),
+        {},
+        Reason.OLD_ERROR,
+    ),
     ("offline node guest (unknown) is present", row(vmid=100), inv(100, status="unknown"), {}, None),
     ("guest being destroyed (lock) is present", row(vmid=100), inv(100, lock="destroyed"), {}, None),
-    ("already marked row not marked again", row(vmid=200, status="destroyed"), inv(100),
-     {"action": "mark"}, None),
+    ("already marked row not marked again", row(vmid=200, status="destroyed"), inv(100), {"action": "mark"}, None),
     ("mark action marks ghost", row(vmid=200), inv(100), {"action": "mark"}, Reason.GHOST),
-    ("retention longer keeps error", row(vmid=100, status="error", age=timedelta(hours=30)), inv(100),
-     {"error_retention_hours": 48}, None),
+    (
+        "retention longer keeps error",
+        row(vmid=100, status="error", age=timedelta(hours=30)),
+        inv(100),
+        {"error_retention_hours": 48},
+        None,
+    ),
 ]
 
 
@@ -74,11 +102,14 @@ def test_old_error_says_guest_still_exists():
 
 
 def test_reports_unmanaged_guests_without_templates_and_name_mismatch():
-    inventory = Inventory.of([
-        Guest(100, "pve1", "lxc", "running", name="web"),
-        Guest(101, "pve1", "lxc", "running", name="orphan"),
-        Guest(9000, "pve1", "lxc", "stopped", name="tmpl", template=True),
-    ], NOW)
+    inventory = Inventory.of(
+        [
+            Guest(100, "pve1", "lxc", "running", name="web"),
+            Guest(101, "pve1", "lxc", "running", name="orphan"),
+            Guest(9000, "pve1", "lxc", "stopped", name="tmpl", template=True),
+        ],
+        NOW,
+    )
     plan = make_plan([row(vmid=100, hostname="api")], inventory, NOW, DEFAULT)
     assert not plan.actions
     kinds = sorted((r.kind, r.vmid) for r in plan.reports)
@@ -90,16 +121,25 @@ def test_reports_unmanaged_guests_without_templates_and_name_mismatch():
 statuses = st.sampled_from(["running", "stopped", "error", "deploying", "pending", "destroyed", "Error", None])
 ages = st.one_of(st.none(), st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=5)))
 rows_strategy = st.lists(
-    st.builds(lambda vmid, status, age, upd: row(vmid=vmid, status=status, age=age, updated_age=upd),
-              st.one_of(st.none(), st.integers(100, 130)), statuses, ages,
-              st.one_of(st.none(), st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=5)))),
+    st.builds(
+        lambda vmid, status, age, upd: row(vmid=vmid, status=status, age=age, updated_age=upd),
+        st.one_of(st.none(), st.integers(100, 130)),
+        statuses,
+        ages,
+        st.one_of(st.none(), st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=5))),
+    ),
     max_size=30,
 ).map(lambda rs: [r._replace(key=i) for i, r in enumerate(rs)])
 inventories = st.sets(st.integers(100, 130), max_size=30).map(lambda s: inv(*s))
 settings_strategy = st.builds(
-    lambda action, grace, retention, ghosts: replace(DEFAULT, action=action, grace_minutes=grace,
-                                                     error_retention_hours=retention, ghost_cleanup_enabled=ghosts),
-    st.sampled_from(["delete", "mark"]), st.integers(0, 120), st.integers(1, 72), st.booleans())
+    lambda action, grace, retention, ghosts: replace(
+        DEFAULT, action=action, grace_minutes=grace, error_retention_hours=retention, ghost_cleanup_enabled=ghosts
+    ),
+    st.sampled_from(["delete", "mark"]),
+    st.integers(0, 120),
+    st.integers(1, 72),
+    st.booleans(),
+)
 
 
 @hsettings(max_examples=300, deadline=None)
@@ -138,10 +178,14 @@ def test_planning_after_applying_yields_nothing(rows, inventory, s):
     assert again.actions == ()
 
 
-@pytest.mark.parametrize("r, inventory", [
-    (row(vmid=200), inv(100)),  # missing guest: its age decides
-    (row(vmid=100, status="error"), inv(100)),  # error status: its age decides
-], ids=["ghost candidate", "error row"])
+@pytest.mark.parametrize(
+    "r, inventory",
+    [
+        (row(vmid=200), inv(100)),  # missing guest: its age decides
+        (row(vmid=100, status="error"), inv(100)),  # error status: its age decides
+    ],
+    ids=["ghost candidate", "error row"],
+)
 def test_unreadable_timestamp_that_would_decide_keeps_and_reports_the_row(r, inventory):
     r = r._replace(raw_updated="last tuesday")
     plan = make_plan([r], inventory, NOW, DEFAULT)

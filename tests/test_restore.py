@@ -3,6 +3,7 @@
 The round trip through the CLI (every column back, the second restore refused, a
 UNIQUE value taken by now) is in test_sweep_cli.py; these are the edges around it.
 """
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -37,8 +38,10 @@ def _one_ghost_removed(sim, db):
     table = create_apps_table(db.engine)
     sim.add_guest(100)
     with db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(100, "running", age=timedelta(days=1)),
-                                      app_row(200, "error", age=timedelta(days=2))])
+        conn.execute(
+            table.insert(),
+            [app_row(100, "running", age=timedelta(days=1)), app_row(200, "error", age=timedelta(days=2))],
+        )
     ghost = _row(db, 200)
     runtime = make_runtime(sim, db, CLEANUP_GRACE_MINUTES=0)
     result = runtime.sweeper.run(source="manual")

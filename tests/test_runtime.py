@@ -1,5 +1,6 @@
 """Runtime and ``serve.build``: one clock for the sweeper and the watcher, hooks given at
 construction.  Against the simulator over HTTPS and a real SQLite file."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -21,8 +22,12 @@ def test_the_runtime_hands_its_clock_and_sweep_hook_to_the_sweeper(sim, sqlite_d
     pinned = utcnow() + timedelta(hours=1)
     seen = []
     settings = load_settings(env=janitor_env(sim, sqlite_db), overrides={"CLEANUP_GRACE_MINUTES": 15})
-    runtime = Runtime.build(settings, engine=sqlite_db.engine, clock=lambda: pinned,
-                            on_sweep=lambda result, source: seen.append((result.outcome, source)))
+    runtime = Runtime.build(
+        settings,
+        engine=sqlite_db.engine,
+        clock=lambda: pinned,
+        on_sweep=lambda result, source: seen.append((result.outcome, source)),
+    )
     assert runtime.clock() == pinned
     result = runtime.sweeper.run()
     # Row 105 is 5 minutes old by the wall clock, 65 by the runtime's: the runtime's clock decides.

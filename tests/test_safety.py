@@ -1,4 +1,5 @@
 """The fail-closed rules every removal obeys (receiver/safety.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,33 +37,39 @@ def test_an_empty_listing_while_the_table_has_rows_is_refused():
     assert "47 rows" in str(caught.value) and "VM.Audit" in str(caught.value)
 
 
-@pytest.mark.parametrize("would_go, total, percent, tripped", [
-    (GUARD_MIN_ROWS, GUARD_MIN_ROWS, 50, False),  # never for 10 rows or fewer, whatever the share
-    (GUARD_MIN_ROWS, 11, 1, False),
-    (GUARD_MIN_ROWS + 1, 22, 50, False),  # exactly 50 %: not more than allowed
-    (GUARD_MIN_ROWS + 1, 21, 50, True),
-    (12, 22, 50, True),
-    (11, 1000, 1, True),  # 1.1 % > 1 %
-    (11, 1100, 1, False),
-    (11, 11, 100, False),
-    (0, 0, 50, False),
-])
+@pytest.mark.parametrize(
+    "would_go, total, percent, tripped",
+    [
+        (GUARD_MIN_ROWS, GUARD_MIN_ROWS, 50, False),  # never for 10 rows or fewer, whatever the share
+        (GUARD_MIN_ROWS, 11, 1, False),
+        (GUARD_MIN_ROWS + 1, 22, 50, False),  # exactly 50 %: not more than allowed
+        (GUARD_MIN_ROWS + 1, 21, 50, True),
+        (12, 22, 50, True),
+        (11, 1000, 1, True),  # 1.1 % > 1 %
+        (11, 1100, 1, False),
+        (11, 11, 100, False),
+        (0, 0, 50, False),
+    ],
+)
 def test_guard_tripped_thresholds(would_go, total, percent, tripped):
     assert guard_tripped(would_go, total, Settings(max_delete_percent=percent)) is tripped
 
 
-@pytest.mark.parametrize("would_go, total, force, refusal", [
-    (0, 0, False, None),
-    (0, 47, False, None),
-    (5, 47, False, None),
-    (41, 47, False, Refusal.GUARD),
-    (41, 47, True, None),
-    (47, 47, False, Refusal.WOULD_EMPTY),
-    (1, 1, False, Refusal.WOULD_EMPTY),  # whatever its size
-    (3, 2, False, Refusal.WOULD_EMPTY),
-    (47, 47, True, None),
-    (1, 1, True, None),
-])
+@pytest.mark.parametrize(
+    "would_go, total, force, refusal",
+    [
+        (0, 0, False, None),
+        (0, 47, False, None),
+        (5, 47, False, None),
+        (41, 47, False, Refusal.GUARD),
+        (41, 47, True, None),
+        (47, 47, False, Refusal.WOULD_EMPTY),
+        (1, 1, False, Refusal.WOULD_EMPTY),  # whatever its size
+        (3, 2, False, Refusal.WOULD_EMPTY),
+        (47, 47, True, None),
+        (1, 1, True, None),
+    ],
+)
 def test_check_plan_size(would_go, total, force, refusal):
     if refusal is None:
         check_plan_size(would_go, total, HALF, force)
@@ -83,17 +90,20 @@ def test_only_the_size_rules_are_lifted_by_force():
     assert LIFTED_BY_FORCE == {Refusal.GUARD, Refusal.WOULD_EMPTY}
 
 
-@pytest.mark.parametrize("kind, refusal", [
-    ("privilege", Refusal.PRIVILEGE),
-    ("no_quorum", Refusal.NO_QUORUM),
-    ("unreachable", Refusal.INVENTORY),
-    ("timeout", Refusal.INVENTORY),
-    ("http", Refusal.INVENTORY),
-    ("auth", Refusal.INVENTORY),
-    ("tls", Refusal.INVENTORY),
-    ("malformed", Refusal.INVENTORY),
-    ("something new", Refusal.INVENTORY),
-])
+@pytest.mark.parametrize(
+    "kind, refusal",
+    [
+        ("privilege", Refusal.PRIVILEGE),
+        ("no_quorum", Refusal.NO_QUORUM),
+        ("unreachable", Refusal.INVENTORY),
+        ("timeout", Refusal.INVENTORY),
+        ("http", Refusal.INVENTORY),
+        ("auth", Refusal.INVENTORY),
+        ("tls", Refusal.INVENTORY),
+        ("malformed", Refusal.INVENTORY),
+        ("something new", Refusal.INVENTORY),
+    ],
+)
 def test_refusal_for_an_unreadable_inventory(kind, refusal):
     assert refusal_for(InventoryError(kind, "message")) is refusal
 
@@ -142,17 +152,20 @@ def rows(*vmids, unreadable: int = 0) -> list[Row]:
     return out
 
 
-@pytest.mark.parametrize("table, problem", [
-    (rows(), None),
-    (rows(None, None), None),  # no values at all: nothing to judge
-    (rows(101, 102, 103), None),
-    (rows(101, 102, unreadable=2), None),  # half unreadable: not most
-    (rows(101, unreadable=2), "2 of 3 values are not VMIDs"),
-    (rows(unreadable=1), "1 of 1 values are not VMIDs"),
-    (rows(101, 101, 102, 103), None),  # half share a VMID: not most
-    (rows(101, 101, 101, 102), "3 of 4 rows share their VMID"),
-    (rows(101, 101, None, None), "2 of 2 rows share their VMID"),
-])
+@pytest.mark.parametrize(
+    "table, problem",
+    [
+        (rows(), None),
+        (rows(None, None), None),  # no values at all: nothing to judge
+        (rows(101, 102, 103), None),
+        (rows(101, 102, unreadable=2), None),  # half unreadable: not most
+        (rows(101, unreadable=2), "2 of 3 values are not VMIDs"),
+        (rows(unreadable=1), "1 of 1 values are not VMIDs"),
+        (rows(101, 101, 102, 103), None),  # half share a VMID: not most
+        (rows(101, 101, 101, 102), "3 of 4 rows share their VMID"),
+        (rows(101, 101, None, None), "2 of 2 rows share their VMID"),
+    ],
+)
 def test_vmid_column_problem(table, problem):
     found = vmid_column_problem(table)
     if problem is None:

@@ -4,6 +4,7 @@ The hook path uses the real hookscript, run by the simulator the way Proxmox
 runs it; the receiver is the production server (waitress) with its watcher and
 scheduler.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,14 @@ class Receiver:
         self.base = f"http://127.0.0.1:{self.port}"
         self.secret = extra.pop("secret", secrets.token_hex(16))
         self.admin = secrets.token_hex(16)
-        self.env = janitor_env(sim, db, CLEANUP_HOOK_SECRET=self.secret, CLEANUP_ADMIN_TOKEN=self.admin,
-                               CLEANUP_BIND=f"127.0.0.1:{self.port}", **extra)
+        self.env = janitor_env(
+            sim,
+            db,
+            CLEANUP_HOOK_SECRET=self.secret,
+            CLEANUP_ADMIN_TOKEN=self.admin,
+            CLEANUP_BIND=f"127.0.0.1:{self.port}",
+            **extra,
+        )
         self.log = tmp_path / f"{name}.log"
         self.launched: launch.Launched | None = None
 
@@ -55,12 +62,27 @@ class Receiver:
             return err.code, json.loads(err.read())
 
     def post_event(self, vmid: int, phase: str, event_id: str | None = None) -> int:
-        body = json.dumps({"event_id": event_id or secrets.token_hex(8), "vmid": vmid, "phase": phase,
-                           "node": "pve1", "ts": time.time()}).encode()
+        body = json.dumps(
+            {
+                "event_id": event_id or secrets.token_hex(8),
+                "vmid": vmid,
+                "phase": phase,
+                "node": "pve1",
+                "ts": time.time(),
+            }
+        ).encode()
         ts = str(int(time.time()))
         sig = hmac.new(self.secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
-        request = urllib.request.Request(self.base + "/api/v1/events", data=body, method="POST", headers={
-            "Content-Type": "application/json", "X-Janitor-Timestamp": ts, "X-Janitor-Signature": f"sha256={sig}"})
+        request = urllib.request.Request(
+            self.base + "/api/v1/events",
+            data=body,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "X-Janitor-Timestamp": ts,
+                "X-Janitor-Signature": f"sha256={sig}",
+            },
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
                 return answer.status
@@ -243,8 +265,10 @@ def test_an_oversized_body_is_refused_before_it_is_buffered(sim, sqlite_db, tmp_
     receivers.append(receiver)
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as conn:
-        conn.sendall(b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 200000000\r\n\r\n" + b"{" * 65536)
+        conn.sendall(
+            b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 200000000\r\n\r\n" + b"{" * 65536
+        )
         answer = conn.recv(200)
     assert answer.startswith(b"HTTP/1.1 413"), answer
     assert time.monotonic() - started < 3

@@ -2,6 +2,7 @@
 ``AccessControl::roles``, ``RPCEnvironment::compile_acl_path``, ``API2/ACL.pm``), checked
 over real HTTPS through proxmoxer; and the README's set-up works on it, the old one does not.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,15 @@ def privs(names, flag=1) -> dict:
 
 def client(sim: ProxmoxSimulator) -> ProxmoxAPI:
     host, port = sim.pve_host.rsplit(":", 1)
-    return ProxmoxAPI(host, port=int(port), user=sim.user, token_name=sim.token_name,
-                      token_value=sim.token_value, verify_ssl=sim.ca_path, timeout=5)
+    return ProxmoxAPI(
+        host,
+        port=int(port),
+        user=sim.user,
+        token_name=sim.token_name,
+        token_value=sim.token_value,
+        verify_ssl=sim.ca_path,
+        timeout=5,
+    )
 
 
 @pytest.fixture
@@ -57,56 +65,135 @@ WALK = {
     "propagate=0 counts on its own path": ([user_acl("/", "PVEAuditor", 0)], 0, "/", privs(AUDITOR, 0)),
     "propagate=0 reaches no deeper path": ([user_acl("/", "PVEAuditor", 0)], 0, "/vms", {}),
     "a deeper entry replaces what was inherited": (
-        [user_acl("/", "PVEAuditor"), user_acl("/vms", "PVEVMUser")], 0, "/vms/100", privs(VM_USER)),
+        [user_acl("/", "PVEAuditor"), user_acl("/vms", "PVEVMUser")],
+        0,
+        "/vms/100",
+        privs(VM_USER),
+    ),
     "a deeper propagate=0 entry replaces only on its path": (
-        [user_acl("/", "PVEAuditor"), user_acl("/vms", "PVEVMUser", 0)], 0, "/vms/100", privs(AUDITOR)),
+        [user_acl("/", "PVEAuditor"), user_acl("/vms", "PVEVMUser", 0)],
+        0,
+        "/vms/100",
+        privs(AUDITOR),
+    ),
     "the user's own entry wins over its group's": (
-        ["group add ops", f"user modify {USER} --groups ops", user_acl("/vms", "PVEAuditor"),
-         "acl modify /vms --groups ops --roles PVEVMAdmin"], 0, "/vms/100", privs(AUDITOR)),
+        [
+            "group add ops",
+            f"user modify {USER} --groups ops",
+            user_acl("/vms", "PVEAuditor"),
+            "acl modify /vms --groups ops --roles PVEVMAdmin",
+        ],
+        0,
+        "/vms/100",
+        privs(AUDITOR),
+    ),
     "a group entry on a deeper path replaces the user's inherited one": (
-        ["group add ops", f"user modify {USER} --groups ops", user_acl("/", "PVEAuditor"),
-         "acl modify /vms/100 --groups ops --roles PVEVMUser"], 0, "/vms/100", privs(VM_USER)),
+        [
+            "group add ops",
+            f"user modify {USER} --groups ops",
+            user_acl("/", "PVEAuditor"),
+            "acl modify /vms/100 --groups ops --roles PVEVMUser",
+        ],
+        0,
+        "/vms/100",
+        privs(VM_USER),
+    ),
     "a group the user is not in gives nothing": (
-        ["group add ops", "acl modify / --groups ops --roles PVEAuditor"], 0, "/vms/100", {}),
+        ["group add ops", "acl modify / --groups ops --roles PVEAuditor"],
+        0,
+        "/vms/100",
+        {},
+    ),
     "NoAccess on the guest": ([user_acl("/", "PVEAuditor"), user_acl("/vms/100", "NoAccess")], 0, "/vms/100", {}),
     "NoAccess wins beside another role": ([user_acl("/vms", "PVEAuditor,NoAccess")], 0, "/vms/101", {}),
     "NoAccess elsewhere leaves a guest alone": (
-        [user_acl("/", "PVEAuditor"), user_acl("/vms/100", "NoAccess")], 0, "/vms/101", privs(AUDITOR)),
+        [user_acl("/", "PVEAuditor"), user_acl("/vms/100", "NoAccess")],
+        0,
+        "/vms/101",
+        privs(AUDITOR),
+    ),
     "a pool's roles reach its guests, never propagated": (
-        ["pool add p", "pool modify p --vms 100,101", user_acl("/pool/p", "PVEVMUser")], 0, "/vms/100",
-        privs(VM_USER, 0)),
+        ["pool add p", "pool modify p --vms 100,101", user_acl("/pool/p", "PVEVMUser")],
+        0,
+        "/vms/100",
+        privs(VM_USER, 0),
+    ),
     "a pool's roles reach no other guest": (
-        ["pool add p", "pool modify p --vms 100,101", user_acl("/pool/p", "PVEVMUser")], 0, "/vms/102", {}),
+        ["pool add p", "pool modify p --vms 100,101", user_acl("/pool/p", "PVEVMUser")],
+        0,
+        "/vms/102",
+        {},
+    ),
     "a pool role never overrides a direct one": (
         ["pool add p", "pool modify p --vms 100", user_acl("/", "PVEAuditor"), user_acl("/pool/p", "PVEAuditor")],
-        0, "/vms/100", privs(AUDITOR)),
+        0,
+        "/vms/100",
+        privs(AUDITOR),
+    ),
     "a pool role adds to the direct ones": (
         ["pool add p", "pool modify p --vms 100", user_acl("/", "PVEAuditor"), user_acl("/pool/p", "PVETemplateUser")],
-        0, "/vms/100", {**privs(AUDITOR), "VM.Clone": 0}),
+        0,
+        "/vms/100",
+        {**privs(AUDITOR), "VM.Clone": 0},
+    ),
     "NoAccess on the pool trumps a direct role": (
         ["pool add p", "pool modify p --vms 100", user_acl("/", "PVEAuditor"), user_acl("/pool/p", "NoAccess")],
-        0, "/vms/100", {}),
+        0,
+        "/vms/100",
+        {},
+    ),
     "a direct NoAccess is not lifted by the pool": (
-        ["pool add p", "pool modify p --vms 100", user_acl("/vms/100", "NoAccess"),
-         user_acl("/pool/p", "Administrator")], 0, "/vms/100", {}),
+        [
+            "pool add p",
+            "pool modify p --vms 100",
+            user_acl("/vms/100", "NoAccess"),
+            user_acl("/pool/p", "Administrator"),
+        ],
+        0,
+        "/vms/100",
+        {},
+    ),
     "privsep: the intersection of token and user": (
-        [user_acl("/", "PVEAuditor"), f"acl modify / --tokens '{TOKEN}' --roles PVEVMUser"], 1, "/",
-        privs(["VM.Audit"])),
+        [user_acl("/", "PVEAuditor"), f"acl modify / --tokens '{TOKEN}' --roles PVEVMUser"],
+        1,
+        "/",
+        privs(["VM.Audit"]),
+    ),
     "privsep: each propagate flag is the AND of both": (
-        [user_acl("/", "PVEAuditor", 0), f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor"], 1, "/",
-        privs(AUDITOR, 0)),
+        [user_acl("/", "PVEAuditor", 0), f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor"],
+        1,
+        "/",
+        privs(AUDITOR, 0),
+    ),
     "privsep: the token's own NoAccess": (
-        [user_acl("/", "PVEAuditor"), f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
-         f"acl modify /vms/100 --tokens '{TOKEN}' --roles NoAccess"], 1, "/vms/100", {}),
+        [
+            user_acl("/", "PVEAuditor"),
+            f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
+            f"acl modify /vms/100 --tokens '{TOKEN}' --roles NoAccess",
+        ],
+        1,
+        "/vms/100",
+        {},
+    ),
     "privsep: a token is in none of its user's groups": (
         ["group add ops", f"user modify {USER} --groups ops", "acl modify / --groups ops --roles PVEAuditor"],
-        1, "/vms/100", {}),
+        1,
+        "/vms/100",
+        {},
+    ),
     "privsep: a user without any ACL leaves the token nothing": (
-        [f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor"], 1, "/vms", {}),
+        [f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor"],
+        1,
+        "/vms",
+        {},
+    ),
     "not separated: the token holds its user's": ([user_acl("/", "PVEAuditor")], 0, "/vms", privs(AUDITOR)),
     "not separated: the token's own entries do not count": (
-        [user_acl("/", "PVEAuditor"), f"acl modify /vms --tokens '{TOKEN}' --roles NoAccess"], 0, "/vms",
-        privs(AUDITOR)),
+        [user_acl("/", "PVEAuditor"), f"acl modify /vms --tokens '{TOKEN}' --roles NoAccess"],
+        0,
+        "/vms",
+        privs(AUDITOR),
+    ),
 }
 
 
@@ -126,13 +213,30 @@ def test_root_at_pam_holds_everything():
 
 
 def test_without_path_every_path_where_the_token_holds_something(bare):
-    set_up(bare, [user_acl("/", "PVEAuditor"), f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
-                  f"acl modify /vms/101 --tokens '{TOKEN}' --roles NoAccess", "pool add p", "pool modify p --vms 102"])
+    set_up(
+        bare,
+        [
+            user_acl("/", "PVEAuditor"),
+            f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
+            f"acl modify /vms/101 --tokens '{TOKEN}' --roles NoAccess",
+            "pool add p",
+            "pool modify p --vms 102",
+        ],
+    )
     everything = client(bare).access.permissions.get()
     # RPCEnvironment::get_effective_permissions: the top-level paths, the ACL tree's paths, the
     # pool members' paths; where the token holds nothing (/vms/101) the path is left out
-    assert set(everything) == {"/", "/access", "/access/groups", "/nodes", "/pool", "/sdn", "/storage", "/vms",
-                               "/vms/102"}
+    assert set(everything) == {
+        "/",
+        "/access",
+        "/access/groups",
+        "/nodes",
+        "/pool",
+        "/sdn",
+        "/storage",
+        "/vms",
+        "/vms/102",
+    }
     assert all(held == privs(AUDITOR) for held in everything.values())
 
 
@@ -142,8 +246,14 @@ def test_a_token_that_holds_nothing_gets_no_path_at_all(bare):
 
 
 def test_lists_and_guests_follow_vm_audit_on_each_guest(bare):
-    set_up(bare, [user_acl("/", "PVEAuditor"), f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
-                  f"acl modify /vms/101 --tokens '{TOKEN}' --roles NoAccess"])
+    set_up(
+        bare,
+        [
+            user_acl("/", "PVEAuditor"),
+            f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
+            f"acl modify /vms/101 --tokens '{TOKEN}' --roles NoAccess",
+        ],
+    )
     pve = client(bare)
     assert [g["vmid"] for g in pve.cluster.resources.get(type="vm")] == [100, 102]
     assert [g["vmid"] for g in pve.nodes("pve1").lxc.get()] == [100, 102]
@@ -169,24 +279,37 @@ def test_a_token_that_holds_nothing_sees_empty_lists_and_only_nextid(bare):
 
 
 def test_the_acl_list_is_whole_with_sys_audit_on_access_else_what_the_caller_may_modify(bare):
-    set_up(bare, ["group add ops", user_acl("/", "PVEAuditor"), user_acl("/vms/102", "PVEVMAdmin"),
-                  f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
-                  f"acl modify /vms/102 --tokens '{TOKEN}' --roles PVEVMAdmin",
-                  "acl modify /vms/100 --groups ops --roles NoAccess"])
+    set_up(
+        bare,
+        [
+            "group add ops",
+            user_acl("/", "PVEAuditor"),
+            user_acl("/vms/102", "PVEVMAdmin"),
+            f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
+            f"acl modify /vms/102 --tokens '{TOKEN}' --roles PVEVMAdmin",
+            "acl modify /vms/100 --groups ops --roles NoAccess",
+        ],
+    )
     pve = client(bare)
     entries = pve.access.acl.get()
     assert [(e["path"], e["type"], e["ugid"], e["roleid"]) for e in entries] == [
-        ("/", "user", USER, "PVEAuditor"), ("/", "token", TOKEN, "PVEAuditor"),
+        ("/", "user", USER, "PVEAuditor"),
+        ("/", "token", TOKEN, "PVEAuditor"),
         ("/vms/100", "group", "ops", "NoAccess"),
-        ("/vms/102", "user", USER, "PVEVMAdmin"), ("/vms/102", "token", TOKEN, "PVEVMAdmin")]
+        ("/vms/102", "user", USER, "PVEVMAdmin"),
+        ("/vms/102", "token", TOKEN, "PVEVMAdmin"),
+    ]
     bare.pveum(user_acl("/access", "PVEVMAdmin"))  # no Sys.Audit on /access any more
     # VM.Allocate on /vms/102 lets it modify that path's entries (RPCEnvironment::check_perm_modify)
     assert {e["path"] for e in pve.access.acl.get()} == {"/vms/102"}
 
 
 def test_a_destroyed_guest_takes_its_entries_and_pool_membership_along(bare):
-    set_up(bare, [user_acl("/", "PVEAuditor"), user_acl("/vms/100", "NoAccess"), "pool add p",
-                  "pool modify p --vms 101"], privsep=0)
+    set_up(
+        bare,
+        [user_acl("/", "PVEAuditor"), user_acl("/vms/100", "NoAccess"), "pool add p", "pool modify p --vms 101"],
+        privsep=0,
+    )
     bare.destroy_guest(100)
     bare.destroy_guest(101)
     bare.add_guest(100)
@@ -194,21 +317,24 @@ def test_a_destroyed_guest_takes_its_entries_and_pool_membership_along(bare):
     assert bare.access.pools == {"p": set()}
 
 
-@pytest.mark.parametrize("line, message", [
-    ("user add janitor@pve", "already exists"),
-    ("acl modify / --users nobody@pve --roles PVEAuditor", "does not exist"),
-    ("acl modify / --users janitor@pve --roles PVEAuditr", "role 'PVEAuditr' does not exist"),
-    ("acl modify / --roles PVEAuditor", "either 'users', 'groups' or 'tokens' is required"),
-    ("acl modify /nowhere --users janitor@pve --roles PVEAuditor", "invalid ACL path"),
-    ("acl modify / --tokens 'janitor@pve!other' --roles PVEAuditor", "no such token"),
-    ("acl modify / --users janitor@pve --roles PVEAuditor --propagate maybe", "boolean"),
-    ("user modify janitor@pve --groups nope", "no such group"),
-    ("pool modify nope --vms 100", "does not exist"),
-    ("pool modify p --vms 999", "VM 999 does not exist"),
-    ("user delete janitor@pve", "unsupported command"),
-    ("role add Mine --privs VM.Audit", "unsupported command"),
-    ("acl modify / --users janitor@pve --roles PVEAuditor --path /vms", "unknown option"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("user add janitor@pve", "already exists"),
+        ("acl modify / --users nobody@pve --roles PVEAuditor", "does not exist"),
+        ("acl modify / --users janitor@pve --roles PVEAuditr", "role 'PVEAuditr' does not exist"),
+        ("acl modify / --roles PVEAuditor", "either 'users', 'groups' or 'tokens' is required"),
+        ("acl modify /nowhere --users janitor@pve --roles PVEAuditor", "invalid ACL path"),
+        ("acl modify / --tokens 'janitor@pve!other' --roles PVEAuditor", "no such token"),
+        ("acl modify / --users janitor@pve --roles PVEAuditor --propagate maybe", "boolean"),
+        ("user modify janitor@pve --groups nope", "no such group"),
+        ("pool modify nope --vms 100", "does not exist"),
+        ("pool modify p --vms 999", "VM 999 does not exist"),
+        ("user delete janitor@pve", "unsupported command"),
+        ("role add Mine --privs VM.Audit", "unsupported command"),
+        ("acl modify / --users janitor@pve --roles PVEAuditor --path /vms", "unknown option"),
+    ],
+)
 def test_pveum_refuses_what_proxmox_refuses_and_what_it_does_not_know(bare, line, message):
     set_up(bare, ["pool add p"])
     acl_before = dict(bare.access.acl)
@@ -261,8 +387,11 @@ def test_the_readme_set_up_works(seed_sim, seeded):
 def test_the_old_set_up_leaves_the_token_nothing_and_the_sweep_refused(seed_sim, seeded):
     """PVEAuditor granted to the privilege-separated token alone (what the docs said before)."""
     seed_sim.clear_access()
-    for line in (f"user add {USER}", f"user token add {USER} sweep --privsep 1",
-                 f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor"):
+    for line in (
+        f"user add {USER}",
+        f"user token add {USER} sweep --privsep 1",
+        f"acl modify / --tokens '{TOKEN}' --roles PVEAuditor",
+    ):
         seed_sim.pveum(line)
     assert client(seed_sim).access.permissions.get() == {}
     env = janitor_env(seed_sim, seeded)

@@ -1,5 +1,6 @@
 """The simulator is tooling: the product's core never imports it, and without its extra
 (``trustme``) only ``demo`` and ``simulator`` stop, with the install hint."""
+
 from __future__ import annotations
 
 import ast
@@ -34,9 +35,11 @@ def test_no_core_module_imports_the_simulator_at_its_top(path):
 
 def test_loading_every_core_module_loads_neither_the_simulator_nor_trustme():
     modules = ", ".join(f"receiver.{p.stem}" for p in CORE if p.stem != "__init__")
-    code = (f"import sys, {modules}\n"
-            "leaked = sorted(m for m in sys.modules if m.startswith('receiver.simulator') or m == 'trustme')\n"
-            "print(leaked)")
+    code = (
+        f"import sys, {modules}\n"
+        "leaked = sorted(m for m in sys.modules if m.startswith('receiver.simulator') or m == 'trustme')\n"
+        "print(leaked)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -44,9 +47,11 @@ def test_loading_every_core_module_loads_neither_the_simulator_nor_trustme():
 
 @pytest.mark.parametrize("args", [["demo", "--once"], ["simulator", "--port", "0"]])
 def test_without_trustme_demo_and_simulator_exit_2_with_the_install_hint(args):
-    code = ("import sys\nsys.modules['trustme'] = None  # as if not installed\n"
-            "from receiver.cli import main\n"
-            f"sys.argv = ['pve-janitor'] + {args!r}\nmain()")
+    code = (
+        "import sys\nsys.modules['trustme'] = None  # as if not installed\n"
+        "from receiver.cli import main\n"
+        f"sys.argv = ['pve-janitor'] + {args!r}\nmain()"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "install pve-janitor[simulator]" in proc.stderr

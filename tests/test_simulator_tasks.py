@@ -4,6 +4,7 @@ Per node (pve-cluster ``broadcast_tasklist``): running + (25 - running) finished
 32 KiB; ``/nodes/{node}/tasks`` from the node's archive (pve-manager ``API2/Tasks.pm``);
 both filtered by privilege.  Then the watcher's task tail against them.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ ENTRY_KEYS = {"upid", "node", "pid", "pstart", "starttime", "type", "id", "user"
 
 def client(sim: ProxmoxSimulator) -> ProxmoxAPI:
     host, port = sim.pve_host.rsplit(":", 1)
-    return ProxmoxAPI(host, port=int(port), user=sim.user, token_name=sim.token_name,
-                      token_value=sim.token_value, verify_ssl=sim.ca_path, timeout=5)
+    return ProxmoxAPI(
+        host,
+        port=int(port),
+        user=sim.user,
+        token_name=sim.token_name,
+        token_value=sim.token_value,
+        verify_ssl=sim.ca_path,
+        timeout=5,
+    )
 
 
 @pytest.fixture
@@ -140,22 +148,25 @@ def test_the_archive_entries_look_like_proxmox_s(archive, sim):
     assert all(e["node"] == "pve1" and isinstance(e["id"], str) for e in entries)
 
 
-@pytest.mark.parametrize("params, starttimes", [
-    ({"since": 55}, [61, 60, 59, 58, 57, 56, 55]),
-    ({"until": 2}, [2, 1, 0]),
-    ({"since": 50, "until": 52}, [52, 51, 50]),
-    ({"typefilter": "vzdestroy"}, [60]),
-    ({"typefilter": "vzdestroy", "source": "all"}, [62, 60]),
-    ({"typefilter": "vzdestroy", "source": "active"}, [62]),
-    ({"typefilter": "vzdestroy", "since": 61}, []),
-    ({"vmid": 103}, [60]),
-    ({"vmid": 102}, []),  # pve2's task is not in pve1's archive
-    ({"since": 40, "typefilter": "vzstop", "start": 2, "limit": 3}, [57, 55, 53]),
-    ({"errors": 1, "since": 10}, [61, 60]),  # errors leaves out "ok" alone: warnings stay
-    ({"statusfilter": "warning,error"}, [61, 60]),
-    ({"userfilter": "JANITOR"}, [61]),
-    ({"limit": 0}, []),
-])
+@pytest.mark.parametrize(
+    "params, starttimes",
+    [
+        ({"since": 55}, [61, 60, 59, 58, 57, 56, 55]),
+        ({"until": 2}, [2, 1, 0]),
+        ({"since": 50, "until": 52}, [52, 51, 50]),
+        ({"typefilter": "vzdestroy"}, [60]),
+        ({"typefilter": "vzdestroy", "source": "all"}, [62, 60]),
+        ({"typefilter": "vzdestroy", "source": "active"}, [62]),
+        ({"typefilter": "vzdestroy", "since": 61}, []),
+        ({"vmid": 103}, [60]),
+        ({"vmid": 102}, []),  # pve2's task is not in pve1's archive
+        ({"since": 40, "typefilter": "vzstop", "start": 2, "limit": 3}, [57, 55, 53]),
+        ({"errors": 1, "since": 10}, [61, 60]),  # errors leaves out "ok" alone: warnings stay
+        ({"statusfilter": "warning,error"}, [61, 60]),
+        ({"userfilter": "JANITOR"}, [61]),
+        ({"limit": 0}, []),
+    ],
+)
 def test_the_archive_read_with_filters(archive, params, starttimes):
     tasks, t0 = archive
     for key in ("since", "until"):
@@ -197,8 +208,7 @@ def test_without_sys_audit_on_the_node_its_list_holds_the_caller_s_own(archive, 
     tasks, t0 = archive
     sim.add_acl("/nodes/pve1", sim.access.role_holding({"VM.Audit"}))  # replaces what / gave there
     mine = tasks.get(source="all")
-    assert [(e["starttime"] - t0, e["user"], e.get("tokenid")) for e in mine] == [
-        (61, sim.user, sim.token_name)]
+    assert [(e["starttime"] - t0, e["user"], e.get("tokenid")) for e in mine] == [(61, sim.user, sim.token_name)]
     assert len(pve.nodes("pve2").tasks.get()) == 1  # Sys.Audit on /nodes/pve2 still held
     assert len(pve.cluster.tasks.get()) == 26  # and on /: the cluster list is whole
 

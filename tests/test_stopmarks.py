@@ -1,4 +1,5 @@
 """Stop marks against a real platform table: set, set back, and dropped with their rows."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -84,8 +85,9 @@ def test_a_mark_goes_with_its_row_deleted_in_the_same_transaction(table):
     with write_transaction(table.engine) as conn:
         stopmarks.mark_stopped(conn, table, [100, 101], utcnow())
     with table.engine.begin() as conn:  # another table's mark with the same key stays
-        conn.execute(store.stop_marks.insert().values(table_name="other", row_key=keys(table)[100], vmid=100,
-                                                      marked_at=utcnow()))
+        conn.execute(
+            store.stop_marks.insert().values(table_name="other", row_key=keys(table)[100], vmid=100, marked_at=utcnow())
+        )
     gone = keys(table)[100]
     with write_transaction(table.engine) as conn:
         delete_rows(conn, table, [100])

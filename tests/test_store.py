@@ -1,4 +1,5 @@
 """pve-janitor's own tables (receiver/store.py): schema, audit copies, counters, errors, runs."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -19,7 +20,7 @@ AWKWARD = {
     "none": None,
     "flag": True,
     "ratio": 0.1,
-    "name": "naïve ünïcode ✓ \"quoted\" \\ back",
+    "name": 'naïve ünïcode ✓ "quoted" \\ back',
     "price": Decimal("12.3400"),
     "huge": Decimal("123456789012345678901234567890.000000001"),
     "blob": b"\x00\xff\x10binary",
@@ -47,8 +48,7 @@ def test_ensure_schema_creates_the_tables_and_seeds_the_counters_once(any_db):
         store.add_counters(conn, {"total_removed": 5})
     store.ensure_schema(any_db.engine)  # again: nothing created twice, nothing reset
     with any_db.engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(store.counters)).scalar_one() == len(
-            store.COUNTERS)
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.counters)).scalar_one() == len(store.COUNTERS)
         assert store.read_counters(conn)["total_removed"] == 5
 
 
@@ -77,13 +77,16 @@ def test_encode_row_is_stable_whatever_the_key_order():
     assert store.encode_row(shuffled) == store.encode_row(AWKWARD)
 
 
-@pytest.mark.parametrize("value, decoded", [
-    (bytearray(b"\x01\x02"), b"\x01\x02"),
-    (memoryview(b"\x03"), b"\x03"),
-    ({"b", "a"}, "a,b"),  # a MariaDB SET column: written back as its text
-    (frozenset({"x"}), "x"),
-    (Decimal("-0.000"), Decimal("-0.000")),
-])
+@pytest.mark.parametrize(
+    "value, decoded",
+    [
+        (bytearray(b"\x01\x02"), b"\x01\x02"),
+        (memoryview(b"\x03"), b"\x03"),
+        ({"b", "a"}, "a,b"),  # a MariaDB SET column: written back as its text
+        (frozenset({"x"}), "x"),
+        (Decimal("-0.000"), Decimal("-0.000")),
+    ],
+)
 def test_values_that_come_back_in_another_form(value, decoded):
     back = store.decode_row(store.encode_row({"v": value}))["v"]
     assert back == decoded
@@ -104,11 +107,21 @@ def test_a_plain_dict_that_looks_like_an_encoded_value_is_stored_as_json_not_dec
 
 
 def test_audit_entries_are_written_in_the_caller_s_transaction_and_read_back(db):
-    entries = [{
-        "table_name": "apps", "row_key": str(i), "vmid": 120 + i, "hostname": f"app{i}", "action": "delete",
-        "reason": "ghost", "source": "sweep", "detail": "guest gone", "row_json": store.encode_row(AWKWARD),
-        "removed_at": T0.astimezone(dt.timezone(dt.timedelta(hours=-5))),
-    } for i in range(3)]
+    entries = [
+        {
+            "table_name": "apps",
+            "row_key": str(i),
+            "vmid": 120 + i,
+            "hostname": f"app{i}",
+            "action": "delete",
+            "reason": "ghost",
+            "source": "sweep",
+            "detail": "guest gone",
+            "row_json": store.encode_row(AWKWARD),
+            "removed_at": T0.astimezone(dt.timezone(dt.timedelta(hours=-5))),
+        }
+        for i in range(3)
+    ]
     with db.engine.begin() as conn:
         store.insert_audit(conn, entries)
         store.insert_audit(conn, [])
@@ -125,11 +138,17 @@ def test_audit_entries_are_written_in_the_caller_s_transaction_and_read_back(db)
 
 def test_timestamps_are_stored_as_utc_and_come_back_aware(db):
     with db.engine.begin() as conn:
-        conn.execute(store.errors.insert(), [
-            {"at": dt.datetime(2024, 5, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))), "source": "a",
-             "message": "aware"},
-            {"at": dt.datetime(2024, 5, 1, 12, 0), "source": "b", "message": "naive is UTC"},
-        ])
+        conn.execute(
+            store.errors.insert(),
+            [
+                {
+                    "at": dt.datetime(2024, 5, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+                    "source": "a",
+                    "message": "aware",
+                },
+                {"at": dt.datetime(2024, 5, 1, 12, 0), "source": "b", "message": "naive is UTC"},
+            ],
+        )
     with db.engine.connect() as conn:
         stored = conn.execute(sa.select(store.errors.c.at)).scalars().all()
         raw = conn.execute(sa.text("SELECT at FROM janitor_errors")).scalars().all()
@@ -159,8 +178,11 @@ def test_recorded_errors_are_newest_first_and_bounded(db):
         recent = store.recent_errors(conn, limit=3)
         everything = store.recent_errors(conn, limit=1000)
     assert kept == store.KEEP_ERRORS
-    assert [e["message"][:8] for e in recent] == ["x" * 8, f"error {store.KEEP_ERRORS + 6}",
-                                                  f"error {store.KEEP_ERRORS + 5}"]
+    assert [e["message"][:8] for e in recent] == [
+        "x" * 8,
+        f"error {store.KEEP_ERRORS + 6}",
+        f"error {store.KEEP_ERRORS + 5}",
+    ]
     assert len(recent[0]["message"]) == 2000
     assert recent[0]["source"] == "sweep"
     assert dt.datetime.fromisoformat(recent[0]["at"]).utcoffset() == dt.timedelta(0)
@@ -169,9 +191,18 @@ def test_recorded_errors_are_newest_first_and_bounded(db):
 
 
 def run_values(outcome: str, finished: dt.datetime, source: str = "sweep", **extra) -> dict:
-    return {"source": source, "started_at": finished - dt.timedelta(seconds=2), "finished_at": finished,
-            "outcome": outcome, "reason": "", "dry_run": False, "planned": 1, "applied": 1, "duration_s": 2.0,
-            **extra}
+    return {
+        "source": source,
+        "started_at": finished - dt.timedelta(seconds=2),
+        "finished_at": finished,
+        "outcome": outcome,
+        "reason": "",
+        "dry_run": False,
+        "planned": 1,
+        "applied": 1,
+        "duration_s": 2.0,
+        **extra,
+    }
 
 
 def test_last_run_and_last_success(db):

@@ -3,6 +3,7 @@
 Against the simulator over HTTPS, on SQLite files and (when configured, always
 in CI) PostgreSQL and MariaDB.
 """
+
 from __future__ import annotations
 
 import gc
@@ -127,8 +128,11 @@ def test_restore_round_trip_and_refusal_when_unique_value_taken(seed_sim, seeded
 
     # The platform re-used app121's hostname for a new app: restoring 121 must refuse.
     with seeded.engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO apps (name, lxc_id, hostname, status) "
-                             "VALUES ('new', 500, 'app121.apps.local', 'running')"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO apps (name, lxc_id, hostname, status) VALUES ('new', 500, 'app121.apps.local', 'running')"
+            )
+        )
     state = snapshot(seeded)
     refused = run_cli(["restore", str(by_vmid[121])], env)
     assert refused.code == 3 and "hostname" in refused.err and "taken" in refused.err
@@ -196,12 +200,15 @@ def test_young_and_protected_rows_survive_a_real_sweep(sim, sqlite_db):
     table = create_apps_table(sqlite_db.engine)
     sim.add_guest(100)
     with sqlite_db.engine.begin() as conn:
-        conn.execute(table.insert(), [
-            app_row(100, "running", age=timedelta(days=1)),
-            app_row(201, "deploying", age=timedelta(days=1)),
-            app_row(202, "running", age=timedelta(minutes=2)),
-            app_row(203, "running", age=timedelta(days=1)),
-        ])
+        conn.execute(
+            table.insert(),
+            [
+                app_row(100, "running", age=timedelta(days=1)),
+                app_row(201, "deploying", age=timedelta(days=1)),
+                app_row(202, "running", age=timedelta(minutes=2)),
+                app_row(203, "running", age=timedelta(days=1)),
+            ],
+        )
     result = run_cli(["sweep", "--json"], janitor_env(sim, sqlite_db))
     assert result.code == 0, result.err
     assert table_vmids(sqlite_db) == [100, 201, 202]

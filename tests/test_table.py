@@ -1,4 +1,5 @@
 """The platform table, reflected (receiver/table.py)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -52,8 +53,9 @@ def test_a_missing_table_is_named(sqlite_db):
 def test_a_table_without_a_single_column_primary_key_is_refused(sqlite_db):
     with sqlite_db.engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE apps (host TEXT, lxc_id INTEGER, PRIMARY KEY (host, lxc_id))")
-    settings = replace(SETTINGS, hostname_column="host", status_column="", created_column="", updated_column="",
-                       port_columns=())
+    settings = replace(
+        SETTINGS, hostname_column="host", status_column="", created_column="", updated_column="", port_columns=()
+    )
     with pytest.raises(ConfigError, match=r"needs a single-column primary key \(found 2\)"):
         PlatformTable(sqlite_db.engine, settings)
 
@@ -67,44 +69,50 @@ def test_an_unreachable_database_is_a_database_error(tmp_path):
         engine.dispose()
 
 
-@pytest.mark.parametrize("value, vmid", [
-    (None, None),
-    (101, 101),
-    (VMID_MIN, VMID_MIN),
-    (VMID_MAX, VMID_MAX),
-    (101.0, 101),
-    (Decimal("101"), 101),
-    (Decimal("101.000"), 101),
-    ("101", 101),
-    (" 101\n", 101),
-    (b"101", 101),
-])
+@pytest.mark.parametrize(
+    "value, vmid",
+    [
+        (None, None),
+        (101, 101),
+        (VMID_MIN, VMID_MIN),
+        (VMID_MAX, VMID_MAX),
+        (101.0, 101),
+        (Decimal("101"), 101),
+        (Decimal("101.000"), 101),
+        ("101", 101),
+        (" 101\n", 101),
+        (b"101", 101),
+    ],
+)
 def test_as_vmid_reads_a_vmid(value, vmid):
     assert as_vmid(value) == vmid
     assert type(as_vmid(value)) is type(vmid)
 
 
-@pytest.mark.parametrize("value, why", [
-    (True, "is not a number"),
-    (False, "is not a number"),
-    (101.5, "is not a whole number"),
-    (Decimal("101.5"), "is not a whole number"),
-    (float("nan"), "is not a whole number"),
-    (float("inf"), "is not a whole number"),
-    (Decimal("NaN"), "is not a whole number"),
-    ("ct101", "is not a whole number"),
-    ("101.0", "is not a whole number"),
-    ("-101", "is not a whole number"),
-    ("", "is not a whole number"),
-    ("١٠١", "is not a whole number"),  # Arabic-Indic digits: str.isdigit, but no VMID
-    (b"\xff101", "is not a whole number"),
-    (1, "outside Proxmox's range"),
-    (VMID_MIN - 1, "outside Proxmox's range"),
-    (VMID_MAX + 1, "outside Proxmox's range"),
-    (-101, "outside Proxmox's range"),
-    ("42", "outside Proxmox's range"),
-    (Decimal("99"), "outside Proxmox's range"),
-])
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        (True, "is not a number"),
+        (False, "is not a number"),
+        (101.5, "is not a whole number"),
+        (Decimal("101.5"), "is not a whole number"),
+        (float("nan"), "is not a whole number"),
+        (float("inf"), "is not a whole number"),
+        (Decimal("NaN"), "is not a whole number"),
+        ("ct101", "is not a whole number"),
+        ("101.0", "is not a whole number"),
+        ("-101", "is not a whole number"),
+        ("", "is not a whole number"),
+        ("١٠١", "is not a whole number"),  # Arabic-Indic digits: str.isdigit, but no VMID
+        (b"\xff101", "is not a whole number"),
+        (1, "outside Proxmox's range"),
+        (VMID_MIN - 1, "outside Proxmox's range"),
+        (VMID_MAX + 1, "outside Proxmox's range"),
+        (-101, "outside Proxmox's range"),
+        ("42", "outside Proxmox's range"),
+        (Decimal("99"), "outside Proxmox's range"),
+    ],
+)
 def test_as_vmid_refuses_what_cannot_be_a_vmid(value, why):
     with pytest.raises(ValueError, match=why):
         as_vmid(value)
@@ -113,8 +121,13 @@ def test_as_vmid_refuses_what_cannot_be_a_vmid(value, why):
 def test_fetch_rows_reads_every_row_with_its_raw_values(any_db):
     table_def = create_apps_table(any_db.engine)
     with any_db.engine.begin() as conn:
-        conn.execute(table_def.insert(), [app_row(101, "running", age=timedelta(days=1)),
-                                          app_row(None, "error", age=timedelta(days=2), name="novmid")])
+        conn.execute(
+            table_def.insert(),
+            [
+                app_row(101, "running", age=timedelta(days=1)),
+                app_row(None, "error", age=timedelta(days=2), name="novmid"),
+            ],
+        )
     rows = {r.hostname: r for r in PlatformTable(any_db.engine, SETTINGS).fetch_rows()}
     assert set(rows) == {"app101.apps.local", "novmid.apps.local"}
     running = rows["app101.apps.local"]
@@ -148,8 +161,9 @@ def test_a_text_vmid_column_is_read_and_its_unreadable_values_flagged(sqlite_db)
     with sqlite_db.engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE apps (id TEXT PRIMARY KEY, lxc_id TEXT, state INTEGER)")
         conn.exec_driver_sql("INSERT INTO apps VALUES ('a', '101', 1), ('b', 'ct102', 2), ('c', '7', NULL)")
-    settings = replace(SETTINGS, hostname_column="", status_column="state", created_column="", updated_column="",
-                       port_columns=())
+    settings = replace(
+        SETTINGS, hostname_column="", status_column="state", created_column="", updated_column="", port_columns=()
+    )
     rows = {r.key: r for r in PlatformTable(sqlite_db.engine, settings).fetch_rows()}
     assert (rows["a"].vmid, rows["a"].raw_vmid, rows["a"].unreadable) == (101, "101", None)
     assert rows["b"].vmid is None and "'ct102' is not a whole number" in (rows["b"].unreadable or "")
@@ -161,8 +175,10 @@ def test_a_text_vmid_column_is_read_and_its_unreadable_values_flagged(sqlite_db)
 def test_sqlite_timestamps_are_read_as_the_stored_text(sqlite_db):
     create_apps_table(sqlite_db.engine)
     with sqlite_db.engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO apps (name, lxc_id, status, created_at, updated_at) "
-                             "VALUES ('a', 101, 'error', '2024-05-01T12:00:00Z', 1714564800)")
+        conn.exec_driver_sql(
+            "INSERT INTO apps (name, lxc_id, status, created_at, updated_at) "
+            "VALUES ('a', 101, 'error', '2024-05-01T12:00:00Z', 1714564800)"
+        )
     [row] = PlatformTable(sqlite_db.engine, SETTINGS).fetch_rows()
     assert (row.raw_created, row.raw_updated) == ("2024-05-01T12:00:00Z", 1714564800)
     touched = row.last_touched()
@@ -209,22 +225,29 @@ def test_observed_guard_matches_only_unchanged_rows(any_db):
     with any_db.engine.begin() as conn:
         conn.execute(table_def.update().where(table_def.c.lxc_id == 121).values(status="deploying"))
         conn.execute(table_def.update().where(table_def.c.lxc_id == 120).values(updated_at=rows[1]["updated_at"]))
-        conn.execute(table_def.update().where(table_def.c.lxc_id == 122)
-                     .values(updated_at=rows[2]["updated_at"] + timedelta(seconds=1)))
+        conn.execute(
+            table_def.update()
+            .where(table_def.c.lxc_id == 122)
+            .values(updated_at=rows[2]["updated_at"] + timedelta(seconds=1))
+        )
     with any_db.engine.connect() as conn:
         matched = conn.execute(sa.select(table.vmid).where(table.observed_guard(seen))).scalars()
         assert sorted(matched) == [123, 124]  # 125 was never read: never matched either
 
 
-@pytest.mark.parametrize("ddl, text, key", [
-    ("id INTEGER PRIMARY KEY", "42", 42),
-    ("id BIGINT PRIMARY KEY", "12345678901", 12345678901),
-    ("id TEXT PRIMARY KEY", "app-42", "app-42"),
-    ("id VARCHAR(36) PRIMARY KEY", "0042", "0042"),
-])
+@pytest.mark.parametrize(
+    "ddl, text, key",
+    [
+        ("id INTEGER PRIMARY KEY", "42", 42),
+        ("id BIGINT PRIMARY KEY", "12345678901", 12345678901),
+        ("id TEXT PRIMARY KEY", "app-42", "app-42"),
+        ("id VARCHAR(36) PRIMARY KEY", "0042", "0042"),
+    ],
+)
 def test_key_from_text_gives_the_key_back_in_its_column_s_type(sqlite_db, ddl, text, key):
     with sqlite_db.engine.begin() as conn:
         conn.exec_driver_sql(f"CREATE TABLE apps ({ddl}, lxc_id INTEGER)")
-    settings = replace(SETTINGS, hostname_column="", status_column="", created_column="", updated_column="",
-                       port_columns=())
+    settings = replace(
+        SETTINGS, hostname_column="", status_column="", created_column="", updated_column="", port_columns=()
+    )
     assert PlatformTable(sqlite_db.engine, settings).key_from_text(text) == key

@@ -41,8 +41,13 @@ class FakeTarget:
         self.pve, self.cafile = pve, cafile
 
     def env(self) -> dict:
-        return {"PVE_HOST": self.pve.url[len("https://"):], "PVE_USER": USER, "PVE_TOKEN_NAME": TOKEN,
-                "PVE_TOKEN_VALUE": SECRET, "PVE_VERIFY_SSL": self.cafile}
+        return {
+            "PVE_HOST": self.pve.url[len("https://") :],
+            "PVE_USER": USER,
+            "PVE_TOKEN_NAME": TOKEN,
+            "PVE_TOKEN_VALUE": SECRET,
+            "PVE_VERIFY_SSL": self.cafile,
+        }
 
 
 @pytest.fixture
@@ -90,7 +95,8 @@ def test_a_vmid_held_by_a_guest_the_list_lacks_is_kept(fake, sqlite_db):
     assert runtime.inventory.hideable_vmids() is None  # fell back to per-VMID checks
     full = runtime.inventory.read()
     runtime.inventory.read = lambda: Inventory.of(  # type: ignore[method-assign]  # this instance only
-        [g for v, g in full.guests.items() if v != 101])
+        [g for v, g in full.guests.items() if v != 101]
+    )
     result = runtime.sweeper.run(force=True)
     assert result.outcome == "done" and result.hidden == [101], result.summary()
     assert table_vmids(sqlite_db) == [101]  # 250 is gone for good, 101 only missing from the list

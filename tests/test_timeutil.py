@@ -1,4 +1,5 @@
 """Time in one place: aware UTC, the table values the planner must read, and ages for people."""
+
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
@@ -21,22 +22,25 @@ def test_utcnow_is_aware_utc_and_now():
     assert before <= now <= datetime.now(UTC)
 
 
-@pytest.mark.parametrize("then, text", [
-    (NOON, "0 s"),
-    (NOON - timedelta(seconds=40), "40 s"),
-    (NOON - timedelta(seconds=119), "119 s"),  # a unit is used from two of it on
-    (NOON - timedelta(minutes=2), "2 min"),
-    (NOON - timedelta(minutes=12, seconds=59), "12 min"),
-    (NOON - timedelta(minutes=119), "119 min"),
-    (NOON - timedelta(hours=2), "2 h"),
-    (NOON - timedelta(hours=36), "36 h"),
-    (NOON - timedelta(hours=47, minutes=59), "47 h"),
-    (NOON - timedelta(days=2), "2 d"),
-    (NOON - timedelta(days=3, hours=23), "3 d"),
-    (NOON - timedelta(days=400), "400 d"),
-    (NOON + timedelta(minutes=5), "0 s"),  # a clock a little ahead never reads as negative
-    (None, "no timestamp"),
-])
+@pytest.mark.parametrize(
+    "then, text",
+    [
+        (NOON, "0 s"),
+        (NOON - timedelta(seconds=40), "40 s"),
+        (NOON - timedelta(seconds=119), "119 s"),  # a unit is used from two of it on
+        (NOON - timedelta(minutes=2), "2 min"),
+        (NOON - timedelta(minutes=12, seconds=59), "12 min"),
+        (NOON - timedelta(minutes=119), "119 min"),
+        (NOON - timedelta(hours=2), "2 h"),
+        (NOON - timedelta(hours=36), "36 h"),
+        (NOON - timedelta(hours=47, minutes=59), "47 h"),
+        (NOON - timedelta(days=2), "2 d"),
+        (NOON - timedelta(days=3, hours=23), "3 d"),
+        (NOON - timedelta(days=400), "400 d"),
+        (NOON + timedelta(minutes=5), "0 s"),  # a clock a little ahead never reads as negative
+        (None, "no timestamp"),
+    ],
+)
 def test_age_text(then, text):
     assert age_text(NOON, then) == text
 
@@ -54,23 +58,26 @@ def test_age_text_never_says_more_than_it_was(seconds):
     assert int(number) >= 2 or unit == "s"
 
 
-@pytest.mark.parametrize("value, expected", [
-    (datetime(2024, 5, 1, 12, 0), NOON),  # naive: read as UTC
-    (datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))), NOON),
-    (date(2024, 5, 1), datetime(2024, 5, 1, tzinfo=UTC)),
-    (NOON.timestamp(), NOON),
-    (int(NOON.timestamp()), NOON),
-    (int(NOON.timestamp()) * 1000, NOON),  # epoch milliseconds
-    (Decimal(int(NOON.timestamp())), NOON),
-    ("2024-05-01 12:00:00", NOON),
-    ("2024-05-01T12:00:00Z", NOON),
-    ("2024-05-01T14:00:00+02:00", NOON),
-    (f" {int(NOON.timestamp())} ", NOON),  # epoch seconds as text
-    (b"2024-05-01T12:00:00", NOON),
-    (None, None),
-    ("", None),
-    ("   ", None),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (datetime(2024, 5, 1, 12, 0), NOON),  # naive: read as UTC
+        (datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))), NOON),
+        (date(2024, 5, 1), datetime(2024, 5, 1, tzinfo=UTC)),
+        (NOON.timestamp(), NOON),
+        (int(NOON.timestamp()), NOON),
+        (int(NOON.timestamp()) * 1000, NOON),  # epoch milliseconds
+        (Decimal(int(NOON.timestamp())), NOON),
+        ("2024-05-01 12:00:00", NOON),
+        ("2024-05-01T12:00:00Z", NOON),
+        ("2024-05-01T14:00:00+02:00", NOON),
+        (f" {int(NOON.timestamp())} ", NOON),  # epoch seconds as text
+        (b"2024-05-01T12:00:00", NOON),
+        (None, None),
+        ("", None),
+        ("   ", None),
+    ],
+)
 def test_parse_timestamp_strict_reads_what_orms_write(value, expected):
     parsed = parse_timestamp_strict(value)
     assert parsed == expected
@@ -78,15 +85,18 @@ def test_parse_timestamp_strict_reads_what_orms_write(value, expected):
     assert parse_timestamp(value) == expected
 
 
-@pytest.mark.parametrize("value, message", [
-    ("yesterday", "is not ISO 8601 or epoch seconds"),
-    ("2024-13-01", "is not ISO 8601 or epoch seconds"),
-    (True, "of type bool cannot be read"),  # a bool is not epoch seconds
-    ([2024, 5, 1], "of type list cannot be read"),
-    (1e300, "is out of range"),
-    ("1e300", "is out of range"),
-    (float("nan"), "is out of range"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("yesterday", "is not ISO 8601 or epoch seconds"),
+        ("2024-13-01", "is not ISO 8601 or epoch seconds"),
+        (True, "of type bool cannot be read"),  # a bool is not epoch seconds
+        ([2024, 5, 1], "of type list cannot be read"),
+        (1e300, "is out of range"),
+        ("1e300", "is out of range"),
+        (float("nan"), "is out of range"),
+    ],
+)
 def test_parse_timestamp_strict_raises_for_what_cannot_be_read(value, message):
     with pytest.raises(ValueError, match=message):
         parse_timestamp_strict(value)

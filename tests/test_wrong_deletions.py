@@ -8,6 +8,7 @@
 
 Plus the rule that came with case 3: a plan that empties the table is refused whatever its size.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -94,6 +95,7 @@ def test_watcher_vmid_reused_between_the_rows_read_and_the_confirming_read_keeps
         if vmids is not None and sim.guest(103) is None:
             sim.add_guest(103, name="app103.apps.local")  # a new guest on the same VMID, same row kept
         return found
+
     runtime.table.fetch_rows = rows_then_reuse
     for _ in range(3):
         watcher.tick()
@@ -101,6 +103,7 @@ def test_watcher_vmid_reused_between_the_rows_read_and_the_confirming_read_keeps
 
 
 # --- 2. a node without quorum ----------------------------------------------------
+
 
 def split_and_deploy_150(sim, db, table) -> None:
     """The answering node loses quorum; app 150 is deployed on the quorate side after the
@@ -160,12 +163,12 @@ def test_a_standalone_node_has_no_cluster_entry_and_is_quorate(sim, sqlite_db):
 
 # --- 3. the VMID mapped to a wrong column ------------------------------------------
 
+
 def test_vmid_mapped_to_the_id_column_removes_nothing_and_check_fails_the_mapping(sim, any_db):
     # 8 rows: 7 live apps (VMIDs 100-106) and one ghost (150); ids 1-8 are no VMIDs.
     table = create_apps_table(any_db.engine)
     with any_db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1))
-                                      for v in (*range(100, 107), 150)])
+        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in (*range(100, 107), 150)])
     for v in range(100, 107):
         sim.add_guest(v, name=f"app{v}.apps.local")
     before = rows(any_db)
@@ -185,14 +188,26 @@ def test_vmid_mapped_to_the_id_column_removes_nothing_and_check_fails_the_mappin
 
 def test_check_fails_a_vmid_column_whose_values_mostly_repeat(sim, sqlite_db):
     metadata = sa.MetaData()
-    table = sa.Table("apps", metadata, sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("lxc_id", sa.Integer), sa.Column("node_vmid", sa.Integer),
-                     sa.Column("hostname", sa.String(50)), sa.Column("status", sa.String(20)),
-                     sa.Column("created_at", sa.DateTime), sa.Column("updated_at", sa.DateTime))
+    table = sa.Table(
+        "apps",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("lxc_id", sa.Integer),
+        sa.Column("node_vmid", sa.Integer),
+        sa.Column("hostname", sa.String(50)),
+        sa.Column("status", sa.String(20)),
+        sa.Column("created_at", sa.DateTime),
+        sa.Column("updated_at", sa.DateTime),
+    )
     metadata.create_all(sqlite_db.engine)
     with sqlite_db.engine.begin() as conn:
-        conn.execute(table.insert(), [{"id": i, "lxc_id": 100 + i, "node_vmid": 100 + i % 2,
-                                       "hostname": f"h{i}", "status": "running"} for i in range(10)])
+        conn.execute(
+            table.insert(),
+            [
+                {"id": i, "lxc_id": 100 + i, "node_vmid": 100 + i % 2, "hostname": f"h{i}", "status": "running"}
+                for i in range(10)
+            ],
+        )
     env = janitor_env(sim, sqlite_db, CLEANUP_PORT_COLUMNS="", CLEANUP_VMID_COLUMN="node_vmid")
     check = run_cli(["check"], env)
     assert check.code == 3 and "FAILED  mapping" in check.out and "share their VMID" in check.out, check.out
@@ -201,16 +216,32 @@ def test_check_fails_a_vmid_column_whose_values_mostly_repeat(sim, sqlite_db):
 @pytest.mark.parametrize("value", [5, 0, -101, 1_000_000_000, "99"])
 def test_a_value_that_cannot_be_a_vmid_makes_the_row_unreadable_never_a_ghost(sim, sqlite_db, value):
     metadata = sa.MetaData()
-    table = sa.Table("apps", metadata, sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("lxc_id", sa.String(20)), sa.Column("status", sa.String(20)))
+    table = sa.Table(
+        "apps",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("lxc_id", sa.String(20)),
+        sa.Column("status", sa.String(20)),
+    )
     metadata.create_all(sqlite_db.engine)
     with sqlite_db.engine.begin() as conn:
-        conn.execute(table.insert(), [{"id": 1, "lxc_id": str(value), "status": "running"},
-                                      {"id": 2, "lxc_id": "150", "status": "running"},
-                                      {"id": 3, "lxc_id": "100", "status": "running"}])
+        conn.execute(
+            table.insert(),
+            [
+                {"id": 1, "lxc_id": str(value), "status": "running"},
+                {"id": 2, "lxc_id": "150", "status": "running"},
+                {"id": 3, "lxc_id": "100", "status": "running"},
+            ],
+        )
     sim.add_guest(100)
-    runtime = make_runtime(sim, sqlite_db, CLEANUP_PORT_COLUMNS="", CLEANUP_HOSTNAME_COLUMN="",
-                           CLEANUP_CREATED_COLUMN="", CLEANUP_UPDATED_COLUMN="")
+    runtime = make_runtime(
+        sim,
+        sqlite_db,
+        CLEANUP_PORT_COLUMNS="",
+        CLEANUP_HOSTNAME_COLUMN="",
+        CLEANUP_CREATED_COLUMN="",
+        CLEANUP_UPDATED_COLUMN="",
+    )
     result = runtime.sweeper.run()
     assert result.outcome == "done" and result.applied is not None and result.plan is not None
     assert [a.row.key for a in result.applied.applied] == [2]
@@ -220,6 +251,7 @@ def test_a_value_that_cannot_be_a_vmid_makes_the_row_unreadable_never_a_ghost(si
 
 
 # --- the plan that would empty the table ---------------------------------------------
+
 
 def test_a_plan_that_empties_the_table_is_refused_whatever_its_size_and_force_lifts_it(sim, any_db):
     table = create_apps_table(any_db.engine)
@@ -255,8 +287,9 @@ def test_no_quorum_is_named_in_the_run_answer_stats_metrics_and_log(sim, sqlite_
     parts = build(runtime.settings, runtime)
     client = parts["app"].test_client()
     sim.set_quorate(False)
-    answer = client.post("/api/v1/system/cleanup/run?force=true",
-                         headers={"Authorization": "Bearer admin-token-0123456789"})
+    answer = client.post(
+        "/api/v1/system/cleanup/run?force=true", headers={"Authorization": "Bearer admin-token-0123456789"}
+    )
     assert answer.status_code == 422 and answer.get_json()["refusal"] == "no_quorum", answer.get_json()
     stats = client.get("/api/v1/system/cleanup/stats").get_json()
     assert stats["last_sweep"]["outcome"] == "refused" and stats["last_sweep"]["refusal"] == "no_quorum"
@@ -285,6 +318,7 @@ def test_hidden_guests_are_named_in_stats_and_metrics(sim, sqlite_db):
 
 # --- found by the model-based test ------------------------------------------------
 
+
 @pytest.mark.parametrize("entry", ["watcher", "sweep"])
 def test_a_hidden_guest_created_between_the_acl_list_and_the_confirming_read_keeps_its_row(sim, sqlite_db, entry):
     # Guest 100 is gone; an ACL will hide whatever holds VMID 100.  Right after the ACL list
@@ -304,6 +338,7 @@ def test_a_hidden_guest_created_between_the_acl_list_and_the_confirming_read_kee
         if len(reads) == 1:
             sim.add_guest(100, name="new100")
         return proof
+
     runtime.inventory.hideable_vmids = acl_then_new_hidden_guest
     if entry == "watcher":
         inbox.accept(stop_event(100))

@@ -38,6 +38,12 @@ from .standalone import export_lines, run_standalone
 from .tasks import parse_upid
 
 __all__ = [
-    "GUEST_TYPES", "HOOK_PHASES", "ProxmoxSimulator", "SimulatorError", "export_lines",
-    "lowest_free_vmid", "parse_upid", "run_standalone",
+    "GUEST_TYPES",
+    "HOOK_PHASES",
+    "ProxmoxSimulator",
+    "SimulatorError",
+    "export_lines",
+    "lowest_free_vmid",
+    "parse_upid",
+    "run_standalone",
 ]

@@ -99,7 +99,7 @@ class AccessControl(UserConfig):
     def guest_filter(self, principal: str, privilege: str):
         """``vmid -> bool``: holds ``privilege`` on ``/vms/<vmid>``.  Guests without an entry of
         their own and in no pool share one answer, so a list of 100,000 costs one walk."""
-        special = {int(path[len("/vms/"):]) for path in self.acl if path.startswith("/vms/")}
+        special = {int(path[len("/vms/") :]) for path in self.acl if path.startswith("/vms/")}
         for members in self.pools.values():
             special |= members
         shared = self.has(principal, _ANY_GUEST, privilege)
@@ -142,8 +142,7 @@ class AccessControl(UserConfig):
                 privileges[privilege] = max(privileges.get(privilege, 0), propagate)
         if user_privileges is not None:
             # "intersect user and token permissions", each propagate flag the AND of both
-            privileges = {p: min(user_privileges[p], flag) for p, flag in privileges.items()
-                          if p in user_privileges}
+            privileges = {p: min(user_privileges[p], flag) for p, flag in privileges.items() if p in user_privileges}
         return privileges
 
     def _pool_roles(self, principal: str) -> dict:
@@ -179,16 +178,22 @@ class AccessControl(UserConfig):
         for path in sorted(self.acl, key=path_key):
             if not (audit or self._may_modify(principal, path)):
                 continue
-            for (kind, ugid), grants in sorted(self.acl[path].items(),
-                                               key=lambda item: (ENTRY_TYPES.index(item[0][0]), item[0][1])):
-                entries.extend({"path": path, "type": kind, "ugid": ugid, "roleid": role,
-                                "propagate": propagate} for role, propagate in sorted(grants.items()))
+            for (kind, ugid), grants in sorted(
+                self.acl[path].items(), key=lambda item: (ENTRY_TYPES.index(item[0][0]), item[0][1])
+            ):
+                entries.extend(
+                    {"path": path, "type": kind, "ugid": ugid, "roleid": role, "propagate": propagate}
+                    for role, propagate in sorted(grants.items())
+                )
         return entries
 
     def _may_modify(self, principal: str, path: str) -> bool:
         wanted = ["Permissions.Modify"]
-        for prefix, privilege in (("/storage/", "Datastore.Allocate"), ("/vms/", "VM.Allocate"),
-                                  ("/pool/", "Pool.Allocate")):
+        for prefix, privilege in (
+            ("/storage/", "Datastore.Allocate"),
+            ("/vms/", "VM.Allocate"),
+            ("/pool/", "Pool.Allocate"),
+        ):
             if path.startswith(prefix):
                 wanted.append(privilege)
         return any(self.has(principal, path, privilege) for privilege in wanted)

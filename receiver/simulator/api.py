@@ -120,8 +120,11 @@ class ApiRoutes:
             return
         node = match.group(1)
         if node not in self._online:
-            raise ApiError(500, "hostname lookup '%s' failed - failed to get address info for: "
-                                "%s: Name or service not known" % (node, node))
+            raise ApiError(
+                500,
+                "hostname lookup '%s' failed - failed to get address info for: "
+                "%s: Name or service not known" % (node, node),
+            )
         if not self._online[node]:
             raise ApiError(595, "Errors during connection establishment, proxy handshake")
 
@@ -155,9 +158,14 @@ class ApiRoutes:
         """
         kind = _query_value(query, "type")
         if kind is not None and kind not in RESOURCE_TYPES:
-            raise ApiError(400, "Parameter verification failed.", {
-                "type": "value '%s' does not have a value in the enumeration '%s'"
-                        % (kind, ", ".join(RESOURCE_TYPES))})
+            raise ApiError(
+                400,
+                "Parameter verification failed.",
+                {
+                    "type": "value '%s' does not have a value in the enumeration '%s'"
+                    % (kind, ", ".join(RESOURCE_TYPES))
+                },
+            )
         parts: list[bytes] = []
         if kind in (None, "node"):
             uptime = self._node_uptime()
@@ -177,8 +185,7 @@ class ApiRoutes:
     def _encoded_entry(self, guest: Guest, stats_at: float) -> bytes:
         pool = self._shown_pool(guest.vmid)
         shown = self.stats_shown(guest.node, stats_at)
-        key = (guest.status, guest.lock, guest.name, guest.node, guest.tags, shown,
-               guest.uptime(stats_at), pool)
+        key = (guest.status, guest.lock, guest.name, guest.node, guest.tags, shown, guest.uptime(stats_at), pool)
         cached = guest.encoded
         if cached is None or cached[0] != key:
             entry = resource_entry(guest, stats_at, shown, pool)
@@ -219,8 +226,7 @@ class ApiRoutes:
         known = self._known_guests()
         if wanted is not None:
             if not wanted.isdigit() or int(wanted) in known:
-                raise ApiError(400, "Parameter verification failed.",
-                               {"vmid": "VM %s already exists" % wanted})
+                raise ApiError(400, "Parameter verification failed.", {"vmid": "VM %s already exists" % wanted})
             return str(int(wanted))
         return str(lowest_free_vmid(known))
 
@@ -232,12 +238,29 @@ class ApiRoutes:
             raise ApiError(403, "Permission check failed (/, Sys.Audit)")
         entries = []
         if not self.standalone:
-            entries.append({"type": "cluster", "id": "cluster", "name": "sim", "nodes": len(self.nodes),
-                            "quorate": 1 if self.quorate else 0, "version": len(self.nodes) + 1})
+            entries.append(
+                {
+                    "type": "cluster",
+                    "id": "cluster",
+                    "name": "sim",
+                    "nodes": len(self.nodes),
+                    "quorate": 1 if self.quorate else 0,
+                    "version": len(self.nodes) + 1,
+                }
+            )
         for i, node in enumerate(self.nodes[:1] if self.standalone else self.nodes):
-            entries.append({"type": "node", "id": "node/%s" % node, "name": node, "nodeid": i + 1,
-                            "ip": "192.0.2.%d" % (i + 1), "local": 1 if i == 0 else 0,
-                            "online": 1 if self._online[node] else 0, "level": ""})
+            entries.append(
+                {
+                    "type": "node",
+                    "id": "node/%s" % node,
+                    "name": node,
+                    "nodeid": i + 1,
+                    "ip": "192.0.2.%d" % (i + 1),
+                    "local": 1 if i == 0 else 0,
+                    "online": 1 if self._online[node] else 0,
+                    "level": "",
+                }
+            )
         return entries
 
     # ------------------------------------------------------------------ nodes and guests
@@ -248,8 +271,7 @@ class ApiRoutes:
     def _api_guest_list(self, query, node, kind):
         """/nodes/<node>/lxc|qemu: the guests on that node the caller may see."""
         now = time.monotonic()
-        return [list_entry(g, now) for g in self._visible_guests()
-                if g.node == node and g.type == kind]
+        return [list_entry(g, now) for g in self._visible_guests() if g.node == node and g.type == kind]
 
     def _guest_at(self, node: str, kind: str, vmid: str) -> Guest:
         """Per-guest endpoints answer 403 without VM.Audit on ``/vms/N``; an unknown guest: its
@@ -259,8 +281,7 @@ class ApiRoutes:
             raise ApiError(403, "Permission check failed (/vms/%d, VM.Audit)" % number)
         guest = self._guests.get(number)
         if guest is None or guest.node != node or guest.type != kind:
-            raise ApiError(500, "Configuration file '%s' does not exist"
-                                % config_path(node, kind, number))
+            raise ApiError(500, "Configuration file '%s' does not exist" % config_path(node, kind, number))
         return guest
 
     def _api_status(self, query, node, kind, vmid):
@@ -302,7 +323,8 @@ class ApiRoutes:
 
 
 ROUTES: list = [
-    (re.compile(p), name) for p, name in (
+    (re.compile(p), name)
+    for p, name in (
         (r"/version", "_api_version"),
         (r"/cluster/resources", "_api_resources"),
         (r"/cluster/tasks", "_api_tasks"),

@@ -70,7 +70,10 @@ class Cluster:
         vmid = int(vmid)
         self._check_new_guest(vmid, node, type, status, template)
         guest = Guest(
-            vmid=vmid, node=node, type=type, status=status,
+            vmid=vmid,
+            node=node,
+            type=type,
+            status=status,
             name=name or ("ct%d" % vmid if type == "lxc" else "vm%d" % vmid),
             template=bool(template),
             hookscript=os.fspath(hookscript) if hookscript is not None else None,
@@ -125,7 +128,9 @@ class Cluster:
         rc = self._run_hook(guest, "pre-start")
         if rc != 0:
             error = "hookscript error for %d on pre-start: command '%s %d pre-start' failed: %s" % (
-                guest.vmid, guest.hookscript, guest.vmid,
+                guest.vmid,
+                guest.hookscript,
+                guest.vmid,
                 "exit code %d" % rc if rc is not None else "could not run",
             )
             self._record_task(guest.node, task_type, guest.vmid, started, error)
@@ -149,8 +154,7 @@ class Cluster:
             return False
         started = int(time.time())
         self._stop_with_hooks(guest)
-        self._record_task(guest.node, "vzstop" if guest.type == "lxc" else "qmstop", guest.vmid,
-                          started, "OK")
+        self._record_task(guest.node, "vzstop" if guest.type == "lxc" else "qmstop", guest.vmid, started, "OK")
         return True
 
     def destroy_guest(self, vmid: int, lock_seconds: float = 0.0) -> None:
@@ -168,8 +172,9 @@ class Cluster:
             raise SimulatorError("VM %d is running - destroy failed" % guest.vmid)
         if guest.status != "stopped":
             self._stop_with_hooks(guest)
-        task = self.tasks.new(guest.node, "vzdestroy" if guest.type == "lxc" else "qmdestroy",
-                              guest.vmid, int(time.time()))
+        task = self.tasks.new(
+            guest.node, "vzdestroy" if guest.type == "lxc" else "qmdestroy", guest.vmid, int(time.time())
+        )
         with self._lock:
             guest.lock, guest.destroy_task = "destroyed", task
             guest.gone_at_mono = time.monotonic() + max(0.0, float(lock_seconds))
@@ -177,8 +182,9 @@ class Cluster:
             self.tasks.start(task)
             self._changed()
             self._expire_locked()
-        logger.info("guest %d destroyed (listed with lock=destroyed for %.1fs)", guest.vmid,
-                    max(0.0, float(lock_seconds)))
+        logger.info(
+            "guest %d destroyed (listed with lock=destroyed for %.1fs)", guest.vmid, max(0.0, float(lock_seconds))
+        )
 
     def migrate_guest(self, vmid: int, node: str) -> None:
         """Move a stopped guest to another node (offline migration: no hooks, same VMID,

@@ -7,6 +7,7 @@ with the seed platform's scene.  ``--once`` runs the story and exits 0 only if
 every step happened (CI runs it); without it, it keeps running until Ctrl-C so
 you can look at the URLs it prints.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,12 +86,14 @@ class Demo:
     def env(self) -> dict[str, str]:
         env = without_settings(os.environ)
         env.update(self.sim.env())
-        env.update({
-            "DATABASE_URL": self.db_url,
-            "CLEANUP_HOOK_SECRET": self.secret,
-            "CLEANUP_ADMIN_TOKEN": self.admin,
-            "CLEANUP_BIND": f"127.0.0.1:{self.port}",
-        })
+        env.update(
+            {
+                "DATABASE_URL": self.db_url,
+                "CLEANUP_HOOK_SECRET": self.secret,
+                "CLEANUP_ADMIN_TOKEN": self.admin,
+                "CLEANUP_BIND": f"127.0.0.1:{self.port}",
+            }
+        )
         return env
 
     # --- set-up ---------------------------------------------------------------
@@ -121,11 +124,12 @@ class Demo:
 
     def story(self) -> None:
         say = self.echo
-        say(f"\n== The scene: a platform database with {len(self.vmids())} apps "
+        say(
+            f"\n== The scene: a platform database with {len(self.vmids())} apps "
             f"({len(ERROR_VMIDS)} error rows whose guests are gone, {len(RUNNING_VMIDS)} running); "
-            f"Proxmox has {len(self.sim.vmids())} guests.")
-        say(f"   Receiver: {self.base}  (stats: {self.base}/api/v1/system/cleanup/stats, "
-            f"metrics: {self.base}/metrics)")
+            f"Proxmox has {len(self.sim.vmids())} guests."
+        )
+        say(f"   Receiver: {self.base}  (stats: {self.base}/api/v1/system/cleanup/stats, metrics: {self.base}/metrics)")
         say(f"   Proxmox simulator: {self.sim.url}")
 
         say("\n== 1. The first sweep (run by `serve` at start) and why the guard stops it")
@@ -137,14 +141,18 @@ class Demo:
         code, plan = self.http("POST", "/api/v1/system/cleanup/run?dry_run=true&force=true", self.admin)
         say(f"   the plan (dry run): {len(plan['planned'])} rows, for example:")
         for action in plan["planned"][:3]:
-            say(f"     {action['action']} row {action['row_id']} VMID {action['vmid']} "
-                f"{action['hostname']}: {action['reason']}: {action['detail']}")
+            say(
+                f"     {action['action']} row {action['row_id']} VMID {action['vmid']} "
+                f"{action['hostname']}: {action['reason']}: {action['detail']}"
+            )
         say(f"   reports (never acted on): {len(plan['reports'])}, e.g. {plan['reports'][0]['detail']}")
 
         say("\n== 2. An operator checks the plan and forces the cleanup")
         code, result = self.http("POST", "/api/v1/system/cleanup/run?force=true", self.admin)
-        say(f"   POST /api/v1/system/cleanup/run?force=true -> {code}: {result['outcome']}, "
-            f"{result['applied']} rows removed")
+        say(
+            f"   POST /api/v1/system/cleanup/run?force=true -> {code}: {result['outcome']}, "
+            f"{result['applied']} rows removed"
+        )
         if code != 200 or self.vmids() != list(RUNNING_VMIDS):
             raise StepFailed(f"forced cleanup should leave exactly the 6 running apps, left {self.vmids()}")
         say(f"   left: {len(self.vmids())} apps, VMIDs {self.vmids()}")
@@ -170,17 +178,24 @@ class Demo:
         say("\n== 5. Nothing is lost: restore a removed row")
         code, history = self.http("GET", "/api/v1/system/cleanup/history?limit=50")
         entry = next(e for e in history["entries"] if e["vmid"] == ERROR_VMIDS[0])
-        restored = subprocess.run([sys.executable, "-m", "receiver.cli", "restore", str(entry["id"])],
-                                  env=self.env(), capture_output=True, text=True, cwd=self.dir)
+        restored = subprocess.run(
+            [sys.executable, "-m", "receiver.cli", "restore", str(entry["id"])],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            cwd=self.dir,
+        )
         say(f"   $ pve-janitor restore {entry['id']}\n   {restored.stdout.strip() or restored.stderr.strip()}")
         if restored.returncode != 0 or ERROR_VMIDS[0] not in self.vmids():
             raise StepFailed("restore should put the row back")
 
         say("\n== 6. The stats")
         code, stats = self.http("GET", "/api/v1/system/cleanup/stats")
-        say(f"   ghost_apps_removed={stats['ghost_apps_removed']} old_errors_removed={stats['old_errors_removed']} "
+        say(
+            f"   ghost_apps_removed={stats['ghost_apps_removed']} old_errors_removed={stats['old_errors_removed']} "
             f"ports_freed={stats['ports_freed']} total_removed={stats['total_removed']} "
-            f"rows_restored={stats.get('rows_restored')}")
+            f"rows_restored={stats.get('rows_restored')}"
+        )
         if stats["ghost_apps_removed"] != len(ERROR_VMIDS) + 2:
             raise StepFailed(f"expected {len(ERROR_VMIDS) + 2} ghosts removed, stats say {stats['ghost_apps_removed']}")
 
@@ -200,8 +215,10 @@ def run(once: bool, echo: Callable[[str], None] = print) -> int:
             demo.story()
             echo("\nEvery step happened.")
             if not once:
-                echo(f"\nStill running: try  curl -s {demo.base}/api/v1/system/cleanup/stats  "
-                     f"or  curl -s {demo.base}/metrics\nCtrl-C to stop.")
+                echo(
+                    f"\nStill running: try  curl -s {demo.base}/api/v1/system/cleanup/stats  "
+                    f"or  curl -s {demo.base}/metrics\nCtrl-C to stop."
+                )
                 try:
                     while demo.receiver is not None and demo.receiver.alive():
                         time.sleep(0.5)

@@ -108,8 +108,12 @@ class HttpsEndpoint:
             raise RuntimeError("simulator not started")
         server = TLSServer((self._host, port), self, self._context)
         self._port = server.server_address[1]
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  name="pve-simulator-%d" % self._port, daemon=True)
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="pve-simulator-%d" % self._port,
+            daemon=True,
+        )
         self._server, self._thread = server, thread
         self._servers.append(server)
         thread.start()
@@ -181,7 +185,7 @@ class HttpsEndpoint:
         path = parts.path
         api_path = None
         if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
-            api_path = path[len(API_PREFIX):].rstrip("/") or "/"
+            api_path = path[len(API_PREFIX) :].rstrip("/") or "/"
             with self._count_lock:
                 self._counts[api_path] += 1
         kind, delay = self._fault
@@ -221,7 +225,7 @@ class HttpsEndpoint:
         prefix = "PVEAPIToken="
         if not authorization or not authorization.startswith(prefix):
             return None
-        token_id, sep, secret = authorization[len(prefix):].partition("=")
+        token_id, sep, secret = authorization[len(prefix) :].partition("=")
         with self._lock:
             expected = self.access.token_secret(token_id) if sep else None
         if expected is None:

@@ -43,9 +43,15 @@ class Guest:
 
     def as_dict(self) -> dict:
         return {
-            "vmid": self.vmid, "node": self.node, "type": self.type, "status": self.status,
-            "name": self.name, "template": self.template, "hookscript": self.hookscript,
-            "tags": self.tags, "lock": self.lock,
+            "vmid": self.vmid,
+            "node": self.node,
+            "type": self.type,
+            "status": self.status,
+            "name": self.name,
+            "template": self.template,
+            "hookscript": self.hookscript,
+            "tags": self.tags,
+            "lock": self.lock,
         }
 
 

@@ -27,8 +27,13 @@ def run_hook(script: str, vmid: int, phase: str, env: dict) -> tuple:
     began = time.monotonic()
     try:
         proc = subprocess.run(
-            [script, str(vmid), phase], env=env, cwd="/", stdin=subprocess.DEVNULL,
-            capture_output=True, timeout=HOOK_SAFETY_TIMEOUT_S, check=False,
+            [script, str(vmid), phase],
+            env=env,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=HOOK_SAFETY_TIMEOUT_S,
+            check=False,
         )
         rc: int | None = proc.returncode
         _log_output(vmid, phase, proc)

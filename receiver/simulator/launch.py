@@ -8,6 +8,7 @@ this is the one place that knows how.  The product never imports it.
 log's tail, having stopped it); :func:`serving` is the same as a context manager that stops
 it on the way out: SIGTERM first, as systemd does, then SIGKILL if it has not exited in time.
 """
+
 from __future__ import annotations
 
 import signal
@@ -90,8 +91,7 @@ def start(env: Mapping[str, str], log: Path, *, timeout: float = 30, cwd: Path |
         raise ValueError("CLEANUP_BIND must be set: the launcher asks /healthz there")
     base = f"http://{bind}"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cli_command() + ["serve"], env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=cwd)
+        proc = subprocess.Popen(cli_command() + ["serve"], env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     launched = Launched(proc, base, Path(log))
     deadline = time.monotonic() + timeout
     while True:
@@ -101,14 +101,16 @@ def start(env: Mapping[str, str], log: Path, *, timeout: float = 30, cwd: Path |
             return launched
         if time.monotonic() > deadline:
             launched.stop()
-            raise LaunchError(f"pve-janitor serve did not answer {base}/healthz within {timeout:g} s:\n"
-                              f"{_tail(launched)}")
+            raise LaunchError(
+                f"pve-janitor serve did not answer {base}/healthz within {timeout:g} s:\n{_tail(launched)}"
+            )
         time.sleep(HEALTH_POLL_SECONDS)
 
 
 @contextmanager
-def serving(env: Mapping[str, str], log: Path, *, timeout: float = 30, stop_timeout: float = 30,
-            cwd: Path | str | None = None) -> Iterator[Launched]:
+def serving(
+    env: Mapping[str, str], log: Path, *, timeout: float = 30, stop_timeout: float = 30, cwd: Path | str | None = None
+) -> Iterator[Launched]:
     """:func:`start`, and :meth:`Launched.stop` on the way out."""
     launched = start(env, log, timeout=timeout, cwd=cwd)
     try:

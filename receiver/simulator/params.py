@@ -30,8 +30,10 @@ class ParameterError(Exception):
 # trailing newline is Proxmox's: ``die "...\n"`` becomes the error text as is).
 _FORMATS = {
     "pve-vmid": (re.compile(r"[1-9][0-9]{2,8}"), "value does not look like a valid VM ID\n"),
-    "pve-node": (re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?"),
-                 "value does not look like a valid node name\n"),
+    "pve-node": (
+        re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?"),
+        "value does not look like a valid node name\n",
+    ),
     "pve-configid": (re.compile(r"[a-z][a-z0-9_-]+", re.IGNORECASE), "invalid configuration ID '%s'\n"),
 }
 # ``pve-task-status-type-list``: a list (split on space, comma, semicolon) of these, any case.
@@ -113,8 +115,12 @@ PARAMETERS: dict = {
     # pve-container API2/LXC.pm ``vmlist`` (no ``full``), qemu-server API2/Qemu.pm ``vmlist``
     "_api_guest_list": {"node": NODE, "full": Param("boolean")},
     "_api_status": {"node": NODE, "vmid": VMID},
-    "_api_config": {"node": NODE, "vmid": VMID, "current": Param("boolean"),
-                    "snapshot": Param("string", format="pve-configid", max_length=40)},
+    "_api_config": {
+        "node": NODE,
+        "vmid": VMID,
+        "current": Param("boolean"),
+        "snapshot": Param("string", format="pve-configid", max_length=40),
+    },
     # pve-access-control API2/AccessControl.pm ``permissions``, API2/ACL.pm ``read_acl``
     "_api_permissions": {"path": Param("string"), "userid": Param("string", pattern=USERID_OR_TOKEN)},
     "_api_acl": {},

@@ -79,6 +79,7 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
     def pveum(self, command_line: str) -> str:
         """Apply one ``pveum`` line (see ``pveum``) and return what it prints.  A token added
         as this simulator's ``token_id`` gets ``token_value`` as its secret."""
+
         def secret(tokenid: str) -> str:
             return self.token_value if tokenid == self.token_id else secrets.token_hex(16)
 
@@ -142,8 +143,14 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
                 self._switches["sys_audit"] = bool(allowed)
             self._apply_switches()
 
-    def add_acl(self, path: str, roleid: str, ugid: str | None = None, type: str = "token",  # noqa: A002 - the ACL field is called type
-                propagate: bool = True) -> None:
+    def add_acl(
+        self,
+        path: str,
+        roleid: str,
+        ugid: str | None = None,
+        type: str = "token",  # noqa: A002 - the ACL field is called type
+        propagate: bool = True,
+    ) -> None:
         """One more ACL entry (default: for the token); a user or group it names is created
         when missing."""
         if type not in ("user", "group", "token"):
@@ -162,8 +169,14 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
             self._acl_fault = None if status is None else int(status)
 
     def _reset_switches(self) -> None:
-        self._switches: dict[str, Any] = {"vm_audit": True, "vm_propagate": True, "sys_audit": True,
-                          "sys_audit_access": True, "visible": None, "via": "vms"}
+        self._switches: dict[str, Any] = {
+            "vm_audit": True,
+            "vm_propagate": True,
+            "sys_audit": True,
+            "sys_audit_access": True,
+            "visible": None,
+            "via": "vms",
+        }
         self._switch_entries: set = set()  # (path, type, ugid, role) the switches granted
 
     def _apply_switches(self) -> None:

@@ -41,8 +41,9 @@ def _boolean(name: str, value: str) -> bool:
     try:
         return _BOOLEANS[value.lower()]
     except KeyError:
-        raise AccessError("400 Parameter verification failed. %s: type check ('boolean') failed - got '%s'"
-                          % (name, value)) from None
+        raise AccessError(
+            "400 Parameter verification failed. %s: type check ('boolean') failed - got '%s'" % (name, value)
+        ) from None
 
 
 def parse(command_line: str) -> tuple:
@@ -54,13 +55,13 @@ def parse(command_line: str) -> tuple:
     if words[:1] == ["pveum"]:
         words = words[1:]
     for command in sorted(_COMMANDS, key=len, reverse=True):
-        if tuple(words[:len(command)]) == command:
+        if tuple(words[: len(command)]) == command:
             break
     else:
         raise AccessError("unknown or unsupported command: pveum %s" % " ".join(words))
     positional, options = _COMMANDS[command]
     args: dict = {}
-    rest = words[len(command):]
+    rest = words[len(command) :]
     while rest:
         word = rest.pop(0)
         if word.startswith("--"):
@@ -82,8 +83,9 @@ def parse(command_line: str) -> tuple:
     return command, args
 
 
-def apply(access: UserConfig, command_line: str, existing_vmids: Iterable[int],
-          new_secret: Callable[[str], str]) -> str:
+def apply(
+    access: UserConfig, command_line: str, existing_vmids: Iterable[int], new_secret: Callable[[str], str]
+) -> str:
     """Apply one ``pveum`` line; what pveum would print (a new token's secret), else ``""``.
 
     ``new_secret(tokenid)`` gives the secret of a token being added.
@@ -93,8 +95,9 @@ def apply(access: UserConfig, command_line: str, existing_vmids: Iterable[int],
         return _apply(access, command, args, existing_vmids, new_secret)
 
 
-def _apply(access: UserConfig, command: tuple, args: dict, existing_vmids: Iterable[int],
-           new_secret: Callable[[str], str]) -> str:
+def _apply(
+    access: UserConfig, command: tuple, args: dict, existing_vmids: Iterable[int], new_secret: Callable[[str], str]
+) -> str:
     if command == ("user", "add"):
         access.add_user(args["userid"])
         if "groups" in args:
@@ -109,7 +112,7 @@ def _apply(access: UserConfig, command: tuple, args: dict, existing_vmids: Itera
         tokenid = "%s!%s" % (args["userid"], args["tokenid"])
         secret = new_secret(tokenid)
         access.add_token(args["userid"], args["tokenid"], privsep, secret)
-        return "full-tokenid: %s\ninfo: {\"privsep\":%d}\nvalue: %s" % (tokenid, privsep, secret)
+        return 'full-tokenid: %s\ninfo: {"privsep":%d}\nvalue: %s' % (tokenid, privsep, secret)
     elif command == ("group", "add"):
         access.add_group(args["groupid"])
     elif command in (("acl", "modify"), ("acl", "delete")):
@@ -129,11 +132,15 @@ def _apply(access: UserConfig, command: tuple, args: dict, existing_vmids: Itera
 
 def _acl(access: UserConfig, args: dict, delete: bool) -> None:
     """API2/ACL.pm ``update_acl``: every role for every user, group and token named."""
-    principals = [(kind, ugid) for option, kind in (("users", "user"), ("groups", "group"), ("tokens", "token"))
-                  for ugid in _split_list(args.get(option, ""))]
+    principals = [
+        (kind, ugid)
+        for option, kind in (("users", "user"), ("groups", "group"), ("tokens", "token"))
+        for ugid in _split_list(args.get(option, ""))
+    ]
     if not principals:
-        raise AccessError("400 Parameter verification failed. users/groups/tokens: "
-                          "either 'users', 'groups' or 'tokens' is required.")
+        raise AccessError(
+            "400 Parameter verification failed. users/groups/tokens: either 'users', 'groups' or 'tokens' is required."
+        )
     if "roles" not in args:
         raise AccessError("400 Parameter verification failed. roles: property is missing and it is not optional")
     propagate = _boolean("propagate", args["propagate"]) if "propagate" in args else True

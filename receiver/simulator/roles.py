@@ -16,9 +16,20 @@ NO_ACCESS = "NoAccess"
 _PRIVILEGE_GROUPS = {
     "VM": {
         "root": (),
-        "admin": ("VM.Config.Disk", "VM.Config.CPU", "VM.Config.Memory", "VM.Config.Network",
-                  "VM.Config.HWType", "VM.Config.Options", "VM.Allocate", "VM.Clone", "VM.Migrate",
-                  "VM.Monitor", "VM.Snapshot", "VM.Snapshot.Rollback"),
+        "admin": (
+            "VM.Config.Disk",
+            "VM.Config.CPU",
+            "VM.Config.Memory",
+            "VM.Config.Network",
+            "VM.Config.HWType",
+            "VM.Config.Options",
+            "VM.Allocate",
+            "VM.Clone",
+            "VM.Migrate",
+            "VM.Monitor",
+            "VM.Snapshot",
+            "VM.Snapshot.Rollback",
+        ),
         "user": ("VM.Config.CDROM", "VM.Config.Cloudinit", "VM.Console", "VM.Backup", "VM.PowerMgmt"),
         "audit": ("VM.Audit",),
     },
@@ -35,8 +46,12 @@ _PRIVILEGE_GROUPS = {
         "audit": ("Datastore.Audit",),
     },
     "SDN": {"root": (), "admin": ("SDN.Allocate", "SDN.Audit"), "user": ("SDN.Use",), "audit": ("SDN.Audit",)},
-    "User": {"root": ("Realm.Allocate",), "admin": ("User.Modify", "Group.Allocate", "Realm.AllocateUser"),
-             "user": (), "audit": ()},
+    "User": {
+        "root": ("Realm.Allocate",),
+        "admin": ("User.Modify", "Group.Allocate", "Realm.AllocateUser"),
+        "user": (),
+        "audit": (),
+    },
     "Pool": {"root": (), "admin": ("Pool.Allocate",), "user": ("Pool.Audit",), "audit": ("Pool.Audit",)},
     "Mapping": {"root": (), "admin": ("Mapping.Modify",), "user": ("Mapping.Use",), "audit": ("Mapping.Audit",)},
 }
@@ -71,7 +86,9 @@ VALID_PRIVILEGES = BUILTIN_ROLES["Administrator"]
 _ACL_PATH_RE = re.compile(
     r"^(/|/access|/access/groups(/[\w.-]+)?|/access/realm(/[\w.-]+)?|/nodes(/[\w.-]+)?"
     r"|/pool(/[\w.-]+){0,3}|/sdn(/[\w.-]+){0,4}|/storage(/[\w.-]+)?|/vms|/vms/[1-9][0-9]{2,}"
-    r"|/mapping(/[\w.-]+){0,2})$", re.ASCII)
+    r"|/mapping(/[\w.-]+){0,2})$",
+    re.ASCII,
+)
 
 
 def normalize_path(path: str) -> str:

@@ -5,6 +5,7 @@ destroyed by hand) and 6 running apps; 14 guests exist in the cluster (the 6
 apps' guests, 2 templates and 6 guests the platform does not know).  The
 demo, ``pve-janitor simulator --seed-db`` and the tests all start from it.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -15,17 +16,18 @@ from sqlalchemy.engine import Engine
 
 from ..timeutil import utcnow
 
-RUNNING_VMIDS = tuple(range(100, 106))          # 6 apps, guests exist
-ERROR_VMIDS = tuple(range(120, 161))            # 41 error rows, guests gone
+RUNNING_VMIDS = tuple(range(100, 106))  # 6 apps, guests exist
+ERROR_VMIDS = tuple(range(120, 161))  # 41 error rows, guests gone
 TEMPLATE_VMIDS = (9000, 9001)
-UNMANAGED_VMIDS = tuple(range(106, 112))        # 6 guests with no row
+UNMANAGED_VMIDS = tuple(range(106, 112))  # 6 guests with no row
 NODES = ("pve1", "pve2")
 
 
 def apps_table(metadata: sa.MetaData, name: str = "apps") -> sa.Table:
     """The seed platform's schema: every UNIQUE value a ghost can block."""
     return sa.Table(
-        name, metadata,
+        name,
+        metadata,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("name", sa.String(100), nullable=False),
         sa.Column("lxc_id", sa.Integer, unique=True),
@@ -46,8 +48,15 @@ def create_apps_table(engine: Engine, name: str = "apps") -> sa.Table:
     return table
 
 
-def app_row(vmid: int | None, status: str, *, age: timedelta, name: str | None = None,
-            now: datetime | None = None, port_base: int | None = None) -> dict[str, Any]:
+def app_row(
+    vmid: int | None,
+    status: str,
+    *,
+    age: timedelta,
+    name: str | None = None,
+    now: datetime | None = None,
+    port_base: int | None = None,
+) -> dict[str, Any]:
     """One row as the platform writes it (naive UTC timestamps)."""
     now = now or utcnow()
     stamp = (now - age).replace(tzinfo=None, microsecond=0)
@@ -84,11 +93,26 @@ def seed_database(engine: Engine, table_name: str = "apps") -> sa.Table:
 def seed_guests() -> list[dict[str, Any]]:
     guests = []
     for i, vmid in enumerate(RUNNING_VMIDS + UNMANAGED_VMIDS):
-        guests.append({"vmid": vmid, "node": NODES[i % 2], "type": "lxc", "status": "running",
-                       "name": f"app{vmid}.apps.local" if vmid in RUNNING_VMIDS else f"ct{vmid}"})
+        guests.append(
+            {
+                "vmid": vmid,
+                "node": NODES[i % 2],
+                "type": "lxc",
+                "status": "running",
+                "name": f"app{vmid}.apps.local" if vmid in RUNNING_VMIDS else f"ct{vmid}",
+            }
+        )
     for vmid in TEMPLATE_VMIDS:
-        guests.append({"vmid": vmid, "node": "pve1", "type": "lxc", "status": "stopped",
-                       "name": f"template{vmid}", "template": True})
+        guests.append(
+            {
+                "vmid": vmid,
+                "node": "pve1",
+                "type": "lxc",
+                "status": "stopped",
+                "name": f"template{vmid}",
+                "template": True,
+            }
+        )
     return guests
 
 

@@ -121,8 +121,7 @@ class TLSServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         # socketserver calls this from inside its `except` block, so the exception is there to log.
-        logger.debug("connection from %s ended with an error", client_address[0],
-                     exc_info=True)  # noqa: LOG014 - called inside socketserver's except
+        logger.debug("connection from %s ended with an error", client_address[0], exc_info=True)  # noqa: LOG014 - called inside socketserver's except
 
     def abort_connections(self) -> None:
         """Cut every open connection (at TCP level, under TLS) so its thread ends now."""

@@ -56,13 +56,25 @@ class Task:
     def upid(self) -> str:
         # pve-common UPID.pm: UPID:<node>:<pid %08X>:<pstart %08X>:<starttime %08X>:<type>:<id>:<user>:
         return "UPID:%s:%08X:%08X:%08X:%s:%s:%s:" % (
-            self.node, self.pid, self.pstart, self.starttime, self.type, self.id, self.user,
+            self.node,
+            self.pid,
+            self.pstart,
+            self.starttime,
+            self.type,
+            self.id,
+            self.user,
         )
 
     def as_api(self) -> dict:
         entry = {
-            "upid": self.upid, "node": self.node, "pid": self.pid, "pstart": self.pstart,
-            "starttime": self.starttime, "type": self.type, "id": self.id, "user": self.user,
+            "upid": self.upid,
+            "node": self.node,
+            "pid": self.pid,
+            "pstart": self.pstart,
+            "starttime": self.starttime,
+            "type": self.type,
+            "id": self.id,
+            "user": self.user,
         }
         if self.endtime is not None:  # status and endtime are absent while a task runs
             entry["endtime"] = self.endtime
@@ -160,16 +172,21 @@ class TaskQuery:
             if raw is not None:
                 values[name] = raw
         if values.get("source", "archive") not in ("archive", "active", "all"):
-            errors["source"] = "value '%s' does not have a value in the enumeration 'archive, active, all'" % (
-                values["source"])
+            errors["source"] = (
+                "value '%s' does not have a value in the enumeration 'archive, active, all'" % (values["source"])
+            )
         errors_raw = (query.get("errors") or [None])[0]
         if errors_raw is not None:
             if errors_raw.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
                 errors["errors"] = "type check ('boolean') failed - got '%s'" % errors_raw
             values["errors"] = errors_raw.lower() in ("1", "true", "yes", "on")
         unknown = set(query) - {f for f in cls.__dataclass_fields__} - {"node"}
-        errors.update({name: "property is not defined in schema and the schema does not allow additional "
-                             "properties" for name in unknown})
+        errors.update(
+            {
+                name: "property is not defined in schema and the schema does not allow additional properties"
+                for name in unknown
+            }
+        )
         if errors:
             raise TaskQueryError(errors)
         return cls(**values)
@@ -208,8 +225,9 @@ class _Node:
         starttime, newest first, 25 in all; pve-cluster ``broadcast_tasklist`` then pops the
         oldest until the JSON is under 32 KiB."""
         running = sorted(self.running, key=lambda t: (t.starttime, t.pid), reverse=True)
-        finished = heapq.nlargest(max(0, FINISHED_TASKS_KEPT - len(running)), self.index + self.index_old,
-                                  key=lambda t: (t.starttime, t.pid))
+        finished = heapq.nlargest(
+            max(0, FINISHED_TASKS_KEPT - len(running)), self.index + self.index_old, key=lambda t: (t.starttime, t.pid)
+        )
         entries = [t.as_api() for t in running + finished]
         while entries and len(json.dumps(entries, separators=(",", ":"))) >= BROADCAST_MAX_BYTES:
             entries.pop()
@@ -228,8 +246,15 @@ class TaskLog:
     def new(self, node: str, task_type: str, vmid: int, starttime: int, user: str | None = None) -> Task:
         """A task record of ``user`` (default ``self.user``; not yet listed: see ``start`` and ``record``)."""
         with self._lock:
-            return Task(node=node, type=task_type, id=str(vmid), user=user or self.user,
-                        pid=next(self._pids), pstart=self._nodes[node].pstart, starttime=starttime)
+            return Task(
+                node=node,
+                type=task_type,
+                id=str(vmid),
+                user=user or self.user,
+                pid=next(self._pids),
+                pstart=self._nodes[node].pstart,
+                starttime=starttime,
+            )
 
     def start(self, task: Task) -> None:
         """List ``task`` as running until ``finish``."""
@@ -247,8 +272,9 @@ class TaskLog:
             node.archive(task)
             self._broadcast(task.node)
 
-    def record(self, node: str, task_type: str, vmid: int, starttime: int, status: str,
-               endtime: int, user: str | None = None) -> Task:
+    def record(
+        self, node: str, task_type: str, vmid: int, starttime: int, status: str, endtime: int, user: str | None = None
+    ) -> Task:
         """A task that has already finished (a stop, start or migration: done at once here)."""
         task = self.new(node, task_type, vmid, starttime, user)
         task.endtime, task.status = max(starttime, endtime), status

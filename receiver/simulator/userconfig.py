@@ -136,8 +136,9 @@ class UserConfig:
         self.pools[poolid].update(vmids)
         self._changed()
 
-    def modify_acl(self, path: str, kind: str, ugid: str, roleid: str, propagate: bool = True,
-                   delete: bool = False) -> None:
+    def modify_acl(
+        self, path: str, kind: str, ugid: str, roleid: str, propagate: bool = True, delete: bool = False
+    ) -> None:
         """API2/ACL.pm ``update_acl``: add (or remove) one role of one user, group or token on a
         path; an existing grant of that role gets the new propagate flag."""
         path = normalize_path(path)

@@ -11,6 +11,7 @@ starts itself with ``initdb``/``pg_ctl``.
 :func:`record` to that file as JSON at the end of the session (see
 ``docs/reliability.md`` for the command that produced its figures).
 """
+
 from __future__ import annotations
 
 import glob
@@ -47,6 +48,7 @@ def scaled(short: Any, long: Any) -> Any:
 
 # --- databases ---------------------------------------------------------------------
 
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db(request, tmp_path) -> Iterator[Database]:
     """The same case on a SQLite file and on PostgreSQL (``postgres_db``: own schema, dropped after)."""
@@ -82,8 +84,9 @@ class OwnPostgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.dir)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr or proc.stdout}"
-                               f"\n{self.log_tail()}")
+            raise RuntimeError(
+                f"{' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr or proc.stdout}\n{self.log_tail()}"
+            )
         return proc
 
     def log_tail(self, lines: int = 20) -> str:
@@ -107,10 +110,11 @@ class OwnPostgres:
         """Start (if stopped) and wait until it accepts connections; returns the seconds it took."""
         started = time.monotonic()
         if not self.running():
-            options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                       "-c full_page_writes=off -c max_connections=60")
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-o", options, "-w", "-t", "60",
-                      "start")
+            options = (
+                f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c full_page_writes=off -c max_connections=60"
+            )
+            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-o", options, "-w", "-t", "60", "start")
         return time.monotonic() - started
 
     def stop_immediate(self) -> float:
@@ -137,8 +141,10 @@ class OwnPostgres:
 
 
 def postgres_bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: [int(x) if x.isdigit() else 0 for x in p.split("/")[4].split(".")])
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: [int(x) if x.isdigit() else 0 for x in p.split("/")[4].split(".")],
+    )
     for initdb in reversed(found):
         if os.access(initdb, os.X_OK):
             return os.path.dirname(initdb)
@@ -150,8 +156,10 @@ def postgres_bindir() -> str | None:
 def own_postgres_server() -> Iterator[OwnPostgres]:
     bindir = postgres_bindir()
     if bindir is None:
-        pytest.skip("the database-going-away cases start their own PostgreSQL and need its server "
-                    "binaries (initdb, pg_ctl under /usr/lib/postgresql/*/bin); none found")
+        pytest.skip(
+            "the database-going-away cases start their own PostgreSQL and need its server "
+            "binaries (initdb, pg_ctl under /usr/lib/postgresql/*/bin); none found"
+        )
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         pytest.skip("running as root, initdb must run as the postgres user, and runuser is missing")
     server = OwnPostgres(bindir).init()
@@ -175,6 +183,7 @@ def own_postgres(own_postgres_server) -> Iterator[tuple[OwnPostgres, Database]]:
 
 
 # --- state checks shared by the suite ------------------------------------------------
+
 
 def snapshot(db: Database, table: str = "apps") -> dict[Any, dict[str, Any]]:
     """Every row of the platform table, all columns, by primary key ``id``."""
@@ -209,8 +218,9 @@ def check_nothing_half_done(db: Database, before: dict[Any, dict[str, Any]]) -> 
         else:
             assert len(entries) == 1, f"row {key} is gone with {len(entries)} audit entries"
             copy = store.decode_row(entries[0]["row_json"])
-            assert {k: _comparable(v) for k, v in copy.items()} == \
-                   {k: _comparable(v) for k, v in before[key].items()}, f"audit copy of row {key} differs"
+            assert {k: _comparable(v) for k, v in copy.items()} == {
+                k: _comparable(v) for k, v in before[key].items()
+            }, f"audit copy of row {key} differs"
     unexpected = set(by_key) - {str(k) for k in before}
     assert not unexpected, f"audit entries for rows that never were in the table: {unexpected}"
     c = counters(db)
@@ -274,13 +284,17 @@ def _matrix_result(case: dict[str, Any] | None) -> str:
     if case is None:
         return "–"
     own = " (own server)" if case["db"] == "own-postgres" else ""
-    return (f"pass{own}: {case['during']}, {case['removed_during']} removed, {case['seconds']:.1f} s; "
-            f"then {case['recovered']}")
+    return (
+        f"pass{own}: {case['during']}, {case['removed_during']} removed, {case['seconds']:.1f} s; "
+        f"then {case['recovered']}"
+    )
 
 
 def _matrix_table(matrix: list[dict[str, Any]]) -> list[str]:
-    lines = ["| fault | entry point | expected | SQLite | PostgreSQL | reason shown (from the SQLite run if any) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| fault | entry point | expected | SQLite | PostgreSQL | reason shown (from the SQLite run if any) |",
+        "|---|---|---|---|---|---|",
+    ]
     for fault in dict.fromkeys(r["fault"] for r in matrix):
         for entry, entry_name in ENTRY_NAMES.items():
             cases = {r["db"]: r for r in matrix if r["fault"] == fault and r["entry"] == entry}
@@ -290,16 +304,24 @@ def _matrix_table(matrix: list[dict[str, Any]]) -> list[str]:
             reason = (cases.get("sqlite") or first)["reason"]
             reason = reason if len(reason) <= 110 else reason[:110] + "…"
             postgres = cases.get("postgres") or cases.get("own-postgres")
-            cells = [first["what"], entry_name, first["expect"], _matrix_result(cases.get("sqlite")),
-                     _matrix_result(postgres), reason]
+            cells = [
+                first["what"],
+                entry_name,
+                first["expect"],
+                _matrix_result(cases.get("sqlite")),
+                _matrix_result(postgres),
+                reason,
+            ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
 
 
 def _crash_table(crash: list[dict[str, Any]]) -> list[str]:
-    lines = ["| part | database | kills | one run takes | before | during | between | after | "
-             "backlog left by the kill | next start finished in | violations |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| part | database | kills | one run takes | before | during | between | after | "
+        "backlog left by the kill | next start finished in | violations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for part in ("sweep", "watcher"):
         for db in ("sqlite", "postgres"):
             group = [r for r in crash if r["part"] == part and r["db"] == db]
@@ -308,9 +330,18 @@ def _crash_table(crash: list[dict[str, Any]]) -> list[str]:
             states = Counter(r["state"] for r in group)
             backlog = [r["backlog_left"] for r in group if "backlog_left" in r]
             recovery = sorted(r["recovered_s"] for r in group if "recovered_s" in r)
-            cells = [part, db, len(group), f"{group[0]['calibration_s']:.2f} s", states["before"],
-                     states["during"], states["between"], states["after"],
-                     f"{min(backlog)}–{max(backlog)} events" if backlog else "–",
-                     f"median {recovery[len(recovery) // 2]:.1f} s" if recovery else "–", 0]
+            cells = [
+                part,
+                db,
+                len(group),
+                f"{group[0]['calibration_s']:.2f} s",
+                states["before"],
+                states["during"],
+                states["between"],
+                states["after"],
+                f"{min(backlog)}–{max(backlog)} events" if backlog else "–",
+                f"median {recovery[len(recovery) // 2]:.1f} s" if recovery else "–",
+                0,
+            ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines

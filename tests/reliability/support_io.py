@@ -4,6 +4,7 @@ driven over real HTTP, signed events, process samples from /proc, small statisti
 ``LONG`` is true under ``make reliability`` (JANITOR_RELIABILITY=long); ``make test``
 runs the short versions.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,21 +56,40 @@ def percentile(values: Iterable[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def event_body(vmid: int, phase: str, event_id: str | None = None, node: str = "pve1",
-               ts: float | None = None) -> bytes:
-    return json.dumps({"event_id": event_id or secrets.token_hex(16), "vmid": vmid, "phase": phase,
-                       "node": node, "ts": time.time() if ts is None else ts}).encode()
+def event_body(
+    vmid: int, phase: str, event_id: str | None = None, node: str = "pve1", ts: float | None = None
+) -> bytes:
+    return json.dumps(
+        {
+            "event_id": event_id or secrets.token_hex(16),
+            "vmid": vmid,
+            "phase": phase,
+            "node": node,
+            "ts": time.time() if ts is None else ts,
+        }
+    ).encode()
 
 
 def signed_headers(secret: str, body: bytes, ts: int | None = None) -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
-    return {"Content-Type": "application/json", TIMESTAMP_HEADER: str(ts),
-            SIGNATURE_HEADER: signature(secret, ts, body)}
+    return {
+        "Content-Type": "application/json",
+        TIMESTAMP_HEADER: str(ts),
+        SIGNATURE_HEADER: signature(secret, ts, body),
+    }
 
 
-def seed_guests_and_rows(db, sim, vmids: Iterable[int], *, status: str = "running", node: str = "pve1",
-                         age: timedelta = timedelta(days=1), hookscript: str | None = None,
-                         in_sim: bool = True) -> sa.Table:
+def seed_guests_and_rows(
+    db,
+    sim,
+    vmids: Iterable[int],
+    *,
+    status: str = "running",
+    node: str = "pve1",
+    age: timedelta = timedelta(days=1),
+    hookscript: str | None = None,
+    in_sim: bool = True,
+) -> sa.Table:
     """Rows for ``vmids`` in a fresh ``apps`` table and (``in_sim``) a running guest for each."""
     table = create_apps_table(db.engine)
     vmids = list(vmids)
@@ -127,9 +147,14 @@ class Serve:
     def __post_init__(self) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = janitor_env(self.sim, self.db, CLEANUP_HOOK_SECRET=self.secret,
-                               CLEANUP_ADMIN_TOKEN=self.admin, CLEANUP_BIND=f"127.0.0.1:{self.port}",
-                               **self.extra)
+        self.env = janitor_env(
+            self.sim,
+            self.db,
+            CLEANUP_HOOK_SECRET=self.secret,
+            CLEANUP_ADMIN_TOKEN=self.admin,
+            CLEANUP_BIND=f"127.0.0.1:{self.port}",
+            **self.extra,
+        )
         if self.env_override:
             self.env.update(self.env_override)
         self.log = self.tmp_path / f"{self.name}.log"
@@ -177,11 +202,13 @@ class Serve:
 
     # --- HTTP ---------------------------------------------------------------------
 
-    def request(self, method: str, path: str, session: requests.Session | None = None,
-                timeout: float = 30, **kwargs: Any) -> Answer:
+    def request(
+        self, method: str, path: str, session: requests.Session | None = None, timeout: float = 30, **kwargs: Any
+    ) -> Answer:
         started = time.monotonic()
-        r = (session or self.session).request(method, self.base + path, timeout=timeout,
-                                              allow_redirects=False, **kwargs)
+        r = (session or self.session).request(
+            method, self.base + path, timeout=timeout, allow_redirects=False, **kwargs
+        )
         return Answer(r.status_code, dict(r.headers), r.content, time.monotonic() - started)
 
     def get(self, path: str, **kwargs: Any) -> Answer:
@@ -194,6 +221,7 @@ class Serve:
 
     def wait_first_sweep(self, timeout: float = 30) -> None:
         """``serve`` sweeps once at start; wait until that is over (POST /run would get 409)."""
+
         def over() -> bool:
             stats = self.stats()  # the run is recorded a moment before the sweep lets go of its lock
             return stats["last_sweep"] is not None and not stats["sweep_running"]
@@ -203,14 +231,27 @@ class Serve:
     def run(self, query: str = "", token: str | None = None, **kwargs: Any) -> Answer:
         token = self.admin if token is None else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return self.request("POST", "/api/v1/system/cleanup/run" + (f"?{query}" if query else ""),
-                            headers=headers, **kwargs)
+        return self.request(
+            "POST", "/api/v1/system/cleanup/run" + (f"?{query}" if query else ""), headers=headers, **kwargs
+        )
 
-    def post_event(self, vmid: int, phase: str, event_id: str | None = None, node: str = "pve1",
-                   session: requests.Session | None = None, secret: str | None = None) -> Answer:
+    def post_event(
+        self,
+        vmid: int,
+        phase: str,
+        event_id: str | None = None,
+        node: str = "pve1",
+        session: requests.Session | None = None,
+        secret: str | None = None,
+    ) -> Answer:
         body = event_body(vmid, phase, event_id, node)
-        return self.request("POST", "/api/v1/events", session=session, data=body,
-                            headers=signed_headers(self.secret if secret is None else secret, body))
+        return self.request(
+            "POST",
+            "/api/v1/events",
+            session=session,
+            data=body,
+            headers=signed_headers(self.secret if secret is None else secret, body),
+        )
 
 
 def record(kind: str, **row: Any) -> None:

@@ -23,6 +23,7 @@ Kill delays are stratified over the calibrated duration of one uninterrupted
 run (times 1.15), so before, during and after are all sampled.  Counts: see
 :data:`KILLS`; ``make reliability`` runs the long ones.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -67,15 +68,22 @@ WATCHED, SMALL_KEEP = 150, 170
 STATS, RUN = "/api/v1/system/cleanup/stats", "/api/v1/system/cleanup/run"
 # The statements of the apply transaction (apply.py; the audit copies go by COPY on PostgreSQL),
 # as pg_stat_activity shows the last one.
-APPLY_STATEMENTS = ("DELETE FROM APPS", "INSERT INTO JANITOR_AUDIT", 'COPY "JANITOR_AUDIT"',
-                    "DELETE FROM JANITOR_STOP_MARKS", "SELECT JANITOR_STOP_MARKS.", "UPDATE JANITOR_COUNTERS",
-                    "SELECT APPS.")
+APPLY_STATEMENTS = (
+    "DELETE FROM APPS",
+    "INSERT INTO JANITOR_AUDIT",
+    'COPY "JANITOR_AUDIT"',
+    "DELETE FROM JANITOR_STOP_MARKS",
+    "SELECT JANITOR_STOP_MARKS.",
+    "UPDATE JANITOR_COUNTERS",
+    "SELECT APPS.",
+)
 # Where a sweep attempt's kill point is anchored: a random time after the POST; a random time
 # into the apply transaction once it is seen open; a moment after it is seen closed.
 ANCHORS = ("anytime", "in_apply", "after_commit")
 
 
 # --- the databases, reset per attempt ----------------------------------------------------
+
 
 class CrashDB:
     """One platform database, reset to the template before every attempt."""
@@ -217,9 +225,13 @@ class PostgresCrashDB(CrashDB):
 
     def _backends(self) -> Sequence[sa.Row]:
         with self.base.engine.connect() as conn:
-            return conn.execute(sa.text(
-                "SELECT state, backend_xid IS NOT NULL AS writing, left(query, 40) AS query "
-                "FROM pg_stat_activity WHERE application_name = :app"), {"app": self.app_name}).all()
+            return conn.execute(
+                sa.text(
+                    "SELECT state, backend_xid IS NOT NULL AS writing, left(query, 40) AS query "
+                    "FROM pg_stat_activity WHERE application_name = :app"
+                ),
+                {"app": self.app_name},
+            ).all()
 
     def probe(self) -> str:
         writing = [b for b in self._backends() if b.writing]
@@ -237,6 +249,7 @@ class PostgresCrashDB(CrashDB):
 
 # --- checks --------------------------------------------------------------------------
 
+
 def rows_by_id(engine: sa.Engine, table: str = "apps") -> dict[int, dict[str, Any]]:
     with engine.connect() as conn:
         return {r["id"]: dict(r) for r in conn.execute(sa.text(f"SELECT * FROM {table}")).mappings()}
@@ -246,8 +259,9 @@ def _comparable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v.isoformat(sep=" ") if hasattr(v, "isoformat") else v for k, v in row.items()}
 
 
-def check_state(db: Database, original: dict[int, dict[str, Any]], candidates: set[int],
-                keep: set[int]) -> tuple[int, Counter]:
+def check_state(
+    db: Database, original: dict[int, dict[str, Any]], candidates: set[int], keep: set[int]
+) -> tuple[int, Counter]:
     """The invariants after a kill; returns (rows removed, audit entries by source)."""
     now = rows_by_id(db.engine)
     inspector = sa.inspect(db.engine)
@@ -283,8 +297,12 @@ def stratified_delays(n: int, span: float, rng: random.Random) -> list[float]:
 
 def post_run(receiver: Receiver, out: dict[str, Any]) -> None:
     """POST /run?force=true; retried while the start-up sweep still holds the sweeper (409)."""
-    request = urllib.request.Request(receiver.base + RUN + "?force=true", data=b"", method="POST",
-                                     headers={"Authorization": f"Bearer {receiver.admin}"})
+    request = urllib.request.Request(
+        receiver.base + RUN + "?force=true",
+        data=b"",
+        method="POST",
+        headers={"Authorization": f"Bearer {receiver.admin}"},
+    )
     out["sent"] = time.monotonic()
     while True:
         try:
@@ -312,6 +330,7 @@ def classify(removed: int, total: int, probe: str) -> str:
 
 # --- forced sweeps -------------------------------------------------------------------------
 
+
 @dataclass
 class SweepWorld:
     rows: list[dict[str, Any]]
@@ -335,8 +354,9 @@ def sweep_guests(sim) -> None:
         sim.add_guest(100 + i, node="pve1", name=f"app{100 + i}.apps.local")
 
 
-def sweep_attempt(sim, crash_db: CrashDB, world: SweepWorld, tmp_path: Path, name: str,
-                  kill: tuple[str, float] | None, restart: bool) -> dict[str, Any]:
+def sweep_attempt(
+    sim, crash_db: CrashDB, world: SweepWorld, tmp_path: Path, name: str, kill: tuple[str, float] | None, restart: bool
+) -> dict[str, Any]:
     """One forced sweep; ``kill`` = (anchor, seconds after it), or None to let it finish (calibration)."""
     crash_db.reset()
     db = crash_db.target
@@ -355,8 +375,11 @@ def sweep_attempt(sim, crash_db: CrashDB, world: SweepWorld, tmp_path: Path, nam
             assert removed == len(world.candidates)
             assert monitor.opened.is_set() and monitor.closed.is_set(), "the apply was not seen from outside"
             sent = out["sent"]
-            return {"run": out["done"] - sent, "apply_from": monitor.opened_at - sent,
-                    "apply_to": monitor.closed_at - sent}
+            return {
+                "run": out["done"] - sent,
+                "apply_from": monitor.opened_at - sent,
+                "apply_to": monitor.closed_at - sent,
+            }
         anchor, delay = kill
         while "sent" not in out:
             time.sleep(0.001)
@@ -378,8 +401,15 @@ def sweep_attempt(sim, crash_db: CrashDB, world: SweepWorld, tmp_path: Path, nam
     removed, _ = check_state(db, world.original, world.candidates, world.keep)
     state = classify(removed, len(world.candidates), probe)
     assert state != "between", "a sweep removes in ONE transaction: all or nothing"
-    result = {"anchor": anchor, "delay": round(delay, 3), "killed_at": round(killed_at, 3), "state": state,
-              "removed": removed, "probe": probe, "answered": out.get("status")}
+    result = {
+        "anchor": anchor,
+        "delay": round(delay, 3),
+        "killed_at": round(killed_at, 3),
+        "state": state,
+        "removed": removed,
+        "probe": probe,
+        "answered": out.get("status"),
+    }
     if restart:
         again = Receiver(sim, db, tmp_path, name=name + "-restart").start()
         try:
@@ -398,9 +428,11 @@ def sweep_attempt(sim, crash_db: CrashDB, world: SweepWorld, tmp_path: Path, nam
 def kill_points(kills: int, calibration: dict[str, float], rng: random.Random) -> list[tuple[str, float]]:
     """Anchors in turn (anytime, in_apply, after_commit, ...); delays stratified within each."""
     per_anchor = {a: [i for i in range(kills) if ANCHORS[i % len(ANCHORS)] == a] for a in ANCHORS}
-    spans = {"anytime": 1.3 * calibration["run"],
-             "in_apply": 0.6 * (calibration["apply_to"] - calibration["apply_from"]),
-             "after_commit": 0.2}
+    spans = {
+        "anytime": 1.3 * calibration["run"],
+        "in_apply": 0.6 * (calibration["apply_to"] - calibration["apply_from"]),
+        "after_commit": 0.2,
+    }
     points: list[tuple[str, float]] = [("", 0.0)] * kills
     for anchor, slots in per_anchor.items():
         for slot, delay in zip(slots, stratified_delays(len(slots), spans[anchor], rng), strict=True):
@@ -421,12 +453,20 @@ def run_sweep_kills(sim, crash_db: CrashDB, tmp_path: Path, kills: int, restarts
     for i, point in enumerate(kill_points(kills, calibration, rng)):
         result = sweep_attempt(sim, crash_db, world, tmp_path, f"{crash_db.kind}-kill{i}", point, i < restarts)
         results.append(result)
-        record("crash", part="sweep", db=crash_db.kind, calibration_s=round(calibration["run"], 2),
-               apply_s=round(calibration["apply_to"] - calibration["apply_from"], 2), **result)
+        record(
+            "crash",
+            part="sweep",
+            db=crash_db.kind,
+            calibration_s=round(calibration["run"], 2),
+            apply_s=round(calibration["apply_to"] - calibration["apply_from"], 2),
+            **result,
+        )
     states = Counter(r["state"] for r in results)
-    print(f"\nforced sweep of {len(world.candidates)} rows on {crash_db.kind}: one run takes "
-          f"{calibration['run']:.2f} s, its apply transaction {calibration['apply_from']:.2f}-"
-          f"{calibration['apply_to']:.2f} s; {kills} kills: {dict(states)}")
+    print(
+        f"\nforced sweep of {len(world.candidates)} rows on {crash_db.kind}: one run takes "
+        f"{calibration['run']:.2f} s, its apply transaction {calibration['apply_from']:.2f}-"
+        f"{calibration['apply_to']:.2f} s; {kills} kills: {dict(states)}"
+    )
     return results
 
 
@@ -455,10 +495,12 @@ def test_sigkill_during_forced_sweeps_postgres(big_sim, postgres_db, tmp_path):
 
 # --- watcher removals ------------------------------------------------------------------
 
+
 def watch_rows() -> list[dict[str, Any]]:
     day = timedelta(days=1)
-    return ([app_row(1000 + i, "running", age=day) for i in range(WATCHED)]
-            + [app_row(3000 + i, "running", age=day) for i in range(SMALL_KEEP)])
+    return [app_row(1000 + i, "running", age=day) for i in range(WATCHED)] + [
+        app_row(3000 + i, "running", age=day) for i in range(SMALL_KEEP)
+    ]
 
 
 def ensure_guests(sim) -> None:
@@ -467,8 +509,7 @@ def ensure_guests(sim) -> None:
             sim.add_guest(vmid, node="pve1" if vmid % 2 else "pve2", name=f"app{vmid}.apps.local")
 
 
-def post_events(receiver: Receiver, events: list[tuple[str, int]], acked: dict[str, int],
-                stats: Counter) -> None:
+def post_events(receiver: Receiver, events: list[tuple[str, int]], acked: dict[str, int], stats: Counter) -> None:
     """The hookscripts' stop events; stops at the first connection failure (receiver gone)."""
     for event_id, vmid in events:
         if event_id in acked:
@@ -491,8 +532,9 @@ def inbox_state(db: Database) -> tuple[set[str], int]:
     return {r.event_id for r in rows}, sum(1 for r in rows if r.processed_at is None)
 
 
-def watcher_attempt(sim, crash_db: CrashDB, tmp_path: Path, name: str, delay: float | None,
-                    secret: str) -> dict[str, Any]:
+def watcher_attempt(
+    sim, crash_db: CrashDB, tmp_path: Path, name: str, delay: float | None, secret: str
+) -> dict[str, Any]:
     crash_db.reset()
     db = crash_db.target
     ensure_guests(sim)
@@ -541,10 +583,17 @@ def watcher_attempt(sim, crash_db: CrashDB, tmp_path: Path, name: str, delay: fl
         again.kill()
     final, sources = check_state(db, original, candidates, keep)
     assert final == len(candidates)
-    return {"delay": round(delay, 3), "state": state, "removed": removed, "probe": probe,
-            "backlog_left": backlog, "events_acked_before_kill": acked_before_kill,
-            "answers": {str(k): v for k, v in answers.items()}, "recovered_s": round(recovered, 2),
-            "removed_by": dict(sources)}
+    return {
+        "delay": round(delay, 3),
+        "state": state,
+        "removed": removed,
+        "probe": probe,
+        "backlog_left": backlog,
+        "events_acked_before_kill": acked_before_kill,
+        "answers": {str(k): v for k, v in answers.items()},
+        "recovered_s": round(recovered, 2),
+        "removed_by": dict(sources),
+    }
 
 
 def run_watcher_kills(sim, crash_db: CrashDB, tmp_path: Path, kills: int) -> list[dict]:
@@ -556,12 +605,13 @@ def run_watcher_kills(sim, crash_db: CrashDB, tmp_path: Path, kills: int) -> lis
         result = watcher_attempt(sim, crash_db, tmp_path, f"{crash_db.kind}-w{i}", delay, secret)
         assert "503" not in result["answers"], result  # an event store that answers 503 under load
         results.append(result)
-        record("crash", part="watcher", db=crash_db.kind, calibration_s=round(calibration["calibration"], 2),
-               **result)
+        record("crash", part="watcher", db=crash_db.kind, calibration_s=round(calibration["calibration"], 2), **result)
     states = Counter(r["state"] for r in results)
-    print(f"\n{WATCHED} watched guests destroyed at once on {crash_db.kind}: removed "
-          f"{calibration['calibration']:.2f} s after the destroy; {kills} kills: {dict(states)}; "
-          f"backlog left: {[r['backlog_left'] for r in results]}")
+    print(
+        f"\n{WATCHED} watched guests destroyed at once on {crash_db.kind}: removed "
+        f"{calibration['calibration']:.2f} s after the destroy; {kills} kills: {dict(states)}; "
+        f"backlog left: {[r['backlog_left'] for r in results]}"
+    )
     return results
 
 

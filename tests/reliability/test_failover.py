@@ -6,6 +6,7 @@ runs twice at once; nothing is removed twice and the counters equal the audit.
 Meanwhile guests are destroyed (with their stop events), guests stop and start
 (tasks), and both receivers get manual sweeps (POST /run) as fast as they answer.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from receiver.simulator import ProxmoxSimulator
 
 LEASE_SECONDS = 3
-TICK = 1.0          # CLEANUP_WATCH_INTERVAL_SECONDS
+TICK = 1.0  # CLEANUP_WATCH_INTERVAL_SECONDS
 KILLS = 20 if LONG else 3
 GUESTS = range(100, 200)
 
@@ -50,10 +51,10 @@ class Cluster:
     receivers: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
-    frozen: set = field(default_factory=set)      # names of SIGSTOPped receivers
-    resumed: dict = field(default_factory=dict)   # name -> monotonic time of SIGCONT
-    samples: list = field(default_factory=list)   # [(t, {name: leader flag})]
-    runs: list = field(default_factory=list)      # (name, status, body) of POST /run
+    frozen: set = field(default_factory=set)  # names of SIGSTOPped receivers
+    resumed: dict = field(default_factory=dict)  # name -> monotonic time of SIGCONT
+    samples: list = field(default_factory=list)  # [(t, {name: leader flag})]
+    runs: list = field(default_factory=list)  # (name, status, body) of POST /run
     statuses: list = field(default_factory=list)  # every HTTP status seen
     alive: list = field(default_factory=lambda: list(GUESTS))
     destroyed: list = field(default_factory=list)
@@ -61,11 +62,20 @@ class Cluster:
 
     def start_receiver(self) -> Serve:
         self.started_count += 1
-        receiver = Serve(self.sim, self.db, self.tmp_path, name=f"r{self.started_count}", secret=self.secret,
-                         admin=self.admin, extra={"CLEANUP_LEASE_SECONDS": LEASE_SECONDS,
-                                                  "CLEANUP_WATCH_INTERVAL_SECONDS": TICK,
-                                                  "CLEANUP_TASK_POLL_SECONDS": 2,
-                                                  "CLEANUP_GRACE_MINUTES": 0}).start()
+        receiver = Serve(
+            self.sim,
+            self.db,
+            self.tmp_path,
+            name=f"r{self.started_count}",
+            secret=self.secret,
+            admin=self.admin,
+            extra={
+                "CLEANUP_LEASE_SECONDS": LEASE_SECONDS,
+                "CLEANUP_WATCH_INTERVAL_SECONDS": TICK,
+                "CLEANUP_TASK_POLL_SECONDS": 2,
+                "CLEANUP_GRACE_MINUTES": 0,
+            },
+        ).start()
         with self.lock:
             self.receivers.append(receiver)
         return receiver
@@ -151,9 +161,15 @@ def test_leader_killed_again_and_again_the_other_takes_over_and_nothing_runs_twi
     seed_guests_and_rows(postgres_db, sim, GUESTS)
     cluster = Cluster(sim, postgres_db, tmp_path)
     takeovers: list[float] = []
-    threads = [threading.Thread(target=f, args=a, daemon=True) for f, a in (
-        (cluster.sample_leaders, ()), (cluster.manual_sweeps, (1,)), (cluster.manual_sweeps, (2,)),
-        (cluster.churn, ()))]
+    threads = [
+        threading.Thread(target=f, args=a, daemon=True)
+        for f, a in (
+            (cluster.sample_leaders, ()),
+            (cluster.manual_sweeps, (1,)),
+            (cluster.manual_sweeps, (2,)),
+            (cluster.churn, ()),
+        )
+    ]
     leaderless: list[tuple[float, float]] = []  # when no leader is expected: start-up and each takeover
     try:
         began = time.monotonic()
@@ -188,8 +204,12 @@ def test_leader_killed_again_and_again_the_other_takes_over_and_nothing_runs_twi
         cluster.resumed[leader.name] = time.monotonic()
         with cluster.lock:
             cluster.frozen.discard(leader.name)
-        step_down = wait_until(lambda: cluster.leader_flag(leader) is False, 2 * TICK + 2, step=0.05,
-                               what="the woken receiver stepping down")
+        step_down = wait_until(
+            lambda: cluster.leader_flag(leader) is False,
+            2 * TICK + 2,
+            step=0.05,
+            what="the woken receiver stepping down",
+        )
         time.sleep(2)
     finally:
         cluster.stop.set()
@@ -198,38 +218,62 @@ def test_leader_killed_again_and_again_the_other_takes_over_and_nothing_runs_twi
 
     try:
         # Settle: the remaining leader removes what the churn destroyed.
-        wait_until(lambda: not ({r["lxc_id"] for r in table_rows(postgres_db).values()} & set(cluster.destroyed)),
-                   20, what="every destroyed guest's row removed")
+        wait_until(
+            lambda: not ({r["lxc_id"] for r in table_rows(postgres_db).values()} & set(cluster.destroyed)),
+            20,
+            what="every destroyed guest's row removed",
+        )
         remaining = {r["lxc_id"] for r in table_rows(postgres_db).values()}
         with postgres_db.engine.connect() as conn:
             audit = conn.execute(sa.select(store.audit.c.row_key, store.audit.c.vmid)).all()
             counters = store.read_counters(conn)
-            sweeps = conn.execute(sa.select(store.runs.c.started_at, store.runs.c.finished_at)
-                                  .where(store.runs.c.source == "sweep").order_by(store.runs.c.started_at)).all()
+            sweeps = conn.execute(
+                sa.select(store.runs.c.started_at, store.runs.c.finished_at)
+                .where(store.runs.c.source == "sweep")
+                .order_by(store.runs.c.started_at)
+            ).all()
         overlapping_sweeps = [(a, b) for a, b in itertools.pairwise(sweeps) if b.started_at < a.finished_at]
-        manual = [(datetime.fromisoformat(body["started_at"]), body["duration_s"], name)
-                  for name, status, body in cluster.runs if status == 200 and body.get("started_at")]
-        manual_overlaps = sum(1 for i, (a, da, na) in enumerate(manual) for b, db_, nb in manual[i + 1:]
-                              if na != nb and a < b + timedelta(seconds=db_) and b < a + timedelta(seconds=da))
+        manual = [
+            (datetime.fromisoformat(body["started_at"]), body["duration_s"], name)
+            for name, status, body in cluster.runs
+            if status == 200 and body.get("started_at")
+        ]
+        manual_overlaps = sum(
+            1
+            for i, (a, da, na) in enumerate(manual)
+            for b, db_, nb in manual[i + 1 :]
+            if na != nb and a < b + timedelta(seconds=db_) and b < a + timedelta(seconds=da)
+        )
         leaders_per_sample = [sum(1 for f in flags.values() if f) for _, flags in cluster.samples]
-        print(f"\nfail-over: {KILLS} SIGKILLs, takeover after {', '.join(f'{t:.2f}' for t in takeovers)} s "
-              f"(max {max(takeovers):.2f} s, lease {LEASE_SECONDS} s, tick {TICK} s); SIGSTOP takeover "
-              f"{hung_takeover:.2f} s, woken leader stepped down after {step_down:.2f} s; "
-              f"{len(cluster.samples)} leader samples, max leaders at once {max(leaders_per_sample)}; "
-              f"{len(cluster.runs)} manual sweeps ({sum(1 for r in cluster.runs if r[1] == 200)} ok, "
-              f"{sum(1 for r in cluster.runs if r[1] == 409)} 409, {manual_overlaps} pairs on two receivers at once); "
-              f"{len(sweeps)} scheduled sweeps; "
-              f"{len(cluster.destroyed)} guests destroyed, {len(audit)} rows removed")
+        print(
+            f"\nfail-over: {KILLS} SIGKILLs, takeover after {', '.join(f'{t:.2f}' for t in takeovers)} s "
+            f"(max {max(takeovers):.2f} s, lease {LEASE_SECONDS} s, tick {TICK} s); SIGSTOP takeover "
+            f"{hung_takeover:.2f} s, woken leader stepped down after {step_down:.2f} s; "
+            f"{len(cluster.samples)} leader samples, max leaders at once {max(leaders_per_sample)}; "
+            f"{len(cluster.runs)} manual sweeps ({sum(1 for r in cluster.runs if r[1] == 200)} ok, "
+            f"{sum(1 for r in cluster.runs if r[1] == 409)} 409, {manual_overlaps} pairs on two receivers at once); "
+            f"{len(sweeps)} scheduled sweeps; "
+            f"{len(cluster.destroyed)} guests destroyed, {len(audit)} rows removed"
+        )
 
-        record("failover", kills=KILLS, takeover_s=[round(t, 2) for t in takeovers],
-               hung_takeover_s=round(hung_takeover, 2),
-               step_down_s=round(step_down, 2), max_leaders=max(leaders_per_sample), manual_sweeps=len(cluster.runs),
-               manual_overlaps=manual_overlaps, scheduled_sweeps=len(sweeps), removed=len(audit))
+        record(
+            "failover",
+            kills=KILLS,
+            takeover_s=[round(t, 2) for t in takeovers],
+            hung_takeover_s=round(hung_takeover, 2),
+            step_down_s=round(step_down, 2),
+            max_leaders=max(leaders_per_sample),
+            manual_sweeps=len(cluster.runs),
+            manual_overlaps=manual_overlaps,
+            scheduled_sweeps=len(sweeps),
+            removed=len(audit),
+        )
         assert max(takeovers) <= LEASE_SECONDS + 2 * TICK
         assert hung_takeover <= LEASE_SECONDS + 2 * TICK + 1
         assert max(leaders_per_sample) == 1
-        unexpected = [t for t, flags in cluster.samples if not any(flags.values())
-                      and not any(a <= t <= b for a, b in leaderless)]
+        unexpected = [
+            t for t, flags in cluster.samples if not any(flags.values()) and not any(a <= t <= b for a, b in leaderless)
+        ]
         assert not unexpected, f"{len(unexpected)} samples without a leader outside start-up and takeovers"
         assert not overlapping_sweeps, overlapping_sweeps
         assert all(status < 500 for status in cluster.statuses), sorted(set(cluster.statuses))

@@ -27,6 +27,7 @@ the test checks that Proxmox is asked nothing after it) or, for the watcher, at
 ``JANITOR_RELIABILITY_REPORT=<file>.json`` collects one row per case and renders
 ``<file>.md`` at the end of the session: the table in docs/reliability.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,10 +64,10 @@ HOOK_SECRET = "matrix-hook-secret-5d1e"
 ADMIN_TOKEN = "matrix-admin-token-77c0"
 EVENTS, RUN, STATS = "/api/v1/events", "/api/v1/system/cleanup/run", "/api/v1/system/cleanup/stats"
 
-KEEP = (100, 101, 102, 103, 104, 105)          # guests exist (odd VMIDs on pve2)
-GHOSTS = (120, 121, 122, 123)                  # rows whose guests are gone
-DEPLOYING, YOUNG = 130, 131                    # in flight: protected status / created a minute ago
-WATCHER_TICKS = 3                              # two reads to confirm a gone guest, plus one
+KEEP = (100, 101, 102, 103, 104, 105)  # guests exist (odd VMIDs on pve2)
+GHOSTS = (120, 121, 122, 123)  # rows whose guests are gone
+DEPLOYING, YOUNG = 130, 131  # in flight: protected status / created a minute ago
+WATCHER_TICKS = 3  # two reads to confirm a gone guest, plus one
 # Another writer holds the database this long: 10 s on SQLite for the sweep (the busy timeout is
 # 30 s); shorter for the others in the short mode, the same mechanism.
 LOCK_SECONDS = {("sqlite", "sweep"): 10.0, "sqlite": scaled(4.0, 10.0), "postgres": scaled(3.0, 10.0)}
@@ -74,21 +75,30 @@ LOCK_SECONDS = {("sqlite", "sweep"): 10.0, "sqlite": scaled(4.0, 10.0), "postgre
 
 def lock_seconds(case: Case) -> float:
     return LOCK_SECONDS.get((case.db.kind, case.entry), LOCK_SECONDS[case.db.kind])
+
+
 PVE_TIMEOUT = 1.0
 
 
 # --- the world -----------------------------------------------------------------------
+
 
 def build_world(db: Database, sim) -> dict[Any, int]:
     """Rows and guests; returns VMID -> row id (the NULL-VMID row is under key None)."""
     table = create_apps_table(db.engine)
     day, hours = timedelta(days=1), timedelta(hours=2)
     rows = [app_row(v, "running", age=day) for v in KEEP]
-    rows += [app_row(120, "running", age=day), app_row(121, "stopped", age=day),
-             app_row(122, "error", age=hours), app_row(123, "running", age=hours)]
-    rows += [app_row(DEPLOYING, "deploying", age=timedelta(minutes=30)),
-             app_row(None, "creating", age=hours, name="pending-app", port_base=999),
-             app_row(YOUNG, "running", age=timedelta(seconds=60))]
+    rows += [
+        app_row(120, "running", age=day),
+        app_row(121, "stopped", age=day),
+        app_row(122, "error", age=hours),
+        app_row(123, "running", age=hours),
+    ]
+    rows += [
+        app_row(DEPLOYING, "deploying", age=timedelta(minutes=30)),
+        app_row(None, "creating", age=hours, name="pending-app", port_base=999),
+        app_row(YOUNG, "running", age=timedelta(seconds=60)),
+    ]
     with db.engine.begin() as conn:
         conn.execute(table.insert(), rows)
     for v in KEEP:
@@ -104,6 +114,7 @@ def naive_now(db: Database) -> Any:
 
 
 # --- seams ---------------------------------------------------------------------------
+
 
 class SimSeam:
     """Runs a callback inside the simulator at an exact moment of the conversation.
@@ -129,7 +140,7 @@ class SimSeam:
         self.after: dict[int, Callable[[], None]] = {}
         self.last_call: Callable[[], None] | None = None
         self.fired: list[str] = []
-        self.requests: list[str] = []       # every request the simulator handled, in order
+        self.requests: list[str] = []  # every request the simulator handled, in order
         self.requests_at_last_call: int | None = None
         self.confirming = False  # a read after the ACL list has been answered
         self.confirmed = False  # ... and its quorum check too: the next ACL list is the last call
@@ -183,7 +194,7 @@ class SimSeam:
     def check_last_call(self) -> None:
         """The :meth:`before_apply` seam fired, and Proxmox was asked nothing after it."""
         assert self.LAST_CALL in self.fired, (self.fired, self.requests)
-        later = self.requests[self.requests_at_last_call:]
+        later = self.requests[self.requests_at_last_call :]
         assert later == [], f"Proxmox was asked {later} after the seam: it was not the last call before apply"
 
 
@@ -202,6 +213,7 @@ class Outcome:
 
 
 # --- entry points ----------------------------------------------------------------------
+
 
 @dataclass
 class Case:
@@ -226,22 +238,37 @@ class Case:
 
     def build_in_process(self) -> None:
         """Runtime, watcher and Flask app: the watcher and manual entry points, and event posting."""
-        self.runtime = make_runtime(self.sim, self.db, CLEANUP_HOOK_SECRET=HOOK_SECRET,
-                                    CLEANUP_ADMIN_TOKEN=ADMIN_TOKEN, **self.env_extra)
+        self.runtime = make_runtime(
+            self.sim, self.db, CLEANUP_HOOK_SECRET=HOOK_SECRET, CLEANUP_ADMIN_TOKEN=ADMIN_TOKEN, **self.env_extra
+        )
         inbox = Inbox(self.runtime.engine)
         self.watcher = Watcher(self.runtime, inbox)
         app = create_app(self.runtime.settings, runtime=self.runtime, inbox=inbox, watcher=self.watcher)
         self.client = app.test_client()
 
-    def post_event(self, vmid: int, phase: str, *, event_id: str | None = None, skew: float = 0.0,
-                   body_ts: float | None = None) -> tuple[int, dict]:
+    def post_event(
+        self, vmid: int, phase: str, *, event_id: str | None = None, skew: float = 0.0, body_ts: float | None = None
+    ) -> tuple[int, dict]:
         now = time.time() + skew
-        body = json.dumps({"event_id": event_id or secrets.token_hex(8), "vmid": vmid, "phase": phase,
-                           "node": "pve1", "ts": body_ts if body_ts is not None else now}).encode()
+        body = json.dumps(
+            {
+                "event_id": event_id or secrets.token_hex(8),
+                "vmid": vmid,
+                "phase": phase,
+                "node": "pve1",
+                "ts": body_ts if body_ts is not None else now,
+            }
+        ).encode()
         stamp = str(round(now))
-        answer = self.client.post(EVENTS, data=body, headers={
-            "Content-Type": "application/json", TIMESTAMP_HEADER: stamp,
-            SIGNATURE_HEADER: signature(HOOK_SECRET, stamp, body)})
+        answer = self.client.post(
+            EVENTS,
+            data=body,
+            headers={
+                "Content-Type": "application/json",
+                TIMESTAMP_HEADER: stamp,
+                SIGNATURE_HEADER: signature(HOOK_SECRET, stamp, body),
+            },
+        )
         self.responses.append((answer.status_code, answer.get_json()))
         return answer.status_code, answer.get_json()
 
@@ -296,17 +323,17 @@ ALL_ENTRIES = ("sweep", "watcher", "manual")
 @dataclass(frozen=True)
 class Fault:
     id: str
-    what: str                       # the fault, for the doc table
+    what: str  # the fault, for the doc table
     arm: Callable[[Case], None]
     disarm: Callable[[Case], None]
-    reason: Callable[[Case, Outcome], str]   # asserts the reason is visible, returns it in a few words
+    reason: Callable[[Case, Outcome], str]  # asserts the reason is visible, returns it in a few words
     removed_during: frozenset = frozenset()  # exactly these VMIDs go while it lasts (none: fails closed)
-    during_by_entry: tuple = ()     # (entry, frozenset) pairs where an entry point differs
+    during_by_entry: tuple = ()  # (entry, frozenset) pairs where an entry point differs
     stays: frozenset = frozenset()  # ghosts that are no longer ghosts once the fault is over
     entries: tuple[str, ...] = ALL_ENTRIES
     databases: tuple[str, ...] = ("sqlite", "postgres")
-    watcher_events: bool = True     # post the ghosts' stop events before arming
-    expect: str = ""                # what must happen, for the doc table
+    watcher_events: bool = True  # post the ghosts' stop events before arming
+    expect: str = ""  # what must happen, for the doc table
 
     def expected_during(self, entry: str) -> frozenset:
         return dict(self.during_by_entry).get(entry, self.removed_during)
@@ -328,6 +355,7 @@ def _refusal(words: str, refusal: str) -> Callable[[Case, Outcome], str]:
         assert words in out.text, out.text
         assert words in out.data["errors"], out.data["errors"]
         return f"watcher.last_error and stats.errors: {out.text[:70]}"
+
     return check
 
 
@@ -401,8 +429,10 @@ def _reason_hidden(case: Case, out: Outcome) -> str:
 
 def _arm_reuse_before_confirm(case: Case) -> None:
     """VMID 122 is taken by a new guest between the planning read and the confirming read."""
+
     def reuse():
         case.sim.add_guest(122, node="pve1", name="other122.example")
+
     case.seam.before[2] = reuse
 
 
@@ -425,6 +455,7 @@ def _between_plan_and_apply(case: Case, change: Callable[[], None]) -> None:
                 case.seam.fired.append("at apply_actions")
                 change()
             return real(*args, **kwargs)
+
         case.monkeypatch.setattr(removal_module, "apply_actions", apply_after_change)
     else:
         case.seam.before_apply(change)
@@ -441,9 +472,11 @@ def _arm_reuse_after_confirm(case: Case) -> None:
     """The platform re-deploys app 122 into a new guest that got VMID 122 again, after the
     confirming read and the ACL proof, just before the apply: it re-points the row (new
     hostname, deploying, updated_at now).  Only the apply's observed-value guard can catch it."""
+
     def reuse():
         case.sim.add_guest(122, node="pve1", name="new122.apps.local")
         _platform_update(case, 122, hostname="new122.apps.local", status="deploying", updated_at=naive_now(case.db))
+
     _between_plan_and_apply(case, reuse)
 
 
@@ -467,16 +500,19 @@ def _reason_skipped(**columns: str) -> Callable[[Case, Outcome], str]:
             assert column in skipped[vmid] and skipped[vmid].endswith("changed since planning"), skipped
         where = "logged" if case.entry == "watcher" else "done; skipped"
         return f"{where}: " + "; ".join(f"{v}: {skipped[v]}" for v in sorted(skipped))
+
     return check
 
 
 def _arm_row_changed(case: Case) -> None:
     """Between plan and apply the platform touches app 121 (status, updated_at) and moves app 123
     into a new guest 323 (VMID changed)."""
+
     def change():
         _platform_update(case, 121, status="deploying", updated_at=naive_now(case.db))
         case.sim.add_guest(323, node="pve1", name="app123.apps.local")
         _platform_update(case, 123, lxc_id=323)
+
     _between_plan_and_apply(case, change)
 
 
@@ -484,8 +520,9 @@ def _arm_in_flight(case: Case) -> None:
     """Two more deployments start right now: rows, no guest yet (one already says running)."""
     table = create_apps_table(case.db.engine)
     with case.db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(140, "deploying", age=timedelta(0)),
-                                      app_row(141, "running", age=timedelta(0))])
+        conn.execute(
+            table.insert(), [app_row(140, "deploying", age=timedelta(0)), app_row(141, "running", age=timedelta(0))]
+        )
         for vmid, key in conn.execute(sa.text("SELECT lxc_id, id FROM apps WHERE lxc_id IN (140, 141)")):
             case.ids[vmid] = key
     if case.entry == "watcher":  # early or mistaken hints for every deployment in flight
@@ -591,6 +628,7 @@ def _arm_db_gone(case: Case) -> None:
                 case.seam.fired.append("inside the apply transaction")
                 stop()
             return write_audit(conn, entries)
+
         sa_event.listen(case.db.engine, "before_cursor_execute", on_execute)
         case.after_run.append(lambda: sa_event.remove(case.db.engine, "before_cursor_execute", on_execute))
         case.monkeypatch.setattr(store, "insert_audit", stop_then_write_audit)
@@ -598,6 +636,7 @@ def _arm_db_gone(case: Case) -> None:
     def restart():
         took = server.start()
         case.notes.append(f"restarted in {took:.1f} s")
+
     case.after_run.append(restart)
 
 
@@ -675,8 +714,13 @@ def _reason_replayed(case: Case, out: Outcome) -> str:
 
 REFUSALS = (
     ("refused", "Proxmox refuses connections", _set_fault("refuse"), "cannot connect", "inventory"),
-    ("timeout", f"Proxmox answers after PVE_TIMEOUT ({PVE_TIMEOUT:g} s)", _arm_timeout, "no answer within",
-     "inventory"),
+    (
+        "timeout",
+        f"Proxmox answers after PVE_TIMEOUT ({PVE_TIMEOUT:g} s)",
+        _arm_timeout,
+        "no answer within",
+        "inventory",
+    ),
     ("http500", "Proxmox answers HTTP 500", _set_fault("http500"), "HTTP 500", "inventory"),
     ("http401", "Proxmox answers HTTP 401 (token refused)", _set_fault("http401"), "HTTP 401", "inventory"),
 )
@@ -685,58 +729,153 @@ FAULTS: tuple[Fault, ...] = tuple(
     Fault(fid, what, arm, _clear_fault, _refusal(words, refusal), expect="nothing removed; refused")
     for fid, what, arm, words, refusal in REFUSALS
 ) + (
-    Fault("node_offline", "node pve2 offline (/nodes/pve2/* answers 595)", _arm_offline,
-          lambda case: case.sim.set_node_online("pve2", True), _reason_offline,
-          removed_during=frozenset(GHOSTS), expect="pve2's rows kept (listed, status unknown); ghosts go"),
-    Fault("privsep_user_lacks_role", "privilege-separated token whose user lacks PVEAuditor (the token holds "
-          "nothing: Proxmox intersects user and token)", _pveum("acl delete / --users janitor@pve --roles PVEAuditor"),
-          _pveum("acl modify / --users janitor@pve --roles PVEAuditor"), _refusal("VM.Audit", "privilege"),
-          expect="nothing removed; refused"),
-    Fault("no_sys_audit_root", "token without Sys.Audit on / (quorum unknowable, task tail blind)",
-          lambda case: case.sim.set_sys_audit(False), lambda case: case.sim.set_sys_audit(True),
-          _refusal("Sys.Audit on /", "privilege"), expect="nothing removed; refused"),
-    Fault("no_quorum", "the answering node lost quorum (its guest list may be stale)",
-          lambda case: case.sim.set_quorate(False), lambda case: case.sim.set_quorate(True),
-          _refusal("not quorate", "no_quorum"), expect="nothing removed; refused"),
-    Fault("one_host_down", "the first of two PVE_HOST endpoints is down", _no_change, _no_change,
-          _reason_other_host, removed_during=frozenset(GHOSTS), expect="the next endpoint answers; ghosts go"),
-    Fault("no_vm_audit", "token without VM.Audit (empty lists)", lambda case: case.sim.set_vm_audit(False),
-          lambda case: case.sim.set_vm_audit(True), _refusal("VM.Audit", "privilege"),
-          expect="nothing removed; refused"),
-    Fault("empty_list", "empty guest list although /vms shows VM.Audit", lambda case: case.sim.set_visible(()),
-          lambda case: case.sim.set_visible(None), _refusal("listed no guests", "empty_inventory"),
-          expect="nothing removed; refused"),
-    Fault("partial_list", "partial guest list (2 of 6 guests hidden by an ACL)", _arm_partial,
-          lambda case: case.sim.set_visible(None), _reason_hidden,
-          removed_during=frozenset(GHOSTS),
-          expect="the hidden guests' rows kept and reported (hidden_guest); the ghosts confirmed free go"),
-    Fault("vmid_reused_before_confirm", "ghost's VMID reused by a new guest before the confirming read",
-          _arm_reuse_before_confirm, _no_change, _reason_dropped,
-          removed_during=frozenset(GHOSTS) - {122}, stays=frozenset({122}),
-          expect="122 kept (guest exists again); the other ghosts go"),
-    Fault("vmid_reused_before_apply", "guest destroyed, VMID reused and row re-pointed just before apply",
-          _arm_reuse_after_confirm, _no_change, _reason_skipped(v122="updated_at"),
-          removed_during=frozenset(GHOSTS) - {122}, stays=frozenset({122}),
-          expect="122 skipped by the observed-value guard; the other ghosts go"),
-    Fault("deploy_in_flight", "deployments in flight (rows, no guest yet)", _arm_in_flight, _disarm_in_flight,
-          _reason_in_flight, removed_during=frozenset(GHOSTS),
-          expect="in-flight rows kept (protected, grace period); ghosts go"),
-    Fault("row_changed", "platform changes rows between plan and apply (status; VMID)", _arm_row_changed,
-          _no_change, _reason_skipped(v121="status", v123="lxc_id"),
-          removed_during=frozenset({120, 122}), stays=frozenset({121, 123}),
-          expect="both changed rows skipped; the other ghosts go"),
-    Fault("db_locked", "another writer holds the database (SQLite BEGIN EXCLUSIVE 10 s; "
-          "PostgreSQL LOCK TABLE)", _arm_locked, _no_change, _reason_locked,
-          removed_during=frozenset(GHOSTS), expect="waits (busy timeout 30 s), then done"),
-    Fault("db_gone", "database server stopped mid-run (pg_ctl stop -m immediate)", _arm_db_gone,
-          _no_change, _reason_db_gone, databases=("own-postgres",),
-          expect="nothing removed (transaction lost with the server); failed, reason shown"),
-    Fault("clock_skew", "events signed 299/301 s in the past and future", _arm_clock_skew, _disarm_clock_skew,
-          _reason_clock_skew, removed_during=frozenset({121, 123}), entries=("watcher",),
-          watcher_events=False, expect="±301 s rejected (401), ±299 s accepted; no row of a running guest goes"),
-    Fault("events_replayed", "duplicate, replayed and reordered events", _arm_replayed, _disarm_replayed,
-          _reason_replayed, removed_during=frozenset({120, 121, 122}), entries=("watcher",),
-          watcher_events=False, expect="acted on once; running guests kept; stale start defers 123 to the sweep"),
+    Fault(
+        "node_offline",
+        "node pve2 offline (/nodes/pve2/* answers 595)",
+        _arm_offline,
+        lambda case: case.sim.set_node_online("pve2", True),
+        _reason_offline,
+        removed_during=frozenset(GHOSTS),
+        expect="pve2's rows kept (listed, status unknown); ghosts go",
+    ),
+    Fault(
+        "privsep_user_lacks_role",
+        "privilege-separated token whose user lacks PVEAuditor (the token holds "
+        "nothing: Proxmox intersects user and token)",
+        _pveum("acl delete / --users janitor@pve --roles PVEAuditor"),
+        _pveum("acl modify / --users janitor@pve --roles PVEAuditor"),
+        _refusal("VM.Audit", "privilege"),
+        expect="nothing removed; refused",
+    ),
+    Fault(
+        "no_sys_audit_root",
+        "token without Sys.Audit on / (quorum unknowable, task tail blind)",
+        lambda case: case.sim.set_sys_audit(False),
+        lambda case: case.sim.set_sys_audit(True),
+        _refusal("Sys.Audit on /", "privilege"),
+        expect="nothing removed; refused",
+    ),
+    Fault(
+        "no_quorum",
+        "the answering node lost quorum (its guest list may be stale)",
+        lambda case: case.sim.set_quorate(False),
+        lambda case: case.sim.set_quorate(True),
+        _refusal("not quorate", "no_quorum"),
+        expect="nothing removed; refused",
+    ),
+    Fault(
+        "one_host_down",
+        "the first of two PVE_HOST endpoints is down",
+        _no_change,
+        _no_change,
+        _reason_other_host,
+        removed_during=frozenset(GHOSTS),
+        expect="the next endpoint answers; ghosts go",
+    ),
+    Fault(
+        "no_vm_audit",
+        "token without VM.Audit (empty lists)",
+        lambda case: case.sim.set_vm_audit(False),
+        lambda case: case.sim.set_vm_audit(True),
+        _refusal("VM.Audit", "privilege"),
+        expect="nothing removed; refused",
+    ),
+    Fault(
+        "empty_list",
+        "empty guest list although /vms shows VM.Audit",
+        lambda case: case.sim.set_visible(()),
+        lambda case: case.sim.set_visible(None),
+        _refusal("listed no guests", "empty_inventory"),
+        expect="nothing removed; refused",
+    ),
+    Fault(
+        "partial_list",
+        "partial guest list (2 of 6 guests hidden by an ACL)",
+        _arm_partial,
+        lambda case: case.sim.set_visible(None),
+        _reason_hidden,
+        removed_during=frozenset(GHOSTS),
+        expect="the hidden guests' rows kept and reported (hidden_guest); the ghosts confirmed free go",
+    ),
+    Fault(
+        "vmid_reused_before_confirm",
+        "ghost's VMID reused by a new guest before the confirming read",
+        _arm_reuse_before_confirm,
+        _no_change,
+        _reason_dropped,
+        removed_during=frozenset(GHOSTS) - {122},
+        stays=frozenset({122}),
+        expect="122 kept (guest exists again); the other ghosts go",
+    ),
+    Fault(
+        "vmid_reused_before_apply",
+        "guest destroyed, VMID reused and row re-pointed just before apply",
+        _arm_reuse_after_confirm,
+        _no_change,
+        _reason_skipped(v122="updated_at"),
+        removed_during=frozenset(GHOSTS) - {122},
+        stays=frozenset({122}),
+        expect="122 skipped by the observed-value guard; the other ghosts go",
+    ),
+    Fault(
+        "deploy_in_flight",
+        "deployments in flight (rows, no guest yet)",
+        _arm_in_flight,
+        _disarm_in_flight,
+        _reason_in_flight,
+        removed_during=frozenset(GHOSTS),
+        expect="in-flight rows kept (protected, grace period); ghosts go",
+    ),
+    Fault(
+        "row_changed",
+        "platform changes rows between plan and apply (status; VMID)",
+        _arm_row_changed,
+        _no_change,
+        _reason_skipped(v121="status", v123="lxc_id"),
+        removed_during=frozenset({120, 122}),
+        stays=frozenset({121, 123}),
+        expect="both changed rows skipped; the other ghosts go",
+    ),
+    Fault(
+        "db_locked",
+        "another writer holds the database (SQLite BEGIN EXCLUSIVE 10 s; PostgreSQL LOCK TABLE)",
+        _arm_locked,
+        _no_change,
+        _reason_locked,
+        removed_during=frozenset(GHOSTS),
+        expect="waits (busy timeout 30 s), then done",
+    ),
+    Fault(
+        "db_gone",
+        "database server stopped mid-run (pg_ctl stop -m immediate)",
+        _arm_db_gone,
+        _no_change,
+        _reason_db_gone,
+        databases=("own-postgres",),
+        expect="nothing removed (transaction lost with the server); failed, reason shown",
+    ),
+    Fault(
+        "clock_skew",
+        "events signed 299/301 s in the past and future",
+        _arm_clock_skew,
+        _disarm_clock_skew,
+        _reason_clock_skew,
+        removed_during=frozenset({121, 123}),
+        entries=("watcher",),
+        watcher_events=False,
+        expect="±301 s rejected (401), ±299 s accepted; no row of a running guest goes",
+    ),
+    Fault(
+        "events_replayed",
+        "duplicate, replayed and reordered events",
+        _arm_replayed,
+        _disarm_replayed,
+        _reason_replayed,
+        removed_during=frozenset({120, 121, 122}),
+        entries=("watcher",),
+        watcher_events=False,
+        expect="acted on once; running guests kept; stale start defers 123 to the sweep",
+    ),
 )
 
 
@@ -752,6 +891,7 @@ def matrix(entry: str) -> list:
 
 
 # --- the test body ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def case_db(request, tmp_path):
@@ -824,10 +964,20 @@ def run_case(entry: str, fault: Fault, db: Database, sim, tmp_path, monkeypatch,
         if key not in final and key not in case.mutated:
             assert now[key] == row, f"row {key} changed after recovery"
 
-    record("matrix", entry=entry, fault=fault.id, what=fault.what,
-           db="own-postgres" if case.server is not None else db.kind, expect=fault.expect,
-           during=out.short(entry), removed_during=len(removed), seconds=round(out.seconds, 2), reason=reason,
-           recovered=f"{len(final)} of {len(expected_final)} ghosts removed", notes="; ".join(case.notes))
+    record(
+        "matrix",
+        entry=entry,
+        fault=fault.id,
+        what=fault.what,
+        db="own-postgres" if case.server is not None else db.kind,
+        expect=fault.expect,
+        during=out.short(entry),
+        removed_during=len(removed),
+        seconds=round(out.seconds, 2),
+        reason=reason,
+        recovered=f"{len(final)} of {len(expected_final)} ghosts removed",
+        notes="; ".join(case.notes),
+    )
 
 
 @pytest.mark.parametrize(("fault", "case_db"), matrix("sweep"), indirect=["case_db"])
@@ -845,8 +995,7 @@ def test_manual_run(fault, case_db, sim, tmp_path, monkeypatch, caplog):
     run_case("manual", fault, case_db, sim, tmp_path, monkeypatch, caplog)
 
 
-def test_event_posted_while_another_sqlite_writer_commits_is_stored(sim, sqlite_db, tmp_path, monkeypatch,
-                                                                    caplog):
+def test_event_posted_while_another_sqlite_writer_commits_is_stored(sim, sqlite_db, tmp_path, monkeypatch, caplog):
     """An event arrives while another writer (the watcher, a sweep) is committing.
 
     A plain deferred transaction that reads before it writes would hold SQLite's read
@@ -857,8 +1006,7 @@ def test_event_posted_while_another_sqlite_writer_commits_is_stored(sim, sqlite_
     case = Case("watcher", sqlite_db, sim, tmp_path, monkeypatch, caplog)
     case.ids = build_world(sqlite_db, sim)
     case.build_in_process()
-    other = sqlite3.connect(sqlite_db.engine.url.database, isolation_level=None, timeout=30,
-                            check_same_thread=False)
+    other = sqlite3.connect(sqlite_db.engine.url.database, isolation_level=None, timeout=30, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
     other.execute("INSERT INTO janitor_errors (at, source, message) VALUES ('2026-01-01 00:00:00', 'test', 'x')")
     failures: list[BaseException] = []

@@ -3,6 +3,7 @@ under garbage.  The contract under test: no 5xx and no non-JSON answer from the 
 only ConfigError / EventRejected from the parsers; exit 0, in time and without a traceback,
 from the hookscript.  ``make test`` runs the short versions, ``make reliability`` the long ones.
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -60,13 +61,18 @@ NO_DEADLINE: dict[str, Any] = dict(deadline=None, database=None, suppress_health
 # =====================================================================================
 
 RUNNING = tuple(range(100, 106))  # guests that exist: their rows must survive anything
-GHOSTS = (120, 121, 122)          # rows whose guests are gone: a real sweep may remove them
+GHOSTS = (120, 121, 122)  # rows whose guests are gone: a real sweep may remove them
 # Share of the generated requests per operation: events and the guarded sweep are where the risk is.
-SHARES = {"POST /api/v1/events": 0.55, "POST /api/v1/system/cleanup/run": 0.2,
-          "GET /api/v1/system/cleanup/history": 0.15, "GET /api/v1/system/cleanup/stats": 0.025,
-          "GET /": 0.025, "GET /healthz": 0.025, "GET /metrics": 0.025}
-CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance]
+SHARES = {
+    "POST /api/v1/events": 0.55,
+    "POST /api/v1/system/cleanup/run": 0.2,
+    "GET /api/v1/system/cleanup/history": 0.15,
+    "GET /api/v1/system/cleanup/stats": 0.025,
+    "GET /": 0.025,
+    "GET /healthz": 0.025,
+    "GET /metrics": 0.025,
+}
+CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance, response_headers_conformance]
 
 
 def generate_cases(schema, total: int) -> list:
@@ -109,10 +115,10 @@ class ApiFuzz:
         self.receiver = receiver
         self.rng = random.Random(seed)
         self.session = requests.Session()
-        self.sent: Counter[str] = Counter()                 # by operation label
+        self.sent: Counter[str] = Counter()  # by operation label
         self.statuses: Counter[tuple[str, int]] = Counter()  # by (label, status)
-        self.variants: Counter[str] = Counter()             # how events were signed and sweeps authorized
-        self.unsendable = 0         # generated requests the HTTP client refused to send (bad headers)
+        self.variants: Counter[str] = Counter()  # how events were signed and sweeps authorized
+        self.unsendable = 0  # generated requests the HTTP client refused to send (bad headers)
         self.failures: list[str] = []
 
     def send(self, case) -> None:
@@ -210,16 +216,23 @@ def test_generated_requests_never_get_a_5xx_or_a_non_json_answer(sim, sqlite_db,
             fuzz.send(case)
         elapsed = time.monotonic() - started
         sent = sum(fuzz.sent.values())
-        print(f"\nschemathesis: {len(cases)} cases generated in {generated:.1f} s; {sent} requests sent "
-              f"({fuzz.unsendable} refused by the client) in {elapsed:.1f} s; "
-              f"{sum(n for (_, s), n in fuzz.statuses.items() if s >= 500)} answered 5xx")
+        print(
+            f"\nschemathesis: {len(cases)} cases generated in {generated:.1f} s; {sent} requests sent "
+            f"({fuzz.unsendable} refused by the client) in {elapsed:.1f} s; "
+            f"{sum(n for (_, s), n in fuzz.statuses.items() if s >= 500)} answered 5xx"
+        )
         for label in SHARES:
             codes = {s: n for (shown, s), n in sorted(fuzz.statuses.items()) if shown == label}
             print(f"  {label}: {fuzz.sent[label]} sent, statuses {codes}")
         print(f"  variants: {dict(sorted(fuzz.variants.items()))}")
-        record("api_fuzz", requests=sent, server_errors=sum(n for (_, s), n in fuzz.statuses.items() if s >= 500),
-               failures=len(fuzz.failures), seconds=round(elapsed, 1),
-               statuses={f"{shown} {s}": n for (shown, s), n in sorted(fuzz.statuses.items())})
+        record(
+            "api_fuzz",
+            requests=sent,
+            server_errors=sum(n for (_, s), n in fuzz.statuses.items() if s >= 500),
+            failures=len(fuzz.failures),
+            seconds=round(elapsed, 1),
+            statuses={f"{shown} {s}": n for (shown, s), n in sorted(fuzz.statuses.items())},
+        )
         assert not fuzz.failures, "\n".join(fuzz.failures[:20])
         assert sent >= API_REQUESTS
         assert all(fuzz.sent[label] > 0 for label in SHARES)
@@ -259,10 +272,31 @@ def _add_ghost_rows(db) -> None:
 NAMED = set(VARIABLES) | {"CLEANUP_CONFIG"}
 env_text = st.text(max_size=40) | st.binary(max_size=30).map(lambda b: b.decode("utf-8", "surrogateescape"))
 env_numbers = st.one_of(
-    st.integers(-10**40, 10**40).map(str),
+    st.integers(-(10**40), 10**40).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["1e400", "-1e400", "nan", "-inf", "9" * 5000, " 12 ", "0x10", "1_000", "١٢", "+5",
-                     "-0", "1.5", "", "  ", "99999999", "999999999999", "1e300", "3600.0001", "86401"]),
+    st.sampled_from(
+        [
+            "1e400",
+            "-1e400",
+            "nan",
+            "-inf",
+            "9" * 5000,
+            " 12 ",
+            "0x10",
+            "1_000",
+            "١٢",
+            "+5",
+            "-0",
+            "1.5",
+            "",
+            "  ",
+            "99999999",
+            "999999999999",
+            "1e300",
+            "3600.0001",
+            "86401",
+        ]
+    ),
 )
 env_values = env_text | env_numbers
 
@@ -280,8 +314,9 @@ def toml_value(value) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        escaped = "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else
-                          "\\" + c if c in '"\\' else c for c in value)
+        escaped = "".join(
+            f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else "\\" + c if c in '"\\' else c for c in value
+        )
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
@@ -290,15 +325,27 @@ def toml_value(value) -> str:
     return value.isoformat()  # dates and times
 
 
-toml_scalars = st.one_of(st.integers(-2**63, 2**63 - 1), st.floats(), st.booleans(), st.text(max_size=30),
-                         st.datetimes(), st.dates(), st.times())
-toml_values = st.recursive(toml_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(min_size=1, max_size=5), inner, max_size=3), max_leaves=6)
+toml_scalars = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(),
+    st.booleans(),
+    st.text(max_size=30),
+    st.datetimes(),
+    st.dates(),
+    st.times(),
+)
+toml_values = st.recursive(
+    toml_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(min_size=1, max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
 toml_keys = st.sampled_from(VARIABLES).map(lambda k: k if len(k) % 2 else k.lower()) | st.from_regex(
-    r"[A-Za-z_][A-Za-z0-9_]{0,15}", fullmatch=True)
+    r"[A-Za-z_][A-Za-z0-9_]{0,15}", fullmatch=True
+)
 toml_documents = (
     st.dictionaries(toml_keys, toml_values, max_size=6).map(
-        lambda d: "".join(f"{k} = {toml_value(v)}\n" for k, v in d.items()).encode())
+        lambda d: "".join(f"{k} = {toml_value(v)}\n" for k, v in d.items()).encode()
+    )
     | st.binary(max_size=300)
     | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
 )
@@ -349,23 +396,33 @@ def test_settings_from_any_toml_file_are_usable_or_a_named_config_error(tmp_path
     _check_settings_outcome({**env, "CLEANUP_CONFIG": str(path)})
 
 
-@pytest.mark.parametrize("name, value", [
-    ("ERROR_RETENTION_HOURS", "99999999"),          # "keep error rows forever", 11 000 years
-    ("CLEANUP_GRACE_MINUTES", "99999999999"),
-    ("CLEANUP_INTERVAL_MINUTES", "99999999999"),
-    ("CLEANUP_WATCH_SECONDS", "999999999999"),
-    ("CLEANUP_LEASE_SECONDS", "999999999999"),
-    ("CLEANUP_WATCH_INTERVAL_SECONDS", "1e300"),
-    ("CLEANUP_TASK_POLL_SECONDS", "1e300"),
-    ("PVE_TIMEOUT", "1e300"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("ERROR_RETENTION_HOURS", "99999999"),  # "keep error rows forever", 11 000 years
+        ("CLEANUP_GRACE_MINUTES", "99999999999"),
+        ("CLEANUP_INTERVAL_MINUTES", "99999999999"),
+        ("CLEANUP_WATCH_SECONDS", "999999999999"),
+        ("CLEANUP_LEASE_SECONDS", "999999999999"),
+        ("CLEANUP_WATCH_INTERVAL_SECONDS", "1e300"),
+        ("CLEANUP_TASK_POLL_SECONDS", "1e300"),
+        ("PVE_TIMEOUT", "1e300"),
+    ],
+)
 def test_a_duration_too_large_to_compute_with_is_a_named_config_error(name, value):
     with pytest.raises(ConfigError, match=name):
         load_settings(env={name: value})
 
 
-@pytest.mark.parametrize("content", [b'CLEANUP_TABLE = "\xff\xfe"\n', b"\xef\xbb\xbfCLEANUP_TABLE = 'x'\n",
-                                     b"\x00\x01\x02", "CLEANUP_TABLE = '\udcff'".encode("utf-8", "surrogatepass")])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'CLEANUP_TABLE = "\xff\xfe"\n',
+        b"\xef\xbb\xbfCLEANUP_TABLE = 'x'\n",
+        b"\x00\x01\x02",
+        "CLEANUP_TABLE = '\udcff'".encode("utf-8", "surrogatepass"),
+    ],
+)
 def test_a_toml_file_that_is_not_utf8_is_a_named_config_error(tmp_path, content):
     path = tmp_path / "janitor.toml"
     path.write_bytes(content)
@@ -376,6 +433,7 @@ def test_a_toml_file_that_is_not_utf8_is_a_named_config_error(tmp_path, content)
 # =====================================================================================
 # The hookscript's parsers, in this process
 # =====================================================================================
+
 
 def _load_hook():
     loader = importlib.machinery.SourceFileLoader("pve_janitor_hook_fuzz", str(HOOK))
@@ -397,9 +455,22 @@ def _refused_url() -> str:
 
 REFUSED = _refused_url()  # nothing listens there: a post fails at once
 conf_values = {
-    "URL": st.sampled_from([REFUSED, REFUSED + "/prefix/", REFUSED.replace("http", "https"), "ftp://x",
-                            "http://", "http://user:pw@127.0.0.1:1", "http://[::1", "http://127.0.0.1:99999",
-                            "http://127.0.0.1:" + "0" * 5000, "http://\x00", ""]) | st.text(max_size=20),
+    "URL": st.sampled_from(
+        [
+            REFUSED,
+            REFUSED + "/prefix/",
+            REFUSED.replace("http", "https"),
+            "ftp://x",
+            "http://",
+            "http://user:pw@127.0.0.1:1",
+            "http://[::1",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:" + "0" * 5000,
+            "http://\x00",
+            "",
+        ]
+    )
+    | st.text(max_size=20),
     "SECRET": st.text(max_size=40) | st.binary(max_size=20).map(lambda b: b.decode("utf-8", "surrogateescape")),
     "TIMEOUT": st.sampled_from(["0.3", "nan", "-1", "inf", "-inf", "1e-320", "1e400", "abc", "", "0", "1_0"])
     | st.text(max_size=8),
@@ -407,18 +478,23 @@ conf_values = {
     "CHAIN": st.sampled_from(["", "/nonexistent/hook", "relative-hook", "/tmp\x00/x"]) | st.text(max_size=8),
 }
 conf_lines = st.one_of(
-    *[st.tuples(st.sampled_from([k, k.lower(), f"export {k}", f"  {k} "]), v).map(lambda kv: f"{kv[0]}={kv[1]}")
-      for k, v in conf_values.items()],
+    *[
+        st.tuples(st.sampled_from([k, k.lower(), f"export {k}", f"  {k} "]), v).map(lambda kv: f"{kv[0]}={kv[1]}")
+        for k, v in conf_values.items()
+    ],
     st.sampled_from(["#", "# URL=http://x", "=", "==", "URL", "just words", "'", '"', "\x00", "\r"]),
     st.text(max_size=30),
 )
-conf_documents = (
-    st.lists(conf_lines, max_size=8).map(lambda ls: "\n".join(ls).encode("utf-8", "surrogateescape"))
-    | st.binary(max_size=2000)
+conf_documents = st.lists(conf_lines, max_size=8).map(
+    lambda ls: "\n".join(ls).encode("utf-8", "surrogateescape")
+) | st.binary(max_size=2000)
+argvs = st.lists(
+    st.text(max_size=12)
+    | st.sampled_from(
+        ["101", "100", "999999999", "1000000000", "99", "0101", "pre-start", "post-stop", "pre-stop", "post-start"]
+    ),
+    max_size=4,
 )
-argvs = st.lists(st.text(max_size=12) | st.sampled_from(["101", "100", "999999999", "1000000000", "99", "0101",
-                                                          "pre-start", "post-stop", "pre-stop", "post-start"]),
-                 max_size=4)
 
 
 @hsettings(max_examples=PARSER_EXAMPLES, **NO_DEADLINE)
@@ -464,16 +540,28 @@ def test_hook_json_strings_round_trip_any_text(text):
 
 
 @hsettings(max_examples=PARSER_EXAMPLES, **NO_DEADLINE)
-@given(st.text(max_size=140), st.integers(100, 999_999_999), st.sampled_from(sorted(PHASES)),
-       st.text(max_size=70), st.floats(0, 1e11))
+@given(
+    st.text(max_size=140),
+    st.integers(100, 999_999_999),
+    st.sampled_from(sorted(PHASES)),
+    st.text(max_size=70),
+    st.floats(0, 1e11),
+)
 def test_what_the_hook_sends_the_receiver_takes_or_rejects_with_400(event_id, vmid, phase, node, ts):
     body = hook.event_body(event_id, vmid, phase, node, ts)
     try:
         event = parse_event(body, ts)
     except EventRejected as exc:
         assert exc.status == 400
-        assert not (event_id.isascii() and event_id.isprintable() and 0 < len(event_id) <= 128
-                    and node.isascii() and node.isprintable() and " " not in node and 0 < len(node) <= 64)
+        assert not (
+            event_id.isascii()
+            and event_id.isprintable()
+            and 0 < len(event_id) <= 128
+            and node.isascii()
+            and node.isprintable()
+            and " " not in node
+            and 0 < len(node) <= 64
+        )
         return
     assert (event.event_id, event.vmid, event.phase, event.node) == (event_id, vmid, phase, node)
     # "%.3f": off by half a millisecond at most (32.8125 -> 32.812), and by float noise on that.
@@ -485,8 +573,16 @@ def test_what_the_hook_sends_the_receiver_takes_or_rejects_with_400(event_id, vm
 def test_hook_main_returns_zero_for_any_config_and_arguments(tmp_path_factory, content, argv):
     work = tmp_path_factory.mktemp("hookmain")
     (work / "hook.conf").write_bytes(content)
-    saved = {k: os.environ.get(k) for k in ("PVE_JANITOR_HOOK_CONF", "PVE_JANITOR_URL", "PVE_JANITOR_SECRET",
-                                            "PVE_JANITOR_NODE", hook.CHAIN_GUARD)}
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "PVE_JANITOR_HOOK_CONF",
+            "PVE_JANITOR_URL",
+            "PVE_JANITOR_SECRET",
+            "PVE_JANITOR_NODE",
+            hook.CHAIN_GUARD,
+        )
+    }
     err = _StringIO()
     old_spool, old_stderr, old_cwd = hook.DEFAULT_SPOOL_DIR, sys.stderr, os.getcwd()
     try:
@@ -537,29 +633,50 @@ class _StringIO:
 NOW = 1_718_000_000.0
 SECRET = "fuzz-hook-secret-0123456789"
 VALID = {"event_id": "e-1", "vmid": 101, "phase": "post-stop", "node": "pve1", "ts": NOW}
-json_leaves = (st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats(allow_nan=False)
-               | st.text(max_size=10))
-json_trees = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=3)
-                          | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=10)
+json_leaves = (
+    st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats(allow_nan=False) | st.text(max_size=10)
+)
+json_trees = st.recursive(
+    json_leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
 
 
 def _encodings(body: bytes) -> st.SearchStrategy[bytes]:
     text = body.decode()
-    return st.sampled_from([
-        body, b"\xef\xbb\xbf" + body, text.encode("utf-16"), text.encode("utf-16-le"), text.encode("utf-32"),
-        body.replace(b'"e-1"', b'"\\u0065-1"'), body.replace(b"101", b"101.0"), body.replace(b"101", b"1e2"),
-        body.replace(b"101", b"9" * 5000), body.replace(b"1718000000.0", b"1e400"),
-        body.replace(b"1718000000.0", b"-0.0"), body.replace(b"1718000000.0", b"9" * 5000),
-        body.replace(b'"e-1"', b'"\\ud800"'), body.replace(b'"pve1"', b'"pve\\u0000"'),
-        body[:-1] + b', "vmid": "dup"}', body[:-1] + b', "other": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
-        body[:-1] + b', "other": ' + b'{"a":' * 20_000 + b"1" + b"}" * 20_000 + b"}",
-        body + b"\x00", b" \t\r\n" + body + b"\n", body[:-1],
-    ])
+    return st.sampled_from(
+        [
+            body,
+            b"\xef\xbb\xbf" + body,
+            text.encode("utf-16"),
+            text.encode("utf-16-le"),
+            text.encode("utf-32"),
+            body.replace(b'"e-1"', b'"\\u0065-1"'),
+            body.replace(b"101", b"101.0"),
+            body.replace(b"101", b"1e2"),
+            body.replace(b"101", b"9" * 5000),
+            body.replace(b"1718000000.0", b"1e400"),
+            body.replace(b"1718000000.0", b"-0.0"),
+            body.replace(b"1718000000.0", b"9" * 5000),
+            body.replace(b'"e-1"', b'"\\ud800"'),
+            body.replace(b'"pve1"', b'"pve\\u0000"'),
+            body[:-1] + b', "vmid": "dup"}',
+            body[:-1] + b', "other": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+            body[:-1] + b', "other": ' + b'{"a":' * 20_000 + b"1" + b"}" * 20_000 + b"}",
+            body + b"\x00",
+            b" \t\r\n" + body + b"\n",
+            body[:-1],
+        ]
+    )
 
 
 @hsettings(max_examples=PARSER_EXAMPLES, **NO_DEADLINE)
-@given(st.dictionaries(st.sampled_from(sorted(VALID)) | st.text(max_size=6), json_trees, max_size=4)
-       .map(lambda extra: json.dumps({**VALID, **extra}).encode()).flatmap(_encodings))
+@given(
+    st.dictionaries(st.sampled_from(sorted(VALID)) | st.text(max_size=6), json_trees, max_size=4)
+    .map(lambda extra: json.dumps({**VALID, **extra}).encode())
+    .flatmap(_encodings)
+)
 def test_any_body_is_an_event_or_a_400(body):
     try:
         event = parse_event(body, NOW)
@@ -576,8 +693,13 @@ environment_secrets = st.binary(min_size=8, max_size=64).map(lambda b: b.decode(
 
 
 @hsettings(max_examples=PARSER_EXAMPLES, **NO_DEADLINE)
-@given(environment_secrets, latin1_headers | st.integers(0, 10**12).map(str), latin1_headers,
-       st.binary(max_size=MAX_BODY_BYTES // 64), st.floats() | st.integers(-10**20, 10**20).map(float))
+@given(
+    environment_secrets,
+    latin1_headers | st.integers(0, 10**12).map(str),
+    latin1_headers,
+    st.binary(max_size=MAX_BODY_BYTES // 64),
+    st.floats() | st.integers(-(10**20), 10**20).map(float),
+)
 def test_signature_check_of_any_request_only_rejects(secret, ts, sig, body, now):
     try:
         verify_signature(secret, ts, sig, body, now)
@@ -621,15 +743,56 @@ def black_hole():
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-TRICKY_ARGS = [b"101", b"post-stop", b"pre-start", b"\xff\xfe", b"POST-STOP", b"-101", b"99", b"1000000000",
-               b"0101", b" 101", b"101\n", b"\xd9\xa1\xd9\xa0\xd9\xa1", b"--help", b"-c", b"%s%n", b"$(reboot)", b""]
-CONF_FRAGMENTS = [b"URL=", b"SECRET=", b"TIMEOUT=", b"SPOOL_DIR=", b"CHAIN=", b"export ", b"#", b"=", b"'", b'"',
-                  b"\r", b"\xff", b"\x00", b"nan", b"1e400", b"-1", b"http://", b"[::1", b"/nonexistent", b" "]
+TRICKY_ARGS = [
+    b"101",
+    b"post-stop",
+    b"pre-start",
+    b"\xff\xfe",
+    b"POST-STOP",
+    b"-101",
+    b"99",
+    b"1000000000",
+    b"0101",
+    b" 101",
+    b"101\n",
+    b"\xd9\xa1\xd9\xa0\xd9\xa1",
+    b"--help",
+    b"-c",
+    b"%s%n",
+    b"$(reboot)",
+    b"",
+]
+CONF_FRAGMENTS = [
+    b"URL=",
+    b"SECRET=",
+    b"TIMEOUT=",
+    b"SPOOL_DIR=",
+    b"CHAIN=",
+    b"export ",
+    b"#",
+    b"=",
+    b"'",
+    b'"',
+    b"\r",
+    b"\xff",
+    b"\x00",
+    b"nan",
+    b"1e400",
+    b"-1",
+    b"http://",
+    b"[::1",
+    b"/nonexistent",
+    b" ",
+]
 
 
 def _garbage_argv(rng: random.Random) -> list[bytes]:
-    return [rng.choice(TRICKY_ARGS) if rng.random() < 0.5 else
-            bytes(rng.randrange(1, 256) for _ in range(rng.randrange(17))) for _ in range(rng.randrange(5))]
+    return [
+        rng.choice(TRICKY_ARGS)
+        if rng.random() < 0.5
+        else bytes(rng.randrange(1, 256) for _ in range(rng.randrange(17)))
+        for _ in range(rng.randrange(5))
+    ]
 
 
 def _garbled_conf(rng: random.Random) -> bytes:
@@ -639,22 +802,28 @@ def _garbled_conf(rng: random.Random) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spool_kind", ["fine", "under a file", "chmod 000"])
-@pytest.mark.parametrize("conf_kind", ["missing", "directory", "under a file", "random bytes", "garbled lines",
-                                       "refused", "black hole", "chmod 000"])
+@pytest.mark.parametrize(
+    "conf_kind",
+    ["missing", "directory", "under a file", "random bytes", "garbled lines", "refused", "black hole", "chmod 000"],
+)
 def test_hookscript_exits_zero_in_time_without_traceback_whatever_it_is_fed(
-        hook_copy, black_hole, tmp_path, conf_kind, spool_kind):
+    hook_copy, black_hole, tmp_path, conf_kind, spool_kind
+):
     rng = random.Random(f"{conf_kind}/{spool_kind}/{os.environ.get('PYTEST_XDIST_WORKER', '')}")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     spool = {"fine": tmp_path / "spool", "under a file": blocker / "spool", "chmod 000": tmp_path / "locked"}[
-        spool_kind]
+        spool_kind
+    ]
     if spool_kind == "chmod 000":
         spool.mkdir(mode=0o000)  # root writes through it anyway; "under a file" is what stops root
-    conf = {"missing": tmp_path / "nope.conf", "directory": tmp_path,
-            "under a file": blocker / "hook.conf"}.get(conf_kind, tmp_path / "hook.conf")
+    conf = {"missing": tmp_path / "nope.conf", "directory": tmp_path, "under a file": blocker / "hook.conf"}.get(
+        conf_kind, tmp_path / "hook.conf"
+    )
     runs = [([b"101", b"post-stop"], None), ([b"101", b"pre-start"], None)] + [
         (_garbage_argv(rng), rng.choice([None, "", "ftp://nope", "http://[::1", REFUSED]))
-        for _ in range(HOOK_GARBAGE_RUNS)]
+        for _ in range(HOOK_GARBAGE_RUNS)
+    ]
     for argv, env_url in runs:
         if conf_kind == "random bytes":
             conf.write_bytes(os.urandom(rng.randrange(1, 4096)))
@@ -665,8 +834,12 @@ def test_hookscript_exits_zero_in_time_without_traceback_whatever_it_is_fed(
             conf.write_text(f"URL={url}\nSECRET=fuzz-secret-0123456789\nTIMEOUT=0.3\nSPOOL_DIR={spool}\n")
             if conf_kind == "chmod 000":
                 conf.chmod(0o000)
-        env = {"PATH": "/sbin:/bin:/usr/sbin:/usr/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf),
-               "PVE_JANITOR_NODE": "pve-fuzz"}
+        env = {
+            "PATH": "/sbin:/bin:/usr/sbin:/usr/bin",
+            "LC_ALL": "C",
+            "PVE_JANITOR_HOOK_CONF": str(conf),
+            "PVE_JANITOR_NODE": "pve-fuzz",
+        }
         if env_url is not None:
             env["PVE_JANITOR_URL"] = env_url
         _run_hook_and_check(hook_copy, argv, env)
@@ -675,8 +848,14 @@ def test_hookscript_exits_zero_in_time_without_traceback_whatever_it_is_fed(
 def _run_hook_and_check(script: Path, argv: list[bytes], env: dict[str, str]) -> None:
     timeout = hook.read_config(env, [])["timeout"]  # what the run allows itself (the parser is fuzzed above)
     started = time.monotonic()
-    proc = subprocess.run([PYTHON, str(script), *argv], env=env, cwd="/", stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=hook.MAX_TIMEOUT + 10)
+    proc = subprocess.run(
+        [PYTHON, str(script), *argv],
+        env=env,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=hook.MAX_TIMEOUT + 10,
+    )
     elapsed = time.monotonic() - started
     err = proc.stderr.decode("utf-8", "replace")
     where = f"argv {argv!r}, env {env!r}: {err}"

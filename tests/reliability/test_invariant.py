@@ -24,6 +24,7 @@ confirming read and before the delete commits (milliseconds; the grace period an
 protected statuses are what cover a deployment there).  Every other operation may come
 in that window.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -79,8 +80,12 @@ OUTCOMES: dict[str, dict[str, int]] = {}  # sweeps by outcome or refusal, per da
 
 def _stamp(kind: str) -> str | None:
     now = utcnow().replace(tzinfo=None, microsecond=0)
-    return {"null": None, "old": (now - timedelta(days=2)).isoformat(sep=" "), "young": now.isoformat(sep=" "),
-            "unreadable": "yesterday-ish"}[kind]
+    return {
+        "null": None,
+        "old": (now - timedelta(days=2)).isoformat(sep=" "),
+        "young": now.isoformat(sep=" "),
+        "unreadable": "yesterday-ish",
+    }[kind]
 
 
 class World:
@@ -98,7 +103,8 @@ class World:
         self.platform = make_engine(self.db.url)  # the platform's own connections
         metadata = sa.MetaData()
         self.table = sa.Table(
-            "apps", metadata,
+            "apps",
+            metadata,
             sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
             sa.Column("lxc_id", sa.BigInteger),
             sa.Column("hostname", sa.String(100)),
@@ -110,9 +116,16 @@ class World:
         )
         metadata.create_all(self.platform)
         self.sim = ProxmoxSimulator(nodes=NODES).start()
-        self.runtime = make_runtime(self.sim, self.db, CLEANUP_GRACE_MINUTES=grace, CLEANUP_ACTION=action,
-                                    CLEANUP_HOOK_SECRET=HOOK_SECRET, ERROR_RETENTION_HOURS=1,
-                                    CLEANUP_TASK_POLL_SECONDS=0.5, PVE_TIMEOUT=3)
+        self.runtime = make_runtime(
+            self.sim,
+            self.db,
+            CLEANUP_GRACE_MINUTES=grace,
+            CLEANUP_ACTION=action,
+            CLEANUP_HOOK_SECRET=HOOK_SECRET,
+            ERROR_RETENTION_HOURS=1,
+            CLEANUP_TASK_POLL_SECONDS=0.5,
+            PVE_TIMEOUT=3,
+        )
         self.inbox = Inbox(self.runtime.engine)
         self.watcher = Watcher(self.runtime, self.inbox, Metrics())
         app = create_app(self.runtime.settings, runtime=self.runtime, inbox=self.inbox, watcher=self.watcher)
@@ -134,6 +147,7 @@ class World:
                 return hideable()
             finally:
                 self.fire("before_confirm")
+
         table.fetch_rows = fetch_then  # type: ignore[method-assign]  # a seam on this example's instance
         inventory.hideable_vmids = hideable_then  # type: ignore[method-assign]  # a seam, likewise
 
@@ -177,8 +191,10 @@ class Model(RuleBasedStateMachine):
         result = self._real_apply(table, actions, source=source, now=now)
         for action in result.applied:
             if action.reason == Reason.GHOST and action.row.vmid in existing:
-                self.violations.append(f"row {action.row.key} ({action.action}, {source}) removed while guest "
-                                       f"{action.row.vmid} exists: {action.detail}")
+                self.violations.append(
+                    f"row {action.row.key} ({action.action}, {source}) removed while guest "
+                    f"{action.row.vmid} exists: {action.detail}"
+                )
             if "delete" in self.removed.get(action.row.key, ()):
                 self.violations.append(f"row {action.row.key} deleted, then acted on again")
             # A mark can come again: the platform may set a marked row back, and it is marked anew.
@@ -202,8 +218,11 @@ class Model(RuleBasedStateMachine):
         if self.world is not None:
             self.world.close()
 
-    @initialize(grace=st.sampled_from([0, 15]), action=st.sampled_from(["delete", "mark"]),
-                start=st.lists(st.sampled_from(VMIDS), min_size=1, max_size=4, unique=True))
+    @initialize(
+        grace=st.sampled_from([0, 15]),
+        action=st.sampled_from(["delete", "mark"]),
+        start=st.lists(st.sampled_from(VMIDS), min_size=1, max_size=4, unique=True),
+    )
     def setup(self, grace, action, start):
         self.world = World(self.db_kind, grace, action)
         for vmid in start + list(STEADY):
@@ -214,9 +233,16 @@ class Model(RuleBasedStateMachine):
 
     def _insert(self, vmid: int | None, status: str, stamps: str) -> None:
         key = next(self.keys)
-        row = {"id": key, "lxc_id": vmid, "hostname": f"app{key}", "public_port": 20000 + key,
-               "internal_port": 30000 + key, "status": status, "created_at": _stamp(stamps),
-               "updated_at": _stamp(stamps)}
+        row = {
+            "id": key,
+            "lxc_id": vmid,
+            "hostname": f"app{key}",
+            "public_port": 20000 + key,
+            "internal_port": 30000 + key,
+            "status": status,
+            "created_at": _stamp(stamps),
+            "updated_at": _stamp(stamps),
+        }
         with self.live.platform.begin() as conn:
             conn.execute(self.live.table.insert(), [row])
         self.rows[key] = row
@@ -235,8 +261,11 @@ class Model(RuleBasedStateMachine):
             conn.execute(self.live.table.delete().where(self.live.table.c.id == key))
         self.rows.pop(key, None)
 
-    @rule(vmid=st.one_of(st.sampled_from(VMIDS), st.none()), status=st.sampled_from(STATUSES),
-          stamps=st.sampled_from(STAMPS))
+    @rule(
+        vmid=st.one_of(st.sampled_from(VMIDS), st.none()),
+        status=st.sampled_from(STATUSES),
+        stamps=st.sampled_from(STAMPS),
+    )
     def platform_inserts(self, vmid, status, stamps):
         self._insert(vmid, status, stamps)
 
@@ -330,8 +359,10 @@ class Model(RuleBasedStateMachine):
         vmid = self._row_vmid(pick, 1, ghosts_first=True)
         self._guest_op(lambda: self.live.sim.add_guest(vmid, node="pve2"))
 
-    @rule(kind=st.sampled_from([None, None, None, None, "refuse", "http500", "reset", "slow"]),
-          delay=st.sampled_from([0.02, 0.1]))
+    @rule(
+        kind=st.sampled_from([None, None, None, None, "refuse", "http500", "reset", "slow"]),
+        delay=st.sampled_from([0.02, 0.1]),
+    )
     def api_fault(self, kind, delay):
         self.live.sim.set_fault(kind, delay)
 
@@ -379,6 +410,7 @@ class Model(RuleBasedStateMachine):
         def delete() -> None:
             if key is not None:
                 self._delete(key)
+
         ops: dict[str, Callable[[], None]] = {
             "create": lambda: self._guest_op(lambda: sim.add_guest(vmid, node="pve1")),
             "destroy": lambda: self._guest_op(lambda: sim.destroy_guest(vmid)),
@@ -395,20 +427,33 @@ class Model(RuleBasedStateMachine):
 
     # --- the janitor ------------------------------------------------------------------------
 
-    @rule(vmid=st.sampled_from(VMIDS), phase=st.sampled_from(["pre-stop", "post-stop", "pre-start", "post-start"]),
-          how=st.sampled_from(["true", "true", "forged", "replayed"]))
+    @rule(
+        vmid=st.sampled_from(VMIDS),
+        phase=st.sampled_from(["pre-stop", "post-stop", "pre-start", "post-start"]),
+        how=st.sampled_from(["true", "true", "forged", "replayed"]),
+    )
     def hook_event(self, vmid, phase, how):
         if how == "replayed" and self.events:
             body, headers = self.events[-1]
             answer = self.live.client.post("/api/v1/events", data=body, headers=headers)
             assert answer.status_code in (200, 202), answer.get_json()
             return
-        body = json.dumps({"event_id": f"model-{time.monotonic_ns()}", "vmid": vmid, "phase": phase,
-                           "node": "pve1", "ts": time.time()}).encode()
+        body = json.dumps(
+            {
+                "event_id": f"model-{time.monotonic_ns()}",
+                "vmid": vmid,
+                "phase": phase,
+                "node": "pve1",
+                "ts": time.time(),
+            }
+        ).encode()
         ts = int(time.time())
         secret = HOOK_SECRET if how != "forged" else "not-the-secret-at-all"
-        headers = {"X-Janitor-Timestamp": str(ts), "X-Janitor-Signature": signature(secret, ts, body),
-                   "Content-Type": "application/json"}
+        headers = {
+            "X-Janitor-Timestamp": str(ts),
+            "X-Janitor-Signature": signature(secret, ts, body),
+            "Content-Type": "application/json",
+        }
         answer = self.live.client.post("/api/v1/events", data=body, headers=headers)
         if how == "forged":
             assert answer.status_code == 401, answer.get_json()
@@ -463,7 +508,8 @@ class Model(RuleBasedStateMachine):
                 continue
             for column in ("lxc_id", "hostname", "public_port", "internal_port", "created_at", "updated_at"):
                 assert got[column] == row[column], (
-                    f"row {key}: {column} changed from {row[column]!r} to {got[column]!r}")
+                    f"row {key}: {column} changed from {row[column]!r} to {got[column]!r}"
+                )
             if got["status"] != row["status"]:
                 marked = key in self.just_marked and got["status"] == "destroyed"
                 stop_mark = {row["status"], got["status"]} == {"running", "stopped"}
@@ -473,12 +519,15 @@ class Model(RuleBasedStateMachine):
         counts: dict[str, int] = {}
         for row_key, _ in audited:
             counts[row_key] = counts.get(row_key, 0) + 1
-        assert counts == {str(k): len(v) for k, v in self.removed.items()}, \
+        assert counts == {str(k): len(v) for k, v in self.removed.items()}, (
             "every removal (a delete, or each mark) is in the audit exactly once"
+        )
 
 
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-                                  pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.mark.parametrize(
+    "kind",
+    ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), pytest.param("mysql", marks=pytest.mark.mysql)],
+)
 def test_no_row_is_removed_while_a_guest_with_its_vmid_exists(kind):
     machine = type(f"Model_{kind}", (Model,), {"db_kind": kind})
     if kind != "sqlite":
@@ -487,12 +536,27 @@ def test_no_row_is_removed_while_a_guest_with_its_vmid_exists(kind):
         next(probe)
         probe.close()
     started = time.monotonic()
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=EXAMPLES[kind], stateful_step_count=STEPS, deadline=None,
-        suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=EXAMPLES[kind],
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
     figures = FIGURES.get(kind, {})
-    record("invariant", db=kind, examples=figures.get("examples"), steps=figures.get("steps"),
-           rows_removed=figures.get("removed"), sweeps=OUTCOMES.get(kind), seconds=round(time.monotonic() - started, 1))
-    print(f"\ninvariant model on {kind}: {figures.get('examples')} examples, {figures.get('steps')} steps, "
-          f"{figures.get('removed')} rows removed, {time.monotonic() - started:.1f} s; sweeps: {OUTCOMES.get(kind)}")
+    record(
+        "invariant",
+        db=kind,
+        examples=figures.get("examples"),
+        steps=figures.get("steps"),
+        rows_removed=figures.get("removed"),
+        sweeps=OUTCOMES.get(kind),
+        seconds=round(time.monotonic() - started, 1),
+    )
+    print(
+        f"\ninvariant model on {kind}: {figures.get('examples')} examples, {figures.get('steps')} steps, "
+        f"{figures.get('removed')} rows removed, {time.monotonic() - started:.1f} s; sweeps: {OUTCOMES.get(kind)}"
+    )
     assert figures.get("examples", 0) >= EXAMPLES[kind] // 2 and figures.get("steps", 0) > 0

@@ -7,6 +7,7 @@ tick however many events arrive (DESIGN.md, principle 7), and remove nothing:
 the guests are stopped, not gone.  The soak runs mixed traffic for a while and
 samples the receiver's memory and open files.
 """
+
 from __future__ import annotations
 
 import queue
@@ -37,9 +38,9 @@ from .support_io import (
     wait_until,
 )
 
-GUESTS = 500            # one node's guests: 1000 events (pre-stop + post-stop each)
+GUESTS = 500  # one node's guests: 1000 events (pre-stop + post-stop each)
 SENDERS = 50
-WATCH_INTERVAL = 1.0    # CLEANUP_WATCH_INTERVAL_SECONDS (the default)
+WATCH_INTERVAL = 1.0  # CLEANUP_WATCH_INTERVAL_SECONDS (the default)
 SOAK_SECONDS = 1800 if LONG else 60
 
 
@@ -61,8 +62,12 @@ def send_all(receiver: Serve, events: list[tuple[int, str, str]], senders: int) 
                 body = event_body(vmid, phase, event_id)
                 started = time.monotonic()
                 try:
-                    status = session.post(receiver.base + "/api/v1/events", data=body, timeout=60,
-                                          headers=signed_headers(receiver.secret, body)).status_code
+                    status = session.post(
+                        receiver.base + "/api/v1/events",
+                        data=body,
+                        timeout=60,
+                        headers=signed_headers(receiver.secret, body),
+                    ).status_code
                 except requests.RequestException:
                     status = 0
                 with lock:
@@ -114,20 +119,33 @@ def test_node_shutdown_burst_loses_nothing_and_reads_once_per_tick(request, sim,
         statuses = sorted({status for _, status, _ in results})
         latencies = [seconds for _, _, seconds in results]
         p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-        print(f"\n{kind}: {len(results)} events from {SENDERS} senders in {sent:.2f} s "
-              f"({len(results) / sent:.0f}/s), statuses {statuses}, accept latency p50 {p50 * 1000:.1f} ms "
-              f"p99 {p99 * 1000:.1f} ms max {max(latencies) * 1000:.1f} ms; settled after {elapsed:.2f} s; "
-              f"/cluster/resources reads {reads} for {ticks} ticks")
+        print(
+            f"\n{kind}: {len(results)} events from {SENDERS} senders in {sent:.2f} s "
+            f"({len(results) / sent:.0f}/s), statuses {statuses}, accept latency p50 {p50 * 1000:.1f} ms "
+            f"p99 {p99 * 1000:.1f} ms max {max(latencies) * 1000:.1f} ms; settled after {elapsed:.2f} s; "
+            f"/cluster/resources reads {reads} for {ticks} ticks"
+        )
 
-        record("burst", db=kind, events=len(results), senders=SENDERS, statuses=statuses,
-               p50_ms=round(p50 * 1000, 1), p99_ms=round(p99 * 1000, 1), max_ms=round(max(latencies) * 1000, 1),
-               send_s=round(sent, 2), settled_s=round(elapsed, 2), resources_reads=reads, ticks=ticks)
+        record(
+            "burst",
+            db=kind,
+            events=len(results),
+            senders=SENDERS,
+            statuses=statuses,
+            p50_ms=round(p50 * 1000, 1),
+            p99_ms=round(p99 * 1000, 1),
+            max_ms=round(max(latencies) * 1000, 1),
+            send_s=round(sent, 2),
+            settled_s=round(elapsed, 2),
+            resources_reads=reads,
+            ticks=ticks,
+        )
         assert len(results) == 2 * GUESTS
         assert statuses == [202], [r for r in results if r[1] != 202][:5]
         with db.engine.connect() as conn:
             stored = dict(conn.execute(sa.select(store.inbox.c.event_id, store.inbox.c.processed_at)).all())
             audited = conn.execute(sa.select(sa.func.count()).select_from(store.audit)).scalar()
-        assert set(stored) == {event_id for _, _, event_id in events}   # zero lost
+        assert set(stored) == {event_id for _, _, event_id in events}  # zero lost
         assert all(processed is not None for processed in stored.values())  # all processed
         assert reads <= ticks
         after = table_rows(db)
@@ -191,8 +209,9 @@ class Soak:
             answer = self.receiver.run("dry_run=true" if rng.random() < 0.7 else "")
             self.count("run", answer.status)
         else:
-            path = rng.choice(["/api/v1/system/cleanup/stats", "/api/v1/system/cleanup/history?limit=20",
-                               "/metrics", "/healthz", "/"])
+            path = rng.choice(
+                ["/api/v1/system/cleanup/stats", "/api/v1/system/cleanup/history?limit=20", "/metrics", "/healthz", "/"]
+            )
             self.count(path.split("?")[0], self.receiver.get(path).status)
 
 
@@ -202,8 +221,7 @@ def test_soak_memory_and_open_files_stay_flat(sim, sqlite_db, tmp_path):
 
     rng = random.Random(5)
     seed_guests_and_rows(sqlite_db, sim, range(200, 260))
-    receiver = Serve(sim, sqlite_db, tmp_path,
-                     extra={"CLEANUP_WATCH_SECONDS": 10, "CLEANUP_GRACE_MINUTES": 0}).start()
+    receiver = Serve(sim, sqlite_db, tmp_path, extra={"CLEANUP_WATCH_SECONDS": 10, "CLEANUP_GRACE_MINUTES": 0}).start()
     soak = Soak(receiver, sim, sqlite_db, 200, 60)
     samples: list[tuple[float, int, int]] = []  # (seconds since start, RSS KiB, open fds)
     try:
@@ -220,23 +238,36 @@ def test_soak_memory_and_open_files_stay_flat(sim, sqlite_db, tmp_path):
         last = [s for s in samples if s[0] >= SOAK_SECONDS - window]
         first_rss, last_rss = max(s[1] for s in first), max(s[1] for s in last)
         first_fds, last_fds = max(s[2] for s in first), max(s[2] for s in last)
-        print(f"\nsoak {SOAK_SECONDS} s: {soak.step} steps, {len(soak.destroyed)} guests destroyed, "
-              f"{soak.next_vmid - 260} apps added; statuses {soak.statuses}; event latency "
-              f"p50 {percentile(soak.latencies, 50) * 1000:.1f} ms p99 {percentile(soak.latencies, 99) * 1000:.1f} ms; "
-              f"RSS max first {window:.0f} s {first_rss} KiB, last {window:.0f} s {last_rss} KiB; "
-              f"open fds max {first_fds} -> {last_fds}")
-        record("soak", seconds=SOAK_SECONDS, steps=soak.step, destroyed=len(soak.destroyed),
-               rss_first_kib=first_rss, rss_last_kib=last_rss, fds_first=first_fds, fds_last=last_fds,
-               event_p50_ms=round(percentile(soak.latencies, 50) * 1000, 1),
-               event_p99_ms=round(percentile(soak.latencies, 99) * 1000, 1))
+        print(
+            f"\nsoak {SOAK_SECONDS} s: {soak.step} steps, {len(soak.destroyed)} guests destroyed, "
+            f"{soak.next_vmid - 260} apps added; statuses {soak.statuses}; event latency "
+            f"p50 {percentile(soak.latencies, 50) * 1000:.1f} ms p99 {percentile(soak.latencies, 99) * 1000:.1f} ms; "
+            f"RSS max first {window:.0f} s {first_rss} KiB, last {window:.0f} s {last_rss} KiB; "
+            f"open fds max {first_fds} -> {last_fds}"
+        )
+        record(
+            "soak",
+            seconds=SOAK_SECONDS,
+            steps=soak.step,
+            destroyed=len(soak.destroyed),
+            rss_first_kib=first_rss,
+            rss_last_kib=last_rss,
+            fds_first=first_fds,
+            fds_last=last_fds,
+            event_p50_ms=round(percentile(soak.latencies, 50) * 1000, 1),
+            event_p99_ms=round(percentile(soak.latencies, 99) * 1000, 1),
+        )
         assert all(status < 500 for counts in soak.statuses.values() for status in counts)
         assert set(soak.statuses["event"]) <= {200, 202}
         assert last_rss <= 1.2 * first_rss + 4096
         assert last_fds <= first_fds + 5
 
         # Every destroyed guest's row is gone (watcher or sweep), every other row is still there.
-        wait_until(lambda: not ({r["lxc_id"] for r in table_rows(sqlite_db).values()} & set(soak.destroyed)),
-                   15, what="destroyed guests' rows removed")
+        wait_until(
+            lambda: not ({r["lxc_id"] for r in table_rows(sqlite_db).values()} & set(soak.destroyed)),
+            15,
+            what="destroyed guests' rows removed",
+        )
         remaining = {r["lxc_id"] for r in table_rows(sqlite_db).values()}
         assert remaining == set(soak.alive)
         stats = receiver.stats()

@@ -13,6 +13,7 @@ server trusts local connections, so the password is not checked, but it is in
 DATABASE_URL for the receiver to leak).  Without PostgreSQL the test runs on
 SQLite, whose URLs hold no password, and says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -115,17 +116,31 @@ def test_no_secret_appears_in_any_output_of_a_full_run(secret_db, tmp_path):
         out.add("receiver log", receiver.log_text())
     with db.engine.connect() as conn:
         for table in (store.errors, store.runs, store.audit, store.inbox, store.counters, store.watch, store.lease):
-            out.add(f"table {table.name}", json.dumps([dict(r) for r in conn.execute(sa.select(table)).mappings()],
-                                                      default=str))
+            out.add(
+                f"table {table.name}",
+                json.dumps([dict(r) for r in conn.execute(sa.select(table)).mappings()], default=str),
+            )
 
     # The run did what it was meant to: every path was taken.
     text = "\n".join(t for _, t in out.parts)
-    for expected in ("a valid 'Authorization: Bearer", "bad signature", "stale or future timestamp",
-                     "CLEANUP_MAX_DELETE_PERCENT", "spooled (receiver answered 401)", "sent (202)",
-                     "HTTP 401, the API token was refused", "restored audit entry", "configuration error"):
+    for expected in (
+        "a valid 'Authorization: Bearer",
+        "bad signature",
+        "stale or future timestamp",
+        "CLEANUP_MAX_DELETE_PERCENT",
+        "spooled (receiver answered 401)",
+        "sent (202)",
+        "HTTP 401, the API token was refused",
+        "restored audit entry",
+        "configuration error",
+    ):
         assert expected in text, expected
-    secrets_checked = {"CLEANUP_HOOK_SECRET": HOOK_SECRET, "CLEANUP_ADMIN_TOKEN": ADMIN_TOKEN,
-                       "PVE_TOKEN_VALUE": PVE_TOKEN, "a wrong PVE_TOKEN_VALUE": WRONG_PVE_TOKEN}
+    secrets_checked = {
+        "CLEANUP_HOOK_SECRET": HOOK_SECRET,
+        "CLEANUP_ADMIN_TOKEN": ADMIN_TOKEN,
+        "PVE_TOKEN_VALUE": PVE_TOKEN,
+        "a wrong PVE_TOKEN_VALUE": WRONG_PVE_TOKEN,
+    }
     if db.kind == "postgres":
         secrets_checked["the DATABASE_URL password"] = DB_PASSWORD
         assert "***" in text  # the URL is shown, its password redacted
@@ -137,8 +152,15 @@ def test_no_secret_appears_in_any_output_of_a_full_run(secret_db, tmp_path):
 
 
 def _http_api(receiver: Serve, out: Transcript) -> None:
-    for path in ("/", "/api/v1/system/cleanup/stats", "/api/v1/system/cleanup/history", "/healthz", "/metrics",
-                 "/nope", "/api/v1/system/cleanup/history?limit=0"):
+    for path in (
+        "/",
+        "/api/v1/system/cleanup/stats",
+        "/api/v1/system/cleanup/history",
+        "/healthz",
+        "/metrics",
+        "/nope",
+        "/api/v1/system/cleanup/history?limit=0",
+    ):
         out.http(f"GET {path}", receiver.get(path))
     out.http("DELETE /api/v1/events", receiver.request("DELETE", "/api/v1/events"))
     for label, token in (("no token", ""), ("wrong token", "not-" + ADMIN_TOKEN), ("token prefix", ADMIN_TOKEN[:-1])):
@@ -179,9 +201,13 @@ def _hookscript(receiver: Serve, sim, tmp_path: Path, out: Transcript) -> None:
 
     def run(url: str, secret: str, vmid: int, phase: str) -> str:
         conf.write_text(f"URL={url}\nSECRET={secret}\nTIMEOUT=2\nSPOOL_DIR={spool}\n")
-        proc = subprocess.run([sys.executable, str(HOOK), str(vmid), phase], cwd="/", capture_output=True,
-                              env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf)},
-                              timeout=30)
+        proc = subprocess.run(
+            [sys.executable, str(HOOK), str(vmid), phase],
+            cwd="/",
+            capture_output=True,
+            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf)},
+            timeout=30,
+        )
         assert proc.returncode == 0
         out.add(f"hook {vmid} {phase} stdout", proc.stdout)
         out.add(f"hook {vmid} {phase} stderr", proc.stderr)
@@ -220,7 +246,7 @@ def _cli(sim, db, unreachable_url: str | None, tmp_path: Path, out: Transcript) 
     out.cli(["history"], env, expect=0)
     history = json.loads(out.cli(["history", "--json", "--limit", "100"], env, expect=0).stdout)
     out.cli(["-v", "restore", str(history[-1]["id"])], env, expect=0)
-    out.cli(["restore", str(history[-1]["id"])], env)   # already restored
+    out.cli(["restore", str(history[-1]["id"])], env)  # already restored
     out.cli(["restore", "99999999"], env, expect=1)
     out.cli(["-v", "sweep", "--force"], env)
     # Error paths.

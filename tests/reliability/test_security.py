@@ -1,6 +1,7 @@
 """The security review's claims (docs/security.md), each shown against a running receiver
 or the real code path.  Secrets in output have their own test: test_secrets.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ def cluster(sim, sqlite_db):
 
 # --- an attacker on the network, and one holding the hook secret -------------------
 
+
 @pytest.mark.slow
 def test_events_without_the_secret_are_refused_and_with_it_only_cause_checks(cluster, tmp_path):
     sim, db = cluster
@@ -52,8 +54,11 @@ def test_events_without_the_secret_are_refused_and_with_it_only_cause_checks(clu
         statuses: Counter[int] = Counter()
         for vmid in [*RUNNING, *STOPPED]:
             body = event_body(vmid, "post-stop")
-            for headers in ({"Content-Type": "application/json"}, signed_headers("guessed-secret", body),
-                            signed_headers(receiver.secret, body, ts=int(time.time()) - 301)):
+            for headers in (
+                {"Content-Type": "application/json"},
+                signed_headers("guessed-secret", body),
+                signed_headers(receiver.secret, body, ts=int(time.time()) - 301),
+            ):
                 statuses[receiver.request("POST", "/api/v1/events", data=body, headers=headers).status] += 1
         assert statuses == {401: 30}
         assert receiver.stats()["inbox_backlog"] == 0 and receiver.stats()["watched_vmids"] == []
@@ -85,12 +90,15 @@ def test_events_without_the_secret_are_refused_and_with_it_only_cause_checks(clu
 
 # --- a stolen admin token ----------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_stolen_admin_token_cannot_force_past_the_safety_rules(cluster, tmp_path):
     sim, db = cluster
     with db.engine.begin() as conn:  # ghosts: more than half the table, so only force gets them
-        conn.execute(sa.Table("apps", sa.MetaData(), autoload_with=conn).insert(),
-                     [app_row(v, "error", age=timedelta(days=2)) for v in range(300, 312)])
+        conn.execute(
+            sa.Table("apps", sa.MetaData(), autoload_with=conn).insert(),
+            [app_row(v, "error", age=timedelta(days=2)) for v in range(300, 312)],
+        )
     before = table_rows(db)
     receiver = Serve(sim, db, tmp_path).start()
     try:
@@ -127,6 +135,7 @@ def test_a_stolen_admin_token_cannot_force_past_the_safety_rules(cluster, tmp_pa
 
 # --- the Proxmox token: read-only use -----------------------------------------------
 
+
 @pytest.mark.slow
 def test_only_gets_reach_proxmox_across_a_full_run(cluster, tmp_path):
     sim, db = cluster
@@ -149,30 +158,47 @@ def test_only_gets_reach_proxmox_across_a_full_run(cluster, tmp_path):
         assert receiver.run("force=true").status == 200
         cli_env = janitor_env(sim, db)
         for args in (["check"], ["sweep", "--dry-run"], ["sweep"], ["history"], ["restore", "1"]):
-            proc = subprocess.run(cli_command() + args, env=cli_env, capture_output=True, text=True, timeout=60,
-                                  cwd=ROOT)
+            proc = subprocess.run(
+                cli_command() + args, env=cli_env, capture_output=True, text=True, timeout=60, cwd=ROOT
+            )
             assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
     finally:
         receiver.close()
         sim._handle = handle
     methods = Counter(method for method, _ in seen.elements())
-    print(f"\nrequests to Proxmox by method: {dict(methods)}; by path: "
-          f"{dict(Counter(path for _, path in seen.elements()))}")
+    print(
+        f"\nrequests to Proxmox by method: {dict(methods)}; by path: "
+        f"{dict(Counter(path for _, path in seen.elements()))}"
+    )
     assert set(methods) == {"GET"}
     paths = {path.removeprefix("/api2/json") for _, path in seen}
-    assert paths <= {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks", "/version",
-                     "/cluster/nextid", "/cluster/status"}
+    assert paths <= {
+        "/access/permissions",
+        "/access/acl",
+        "/cluster/resources",
+        "/cluster/tasks",
+        "/version",
+        "/cluster/nextid",
+        "/cluster/status",
+    }
     assert {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks", "/cluster/status"} <= paths
 
 
 # --- SQL through the table mapping ------------------------------------------------------
 
-HOSTILE_NAMES = ["apps; DROP TABLE apps; --", 'apps"; DROP TABLE apps; --', "apps`; DROP TABLE apps; --",
-                 "apps' OR '1'='1", "apps]; DROP TABLE apps; --"]
+HOSTILE_NAMES = [
+    "apps; DROP TABLE apps; --",
+    'apps"; DROP TABLE apps; --',
+    "apps`; DROP TABLE apps; --",
+    "apps' OR '1'='1",
+    "apps]; DROP TABLE apps; --",
+]
 
 
-@pytest.mark.parametrize("variable", ["CLEANUP_TABLE", "CLEANUP_VMID_COLUMN", "CLEANUP_STATUS_COLUMN",
-                                      "CLEANUP_PORT_COLUMNS", "CLEANUP_UPDATED_COLUMN"])
+@pytest.mark.parametrize(
+    "variable",
+    ["CLEANUP_TABLE", "CLEANUP_VMID_COLUMN", "CLEANUP_STATUS_COLUMN", "CLEANUP_PORT_COLUMNS", "CLEANUP_UPDATED_COLUMN"],
+)
 def test_sql_in_a_mapped_name_is_only_a_name_that_does_not_exist(sim, any_db, variable):
     seed_guests_and_rows(any_db, sim, RUNNING)
     before = table_rows(any_db)
@@ -193,8 +219,13 @@ def test_sql_in_a_mapped_name_stops_the_cli_at_start(sim, sqlite_db):
     assert table_vmids(sqlite_db) == list(RUNNING)
 
 
-HOSTILE_VALUES = ["x'; DROP TABLE apps; --", 'y"); DROP TABLE janitor_audit; --', "z`; DELETE FROM apps; #",
-                  "w\\'; --", "v\u2019; DROP TABLE apps; --\u0000".replace("\u0000", "")]
+HOSTILE_VALUES = [
+    "x'; DROP TABLE apps; --",
+    'y"); DROP TABLE janitor_audit; --',
+    "z`; DELETE FROM apps; #",
+    "w\\'; --",
+    "v\u2019; DROP TABLE apps; --\u0000".replace("\u0000", ""),
+]
 
 
 def test_sql_in_values_round_trips_through_sweep_audit_history_and_restore(sim, any_db):
@@ -204,9 +235,13 @@ def test_sql_in_values_round_trips_through_sweep_audit_history_and_restore(sim, 
     ghosts = range(200, 200 + len(HOSTILE_VALUES))
     with any_db.engine.begin() as conn:
         conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in RUNNING])
-        conn.execute(table.insert(), [{**app_row(v, "error", age=timedelta(days=2)), "hostname": text,
-                                       "name": text[:100], "image": text}
-                                      for v, text in zip(ghosts, HOSTILE_VALUES, strict=True)])
+        conn.execute(
+            table.insert(),
+            [
+                {**app_row(v, "error", age=timedelta(days=2)), "hostname": text, "name": text[:100], "image": text}
+                for v, text in zip(ghosts, HOSTILE_VALUES, strict=True)
+            ],
+        )
     before = table_rows(any_db)
     runtime = make_runtime(sim, any_db, CLEANUP_GRACE_MINUTES=0)
     result = runtime.sweeper.run(source="manual")
@@ -228,6 +263,7 @@ def test_sql_in_values_round_trips_through_sweep_audit_history_and_restore(sim, 
 
 
 # --- the installed files ------------------------------------------------------------------
+
 
 def test_the_installed_unit_runs_with_a_umask_that_keeps_new_files_private(env: Env):  # noqa: F811 - the fixture
     """install.sh's own tests check janitor.env and hook.conf are 0600 and the sandbox lines
