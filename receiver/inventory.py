@@ -11,6 +11,7 @@ less than a complete, sure answer raises :class:`InventoryError`; callers then
 delete nothing.  The HTTP session to each node is :mod:`receiver.pveapi`'s; what the
 answers say, :mod:`receiver.answers`'.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,10 @@ def grant_lines(settings: Settings) -> list[str]:
     (pve-access-control ``RPCEnvironment::compile_acl_path``: user and token permissions are
     intersected), so a role granted to the token alone gives it nothing.
     """
-    return [f"pveum acl modify / --users {settings.pve_user} --roles PVEAuditor",
-            f"pveum acl modify / --tokens '{token_id(settings)}' --roles PVEAuditor"]
+    return [
+        f"pveum acl modify / --users {settings.pve_user} --roles PVEAuditor",
+        f"pveum acl modify / --tokens '{token_id(settings)}' --roles PVEAuditor",
+    ]
 
 
 class ProxmoxInventory:
@@ -74,8 +77,10 @@ class ProxmoxInventory:
 
     def __init__(self, settings: Settings, on_read: Callable[[float, str], None] | None = None):
         self.bytes_read = ByteCount()
-        self._endpoints = [PveEndpoint(settings, host, port, self.bytes_read)
-                           for host, port in settings.pve_endpoints or ((settings.pve_host, settings.pve_port),)]
+        self._endpoints = [
+            PveEndpoint(settings, host, port, self.bytes_read)
+            for host, port in settings.pve_endpoints or ((settings.pve_host, settings.pve_port),)
+        ]
         self._active = 0
         self._switch_lock = threading.Lock()
         self._on_read = on_read
@@ -170,8 +175,11 @@ class ProxmoxInventory:
             status = (node or self._node).get("/cluster/status")
         except InventoryError as exc:
             if exc.kind == "privilege":
-                raise InventoryError("privilege", "/cluster/status: HTTP 403, quorum cannot be checked without "
-                                     "Sys.Audit on / (grant PVEAuditor on /, see docs/install.md)") from None
+                raise InventoryError(
+                    "privilege",
+                    "/cluster/status: HTTP 403, quorum cannot be checked without "
+                    "Sys.Audit on / (grant PVEAuditor on /, see docs/install.md)",
+                ) from None
             raise
         if not isinstance(status, list) or not all(isinstance(e, dict) for e in status):
             raise InventoryError("malformed", "/cluster/status: unexpected answer")
@@ -182,8 +190,11 @@ class ProxmoxInventory:
         if quorate is True or (type(quorate) is int and quorate == 1):
             return
         local = next((e.get("name") for e in status if e.get("type") == "node" and e.get("local")), None)
-        raise InventoryError("no_quorum", f"the answering node{' ' + str(local) if local else ''} is not "
-                             "quorate: its guest list may be stale, so nothing is removed until quorum is back")
+        raise InventoryError(
+            "no_quorum",
+            f"the answering node{' ' + str(local) if local else ''} is not "
+            "quorate: its guest list may be stale, so nothing is removed until quorum is back",
+        )
 
     def read(self) -> Inventory:
         return self._failover(self._read_once)
@@ -242,6 +253,7 @@ class ProxmoxInventory:
                 if exc.status_code == 400:
                     return None
                 raise
+
         answer = node.call(f"/cluster/nextid?vmid={vmid}", call)
         return answer is None or str(answer).strip() != str(vmid)
 
@@ -259,8 +271,11 @@ class ProxmoxInventory:
         """
         node = self._node
         if self._privilege("/access", "Sys.Audit", node) is None:
-            return AclProof(None, "the token lacks Sys.Audit on /access, so it would see only part of "
-                                  "the ACL list (grant PVEAuditor on /, see docs/install.md)")
+            return AclProof(
+                None,
+                "the token lacks Sys.Audit on /access, so it would see only part of "
+                "the ACL list (grant PVEAuditor on /, see docs/install.md)",
+            )
         return parse_acl(node.get("/access/acl"))
 
     def hideable_vmids(self) -> frozenset[int] | None:
@@ -271,8 +286,10 @@ class ProxmoxInventory:
         if mode != self._acl_mode:
             self._acl_mode = mode
             if proof.hideable is not None:
-                logger.info("ACL list proves the guest list complete: before removing ghosts, only VMIDs "
-                            "with an ACL entry of their own are checked with /cluster/nextid")
+                logger.info(
+                    "ACL list proves the guest list complete: before removing ghosts, only VMIDs "
+                    "with an ACL entry of their own are checked with /cluster/nextid"
+                )
             else:
                 logger.info("per-VMID checks (one /cluster/nextid request per ghost) because %s", proof.reason)
         return proof.hideable
@@ -286,9 +303,12 @@ class ProxmoxInventory:
         answers 595).  Proxmox matches ``typefilter`` exactly and ``since`` against the start."""
         found: list[Task] = []
         for kind in sorted(types):
+
             def archive(kind: str = kind) -> object:
-                return self._node.get(f"/nodes/{node}/tasks", typefilter=kind, since=since, source="archive",
-                                      limit=1000)
+                return self._node.get(
+                    f"/nodes/{node}/tasks", typefilter=kind, since=since, source="archive", limit=1000
+                )
+
             entries = self._failover(archive)
             found.extend(t for t in parse_tasks(entries) if t.node in (node, ""))
         return found

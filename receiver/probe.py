@@ -27,11 +27,13 @@ answers over the whole watch window, whatever the cluster's size.
 
 Pure functions and plain data, no I/O: the watcher makes the requests.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -136,8 +138,9 @@ def read_status(vmid: int, node: str, kind: str, code: int, reason: str, body: b
     return _odd(code, reason)
 
 
-def read_node_list(vmids: list[int], node: str, kind: str, code: int, reason: str,
-                   body: bytes) -> tuple[dict[int, Seen], int]:
+def read_node_list(
+    vmids: list[int], node: str, kind: str, code: int, reason: str, body: bytes
+) -> tuple[dict[int, Seen], int]:
     """What ``GET /nodes/{node}/{kind}`` answered about each of ``vmids``.
 
     A VMID not listed is gone from that node (the token may also lack VM.Audit on it: the
@@ -155,17 +158,24 @@ def read_node_list(vmids: list[int], node: str, kind: str, code: int, reason: st
             vmid = entry.get("vmid") if isinstance(entry, dict) else None
             status = entry.get("status") if isinstance(entry, dict) else None
             # The lxc list has sent the VMID as a string in some Proxmox versions.
-            if isinstance(vmid, bool) or not isinstance(vmid, (int, str)) or not str(vmid).isdigit() \
-                    or not isinstance(status, str):
+            if (
+                isinstance(vmid, bool)
+                or not isinstance(vmid, (int, str))
+                or not str(vmid).isdigit()
+                or not isinstance(status, str)
+            ):
                 entries = None
                 break
             statuses[int(vmid)] = status
     if not isinstance(entries, list):
         bad = Seen(Result.MALFORMED, detail=f"/nodes/{node}/{kind}: unexpected answer")
         return {v: bad for v in vmids}, 0
-    return {v: Seen(Result.PRESENT, statuses[v], node, kind) if v in statuses
-            else Seen(Result.GONE, node=node, type=kind, detail=f"not in {node}'s {kind} list")
-            for v in vmids}, len(statuses)
+    return {
+        v: Seen(Result.PRESENT, statuses[v], node, kind)
+        if v in statuses
+        else Seen(Result.GONE, node=node, type=kind, detail=f"not in {node}'s {kind} list")
+        for v in vmids
+    }, len(statuses)
 
 
 def merge(before: Seen | None, answer: Seen) -> Seen:
@@ -228,7 +238,7 @@ class Costs:
         if entries:
             self.list_entry_bytes = self._average(self.list_entry_bytes, size / entries)
 
-    def choose(self, due: dict[int, Where | None], shape: ListShape | None) -> Choice:
+    def choose(self, due: Mapping[int, Where | None], shape: ListShape | None) -> Choice:
         """The cheapest reads that answer for every VMID in ``due``.
 
         The whole list when a VMID's node is unknown or no whole list was read yet (nothing

@@ -9,6 +9,7 @@ Where a guest is comes from its stop event (the node only), a destroy task (node
 type), a probe that found it, and every whole-list read; it is kept in memory only.  After
 a restart the first tick reads the whole list once, which says where every guest is.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,9 @@ class Probes:
     def choose(self, due: dict[int, Where | None]) -> Choice:
         return self.costs.choose(due, self.inventory.shape)
 
-    def look(self, watches: Mapping[int, Mapping[str, Any]], now: datetime,
-             read_whole: Callable[[], Inventory | None]) -> Look | None:
+    def look(
+        self, watches: Mapping[int, Mapping[str, Any]], now: datetime, read_whole: Callable[[], Inventory | None]
+    ) -> Look | None:
         """One tick's reads: the due VMIDs probed, or the whole list read (``read_whole``: None
         when it could not be read surely) when that is the cheaper way, a VMID's node is not
         known, or a probe found a candidate.  None: nothing due, or nothing read.  Raises
@@ -111,8 +113,14 @@ class Probes:
         if inventory is not None:
             return Look({v: g.status if (g := inventory.get(v)) else None for v in watches}, inventory, None)
         odd = sorted(v for v, s in seen.items() if s.result not in (Result.PRESENT, Result.GONE))
-        said = (f"probes of VMIDs {odd[:5]} answered {seen[odd[0]].result} ({seen[odd[0]].detail}): not "
-                "candidates, still watched") if odd else None
+        said = (
+            (
+                f"probes of VMIDs {odd[:5]} answered {seen[odd[0]].result} ({seen[odd[0]].detail}): not "
+                "candidates, still watched"
+            )
+            if odd
+            else None
+        )
         return Look({v: s.status for v, s in seen.items() if s.result == Result.PRESENT}, None, said)
 
     def probed(self, vmids: Iterable[int], watches: Mapping[int, Mapping[str, Any]], now: datetime) -> None:
@@ -165,5 +173,9 @@ class Probes:
         if answer.result in (Result.PRESENT, Result.GONE) or (vmid, answer.result) in self._said:
             return
         self._said.add((vmid, answer.result))
-        logger.warning("watcher: probe of VMID %s answered %s (%s): not a candidate for removal, still watched",
-                       vmid, answer.result, answer.detail)
+        logger.warning(
+            "watcher: probe of VMID %s answered %s (%s): not a candidate for removal, still watched",
+            vmid,
+            answer.result,
+            answer.detail,
+        )

@@ -11,6 +11,7 @@ bytes over the same session for :func:`receiver.answers.parse_guests`.  Not
 it gives one connection pool per endpoint for every call, a ``close()`` through requests'
 public API, and a response hook that counts the bytes read.
 """
+
 from __future__ import annotations
 
 import threading
@@ -99,8 +100,7 @@ class PveEndpoint:
         self._base_url = backend.get_base_url()
         self.session = backend.get_session()
         self.session.hooks["response"].append(counter.hook)
-        self.api = ProxmoxResource(base_url=self._base_url, session=self.session,
-                                   serializer=backend.get_serializer())
+        self.api = ProxmoxResource(base_url=self._base_url, session=self.session, serializer=backend.get_serializer())
 
     def close(self) -> None:
         """Close the connections kept open to this endpoint (a later call would open a new one)."""
@@ -115,8 +115,9 @@ class PveEndpoint:
         return self.call("/cluster/resources", self._read_guest_list)
 
     def _read_guest_list(self) -> bytes:
-        with self.session.request("GET", f"{self._base_url}/cluster/resources", params={"type": "vm"},
-                                   stream=True) as response:
+        with self.session.request(
+            "GET", f"{self._base_url}/cluster/resources", params={"type": "vm"}, stream=True
+        ) as response:
             if response.status_code >= 400:
                 self._counter.add("/cluster/resources", len(response.content))
                 raise ResourceException(response.status_code, response.reason or "", response.text[:200])
@@ -130,9 +131,11 @@ class PveEndpoint:
         """``GET path`` as it came, whatever its status: for the watcher's probes, whose every
         answer means something (:mod:`receiver.probe`).  Only a failure to get an answer at all
         (timeout, connection, TLS) raises InventoryError."""
+
         def request() -> Reply:
             response = self.session.get(f"{self._base_url}{path}")
             return Reply(response.status_code, response.reason or "", response.content)
+
         return self.call(path, request)
 
     def call(self, what: str, request: Callable[[], T]) -> T:

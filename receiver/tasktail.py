@@ -16,6 +16,7 @@ Without Sys.Audit on ``/`` the list holds only the token's own tasks (usually no
 tail is blind.  That is said (a warning when it starts or ends, ``check``, a metric), never
 papered over.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,13 @@ ARCHIVE_SEEN_KEPT = 4096  # UPIDs found in archives, not to be hinted twice
 class TaskTail:
     """Polls the task lists; :meth:`poll` returns the destroys not seen before."""
 
-    def __init__(self, inventory: ProxmoxInventory, on_gap: Callable[[], None] | None = None,
-                 on_blind: Callable[[bool], None] | None = None, wall: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        inventory: ProxmoxInventory,
+        on_gap: Callable[[], None] | None = None,
+        on_blind: Callable[[bool], None] | None = None,
+        wall: Callable[[], float] = time.time,
+    ):
         self.inventory = inventory
         self.on_gap = on_gap
         self.on_blind = on_blind
@@ -86,15 +92,24 @@ class TaskTail:
         try:
             found = self.inventory.node_tasks(node, DESTROY_TASK_TYPES, since)
         except InventoryError as exc:
-            logger.warning("task tail: %s's task list rolled over between two polls and its archive cannot be "
-                           "read (%s): asking for a sweep", node, exc)
+            logger.warning(
+                "task tail: %s's task list rolled over between two polls and its archive cannot be "
+                "read (%s): asking for a sweep",
+                node,
+                exc,
+            )
             self._ask_for_sweep()
             return []
         self.archive_reads += 1
         fresh = [t for t in found if _is_destroy(t) and t.upid not in self._archive_seen]
         self._archive_seen.extend(t.upid for t in fresh)
-        logger.info("task tail: %s's task list rolled over between two polls; its archive since %d has %d "
-                    "destroys not seen before", node, since, len(fresh))
+        logger.info(
+            "task tail: %s's task list rolled over between two polls; its archive since %d has %d "
+            "destroys not seen before",
+            node,
+            since,
+            len(fresh),
+        )
         return fresh
 
     def _ask_for_sweep(self) -> None:
@@ -115,9 +130,11 @@ class TaskTail:
         self._blind_checked = time.monotonic()
         if blind != self.blind:
             if blind:
-                logger.warning("task tail: the token lacks Sys.Audit on /, so /cluster/tasks lists only its own "
-                               "tasks: a destroy of a stopped guest is found by the sweep alone (grant PVEAuditor "
-                               "on / to the user and the token, see docs/install.md)")
+                logger.warning(
+                    "task tail: the token lacks Sys.Audit on /, so /cluster/tasks lists only its own "
+                    "tasks: a destroy of a stopped guest is found by the sweep alone (grant PVEAuditor "
+                    "on / to the user and the token, see docs/install.md)"
+                )
             elif self.blind:
                 logger.info("task tail: the token holds Sys.Audit on / again: every user's tasks are seen")
             self.blind = blind

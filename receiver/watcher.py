@@ -22,6 +22,7 @@ Proxmox the same few kilobytes whatever the cluster's size:
 A failed read removes nothing and keeps every VMID watched; an odd probe answer (an
 offline node's 595, a 403, ...) makes no candidate, and is counted and said.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,9 +59,15 @@ DRAIN_GATHER_SECONDS = 0.05
 class Watcher:
     """The watch loop of one receiver; with a lease, only its holder drains events and acts."""
 
-    def __init__(self, runtime: Runtime, inbox: Inbox, metrics: Metrics | None = None,
-                 lease: Lease | None = None, clock: Callable[[], datetime] = utcnow,
-                 on_task_gap: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        inbox: Inbox,
+        metrics: Metrics | None = None,
+        lease: Lease | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        on_task_gap: Callable[[], None] | None = None,
+    ):
         self.runtime = runtime
         self.settings = runtime.settings
         self.inbox = inbox
@@ -70,8 +77,9 @@ class Watcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.tasks = TaskTail(runtime.inventory, on_gap=on_task_gap,
-                              on_blind=lambda blind: self.metrics.task_tail_blind.set(int(blind)))
+        self.tasks = TaskTail(
+            runtime.inventory, on_gap=on_task_gap, on_blind=lambda blind: self.metrics.task_tail_blind.set(int(blind))
+        )
         self._next_task_poll = 0.0
         self._last_status: dict[int, str] = {}
         self.watched: list[int] = []
@@ -81,8 +89,9 @@ class Watcher:
         self.ticks = 0
         self.hidden: list[int] = []  # watched VMIDs held by a guest the token cannot see
         self.removal = Removal(self.settings, runtime.table, runtime.inventory, clock=clock)
-        self.probes = Probes(runtime.inventory, self.metrics, self.settings.watch_seconds,
-                             self.settings.watch_interval_seconds)
+        self.probes = Probes(
+            runtime.inventory, self.metrics, self.settings.watch_seconds, self.settings.watch_interval_seconds
+        )
 
     # --- thread ----------------------------------------------------------------
 
@@ -137,9 +146,14 @@ class Watcher:
 
     def status(self) -> dict[str, Any]:
         """What stats and health show of the watcher (the list as this process last saw it)."""
-        return {"watched": list(self.watched), "leader": self.leader, "alive": self.alive(),
-                "last_tick": isoformat(self.last_tick), "last_error": self.last_error,
-                "hidden_guests": list(self.hidden)}
+        return {
+            "watched": list(self.watched),
+            "leader": self.leader,
+            "alive": self.alive(),
+            "last_tick": isoformat(self.last_tick),
+            "last_error": self.last_error,
+            "hidden_guests": list(self.hidden),
+        }
 
     def _error(self, kind: str, message: str) -> None:
         self.last_error = message
@@ -236,8 +250,11 @@ class Watcher:
         try:
             look = self.probes.look(watches, now, lambda: self._read_whole(len(watches)))
         except InventoryError as exc:
-            self._error(exc.kind, f"inventory unreadable (probing watched guests), nothing removed, {len(watches)} "
-                                  f"VMIDs still watched: {exc}")
+            self._error(
+                exc.kind,
+                f"inventory unreadable (probing watched guests), nothing removed, {len(watches)} "
+                f"VMIDs still watched: {exc}",
+            )
             return
         if look is None:  # nothing due, or the whole list could not be read (said)
             return
@@ -259,8 +276,9 @@ class Watcher:
                 return None
         return inventory
 
-    def _act(self, now: datetime, watched: Iterable[int], statuses: dict[int, str | None],
-             inventory: Inventory | None) -> None:
+    def _act(
+        self, now: datetime, watched: Iterable[int], statuses: dict[int, str | None], inventory: Inventory | None
+    ) -> None:
         """Act on what this tick learnt: ``statuses`` holds the VMIDs it has an answer for, None
         for one missing from the whole list ``inventory`` (only a whole list says "missing")."""
         missing, stopped, running_again = [], [], []
@@ -294,8 +312,14 @@ class Watcher:
         (young, protected, changed since planning, guest back or hidden).  Kept ones stay
         watched: the grace period may end before the watch does; the sweep is the safety net.
         """
-        result = self.removal.run(vmids=vmids, first=inventory, reasons=(Reason.GHOST,), dry_run=self.settings.dry_run,
-                                  source="event", may_apply=self._may_apply)
+        result = self.removal.run(
+            vmids=vmids,
+            first=inventory,
+            reasons=(Reason.GHOST,),
+            dry_run=self.settings.dry_run,
+            source="event",
+            may_apply=self._may_apply,
+        )
         self.hidden = list(result.hidden)
         self.metrics.hidden_guests.labels(source="watcher").set(len(result.hidden))
         if result.outcome in (Outcome.REFUSED, Outcome.FAILED):

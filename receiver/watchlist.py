@@ -9,6 +9,7 @@ This module is the only one that reads or writes that table.  Every function wor
 the caller's transaction, so the watcher can change the list in the same transaction as
 what goes with it (marking events processed, setting stopped rows back).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -79,8 +80,9 @@ def watch_all(conn: sa.Connection, vmids: Iterable[int], now: datetime, until: d
         upsert(conn, watches, vmid, now, until, hint)
 
 
-def note_events(conn: sa.Connection, events: Iterable[Event], now: datetime,
-                until: datetime) -> tuple[Watches, set[int]]:
+def note_events(
+    conn: sa.Connection, events: Iterable[Event], now: datetime, until: datetime
+) -> tuple[Watches, set[int]]:
     """Change the list as ``events`` say, in their order: a stop phase watches its VMID
     (or extends the watch), a start phase takes it off the list.
 

@@ -5,6 +5,7 @@ modules listed above it: so the import graph has no cycles and no arrow runs bac
 Imports needed only for annotations sit under ``TYPE_CHECKING``; the core never imports
 the simulator at module level.
 """
+
 from __future__ import annotations
 
 import ast
@@ -92,7 +93,7 @@ def test_a_module_imports_only_modules_listed_above_it(path):
     order = documented_order()
     if path.stem not in order:
         pytest.fail(f"{path.stem}.py is not in the module table of docs/architecture.md")
-    below = set(order[order.index(path.stem):])
+    below = set(order[order.index(path.stem) :])
     wrong = sorted(runtime_imports(path) & below)
     assert not wrong, f"{path.stem}.py imports {wrong}, listed at or below it in docs/architecture.md"
 
@@ -119,6 +120,7 @@ def test_the_checks_see_what_they_look_for(tmp_path):
         "    from .lease import Lease\n"
         "def f(t: PlatformTable, r: Row, lease: Lease) -> None:\n"
         "    chunks([r])\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     assert runtime_imports(module) == {"table", "db", "model"}
     assert annotation_only_imports(module) == {"table"}

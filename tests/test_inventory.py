@@ -2,6 +2,7 @@
 the mode it logs, the privilege and quorum checks around every guest list, and an answer without
 'data' refused, never guessed at.  What each answer says is tests/test_answers.py's.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,8 +75,9 @@ def test_vm_audit_must_be_propagated_from_vms(sim, sqlite_db):
     assert list(inventory.read().guests) == [100]
 
 
-@pytest.mark.parametrize("path", ["/access/permissions", "/cluster/resources", "/cluster/status", "/access/acl",
-                                  "/cluster/nextid"])
+@pytest.mark.parametrize(
+    "path", ["/access/permissions", "/cluster/resources", "/cluster/status", "/access/acl", "/cluster/nextid"]
+)
 def test_an_answer_without_data_is_a_refusal_not_a_crash(sim, sqlite_db, path):
     sim.add_guest(100)
     sim.add_guest(101)
@@ -118,5 +120,6 @@ def test_a_whole_read_leaves_its_shape_for_the_probes(sim, sqlite_db):
     assert inventory.shape is None
     inventory.read()
     shape = inventory.shape
+    assert shape is not None
     assert shape.guests == 10 and shape.body_bytes == inventory.bytes_read.by_path()["/cluster/resources"]
     assert shape.per_node == {("pve1", "lxc"): 3, ("pve1", "qemu"): 4, ("pve2", "lxc"): 2, ("pve2", "qemu"): 1}

@@ -1,4 +1,5 @@
 """The probes' pure side: what each answer means, what to read, when to read it."""
+
 from __future__ import annotations
 
 import json
@@ -32,23 +33,26 @@ def body(data) -> bytes:
 MISSING = "Configuration file 'nodes/pve1/lxc/101.conf' does not exist"
 
 
-@pytest.mark.parametrize("code, reason, payload, result", [
-    (200, "OK", body({"vmid": 101, "status": "stopped"}), Result.PRESENT),
-    (200, "OK", body({"status": "running"}), Result.PRESENT),
-    (500, MISSING, b'{"data":null}', Result.GONE),
-    (500, "", json.dumps({"data": None, "message": MISSING}).encode(), Result.GONE),  # the message in the body
-    (500, "Configuration file 'nodes/pve1/lxc/1010.conf' does not exist", b"", Result.HTTP),  # another guest's
-    (500, "hostname lookup 'pve9' failed", b"", Result.HTTP),
-    (595, "Errors during connection establishment, proxy handshake", b"", Result.OFFLINE),
-    (403, "Permission check failed (/vms/101, VM.Audit)", b"", Result.PRIVILEGE),
-    (401, "authentication failure", b"", Result.AUTH),
-    (502, "Bad gateway", b"", Result.HTTP),
-    (200, "OK", b"not json", Result.MALFORMED),
-    (200, "OK", b'{"errors": null}', Result.MALFORMED),
-    (200, "OK", body({"vmid": 102, "status": "running"}), Result.MALFORMED),  # another guest's status
-    (200, "OK", body({"vmid": 101}), Result.MALFORMED),
-    (200, "OK", body([]), Result.MALFORMED),
-])
+@pytest.mark.parametrize(
+    "code, reason, payload, result",
+    [
+        (200, "OK", body({"vmid": 101, "status": "stopped"}), Result.PRESENT),
+        (200, "OK", body({"status": "running"}), Result.PRESENT),
+        (500, MISSING, b'{"data":null}', Result.GONE),
+        (500, "", json.dumps({"data": None, "message": MISSING}).encode(), Result.GONE),  # the message in the body
+        (500, "Configuration file 'nodes/pve1/lxc/1010.conf' does not exist", b"", Result.HTTP),  # another guest's
+        (500, "hostname lookup 'pve9' failed", b"", Result.HTTP),
+        (595, "Errors during connection establishment, proxy handshake", b"", Result.OFFLINE),
+        (403, "Permission check failed (/vms/101, VM.Audit)", b"", Result.PRIVILEGE),
+        (401, "authentication failure", b"", Result.AUTH),
+        (502, "Bad gateway", b"", Result.HTTP),
+        (200, "OK", b"not json", Result.MALFORMED),
+        (200, "OK", b'{"errors": null}', Result.MALFORMED),
+        (200, "OK", body({"vmid": 102, "status": "running"}), Result.MALFORMED),  # another guest's status
+        (200, "OK", body({"vmid": 101}), Result.MALFORMED),
+        (200, "OK", body([]), Result.MALFORMED),
+    ],
+)
 def test_status_answers(code, reason, payload, result):
     seen = read_status(101, "pve1", "lxc", code, reason, payload)
     assert seen.result == result
@@ -67,13 +71,16 @@ def test_node_list_answers():
     assert seen[105].result == Result.GONE
 
 
-@pytest.mark.parametrize("code, payload, result", [
-    (595, b"", Result.OFFLINE),
-    (403, b"", Result.PRIVILEGE),
-    (200, body([{"vmid": 101}]), Result.MALFORMED),  # no status: nothing in the answer is trusted
-    (200, body([{"vmid": True, "status": "running"}]), Result.MALFORMED),
-    (200, body({"vmid": 101}), Result.MALFORMED),
-])
+@pytest.mark.parametrize(
+    "code, payload, result",
+    [
+        (595, b"", Result.OFFLINE),
+        (403, b"", Result.PRIVILEGE),
+        (200, body([{"vmid": 101}]), Result.MALFORMED),  # no status: nothing in the answer is trusted
+        (200, body([{"vmid": True, "status": "running"}]), Result.MALFORMED),
+        (200, body({"vmid": 101}), Result.MALFORMED),
+    ],
+)
 def test_odd_node_list_answers_make_no_candidate(code, payload, result):
     seen, count = read_node_list([101, 105], "pve1", "lxc", code, "odd", payload)
     assert {s.result for s in seen.values()} == {result} and count == 0
@@ -87,13 +94,16 @@ def test_merge_present_beats_odd_beats_gone():
     assert merge(gone, gone).result == Result.GONE
 
 
-@pytest.mark.parametrize("node, ok", [("pve1", True), ("node-2.lab", True), ("../access", False),
-                                      ("pve1/lxc", False), ("", False), ("-x", False)])
+@pytest.mark.parametrize(
+    "node, ok",
+    [("pve1", True), ("node-2.lab", True), ("../access", False), ("pve1/lxc", False), ("", False), ("-x", False)],
+)
 def test_node_names_from_events(node, ok):
     assert node_name_ok(node) is ok
 
 
 # --- what to read ----------------------------------------------------------------------------
+
 
 def shape(guests_per_node: int, nodes: int = 10) -> ListShape:
     per_node = Counter({(f"pve{i}", "lxc"): guests_per_node for i in range(nodes)})
@@ -111,14 +121,14 @@ def test_one_stopped_guest_is_asked_about_on_its_node():
     choice = Costs().choose({101: Where("pve1", "lxc")}, shape(1000))
     assert not choice.full
     assert [(a.kind, a.node, a.types, a.vmids) for a in choice.asks] == [(Kind.GUEST, "pve1", ("lxc",), (101,))]
-    assert choice.probe_bytes < choice.full_bytes / 100
+    assert choice.full_bytes is not None and choice.probe_bytes < choice.full_bytes / 100
 
 
 def test_a_guest_of_unknown_type_is_asked_about_as_its_nodes_commoner_type_first():
     s = ListShape(30, 9300, Counter({("pve1", "qemu"): 20, ("pve1", "lxc"): 10}))
     costs = Costs()
     costs.list_entry_bytes = 1000.0  # lists dear: status requests win
-    ask, = costs.choose({101: Where("pve1")}, s).asks
+    (ask,) = costs.choose({101: Where("pve1")}, s).asks
     assert ask.kind == Kind.GUEST and ask.types == ("qemu", "lxc")
 
 
@@ -132,7 +142,7 @@ def test_many_guests_of_one_node_are_read_from_its_list():
 def test_a_small_cluster_is_read_whole_when_that_is_cheaper():
     due = {v: Where(f"pve{v % 10}", "lxc") for v in range(100, 600)}  # half of it, on every node
     choice = Costs().choose(due, shape(100))
-    assert choice.full and choice.full_bytes <= choice.probe_bytes
+    assert choice.full and choice.full_bytes is not None and choice.full_bytes <= choice.probe_bytes
 
 
 def test_measured_sizes_steer_the_choice():
@@ -147,6 +157,7 @@ def test_measured_sizes_steer_the_choice():
 
 
 # --- when to read ----------------------------------------------------------------------------
+
 
 def probe_times(fade: Fade, anchor, seconds: int, vmid: int = 101) -> list[int]:
     times = []

@@ -1,6 +1,7 @@
 """One HTTP session per PVE_HOST endpoint (receiver.pveapi): every call over it, the bytes
 read counted by API path, close() emptying its connection pool.  Against the simulator over HTTPS.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,19 +20,27 @@ def inventory_for(sim, sqlite_db) -> ProxmoxInventory:
 
 def raw_answer(sim, path: str, ok: bool = True, **params) -> bytes:
     """The body Proxmox sends for ``GET path``, read with a session of its own."""
-    response = requests.get(f"{sim.url}{path}", params=params, verify=sim.ca_path, timeout=5,
-                            headers={"Authorization": f"PVEAPIToken={sim.token_id}={sim.token_value}"})
+    response = requests.get(
+        f"{sim.url}{path}",
+        params=params,
+        verify=sim.ca_path,
+        timeout=5,
+        headers={"Authorization": f"PVEAPIToken={sim.token_id}={sim.token_value}"},
+    )
     assert response.ok == ok, response.status_code
     return response.content
 
 
-@pytest.mark.parametrize("url, kind", [
-    ("https://pve1:8006/api2/json/cluster/resources?type=vm", "/cluster/resources"),
-    ("https://pve1:8006/api2/json/access/permissions?path=%2Fvms", "/access/permissions"),
-    ("https://[::1]:8006/api2/json/nodes/pve2/tasks?typefilter=vzdestroy", "/nodes/{node}/tasks"),
-    ("https://pve1:8006/api2/json/nodes/pve2/lxc/101/status/current", "/nodes/{node}/lxc/{vmid}/status/current"),
-    ("https://pve1:8006/prefix/api2/json/version", "/version"),
-])
+@pytest.mark.parametrize(
+    "url, kind",
+    [
+        ("https://pve1:8006/api2/json/cluster/resources?type=vm", "/cluster/resources"),
+        ("https://pve1:8006/api2/json/access/permissions?path=%2Fvms", "/access/permissions"),
+        ("https://[::1]:8006/api2/json/nodes/pve2/tasks?typefilter=vzdestroy", "/nodes/{node}/tasks"),
+        ("https://pve1:8006/api2/json/nodes/pve2/lxc/101/status/current", "/nodes/{node}/lxc/{vmid}/status/current"),
+        ("https://pve1:8006/prefix/api2/json/version", "/version"),
+    ],
+)
 def test_path_kind_leaves_out_nodes_and_vmids(url, kind):
     assert path_kind(url) == kind
 

@@ -3,6 +3,7 @@
 The list is per node (pve-cluster ``broadcast_tasklist``): a node's roll-over is found from
 that node's entries alone, and its archive is read for the destroys in between.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -38,7 +39,7 @@ class Cluster:
         return done
 
     def tasks(self) -> list[Task]:
-        return [t for tasks in self.archive.values() for t in tasks[-self.keep:]]
+        return [t for tasks in self.archive.values() for t in tasks[-self.keep :]]
 
     def node_tasks(self, node, types, since):
         if self.archive_fault:
@@ -56,8 +57,12 @@ def cluster():
 
 
 def tail_for(cluster, asked=None, blind=None):
-    return TaskTail(cluster, on_gap=lambda: asked.append(1) if asked is not None else None,
-                    on_blind=lambda b: blind.append(b) if blind is not None else None, wall=lambda: cluster.clock)
+    return TaskTail(
+        cluster,
+        on_gap=lambda: asked.append(1) if asked is not None else None,
+        on_blind=lambda b: blind.append(b) if blind is not None else None,
+        wall=lambda: cluster.clock,
+    )
 
 
 def test_a_destroy_is_hinted_once(cluster):

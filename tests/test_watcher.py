@@ -1,4 +1,5 @@
 """The watcher, tick by tick, against the simulator over HTTPS and a real database."""
+
 from __future__ import annotations
 
 import itertools
@@ -311,10 +312,12 @@ def test_task_list_roll_over_of_an_offline_node_asks_for_a_sweep(world):
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(world, tmp_path):
     import socket
     import subprocess
+
     sim, db, runtime, inbox, _ = world
     gone = subprocess.Popen(["true"])
     gone.wait()
     from receiver.lease import _pid_namespace
+
     dead = Lease(runtime.engine, 300, holder=f"{socket.gethostname()}:{gone.pid}:{_pid_namespace()}:x")
     assert dead.acquire()
     elsewhere = Lease(runtime.engine, 300, holder=f"other-host:{gone.pid}:{_pid_namespace()}:y")
@@ -446,8 +449,10 @@ def test_a_vmid_whose_row_was_kept_still_needs_a_confirming_read_for_each_remova
     # guest 101 created between those (a reused VMID) keeps the row.
     sim, db, runtime, inbox, watcher = world
     with db.engine.begin() as conn:
-        conn.execute(sa.text("UPDATE apps SET created_at = NULL, updated_at = :now WHERE lxc_id = 101"),
-                     {"now": utcnow().replace(tzinfo=None)})
+        conn.execute(
+            sa.text("UPDATE apps SET created_at = NULL, updated_at = :now WHERE lxc_id = 101"),
+            {"now": utcnow().replace(tzinfo=None)},
+        )
     stopped_and_destroyed(sim, inbox, 101)
     watcher.tick()
     watcher.tick()
@@ -461,6 +466,7 @@ def test_a_vmid_whose_row_was_kept_still_needs_a_confirming_read_for_each_remova
         if vmids is not None:
             sim.add_guest(101, name="app101.apps.local")  # reused right after the rows were read
         return rows
+
     runtime.table.fetch_rows = then_reuse
     sim.reset_counts()
     watcher.tick()

@@ -1,6 +1,7 @@
 """The watcher's probes and fade, tick by tick, against the simulator over HTTPS and a real database.
 
 The watcher's clock is injected, so a whole watch window passes without sleeping."""
+
 from __future__ import annotations
 
 import itertools
@@ -64,8 +65,10 @@ def status_path(vmid, node="pve1", kind="lxc"):
 
 
 def results(watcher, kind, result):
-    return watcher.metrics.registry.get_sample_value("pve_janitor_probe_results_total",
-                                                    {"kind": kind, "result": result}) or 0
+    return (
+        watcher.metrics.registry.get_sample_value("pve_janitor_probe_results_total", {"kind": kind, "result": result})
+        or 0
+    )
 
 
 def test_a_stopped_guest_is_probed_on_its_node_not_read_whole(world):

@@ -1,4 +1,5 @@
 """The watch list against a real database: watches made, extended, expired and forgotten."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -92,17 +93,21 @@ def event(n, vmid, phase):
     return Event(f"ev-{n}", vmid, phase, "pve1", float(n))
 
 
-@pytest.mark.parametrize("phases, watched, started", [
-    (["pre-stop", "post-stop"], True, False),
-    (["post-stop", "post-start"], False, True),  # a start after the stop: off the list, set back
-    (["post-start", "post-stop"], True, False),  # a stop after the start: watched, nothing set back
-    (["pre-start"], False, True),
-])
+@pytest.mark.parametrize(
+    "phases, watched, started",
+    [
+        (["pre-stop", "post-stop"], True, False),
+        (["post-stop", "post-start"], False, True),  # a start after the stop: off the list, set back
+        (["post-start", "post-stop"], True, False),  # a stop after the start: watched, nothing set back
+        (["pre-start"], False, True),
+    ],
+)
 def test_events_change_the_list_in_their_order(engine, phases, watched, started):
     now = utcnow()
     with write_transaction(engine) as conn:
-        view, starts = watchlist.note_events(conn, [event(i, 160, p) for i, p in enumerate(phases)],
-                                             now, now + timedelta(minutes=10))
+        view, starts = watchlist.note_events(
+            conn, [event(i, 160, p) for i, p in enumerate(phases)], now, now + timedelta(minutes=10)
+        )
     assert (160 in view, 160 in starts) == (watched, started)
     assert (160 in rows(engine)) == watched
 
