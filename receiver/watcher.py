@@ -2,22 +2,16 @@
 
 Proxmox has no destroy hook (PROXMOX.md).  A stop event only says "this guest may be about
 to disappear", so its VMID goes on the watch list (:mod:`receiver.watchlist`); so does the
-VMID of a finished ``vzdestroy``/``qmdestroy`` in the task tail (:mod:`receiver.tasktail`,
-polled every ``CLEANUP_TASK_POLL_SECONDS``), which catches the destroy of a guest that was
-already stopped and fires no hook.  Each tick asks about the watched VMIDs that are due
-(:class:`receiver.probe.Fade`: every tick for a minute after the latest hint, then less and
-less often) in the cheapest way (:func:`receiver.probe.Costs.choose`: a guest's own status
-on its node, its node's guest list, or the whole guest list), so that a routine stop costs
-Proxmox the same few kilobytes whatever the cluster's size:
+VMID of a destroy found by the task tail (:mod:`receiver.tasktail`), which catches guests
+destroyed while stopped, with no hook.  Each tick asks about the watched VMIDs that are due,
+the cheapest way (:mod:`receiver.probe`, :mod:`receiver.probing`; docs/architecture.md, "The
+watcher's probes and fade"):
 
-* not on its node: only a *candidate*.  The whole guest list is read (privilege and quorum
-  checked) and the VMIDs missing from it go through the removal pipeline
-  (:mod:`receiver.removal`), as the sweep's do, with source ``event``; nothing is removed
-  before its confirming read.  A migrated guest is found on its new node by that read;
+* gone from its node: a *candidate*.  The whole guest list is read (privilege and quorum
+  checked); VMIDs missing from it go through the removal pipeline (:mod:`receiver.removal`)
+  with source ``event``, which removes nothing before its confirming read;
 * stopped: rows in the running status are set to ``CLEANUP_STOP_STATUS`` and marked
-  (:mod:`receiver.stopmarks`), so that a start can set them back;
-* running again after having been seen stopped, or a start event: off the list, and the
-  marked rows go back to ``CLEANUP_RUNNING_STATUS``.
+  (:mod:`receiver.stopmarks`); running again, or a start event: off the list, marks undone.
 
 A failed read removes nothing and keeps every VMID watched; an odd probe answer (an
 offline node's 595, a 403, ...) makes no candidate, and is counted and said.
@@ -27,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -45,6 +38,7 @@ from .removal import Removal
 from .safety import Refused, check_listing
 from .tasktail import TaskTail
 from .timeutil import isoformat, utcnow
+from .watchloop import WatchLoop
 
 if TYPE_CHECKING:  # types only: no import at run time
     from .inbox import Inbox
@@ -52,8 +46,6 @@ if TYPE_CHECKING:  # types only: no import at run time
     from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-DRAIN_GATHER_SECONDS = 0.05
 
 
 class Watcher:
@@ -74,9 +66,6 @@ class Watcher:
         self.metrics = metrics or Metrics()
         self.lease = lease
         self.clock = clock
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.tasks = TaskTail(
             runtime.inventory, on_gap=on_task_gap, on_blind=lambda blind: self.metrics.task_tail_blind.set(int(blind))
         )
@@ -92,57 +81,32 @@ class Watcher:
         self.probes = Probes(
             runtime.inventory, self.metrics, self.settings.watch_seconds, self.settings.watch_interval_seconds
         )
+        self._loop = WatchLoop(
+            self.settings.watch_interval_seconds,
+            self.tick,
+            self._drain_between_ticks,
+            lambda: self._next_task_poll,
+            lambda exc: self._error("internal", f"{type(exc).__name__}: {exc}"),
+        )
 
     # --- thread ----------------------------------------------------------------
 
     def start(self) -> Watcher:
-        self._thread = threading.Thread(target=self._loop, name="pve-janitor-watcher", daemon=True)
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Finish the tick in flight, then stop."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread:
-            self._thread.join(timeout)
+        """Finish the tick in flight, then stop; give up the lease."""
+        self._loop.stop(timeout)
         if self.lease:
             self.lease.release()
 
     def wake(self) -> None:
         """An event arrived: drain the inbox now instead of at the next tick."""
-        self._wake.set()
+        self._loop.wake()
 
     def alive(self) -> bool:
-        return bool(self._thread and self._thread.is_alive())
-
-    def _loop(self) -> None:
-        interval = self.settings.watch_interval_seconds
-        next_tick = time.monotonic()
-        while not self._stop.is_set():
-            woken = self._wake.wait(max(0.0, next_tick - time.monotonic()))
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                if woken and time.monotonic() < next_tick:
-                    # Between ticks: no inventory read, and one drain for a burst of events, not
-                    # one each, since every drain takes the write lock that accepting events needs.
-                    self._stop.wait(min(DRAIN_GATHER_SECONDS, max(0.0, next_tick - time.monotonic())))
-                    self._wake.clear()
-                    if not self._stop.is_set():
-                        self._drain_between_ticks()
-                    continue
-                started = time.monotonic()
-                next_tick = started + interval
-                self.tick()
-                if self._next_task_poll > started:
-                    # The task poll keeps its own period: a tick comes when it is due, not at
-                    # the next regular tick, which may be up to a tick later.
-                    next_tick = min(next_tick, self._next_task_poll)
-            except Exception as exc:  # the loop must survive anything; it says what
-                logger.exception("watcher tick failed")
-                self._error("internal", f"{type(exc).__name__}: {exc}")
+        return self._loop.alive()
 
     def status(self) -> dict[str, Any]:
         """What stats and health show of the watcher (the list as this process last saw it)."""
