@@ -19,7 +19,7 @@ from it to the removal pipeline, which confirms with a read of its own.  Every o
 answer (595 from an offline node, 403, 401, anything odd) makes no candidate: the VMID
 stays watched and the answer is counted and said.
 
-The fade (:class:`Fade`): a guest is probed at every tick for :data:`FAST_SECONDS` after
+The fade (:class:`receiver.fade.Fade`): a guest is probed at every tick for a minute after
 the latest hint about it (a stop event or a destroy task, which restarts it), then 2, 4,
 8 ... s apart until its watch ends.  Platforms destroy right after the stop, so a destroy
 is still found within a tick; a guest stopped for maintenance costs a few dozen small
@@ -35,12 +35,9 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 
 from .model import Word
 
-FAST_SECONDS = 60.0  # probed at every tick this long after a hint: a stop-then-destroy is found within a tick
-MAX_GAP_SECONDS = 256.0  # a long watch (a large CLEANUP_WATCH_SECONDS) is still probed this often
 # HTTP headers both ways, not in the body counts: a request more must save at least this many bytes.
 REQUEST_OVERHEAD_BYTES = 500
 STATUS_BYTES_GUESS = 400  # a status answer's size before one was measured (the simulator's are ~330)
@@ -279,43 +276,3 @@ class Costs:
         if full <= total:
             return Choice(True, probe_bytes=total, full_bytes=full, why="the whole list costs less")
         return Choice(False, tuple(asks), total, full)
-
-
-# --- when to read ----------------------------------------------------------------------------
-
-
-class Fade:
-    """When each watched VMID is probed next: every tick for :data:`FAST_SECONDS` after its
-    latest hint (``anchor``), then 2, 4, 8 ... s apart (at most :data:`MAX_GAP_SECONDS`).
-    A new anchor (a new stop event or destroy task) starts it over."""
-
-    def __init__(self) -> None:
-        self._state: dict[int, tuple[datetime, datetime, float]] = {}  # vmid -> anchor, next probe, gap
-
-    def due(self, vmid: int, anchor: datetime, now: datetime, slack: float = 0.0) -> bool:
-        """Whether ``vmid`` is to be probed at ``now``; ``slack`` (half a tick) keeps a probe due
-        a few ms after this tick from waiting a whole tick more."""
-        state = self._state.get(vmid)
-        if state is None or state[0] != anchor:
-            return True
-        return now >= state[1] - timedelta(seconds=slack)
-
-    def probed(self, vmid: int, anchor: datetime, now: datetime) -> None:
-        """``vmid`` was asked about at ``now``: set its next probe."""
-        state = self._state.get(vmid)
-        gap = state[2] if state is not None and state[0] == anchor else 0.0
-        if (now - anchor).total_seconds() < FAST_SECONDS:
-            gap = 0.0
-        else:
-            gap = min(MAX_GAP_SECONDS, max(2.0, gap * 2))
-        self._state[vmid] = (anchor, now + timedelta(seconds=gap), gap)
-
-    def gap(self, vmid: int) -> float | None:
-        """The seconds between ``vmid``'s last probe and its next (0: every tick)."""
-        state = self._state.get(vmid)
-        return None if state is None else state[2]
-
-    def keep_only(self, vmids: set[int]) -> None:
-        """Forget every VMID no longer watched."""
-        for vmid in [v for v in self._state if v not in vmids]:
-            del self._state[vmid]

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .probe import Ask, Choice, Costs, Fade, Kind, Result, Seen, Where, merge, node_name_ok, read_node_list, read_status
+from .fade import Fade
+from .probe import Ask, Choice, Costs, Kind, Result, Seen, Where, merge, node_name_ok, read_node_list, read_status
 
 if TYPE_CHECKING:
     from .inventory import ProxmoxInventory

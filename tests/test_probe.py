@@ -8,11 +8,9 @@ from datetime import timedelta
 
 import pytest
 
+from receiver.fade import FAST_SECONDS, MAX_GAP_SECONDS, Fade
 from receiver.probe import (
-    FAST_SECONDS,
-    MAX_GAP_SECONDS,
     Costs,
-    Fade,
     Kind,
     ListShape,
     Result,
