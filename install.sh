@@ -434,7 +434,11 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Type=simple
+# serve says READY=1 once it listens, and sends watchdog keep-alives only while its
+# watcher and scheduler run: systemd restarts a receiver whose background threads died.
+Type=notify
+NotifyAccess=main
+WatchdogSec=30
 User=$SERVICE_USER
 Group=$SERVICE_USER
 EnvironmentFile=$ENV_FILE
@@ -442,25 +446,42 @@ ExecStart=$PREFIX/venv/bin/pve-janitor serve
 WorkingDirectory=$RECEIVER_STATE_DIR
 Restart=on-failure
 RestartSec=5
-# 2 is a configuration error: restarting cannot fix it.
+# 2 is a configuration error: restarting cannot fix it. 3 (the database does not
+# answer, the port is in use) and a missed watchdog are retried.
 RestartPreventExitStatus=2
 # Only the innermost directory is the service user's; systemd keeps the parent root's.
 StateDirectory=$SERVICE/receiver
 StateDirectoryMode=0750
 UMask=0077
 
+# Sandbox (systemd-analyze security: exposure 1.1; docs/install.md "The service's
+# sandbox"). The network stays open: it must reach Proxmox and the database.
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
+PrivateUsers=yes
+PrivateMounts=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
+ProtectKernelLogs=yes
 ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+ProcSubset=pid
 RestrictSUIDSGID=yes
+RestrictRealtime=yes
+RemoveIPC=yes
 LockPersonality=yes
+MemoryDenyWriteExecute=yes
 RestrictNamespaces=yes
 CapabilityBoundingSet=
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
 ReadWritePaths=$RECEIVER_STATE_DIR
 RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
 EOF
