@@ -8,8 +8,13 @@ is not a setting is one of those problems: ignored, a typo of ``CLEANUP_DRY_RUN`
 would delete for real.  Secret values never appear in an error message or in ``repr``.
 
 The variables (names, kinds, conversion, unknown names) are in :mod:`receiver.variables`,
-the reading of the file in :mod:`receiver.configfile`; their public names are re-exported
-here.  A leaf: this module and those two import nothing else of the package.
+the reading of the file in :mod:`receiver.configfile`, secrets read from files (``*_FILE``,
+systemd credentials) in :mod:`receiver.secretsource`; their public names are re-exported
+here.  A leaf: this module and those import nothing else of the package.
+
+:func:`resolve` also says where each setting came from and what loading warned about
+(a value raised to its minimum, an unknown ``PVE_*`` name), for ``pve-janitor config``
+and ``check``; :func:`load_settings` logs the warnings and returns the settings alone.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .configfile import CONFIG_FILE_MAX_BYTES, read_toml
+from .secretsource import secrets_from_files
 from .variables import (
     ACTIONS,
+    CREDENTIALS,
     KNOWN_VARIABLES,
     MAXIMUMS,
+    SECRET_FILE_VARIABLES,
     SECRET_VARIABLES,
     TABLE,
     VARIABLES,
@@ -37,12 +45,17 @@ from .variables import (
 __all__ = [
     "ACTIONS",
     "CONFIG_FILE_MAX_BYTES",
+    "CREDENTIALS",
     "KNOWN_VARIABLES",
+    "SECRET_FILE_VARIABLES",
     "SECRET_VARIABLES",
     "VARIABLES",
     "ConfigError",
+    "Origin",
+    "Resolved",
     "Settings",
     "load_settings",
+    "resolve",
     "redact_url",
     "require",
     "without_settings",
@@ -52,10 +65,14 @@ logger = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
-    """One or more settings are wrong; ``problems`` names each variable."""
+    """One or more settings are wrong; ``problems`` names each variable.
 
-    def __init__(self, problems: list[str]):
+    ``warnings`` are what loading noticed besides (see :class:`Resolved`).
+    """
+
+    def __init__(self, problems: list[str], warnings: list[str] | None = None):
         self.problems = list(problems)
+        self.warnings = list(warnings or [])
         super().__init__("; ".join(self.problems))
 
 
@@ -78,6 +95,7 @@ class Settings:
     pve_verify_ssl: bool | str = True
     pve_timeout: float = 5.0
     hook_secret: str = field(default="", repr=False)
+    hook_secret_previous: str = field(default="", repr=False)  # still accepted during a rotation
     admin_token: str = field(default="", repr=False)
     bind_host: str = "127.0.0.1"
     bind_port: int = 8765
@@ -102,6 +120,8 @@ class Settings:
     watch_interval_seconds: float = 1.0
     task_poll_seconds: float = 5.0
     lease_seconds: int = 15
+    # Logs.
+    log_format: str = "text"  # or json: one object per line
 
     def mapped_columns(self) -> dict[str, str]:
         """Setting name -> column name, for every column the mapping uses."""
@@ -117,7 +137,7 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never be shown: the tokens, the hook secret, the database password."""
-        found = [s for s in (self.pve_token_value, self.hook_secret, self.admin_token) if s]
+        found = [s for s in (self.pve_token_value, self.hook_secret, self.hook_secret_previous, self.admin_token) if s]
         if self.database_url:
             try:
                 from sqlalchemy.engine import make_url
@@ -155,6 +175,30 @@ def redact_url(url: str) -> str:
         return "(unparsable URL)"
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting's value came from: ``kind`` is one of :data:`ORIGIN_KINDS`; ``detail``
+    names the file, the ``_FILE`` variable or the credential, when there is one."""
+
+    kind: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.detail})" if self.detail else self.kind
+
+
+ORIGIN_KINDS = ("default", "file", "environment", "credential", "override")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The settings, where each variable's value came from, and what loading warned about."""
+
+    settings: Settings
+    origins: dict[str, Origin]  # every variable, and CLEANUP_CONFIG
+    warnings: list[str]
+
+
 def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -164,24 +208,51 @@ def load_settings(
     ``overrides`` uses the variable names (``{"CLEANUP_DRY_RUN": True}``).
     Raises ConfigError naming every bad variable, and every variable of ours
     (``CLEANUP_*``, ``GHOST_CLEANUP_*``, ``ERROR_RETENTION_*``) that is not a setting.
+    The warnings are logged.
     """
-    env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    problems, warnings = unknown_variables(env)
+    try:
+        resolved = resolve(env, overrides)
+    except ConfigError as exc:
+        _log(exc.warnings)
+        raise
+    _log(resolved.warnings)
+    return resolved.settings
+
+
+def _log(warnings: list[str]) -> None:
     for warning in warnings:
         logger.warning("%s", warning)
-    config_path = (overrides or {}).get("CLEANUP_CONFIG") or env.get("CLEANUP_CONFIG")
+
+
+def resolve(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Resolved:
+    """:func:`load_settings`, with the origins and the warnings returned rather than logged."""
+    env = os.environ if env is None else env
+    overrides = overrides or {}
+    raw: dict[str, Any] = {}
+    origins = {name: Origin("default") for name in (*TABLE, "CLEANUP_CONFIG")}
+    problems, warnings = unknown_variables(env)
+    config_path = overrides.get("CLEANUP_CONFIG") or env.get("CLEANUP_CONFIG")
     if config_path:
+        origins["CLEANUP_CONFIG"] = Origin("override" if overrides.get("CLEANUP_CONFIG") else "environment")
         from_file, file_problems = read_toml(str(config_path))
         raw.update(from_file)
+        origins.update({name: Origin("file", str(config_path)) for name in from_file})
         problems.extend(file_problems)
-    raw.update({k: v for k, v in env.items() if k in TABLE})
-    for key, value in (overrides or {}).items():
+    from_env = {k: v for k, v in env.items() if k in TABLE}
+    raw.update(from_env)
+    origins.update({name: Origin("environment") for name in from_env})
+    from_files, secret_problems = secrets_from_files(env)
+    problems.extend(secret_problems)
+    for name, (value, kind, detail) in from_files.items():
+        raw[name] = value
+        origins[name] = Origin(kind, detail)
+    for key, value in overrides.items():
         if key == "CLEANUP_CONFIG":
             continue
         if key not in TABLE:
             raise KeyError(f"unknown setting {key}")
         raw[key] = value
+        origins[key] = Origin("override")
 
     values: dict[str, Any] = {}
     for name, value in raw.items():
@@ -193,7 +264,7 @@ def load_settings(
             problems.append(f"{name}={shown} {exc}")
             continue
         if minimum is not None and converted[key] < minimum:
-            logger.warning("%s=%s is below the minimum %s; using %s", name, converted[key], minimum, minimum)
+            warnings.append(f"{name}={converted[key]} is below the minimum {minimum}; using {minimum}")
             converted[key] = type(converted[key])(minimum)
         maximum = MAXIMUMS.get(name)
         if maximum is not None and converted[key] > maximum:
@@ -204,8 +275,8 @@ def load_settings(
     settings = Settings(**values)
     problems.extend(_cross_checks(settings))
     if problems:
-        raise ConfigError(problems)
-    return settings
+        raise ConfigError(problems, warnings)
+    return Resolved(settings, origins, warnings)
 
 
 def _cross_checks(settings: Settings) -> list[str]:
@@ -218,6 +289,8 @@ def _cross_checks(settings: Settings) -> list[str]:
         problems.append("CLEANUP_ACTION=mark needs CLEANUP_STATUS_COLUMN")
     if settings.action == "mark" and not settings.mark_status:
         problems.append("CLEANUP_MARK_STATUS must not be empty when CLEANUP_ACTION=mark")
+    if settings.hook_secret_previous and not settings.hook_secret:
+        problems.append("CLEANUP_HOOK_SECRET_PREVIOUS is set but CLEANUP_HOOK_SECRET is not")
     if settings.pve_token_value and not (settings.pve_user and settings.pve_token_name):
         problems.append("PVE_TOKEN_VALUE is set but PVE_USER or PVE_TOKEN_NAME is missing")
     if settings.pve_user and "@" not in settings.pve_user:

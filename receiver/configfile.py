@@ -30,31 +30,35 @@ _FILE_KINDS = (
 )
 
 
-class _NotASettingsFile(Exception):
-    """CLEANUP_CONFIG names something that cannot be a settings file; the message says why."""
+class NotARegularFile(Exception):
+    """A path that cannot be a small file to read (a directory, a FIFO, a device, too large); the message says why."""
+
+
+class FileTooLarge(NotARegularFile):
+    """A regular file larger than the caller's bound."""
 
 
 def _require_regular(mode: int) -> None:
     if not stat.S_ISREG(mode):
         kind = next((kind for test, kind in _FILE_KINDS if test(mode)), "something else")
-        raise _NotASettingsFile(f"is {kind}, not a regular file")
+        raise NotARegularFile(f"is {kind}, not a regular file")
 
 
-def _read_config_file(path: str) -> bytes:
-    """The bytes of a regular file of at most CONFIG_FILE_MAX_BYTES, promptly.
+def read_small_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, promptly.
 
-    A FIFO without a writer would block ``open`` for ever, /dev/zero would fill memory.
-    So: stat before opening (opening some devices does something), then open without
-    blocking and check again on the open file, the one that is read.  Raises OSError
-    or _NotASettingsFile.
+    The path comes from the environment: a FIFO without a writer would block ``open`` for
+    ever, /dev/zero would fill memory.  So: stat before opening (opening some devices does
+    something), then open without blocking and check again on the open file, the one that
+    is read.  Raises OSError or NotARegularFile.
     """
     _require_regular(os.stat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as fh:
         _require_regular(os.fstat(fd).st_mode)
-        raw = fh.read(CONFIG_FILE_MAX_BYTES + 1)
-    if len(raw) > CONFIG_FILE_MAX_BYTES:
-        raise _NotASettingsFile(f"is larger than {CONFIG_FILE_MAX_BYTES >> 20} MiB; a settings file is a few lines")
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise FileTooLarge(f"is larger than {max_bytes} bytes")
     return raw
 
 
@@ -63,10 +67,13 @@ def read_toml(path: str) -> tuple[dict[str, Any], list[str]]:
     if "\0" in path:
         return {}, [f"CLEANUP_CONFIG: cannot read {path!r}: not a usable path"]
     try:
-        raw = _read_config_file(path)
+        raw = read_small_file(path, CONFIG_FILE_MAX_BYTES)
     except OSError as exc:
         return {}, [f"CLEANUP_CONFIG: cannot read {path}: {exc.strerror}"]
-    except _NotASettingsFile as exc:
+    except FileTooLarge:
+        limit = f"{CONFIG_FILE_MAX_BYTES >> 20} MiB"
+        return {}, [f"CLEANUP_CONFIG: {path} is larger than {limit}; a settings file is a few lines"]
+    except NotARegularFile as exc:
         return {}, [f"CLEANUP_CONFIG: {path} {exc}"]
     try:
         data = tomllib.loads(raw.decode("utf-8"))

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .model import PHASES, Event
@@ -57,10 +58,17 @@ def _key(secret: str) -> bytes:
 
 
 def verify_signature(
-    secret: str, timestamp_header: str | None, signature_header: str | None, body: bytes, now: float
+    secret: str | Sequence[str], timestamp_header: str | None, signature_header: str | None, body: bytes, now: float
 ) -> None:
-    """Raise EventRejected(401) unless the body is signed with ``secret`` within the time window."""
-    if not secret:
+    """Raise EventRejected(401) unless the body is signed with ``secret`` within the time window.
+
+    ``secret`` may be several: the current one first, then the previous one during a rotation
+    (``CLEANUP_HOOK_SECRET_PREVIOUS``), so that nodes still on the old secret lose no event.
+    Each is compared in constant time, all of them every time: which one matched, or whether
+    any did, shows in no timing.
+    """
+    secrets = [secret] if isinstance(secret, str) else [s for s in secret if s]
+    if not secrets or not secrets[0]:
         raise EventRejected(503, "hook secret not configured")
     if not timestamp_header:
         raise EventRejected(401, f"missing {TIMESTAMP_HEADER} header")
@@ -71,8 +79,9 @@ def verify_signature(
     match = _SIGNATURE.fullmatch(signature_header)
     if match is None:
         raise EventRejected(401, f"{SIGNATURE_HEADER} must be sha256=<64 hex digits>")
-    expected = signature(secret, timestamp_header, body)[len(SIGNATURE_PREFIX) :]
-    if not hmac.compare_digest(expected, match.group(1).lower()):
+    given = SIGNATURE_PREFIX + match.group(1).lower()
+    matches = [hmac.compare_digest(signature(s, timestamp_header, body), given) for s in secrets]
+    if not any(matches):
         raise EventRejected(401, "bad signature")
     # Written so that a NaN clock rejects rather than accepts.
     if not abs(now - int(timestamp_header)) <= MAX_SKEW_SECONDS:

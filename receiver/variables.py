@@ -16,13 +16,24 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-SECRET_VARIABLES = ("PVE_TOKEN_VALUE", "CLEANUP_HOOK_SECRET", "CLEANUP_ADMIN_TOKEN")
+SECRET_VARIABLES = ("PVE_TOKEN_VALUE", "CLEANUP_HOOK_SECRET", "CLEANUP_HOOK_SECRET_PREVIOUS", "CLEANUP_ADMIN_TOKEN")
+# Each secret may instead be read from a file (``<NAME>_FILE``, environment only) or from the
+# systemd credential of this name (``LoadCredential=`` in the unit, read from $CREDENTIALS_DIRECTORY).
+# The credential names carry a prefix: /etc/credstore is shared by every service of the host.
+SECRET_FILE_VARIABLES = {f"{name}_FILE": name for name in SECRET_VARIABLES}
+CREDENTIALS = {
+    "PVE_TOKEN_VALUE": "pve-janitor.pve-token-value",
+    "CLEANUP_HOOK_SECRET": "pve-janitor.hook-secret",
+    "CLEANUP_HOOK_SECRET_PREVIOUS": "pve-janitor.hook-secret-previous",
+    "CLEANUP_ADMIN_TOKEN": "pve-janitor.admin-token",
+}
 ACTIONS = ("delete", "mark")
+LOG_FORMATS = ("text", "json")  # as receiver.logs.LOG_FORMATS (this module imports nothing of the package)
 _TRUE = {"true", "1", "yes"}  # DESIGN.md: true/false/1/0/yes/no, anything else is an error
 _FALSE = {"false", "0", "no"}
 
 # Variable name -> (field name, kind, minimum).  Kinds: bool, int, float, str,
-# list, action, verify, host, bind.
+# list, action, log_format, verify, host, bind.
 TABLE: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_ENABLED": ("enabled", "bool", None),
     "ERROR_RETENTION_HOURS": ("error_retention_hours", "int", 1),
@@ -37,6 +48,7 @@ TABLE: dict[str, tuple[str, str, float | None]] = {
     "PVE_VERIFY_SSL": ("pve_verify_ssl", "verify", None),
     "PVE_TIMEOUT": ("pve_timeout", "float", 0.5),
     "CLEANUP_HOOK_SECRET": ("hook_secret", "str", None),
+    "CLEANUP_HOOK_SECRET_PREVIOUS": ("hook_secret_previous", "str", None),
     "CLEANUP_ADMIN_TOKEN": ("admin_token", "str", None),
     "CLEANUP_BIND": ("bind_host", "bind", None),
     "CLEANUP_TABLE": ("table", "str", None),
@@ -58,10 +70,11 @@ TABLE: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_WATCH_INTERVAL_SECONDS": ("watch_interval_seconds", "float", 0.1),
     "CLEANUP_TASK_POLL_SECONDS": ("task_poll_seconds", "float", 0.5),
     "CLEANUP_LEASE_SECONDS": ("lease_seconds", "int", 3),
+    "CLEANUP_LOG_FORMAT": ("log_format", "log_format", None),
 }
 VARIABLES = tuple(TABLE)
-# Every name pve-janitor reads from the environment: the settings, and the file that may hold them.
-KNOWN_VARIABLES = frozenset(TABLE) | {"CLEANUP_CONFIG"}
+# Every name pve-janitor reads from the environment: the settings, the files that may hold them.
+KNOWN_VARIABLES = frozenset(TABLE) | {"CLEANUP_CONFIG"} | frozenset(SECRET_FILE_VARIABLES)
 # Far beyond any sensible value, and small enough that every date, interval and timeout
 # computed from them stays in range (a larger one made every sweep fail with OverflowError).
 MAXIMUMS = {
@@ -115,6 +128,11 @@ def convert(name: str, raw: Any) -> dict[str, Any]:
         text = str(raw).strip().lower()
         if text not in ACTIONS:
             raise ValueError("must be 'delete' or 'mark'")
+        return {field_name: text}
+    if kind == "log_format":
+        text = str(raw).strip().lower()
+        if text not in LOG_FORMATS:
+            raise ValueError("must be 'text' or 'json'")
         return {field_name: text}
     if kind == "verify":
         if isinstance(raw, bool):
