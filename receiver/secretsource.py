@@ -42,7 +42,7 @@ def secrets_from_files(env: Mapping[str, str]) -> tuple[dict[str, tuple[str, str
                 candidates.append(("credential", CREDENTIALS[name], path))
         if not candidates:
             continue
-        given = [name] * bool(env.get(name)) + [_label(name, kind, detail) for kind, detail, _ in candidates]
+        given = [name] * bool(env.get(name)) + [_given_as(name, kind, detail) for kind, detail, _ in candidates]
         if len(given) > 1:
             problems.append(f"{name} is given {len(given)} ways ({', '.join(given)}): give it one way")
             continue
@@ -54,6 +54,10 @@ def secrets_from_files(env: Mapping[str, str]) -> tuple[dict[str, tuple[str, str
             continue
         found[name] = (value, kind, detail)
     return found, problems
+
+
+def _given_as(name: str, kind: str, detail: str) -> str:
+    return f"{name}_FILE" if kind == "environment" else f"the systemd credential {detail}"
 
 
 def _label(name: str, kind: str, detail: str) -> str:

@@ -370,3 +370,220 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- where each setting came from, and what loading warned about ----------------------
+
+
+def test_resolve_names_the_source_of_every_setting(tmp_path):
+    from receiver.config import Origin, resolve
+
+    config = tmp_path / "janitor.toml"
+    config.write_text('cleanup_table = "servers"\nCLEANUP_GRACE_MINUTES = 30\n')
+    env = {"CLEANUP_CONFIG": str(config), "CLEANUP_GRACE_MINUTES": "45", "CLEANUP_DRY_RUN": "yes"}
+    resolved = resolve(env, overrides={"CLEANUP_ACTION": "mark"})
+    assert (resolved.settings.table, resolved.settings.grace_minutes) == ("servers", 45)
+    origins = resolved.origins
+    assert origins["CLEANUP_TABLE"] == Origin("file", str(config))
+    assert origins["CLEANUP_GRACE_MINUTES"] == Origin("environment")  # the environment wins over the file
+    assert origins["CLEANUP_DRY_RUN"] == Origin("environment")
+    assert origins["CLEANUP_ACTION"] == Origin("override")
+    assert origins["CLEANUP_CONFIG"] == Origin("environment")
+    assert origins["CLEANUP_MAX_DELETE_PERCENT"] == Origin("default")
+    assert set(origins) == set(VARIABLES) | {"CLEANUP_CONFIG"}
+    assert resolved.warnings == []
+
+
+def test_a_raised_value_and_an_unknown_pve_name_are_warnings_and_still_logged(caplog):
+    from receiver.config import resolve
+
+    env = {"CLEANUP_INTERVAL_MINUTES": "1", "PVE_HOTS": "pve1"}
+    assert resolve(env).warnings == [
+        "PVE_HOTS is not a pve-janitor setting (did you mean PVE_HOST?); ignored",
+        "CLEANUP_INTERVAL_MINUTES=1 is below the minimum 5; using 5",
+    ]
+    with caplog.at_level(logging.WARNING, logger="receiver.config"):
+        assert load_settings(env=env).interval_minutes == 5
+    assert "CLEANUP_INTERVAL_MINUTES=1 is below the minimum 5; using 5" in caplog.messages
+
+
+def test_a_config_error_carries_the_warnings_too():
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"CLEANUP_INTERVAL_MINUTES": "1", "CLEANUP_ACTION": "nuke"})
+    assert err.value.warnings == ["CLEANUP_INTERVAL_MINUTES=1 is below the minimum 5; using 5"]
+
+
+# --- secrets from files: *_FILE and systemd credentials -------------------------------
+
+SECRET_NAMES = ("PVE_TOKEN_VALUE", "CLEANUP_HOOK_SECRET", "CLEANUP_HOOK_SECRET_PREVIOUS", "CLEANUP_ADMIN_TOKEN")
+FIELDS = {
+    "PVE_TOKEN_VALUE": "pve_token_value",
+    "CLEANUP_HOOK_SECRET": "hook_secret",
+    "CLEANUP_HOOK_SECRET_PREVIOUS": "hook_secret_previous",
+    "CLEANUP_ADMIN_TOKEN": "admin_token",
+}
+BASE = {"PVE_USER": "janitor@pve", "PVE_TOKEN_NAME": "sweep", "CLEANUP_HOOK_SECRET": "current-secret"}
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+def test_a_secret_file_is_read_without_its_trailing_newline(tmp_path, name):
+    from receiver.config import Origin, resolve
+
+    path = tmp_path / "secret"
+    path.write_bytes(b"s3cr\xc3\xa9t-from-file\n")
+    env = {k: v for k, v in BASE.items() if k != name} | {f"{name}_FILE": str(path)}
+    resolved = resolve(env)
+    assert getattr(resolved.settings, FIELDS[name]) == "s3cr\u00e9t-from-file"
+    assert resolved.origins[name] == Origin("environment", f"{name}_FILE={path}")
+
+
+def test_a_secret_and_its_file_both_set_is_a_clear_error(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("from-the-file\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={**BASE, "CLEANUP_HOOK_SECRET_FILE": str(path)})
+    assert err.value.problems == [
+        "CLEANUP_HOOK_SECRET is given 2 ways (CLEANUP_HOOK_SECRET, CLEANUP_HOOK_SECRET_FILE): give it one way"
+    ]
+    assert "from-the-file" not in str(err.value) and "current-secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["missing", "unreadable", "directory", "empty", "fifo"])
+def test_an_unusable_secret_file_names_the_variable_never_the_content(tmp_path, kind):
+    path = tmp_path / "token"
+    if kind == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads a file whatever its mode")
+        path.write_text("the-token-content\n")
+        path.chmod(0)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("\n")
+    elif kind == "fifo":
+        os.mkfifo(path)  # no writer: opening it blocking would hang for ever
+    env = {"PVE_USER": "janitor@pve", "PVE_TOKEN_NAME": "sweep", "PVE_TOKEN_VALUE_FILE": str(path)}
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load_settings(env=env)
+    assert time.monotonic() - started < 5
+    [problem] = err.value.problems
+    assert problem.startswith("PVE_TOKEN_VALUE_FILE: ") and str(path) in problem
+    assert "the-token-content" not in problem
+    expected = {
+        "missing": "No such file or directory",
+        "unreadable": "Permission denied",
+        "directory": "is a directory, not a regular file",
+        "empty": "is empty",
+        "fifo": "is a FIFO, not a regular file",
+    }[kind]
+    assert expected in problem
+
+
+def test_a_systemd_credential_is_used_when_credentials_directory_is_set(tmp_path):
+    from receiver.config import CREDENTIALS, Origin, resolve
+
+    assert CREDENTIALS["CLEANUP_HOOK_SECRET"] == "pve-janitor.hook-secret"
+    (tmp_path / "pve-janitor.hook-secret").write_text("from-a-credential\n")
+    (tmp_path / "pve-janitor.admin-token").write_text("admin-from-a-credential")
+    (tmp_path / "some-other-service.token").write_text("not ours")
+    resolved = resolve({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert resolved.settings.hook_secret == "from-a-credential"
+    assert resolved.settings.admin_token == "admin-from-a-credential"
+    assert resolved.settings.pve_token_value == ""  # no such credential: not set, no problem
+    assert resolved.origins["CLEANUP_HOOK_SECRET"] == Origin("credential", "pve-janitor.hook-secret")
+
+
+def test_a_credential_and_the_variable_both_set_is_a_clear_error(tmp_path):
+    (tmp_path / "pve-janitor.hook-secret").write_text("from-a-credential\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"CREDENTIALS_DIRECTORY": str(tmp_path), "CLEANUP_HOOK_SECRET": "from-env"})
+    [problem] = err.value.problems
+    assert problem == (
+        "CLEANUP_HOOK_SECRET is given 2 ways (CLEANUP_HOOK_SECRET, the systemd credential "
+        "pve-janitor.hook-secret): give it one way"
+    )
+
+
+def test_the_secret_file_variables_are_known_names_and_only_in_the_environment(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("x" * 20)
+    assert load_settings(env={"CLEANUP_ADMIN_TOKEN_FILE": str(path)}).admin_token == "x" * 20
+    config = tmp_path / "janitor.toml"
+    config.write_text(f'CLEANUP_ADMIN_TOKEN_FILE = "{path}"\n')
+    with pytest.raises(ConfigError, match="unknown setting 'CLEANUP_ADMIN_TOKEN_FILE'"):
+        load_settings(env={"CLEANUP_CONFIG": str(config)})
+
+
+def test_a_previous_hook_secret_needs_a_current_one():
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"CLEANUP_HOOK_SECRET_PREVIOUS": "old-secret-123"})
+    assert err.value.problems == ["CLEANUP_HOOK_SECRET_PREVIOUS is set but CLEANUP_HOOK_SECRET is not"]
+    s = load_settings(env={"CLEANUP_HOOK_SECRET": "new-secret-456", "CLEANUP_HOOK_SECRET_PREVIOUS": "old-secret-123"})
+    assert "old-secret-123" in s.secrets() and "old-secret-123" not in repr(s)
+    assert s.public_summary()["hook_secret_previous"] == "(set)"
+
+
+# --- pve-janitor config ----------------------------------------------------------------
+
+
+def test_the_config_command_prints_every_setting_its_source_and_no_secret(tmp_path):
+    from receiver.config import without_settings
+
+    config = tmp_path / "janitor.toml"
+    config.write_text('CLEANUP_TABLE = "servers"\n')
+    token = tmp_path / "token"
+    token.write_text("tok-9f8e7d6c5b4a\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "pve-janitor.hook-secret").write_text("hook-1a2b3c4d5e6f")
+    env = without_settings(os.environ) | {
+        "CLEANUP_CONFIG": str(config),
+        "CLEANUP_INTERVAL_MINUTES": "1",
+        "DATABASE_URL": "postgresql+psycopg://janitor:pw-7g8h9i0j@db.example/platform",
+        "PVE_USER": "janitor@pve",
+        "PVE_TOKEN_NAME": "sweep",
+        "PVE_TOKEN_VALUE_FILE": str(token),
+        "CLEANUP_HOOK_SECRET_PREVIOUS": "old-hook-0z9y8x7w",
+        "CREDENTIALS_DIRECTORY": str(creds),
+    }
+    text = run_cli(["config"], env)
+    assert text.code == 0, text.err
+    lines = text.out.splitlines()
+    assert f"CLEANUP_TABLE=servers  (file: {config})" in lines
+    assert "CLEANUP_INTERVAL_MINUTES=5  (environment)" in lines
+    assert "CLEANUP_ACTION=delete  (default)" in lines
+    assert f"PVE_TOKEN_VALUE=(set, redacted)  (environment: PVE_TOKEN_VALUE_FILE={token})" in lines
+    assert "CLEANUP_HOOK_SECRET=(set, redacted)  (credential: pve-janitor.hook-secret)" in lines
+    assert "CLEANUP_ADMIN_TOKEN=(unset)  (default)" in lines
+    assert "DATABASE_URL=postgresql+psycopg://janitor:***@db.example/platform  (environment)" in lines
+    assert "warning: CLEANUP_INTERVAL_MINUTES=1 is below the minimum 5; using 5" in lines
+    as_json = run_cli(["config", "--json"], env)
+    assert as_json.code == 0, as_json.err
+    data = as_json.json()
+    by_name = {e["name"]: e for e in data["settings"]}
+    assert set(by_name) == set(VARIABLES) | {"CLEANUP_CONFIG"}
+    assert by_name["CLEANUP_HOOK_SECRET"] == {
+        "name": "CLEANUP_HOOK_SECRET",
+        "value": None,
+        "set": True,
+        "source": "credential",
+        "from": "pve-janitor.hook-secret",
+    }
+    assert by_name["CLEANUP_PORT_COLUMNS"]["value"] == ["public_port", "internal_port"]
+    assert by_name["CLEANUP_DRY_RUN"] == {"name": "CLEANUP_DRY_RUN", "value": False, "source": "default", "from": ""}
+    assert data["warnings"] == ["CLEANUP_INTERVAL_MINUTES=1 is below the minimum 5; using 5"]
+    for output in (text.out, text.err, as_json.out, as_json.err):
+        for secret in ("tok-9f8e7d6c5b4a", "hook-1a2b3c4d5e6f", "pw-7g8h9i0j", "old-hook-0z9y8x7w"):
+            assert secret not in output
+            assert secret[:6] not in output  # not even partly
+
+
+def test_the_config_command_exits_2_naming_every_problem(tmp_path):
+    from receiver.config import without_settings
+
+    env = without_settings(os.environ) | {"CLEANUP_ACTION": "nuke", "CLEANUP_HOOK_SECRET_FILE": str(tmp_path / "no")}
+    result = run_cli(["config"], env)
+    assert result.code == 2 and result.out == ""
+    assert "CLEANUP_ACTION='nuke' must be 'delete' or 'mark'" in result.err
+    assert f"CLEANUP_HOOK_SECRET_FILE: cannot read {tmp_path / 'no'}: No such file or directory" in result.err
