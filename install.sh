@@ -36,6 +36,9 @@ DEFAULT_SPOOL_DIR=/var/lib/pve-janitor/spool
 DEFAULT_TIMEOUT=2
 MIN_SECRET_LENGTH=16
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+# Set by find_source: where the product comes from (checkout or package), the
+# package's data directory (the unit template) and the hookscript to install.
+SOURCE="" DATA_DIR="" HOOK_SOURCE=""
 
 usage() {
     cat <<EOF
@@ -348,6 +351,38 @@ ensure_spool_dir() {
     done
 }
 
+# --- where the product comes from --------------------------------------------------
+
+# A checkout: install.sh beside pyproject.toml and receiver/. Otherwise an installed
+# package: the `pve-janitor` command (PVE_JANITOR_COMMAND, else PREFIX's venv, else
+# PATH) names its hookscript, and the unit template lies beside it (receiver/data/).
+find_source() {
+    local cmd="" candidate path
+    if [ -f "$REPO_DIR/pyproject.toml" ] && [ -d "$REPO_DIR/receiver" ]; then
+        SOURCE=checkout DATA_DIR=$REPO_DIR/receiver/data HOOK_SOURCE=$REPO_DIR/hookscript/$HOOK_NAME
+        return 0
+    fi
+    for candidate in "${PVE_JANITOR_COMMAND:-}" "$ROOT$PREFIX/venv/bin/pve-janitor" "$(command -v pve-janitor 2>/dev/null || true)"; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ]; then cmd=$candidate && break; fi
+    done
+    [ -n "$cmd" ] ||
+        die "$REPO_DIR is not a pve-janitor checkout, and no installed pve-janitor was found (PVE_JANITOR_COMMAND, $PREFIX/venv/bin/pve-janitor, PATH): run install.sh from a checkout, or install the package first (docs/install-script.md, \"From an installed package\")"
+    path=$("$cmd" hookscript --path 2>/dev/null) || path=""
+    { [ -n "$path" ] && [ -f "$path" ]; } ||
+        die "'$cmd hookscript --path' names no hookscript: that pve-janitor is too old or not pve-janitor; install the package again"
+    SOURCE=package DATA_DIR=$(dirname "$path") HOOK_SOURCE=$path
+}
+
+# The package extra the driver of a DATABASE_URL comes with, or nothing (SQLite).
+url_extra() {
+    local scheme=${1%%://*}
+    [ "$scheme" != "$1" ] || return 0
+    case ${scheme%%+*} in
+    postgresql | postgres) printf postgres ;;
+    mysql | mariadb) printf mysql ;;
+    esac
+}
+
 # --- receiver ---------------------------------------------------------------------
 
 generate_secret() {
@@ -364,6 +399,7 @@ source_fingerprint() {
         cd "$REPO_DIR"
         local files=(pyproject.toml)
         [ -f README.md ] && files+=(README.md)
+        [ -f constraints.txt ] && files+=(constraints.txt)
         find "${files[@]}" receiver -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 |
             LC_ALL=C sort -z | xargs -0 sha256sum
         printf 'extras=%s\npip-args=%s\n' "$EXTRAS" "${PVE_JANITOR_PIP_ARGS:-}"
@@ -424,73 +460,20 @@ legacy_rw_path() {
     fi
 }
 
+# The unit: the package's receiver/data/pve-janitor.service, with this install's
+# header and prefix, and the old layout's state directory when it still holds files.
 unit_text() {
-    cat <<EOF
-# Written by pve-janitor's install.sh; running it again rewrites this file.
-# Local changes belong in a drop-in: systemctl edit $SERVICE
-[Unit]
-Description=pve-janitor receiver: removes ghost rows of destroyed Proxmox guests
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-# serve says READY=1 once it listens, and sends watchdog keep-alives only while its
-# watcher and scheduler run: systemd restarts a receiver whose background threads died.
-Type=notify
-NotifyAccess=main
-WatchdogSec=30
-User=$SERVICE_USER
-Group=$SERVICE_USER
-EnvironmentFile=$ENV_FILE
-ExecStart=$PREFIX/venv/bin/pve-janitor serve
-WorkingDirectory=$RECEIVER_STATE_DIR
-Restart=on-failure
-RestartSec=5
-# 2 is a configuration error: restarting cannot fix it. 3 (the database does not
-# answer, the port is in use) and a missed watchdog are retried.
-RestartPreventExitStatus=2
-# Only the innermost directory is the service user's; systemd keeps the parent root's.
-StateDirectory=$SERVICE/receiver
-StateDirectoryMode=0750
-UMask=0077
-
-# Sandbox (systemd-analyze security: exposure 1.1; docs/install.md "The service's
-# sandbox"). The network stays open: it must reach Proxmox and the database.
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateUsers=yes
-PrivateMounts=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-ProtectProc=invisible
-ProcSubset=pid
-RestrictSUIDSGID=yes
-RestrictRealtime=yes
-RemoveIPC=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RestrictNamespaces=yes
-CapabilityBoundingSet=
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
-ReadWritePaths=$RECEIVER_STATE_DIR
-RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
-EOF
+    local template body
+    template=$(cat "$DATA_DIR/$SERVICE.service") || die "cannot read the unit template $DATA_DIR/$SERVICE.service"
+    [[ $template == *$'\n[Unit]'* && $template == *$'\n[Install]'* ]] ||
+        die "$DATA_DIR/$SERVICE.service is not pve-janitor's unit (no [Unit] or [Install] section)"
+    body="[Unit]${template#*$'\n[Unit]'}" # the shipped header comment gives way to this one
+    body=${body//"$DEFAULT_PREFIX/venv/"/"$PREFIX/venv/"}
+    printf "# Written by pve-janitor's install.sh; running it again rewrites this file.\n"
+    printf '# Local changes belong in a drop-in: systemctl edit %s\n' "$SERVICE"
+    printf '%s\n' "${body%%$'\n[Install]'*}"
     legacy_rw_path
-    cat <<EOF
-
-[Install]
-WantedBy=multi-user.target
-EOF
+    printf '\n[Install]%s\n' "${body#*$'\n[Install]'}"
 }
 
 systemd_running() {
@@ -503,12 +486,17 @@ systemd_running() {
 }
 
 install_receiver() {
-    local venv="$ROOT$PREFIX/venv" owner fingerprint stamp nologin changed=0 name value status
+    local venv="$ROOT$PREFIX/venv" owner fingerprint stamp nologin changed=0 name value status extra
     local -a pip_extra=()
 
     require_root "$PREFIX"
-    { [ -f "$REPO_DIR/pyproject.toml" ] && [ -d "$REPO_DIR/receiver" ]; } ||
-        die "$REPO_DIR is not a pve-janitor checkout (no pyproject.toml or receiver/): run install.sh from the repository"
+    find_source
+    if [ "$SOURCE" = package ] && [ ! -x "$venv/bin/pve-janitor" ]; then
+        die "$REPO_DIR is not a pve-janitor checkout, and $PREFIX/venv has no pve-janitor: run install.sh from a checkout, or install the package into that venv first: $PYTHON -m venv $PREFIX/venv && $PREFIX/venv/bin/pip install 'pve-janitor[postgres]' (docs/install-script.md)"
+    fi
+    if [ -n "$ROOT" ] && { [ ! -f "$ROOT/etc/passwd" ] || [ ! -f "$ROOT/etc/group" ]; }; then
+        die "--root $ROOT has no etc/passwd and etc/group, where the service user $SERVICE_USER is added (useradd --prefix): give --root a system tree, e.g. a container's root file system"
+    fi
     command -v "$PYTHON" >/dev/null 2>&1 ||
         die "$PYTHON not found: install Python 3.10 or newer (or set PVE_JANITOR_PYTHON)"
     "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' ||
@@ -527,9 +515,11 @@ install_receiver() {
         [ -x "$nologin" ] || nologin=/sbin/nologin
         [ -x "$nologin" ] || nologin=/bin/false
         if [ -n "$ROOT" ]; then
-            run useradd --prefix "$ROOT" --system --user-group --home-dir "$RECEIVER_STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER"
+            run useradd --prefix "$ROOT" --system --user-group --home-dir "$RECEIVER_STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER" ||
+                die "useradd could not add $SERVICE_USER to $ROOT/etc/passwd"
         else
-            run useradd --system --user-group --home-dir "$RECEIVER_STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER"
+            run useradd --system --user-group --home-dir "$RECEIVER_STATE_DIR" --no-create-home --shell "$nologin" "$SERVICE_USER" ||
+                die "useradd could not add $SERVICE_USER: create the system user yourself, then run $PROG again"
         fi
     else
         say "  user $SERVICE_USER: exists"
@@ -543,26 +533,41 @@ install_receiver() {
     ensure_dir "$ROOT$CONF_DIR" 0755
     setup_state_dirs "$owner"
 
-    # The venv and the package.
-    if [ -x "$venv/bin/python" ]; then
-        say "  venv $venv: exists"
-    else
-        run "$PYTHON" -m venv "$venv" ||
-            die "could not create the venv $venv (on Debian/Ubuntu: apt-get install python3-venv)"
+    # The extra that brings DATABASE_URL's driver: the env file's, else the environment's.
+    extra=$(url_extra "$(conf_get "$ROOT$ENV_FILE" DATABASE_URL)")
+    [ -n "$extra" ] || [ -n "$(conf_get "$ROOT$ENV_FILE" DATABASE_URL)" ] || extra=$(url_extra "${DATABASE_URL:-}")
+    if [ -n "$extra" ] && [[ ",$EXTRAS," != *",$extra,"* ]]; then
+        EXTRAS=${EXTRAS:+$EXTRAS,}$extra
+        say "  extras: $extra (the driver DATABASE_URL needs)"
     fi
-    fingerprint=$(source_fingerprint)
-    stamp=$(cat "$venv/.pve-janitor-source" 2>/dev/null || true)
-    if [ -x "$venv/bin/pve-janitor" ] && [ "$stamp" = "$fingerprint" ]; then
-        say "  package: up to date with $REPO_DIR"
+
+    # The venv and the package: a checkout's, installed with the tested versions
+    # (constraints.txt); an installed package is the operator's and stays as it is.
+    if [ "$SOURCE" = package ]; then
+        say "  package: installed in $venv (install.sh leaves it as it is)"
+        [ -z "$EXTRAS" ] || say "  extras $EXTRAS: if missing, $PREFIX/venv/bin/pip install 'pve-janitor[$EXTRAS]'"
     else
-        run "$venv/bin/pip" install --disable-pip-version-check ${pip_extra[@]+"${pip_extra[@]}"} "$REPO_DIR${EXTRAS:+[$EXTRAS]}" ||
-            die "pip install failed (extra pip arguments come from PVE_JANITOR_PIP_ARGS)"
-        if [ "$DRY_RUN" = 1 ]; then
-            say "DRY-RUN: write $venv/.pve-janitor-source"
+        if [ -x "$venv/bin/python" ]; then
+            say "  venv $venv: exists"
         else
-            printf '%s\n' "$fingerprint" >"$venv/.pve-janitor-source"
+            run "$PYTHON" -m venv "$venv" ||
+                die "could not create the venv $venv (on Debian/Ubuntu: apt-get install python3-venv)"
         fi
-        changed=1
+        fingerprint=$(source_fingerprint)
+        stamp=$(cat "$venv/.pve-janitor-source" 2>/dev/null || true)
+        if [ -x "$venv/bin/pve-janitor" ] && [ "$stamp" = "$fingerprint" ]; then
+            say "  package: up to date with $REPO_DIR"
+        else
+            [ ! -f "$REPO_DIR/constraints.txt" ] || pip_extra+=(--constraint "$REPO_DIR/constraints.txt")
+            run "$venv/bin/pip" install --disable-pip-version-check ${pip_extra[@]+"${pip_extra[@]}"} "$REPO_DIR${EXTRAS:+[$EXTRAS]}" ||
+                die "pip install failed (extra pip arguments come from PVE_JANITOR_PIP_ARGS)"
+            if [ "$DRY_RUN" = 1 ]; then
+                say "DRY-RUN: write $venv/.pve-janitor-source"
+            else
+                printf '%s\n' "$fingerprint" >"$venv/.pve-janitor-source"
+            fi
+            changed=1
+        fi
     fi
 
     # The environment file: secrets generated once, everything that is there kept.
@@ -748,7 +753,7 @@ guest_hookscript() { # TOOL VMID -> the hookscript volume, or nothing; status 1 
 }
 
 install_node() {
-    local src="$REPO_DIR/hookscript/$HOOK_NAME" dest="$ROOT$SNIPPETS_DIR/$HOOK_NAME" conf="$ROOT$HOOK_CONF"
+    local src dest="$ROOT$SNIPPETS_DIR/$HOOK_NAME" conf="$ROOT$HOOK_CONF"
     local tool missing=() vmid kind current chain_path existing_chain new_chain="" line key out seen spool
     local -a guests=() to_attach=() attach_kinds=() skipped=() failed=() already=() chained=() others=() lacking=()
     local -A ct_ids=() vm_ids=() want=()
@@ -760,7 +765,9 @@ install_node() {
     if [ "${#missing[@]}" -gt 0 ]; then
         die "${missing[*]} not found on PATH: '$PROG node' must run on a Proxmox VE node (install the receiver elsewhere with '$PROG receiver')"
     fi
-    [ -f "$src" ] || die "$src not found: run install.sh from a complete checkout"
+    find_source
+    src=$HOOK_SOURCE
+    [ -f "$src" ] || die "$src not found: run install.sh from a complete checkout, or from an installed package"
     if [ -z "$ROOT" ] && ! /usr/bin/python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null; then
         die "/usr/bin/python3 (3.9 or newer) is missing: the hookscript needs it, and a hookscript that cannot run stops guests from starting"
     fi

@@ -230,11 +230,18 @@ class Env:
         return out
 
 
+# The root's files before install.sh runs: empty user and group files.
+SYSTEM_TREE = {"etc/group": (0o644, b""), "etc/passwd": (0o644, b"")}
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     root, bindir, state = tmp_path / "root", tmp_path / "bin", tmp_path / "state"
-    for d in (root, bindir, state / "lxc", state / "qemu"):
+    for d in (root / "etc", bindir, state / "lxc", state / "qemu"):
         d.mkdir(parents=True)
+    for name in SYSTEM_TREE:  # a system tree, as useradd --prefix needs
+        (root / name).write_text("")
+        (root / name).chmod(0o644)
     for name, text in FAKES.items():
         (bindir / name).write_text(text)
         (bindir / name).chmod(0o755)
@@ -508,9 +515,10 @@ def test_receiver_reinstalls_and_restarts_when_the_package_changed(env: Env) -> 
 
 
 def test_receiver_dry_run_writes_nothing(env: Env) -> None:
+    before = env.tree()
     result = env.run("receiver", "--dry-run", extra_env={"PVE_JANITOR_ASSUME_SYSTEMD": "1"})
     assert_ok(result)
-    assert env.tree() == {} and not any(env.root.iterdir())
+    assert env.tree() == before == SYSTEM_TREE and [p.name for p in env.root.iterdir()] == ["etc"]
     assert [c for c in env.calls() if STATE_CHANGING.match(c)] == []
     lines = result.stdout.splitlines()
     for expected in (
@@ -527,7 +535,7 @@ def test_receiver_rejects_node_options(env: Env) -> None:
     result = env.run("receiver", "--url", URL)
     assert result.returncode == 2
     assert "--url is for node mode" in result.stderr
-    assert env.tree() == {}
+    assert env.tree() == SYSTEM_TREE
 
 
 # --- node -------------------------------------------------------------------------
@@ -930,7 +938,7 @@ def test_usage_errors_exit_2(env: Env, args: list[str], message: str) -> None:
     result = env.run(*args)
     assert result.returncode == 2
     assert message in result.stderr
-    assert env.tree() == {}
+    assert env.tree() == SYSTEM_TREE
 
 
 def test_help_exits_0() -> None:
