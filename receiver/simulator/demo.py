@@ -27,12 +27,12 @@ import sqlalchemy as sa
 
 from ..config import without_settings
 from ..db import make_engine
+from ..shipped import HOOKSCRIPT
 from . import launch
 from .launch import Launched, free_port
 from .proxmox import ProxmoxSimulator
 from .scene import ERROR_VMIDS, RUNNING_VMIDS, seed_database, seed_guests
 
-HOOKSCRIPT = Path(__file__).resolve().parents[2] / "hookscript" / "pve-janitor-hook"
 UNHOOKED_VMID = RUNNING_VMIDS[-1]  # the guest whose hookscript was never attached
 
 
@@ -210,7 +210,7 @@ def run(once: bool, echo: Callable[[str], None] = print) -> int:
         demo = Demo(Path(workdir), echo)
         try:
             if not HOOKSCRIPT.exists():
-                raise StepFailed(f"the hookscript is not at {HOOKSCRIPT}: run the demo from a checkout")
+                raise StepFailed(f"the hookscript is not at {HOOKSCRIPT}: reinstall pve-janitor")
             demo.start()
             demo.story()
             echo("\nEvery step happened.")
