@@ -7,6 +7,7 @@ nothing changed.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -78,7 +79,12 @@ def _init_logging(ctx: click.Context, settings: Settings, level: int | None = No
 @main.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """Run the receiver: HTTP API, watcher and the scheduled sweep."""
+    """Run the receiver: HTTP API, watcher and the scheduled sweep.
+
+    Exit codes: 0 stopped (SIGTERM, SIGINT); 2 bad configuration, which a restart
+    cannot fix; 3 cannot start now (the database does not answer, CLEANUP_BIND's port
+    is in use or its address not yet up), which a restart may fix.
+    """
     from .serve import serve as run_server
 
     settings = _settings()
@@ -90,7 +96,10 @@ def serve(ctx: click.Context) -> None:
     except DatabaseError as exc:
         _fail(EXIT_REFUSED, f"database error: {exc}")
     except OSError as exc:
-        _fail(EXIT_CONFIG, f"CLEANUP_BIND={settings.bind_host}:{settings.bind_port}: cannot listen: {exc.strerror}")
+        where = f"CLEANUP_BIND={settings.bind_host}:{settings.bind_port}"
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):  # another process, or the network not up yet
+            _fail(EXIT_REFUSED, f"{where}: cannot listen now: {exc.strerror} (a restart may succeed)")
+        _fail(EXIT_CONFIG, f"{where}: cannot listen: {exc.strerror}")
     sys.exit(code)
 
 

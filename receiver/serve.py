@@ -5,6 +5,8 @@ pool, no fork model to reason about (the watcher and the scheduler are threads
 of this one process) and clean shutdown on SIGTERM: it stops taking requests
 and lets the requests in flight finish.  Then the scheduler and the watcher
 are shut down (each finishes its transaction in flight) and the process exits 0.
+Under systemd (``Type=notify``) it says ``READY=1`` once it listens and sends watchdog
+keep-alives only while the watcher and the scheduler run (:mod:`receiver.notify`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from waitress.server import create_server
 
+from . import notify
 from .app import create_app
 from .config import Settings
 from .events import MAX_BODY_BYTES
@@ -28,6 +31,8 @@ from .schedule import make_scheduler, request_sweep
 from .watcher import Watcher
 
 if TYPE_CHECKING:  # types only: no import at run time
+    from apscheduler.schedulers.base import BaseScheduler
+
     from .result import SweepResult
 
 logger = logging.getLogger(__name__)
@@ -84,6 +89,15 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
     }
 
 
+def background_trouble(watcher: Watcher, scheduler: BaseScheduler) -> str | None:
+    """What holds back the watchdog's keep-alives: None while the watcher and the scheduler run."""
+    if not watcher.alive():
+        return "watcher: not running"
+    if not scheduler.running:
+        return "scheduler: not running"
+    return None
+
+
 def _stop_on_signal(signum, _frame) -> None:
     raise SystemExit(0)
 
@@ -114,10 +128,15 @@ def serve(settings: Settings) -> int:
         settings.interval_minutes,
         "enabled" if settings.enabled else "DISABLED: nothing is changed",
     )
+    keepalive = notify.start_keepalive(partial(background_trouble, parts["watcher"], parts["scheduler"]))
+    notify.ready(f"listening on {settings.bind_host}:{port}")
     try:
         server.run()  # returns after SIGTERM/SIGINT, once requests in flight are done
     finally:
         logger.info("shutting down: scheduler, watcher")
+        notify.stopping()
+        if keepalive is not None:
+            keepalive.stop()
         server.close()
         parts["scheduler"].shutdown(wait=True)
         parts["watcher"].stop()
