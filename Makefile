@@ -4,16 +4,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test lint demo bench reliability venv clean
+.PHONY: test lint demo bench reliability venv constraints clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,simulator,lint]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,simulator,lint]'
 	touch $(STAMP)
 
+# PostgreSQL and MariaDB tests run when those servers answer on 127.0.0.1's default ports
+# (tests/conftest.py; JANITOR_TEST_POSTGRES_URL / JANITOR_TEST_MYSQL_URL override the URLs).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -34,6 +36,10 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/pve-janitor demo $(DEMO_ARGS)
+
+# After a deliberate upgrade of the venv that the tests passed with: pin those versions.
+constraints: $(STAMP)
+	$(PY) .ci/constraints.py >constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info
