@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .checks import Checkup, Verdict
+from .cli_db import db
 from .config import ConfigError, Settings, load_settings
 from .db import DatabaseError
 from .history import audit_entries
@@ -297,6 +298,9 @@ def simulator(host: str, port: int, scene: str, seed_db: str | None) -> None:
         engine.dispose()
         click.echo(f"export DATABASE_URL=sqlite:///{seed_db}")
     run_standalone(host=host, port=port, scene=scene, print_fn=click.echo)
+
+
+main.add_command(db)  # pve-janitor db upgrade | current (receiver/cli_db.py)
 
 
 if __name__ == "__main__":  # pragma: no cover

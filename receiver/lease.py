@@ -66,8 +66,10 @@ def _holder_is_dead(holder: str) -> bool:
 
 
 class Lease:
-    def __init__(self, engine: Engine, ttl_seconds: float, holder: str | None = None):
+    def __init__(self, engine: Engine, ttl_seconds: float, holder: str | None = None, name: str = NAME):
+        """``name`` is the row: the sweep lease by default; ``receiver.schema`` takes another to migrate."""
         self.engine = engine
+        self.name = name
         self.ttl = timedelta(seconds=ttl_seconds)
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}:{uuid.uuid4().hex[:8]}"
         self.held = False
@@ -101,20 +103,21 @@ class Lease:
         now = utcnow()
         try:
             with write_transaction(self.engine) as conn:
-                stmt = sa.select(t).where(t.c.name == NAME)
+                stmt = sa.select(t).where(t.c.name == self.name)
                 if conn.dialect.name != "sqlite":
                     stmt = stmt.with_for_update()
                 row = conn.execute(stmt).mappings().first()
                 if row is None:
                     try:
                         with conn.begin_nested():
-                            conn.execute(t.insert().values(name=NAME, holder=self.holder, expires_at=now + self.ttl))
+                            values = {"name": self.name, "holder": self.holder, "expires_at": now + self.ttl}
+                            conn.execute(t.insert().values(**values))
                         held = True
                     except IntegrityError:
                         held = False
                 elif row["holder"] == self.holder or row["expires_at"] <= now or _holder_is_dead(row["holder"]):
                     conn.execute(
-                        t.update().where(t.c.name == NAME).values(holder=self.holder, expires_at=now + self.ttl)
+                        t.update().where(t.c.name == self.name).values(holder=self.holder, expires_at=now + self.ttl)
                     )
                     held = True
                 else:
@@ -133,7 +136,7 @@ class Lease:
         try:
             with self.engine.begin() as conn:
                 conn.execute(
-                    store.lease.delete().where(store.lease.c.name == NAME, store.lease.c.holder == self.holder)
+                    store.lease.delete().where(store.lease.c.name == self.name, store.lease.c.holder == self.holder)
                 )
         except SQLAlchemyError:
             logger.warning("lease: could not release; it expires by itself")
@@ -141,5 +144,5 @@ class Lease:
 
     def current_holder(self) -> str | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(store.lease).where(store.lease.c.name == NAME)).mappings().first()
+            row = conn.execute(sa.select(store.lease).where(store.lease.c.name == self.name)).mappings().first()
         return row["holder"] if row and row["expires_at"] > utcnow() else None

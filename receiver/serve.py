@@ -66,7 +66,7 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
     metrics = Metrics()
     on_sweep = partial(record_sweep, metrics)
     if runtime is None:
-        runtime = Runtime.build(settings, on_read=metrics.inventory_read, on_sweep=on_sweep)
+        runtime = Runtime.build(settings, on_read=metrics.inventory_read, on_sweep=on_sweep, upgrade=True)
     else:
         runtime = Runtime.build(
             settings, engine=runtime.engine, inventory=runtime.inventory, on_sweep=on_sweep, clock=runtime.clock

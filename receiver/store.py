@@ -4,6 +4,11 @@ Keeping them beside the platform table is what makes "audit in the same
 transaction as the deletion" possible, and lets counters, the event inbox and
 the sweep lease survive restarts and be shared by several receivers.
 
+These definitions describe the newest schema, the one the code reads and writes.  They
+never create anything: the tables are made and changed by the migrations in
+``receiver/migrations`` (``receiver/schema.py`` runs them), and a change here goes with a
+new migration there.
+
 Timestamps are stored as naive UTC (portable across SQLite, PostgreSQL and
 MariaDB) and come back timezone-aware.
 """
@@ -109,9 +114,6 @@ watch = sa.Table(
     sa.Column("since", UTCDateTime, nullable=False),
     sa.Column("until", UTCDateTime, nullable=False),
     sa.Column("hint", sa.String(16), nullable=False),  # stop event or destroy task
-    # No longer read: the removal pipeline confirms with a read of its own.  Dropped with the
-    # first schema migration.
-    sa.Column("missing_reads", sa.Integer, nullable=False, server_default="0"),
 )
 
 stop_marks = sa.Table(
@@ -134,20 +136,6 @@ lease = sa.Table(
 COUNTERS = ("ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed", "rows_marked", "rows_restored")
 KEEP_ERRORS = 50
 KEEP_RUNS = 500
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Create our tables when missing and seed the counters (idempotent, safe to race)."""
-    metadata.create_all(engine, checkfirst=True)
-    with engine.begin() as conn:
-        present = set(conn.execute(sa.select(counters.c.name)).scalars())
-        missing = [{"name": n, "value": 0} for n in COUNTERS if n not in present]
-        if missing:
-            try:
-                with conn.begin_nested():
-                    conn.execute(counters.insert(), missing)
-            except sa.exc.IntegrityError:
-                pass  # another receiver seeded them first
 
 
 def insert_audit(conn: Connection, entries: list[dict[str, Any]]) -> None:

@@ -60,7 +60,7 @@ def upsert(conn: sa.Connection, watches: Watches, vmid: int, now: datetime, unti
     """
     w = store.watch
     if vmid not in watches:
-        fresh = {"vmid": vmid, "since": now, "until": until, "hint": hint, "missing_reads": 0}
+        fresh = {"vmid": vmid, "since": now, "until": until, "hint": hint}
         try:
             with conn.begin_nested():
                 conn.execute(w.insert().values(**fresh))

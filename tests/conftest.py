@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from receiver.config import load_settings, without_settings
 from receiver.db import make_engine
 from receiver.runtime import Runtime
+from receiver.schema import upgrade
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.launch import cli_command
 from receiver.simulator.scene import app_row, create_apps_table, load_into, seed_database
@@ -40,7 +41,7 @@ class Database:
     engine: sa.Engine
 
 
-def _server_database(kind: str) -> Generator[Database, None, None]:
+def _server_database(kind: str, migrated: bool = True) -> Generator[Database, None, None]:
     env = PG_ENV if kind == "postgres" else MY_ENV
     base = os.environ.get(env)
     if not base:
@@ -60,6 +61,8 @@ def _server_database(kind: str) -> Generator[Database, None, None]:
             url = url_obj.set(database=name).render_as_string(hide_password=False)
     engine = make_engine(url)
     try:
+        if migrated:
+            upgrade(engine)
         yield Database(kind, url, engine)
     finally:
         engine.dispose()
@@ -68,9 +71,12 @@ def _server_database(kind: str) -> Generator[Database, None, None]:
         admin.dispose()
 
 
-def _sqlite_database(tmp_path: Path) -> Generator[Database, None, None]:
+def _sqlite_database(tmp_path: Path, migrated: bool = True) -> Generator[Database, None, None]:
+    """``migrated``: pve-janitor's tables made, as ``pve-janitor db upgrade`` makes them on an install."""
     url = f"sqlite:///{tmp_path / 'platform.db'}"
     engine = make_engine(url)
+    if migrated:
+        upgrade(engine)
     yield Database("sqlite", url, engine)
     engine.dispose()
 

@@ -294,7 +294,6 @@ def _entry(i, **changes):
 
 def test_audit_entries_read_back_the_same_on_every_database(any_db):
     # PostgreSQL writes them with COPY, the others with an INSERT: the same values either way.
-    store.ensure_schema(any_db.engine)
     entries = [_entry(i) for i in range(3)] + [_entry(3, hostname=None, vmid=None, detail=None)]
     with any_db.engine.begin() as conn:
         store.insert_audit(conn, entries)
@@ -307,7 +306,6 @@ def test_audit_entries_read_back_the_same_on_every_database(any_db):
 
 
 def test_a_failing_audit_write_is_a_database_error_and_writes_nothing(postgres_db):
-    store.ensure_schema(postgres_db.engine)
     with pytest.raises(sa.exc.DBAPIError) as failed:
         with postgres_db.engine.begin() as conn:
             store.insert_audit(conn, [_entry(0), _entry(1, row_json=None)])  # row_json is NOT NULL

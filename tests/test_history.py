@@ -14,7 +14,6 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 @pytest.fixture
 def db(any_db):
-    store.ensure_schema(any_db.engine)
     with any_db.engine.begin() as conn:
         store.insert_audit(
             conn,
@@ -65,5 +64,4 @@ def test_before_pages_on_to_older_entries(db):
 
 
 def test_no_entries(any_db):
-    store.ensure_schema(any_db.engine)
     assert audit_entries(any_db.engine) == []

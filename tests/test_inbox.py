@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from receiver import store
+from receiver import schema, store
 from receiver.db import make_engine
 from receiver.inbox import KEEP_PROCESSED, Inbox
 from receiver.model import Event
@@ -19,7 +19,6 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 @pytest.fixture
 def db(any_db):
-    store.ensure_schema(any_db.engine)
     return any_db
 
 
@@ -204,7 +203,7 @@ def test_a_database_error_reaches_the_caller_and_the_inbox_recovers(tmp_path):
         inbox = Inbox(engine)
         with pytest.raises(SQLAlchemyError):
             inbox.accept(event("e-1"))  # no janitor_inbox table yet
-        store.ensure_schema(engine)
+        schema.upgrade(engine)
         assert inbox.accept(event("e-1")) is True
         assert inbox.backlog() == 1
     finally:

@@ -21,7 +21,6 @@ from receiver.timeutil import utcnow
 
 @pytest.fixture
 def db(any_db):
-    store.ensure_schema(any_db.engine)
     return any_db
 
 
@@ -65,7 +64,6 @@ def test_the_default_holder_names_this_host_and_process(db):
 
 
 def test_renewal_moves_the_expiry_on(sqlite_db):
-    store.ensure_schema(sqlite_db.engine)
     lease = Lease(sqlite_db.engine, ttl_seconds=0.6, holder="a")
     assert lease.acquire()
     [first] = lease_rows(sqlite_db.engine)
@@ -77,7 +75,6 @@ def test_renewal_moves_the_expiry_on(sqlite_db):
 
 
 def test_an_unrenewed_lease_expires_and_is_taken_over(sqlite_db):
-    store.ensure_schema(sqlite_db.engine)
     a, b = Lease(sqlite_db.engine, 0.3, holder="a"), Lease(sqlite_db.engine, 0.3, holder="b")
     assert a.acquire()
     assert not b.acquire()
@@ -132,7 +129,6 @@ def _namespace() -> str:
     ],
 )
 def test_an_unexpired_lease_of_a_dead_process_on_this_host_is_taken_at_once(sqlite_db, holder, taken):
-    store.ensure_schema(sqlite_db.engine)
     put_lease(sqlite_db.engine, holder(), timedelta(minutes=5))
     assert Lease(sqlite_db.engine, 30, holder="me").acquire() is taken
 
@@ -183,7 +179,6 @@ def test_release_lets_the_next_receiver_take_over_at_once(db):
 
 
 def test_release_never_removes_another_holder_s_lease(sqlite_db):
-    store.ensure_schema(sqlite_db.engine)
     a, b = Lease(sqlite_db.engine, 0.2, holder="a"), Lease(sqlite_db.engine, 30, holder="b")
     assert a.acquire()
     time.sleep(0.3)
@@ -205,7 +200,6 @@ def test_a_database_error_means_follower(tmp_path):
 
 
 def test_a_leader_that_meets_a_database_error_steps_down(sqlite_db):
-    store.ensure_schema(sqlite_db.engine)
     lease = Lease(sqlite_db.engine, 0.6, holder="a")
     assert lease.acquire()
     with sqlite_db.engine.begin() as conn:

@@ -21,7 +21,6 @@ def table(any_db):
     with any_db.engine.begin() as conn:
         conn.execute(apps.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in (100, 101, 102)])
         conn.execute(apps.update().where(apps.c.lxc_id == 102).values(status="maintenance"))
-    store.ensure_schema(any_db.engine)
     return PlatformTable(any_db.engine, load_settings(env={}))
 
 

@@ -36,31 +36,9 @@ AWKWARD = {
 
 @pytest.fixture
 def db(any_db):
-    store.ensure_schema(any_db.engine)
+    """A database with pve-janitor's tables at this version's revision (conftest migrates it;
+    the migrations themselves are tested in tests/test_migrations.py)."""
     return any_db
-
-
-def test_ensure_schema_creates_the_tables_and_seeds_the_counters_once(any_db):
-    store.ensure_schema(any_db.engine)
-    tables = set(sa.inspect(any_db.engine).get_table_names())
-    assert {t.name for t in store.metadata.sorted_tables} <= tables
-    with any_db.engine.begin() as conn:
-        store.add_counters(conn, {"total_removed": 5})
-    store.ensure_schema(any_db.engine)  # again: nothing created twice, nothing reset
-    with any_db.engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(store.counters)).scalar_one() == len(store.COUNTERS)
-        assert store.read_counters(conn)["total_removed"] == 5
-
-
-def test_ensure_schema_seeds_only_the_missing_counters(sqlite_db):
-    store.ensure_schema(sqlite_db.engine)
-    with sqlite_db.engine.begin() as conn:
-        conn.execute(store.counters.delete().where(store.counters.c.name == "rows_restored"))
-        store.add_counters(conn, {"ports_freed": 2})
-    store.ensure_schema(sqlite_db.engine)
-    with sqlite_db.engine.connect() as conn:
-        rows = dict(conn.execute(sa.select(store.counters.c.name, store.counters.c.value)).all())
-    assert rows == {**{n: 0 for n in store.COUNTERS}, "ports_freed": 2}
 
 
 def test_encode_row_is_json_and_decodes_to_the_same_values():
@@ -227,7 +205,6 @@ def test_last_run_and_last_success(db):
 
 
 def test_runs_are_bounded(sqlite_db):
-    store.ensure_schema(sqlite_db.engine)
     for i in range(store.KEEP_RUNS + 3):
         store.record_run(sqlite_db.engine, **run_values("done", T0 + dt.timedelta(minutes=i)))
     with sqlite_db.engine.connect() as conn:

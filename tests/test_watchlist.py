@@ -15,7 +15,6 @@ from receiver.timeutil import utcnow
 
 @pytest.fixture
 def engine(any_db):
-    store.ensure_schema(any_db.engine)
     return any_db.engine
 
 
@@ -41,13 +40,14 @@ def test_a_new_watch_then_a_later_hint_extends_it(engine):
 def test_watching_a_vmid_another_receiver_just_watched_is_not_an_error(engine):
     """Two leaders for a moment (fail-over) both drain the same stop event."""
     now = utcnow()
+    earlier = now.replace(microsecond=0) - timedelta(minutes=1)
     with write_transaction(engine) as conn:
-        conn.execute(store.watch.insert().values(vmid=179, since=now, until=now, hint="stop", missing_reads=1))
+        conn.execute(store.watch.insert().values(vmid=179, since=earlier, until=now, hint="stop"))
     with write_transaction(engine) as conn:
         watchlist.upsert(conn, {}, 179, now, now + timedelta(minutes=10), "stop")  # stale view: not watched
     with engine.connect() as conn:
         row = conn.execute(sa.select(store.watch)).mappings().one()
-    assert row["vmid"] == 179 and row["until"] > now and row["missing_reads"] == 1
+    assert row["vmid"] == 179 and row["until"] > now and row["since"] == earlier  # extended, not made anew
 
 
 def test_read_of_some_vmids_returns_only_theirs(engine):
