@@ -7,23 +7,31 @@ watcher, which does the rest.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, g, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .config import Settings
 from .db import describe_db_error
 from .events import MAX_BODY_BYTES, SIGNATURE_HEADER, TIMESTAMP_HEADER, EventRejected, parse_event, verify_signature
-from .model import Event
+from .logs import Throttle
+from .model import Event, Rejection
 from .web import error, janitor, json_response
 
 logger = logging.getLogger(__name__)
 
 events = Blueprint("events", __name__)
+
+REJECTION_LOG_PERIOD_S = 60.0  # at most one line per source address and reason in this time
+_NODE = re.compile(r"[\x21-\x7e]{1,64}")
+_SIGNED = (Rejection.CONTENT_TYPE, Rejection.MALFORMED)  # refused after the signature was checked
+_BY_STATUS = {503: Rejection.NOT_CONFIGURED, 413: Rejection.TOO_LARGE, 415: Rejection.CONTENT_TYPE}
 
 
 @events.post("/api/v1/events")
@@ -34,7 +42,9 @@ def post_event() -> Response:
         event = _read_event(j.settings)
     except EventRejected as exc:
         j.metrics.event("unknown", "rejected")
-        logger.info("event rejected (%s): %s", exc.status, exc.message)
+        reason = rejection_reason(exc)
+        j.metrics.rejected(reason)
+        _log_rejection(exc, reason)
         return error(exc.status, exc.message)
     try:
         new = j.inbox.accept(event)
@@ -70,6 +80,7 @@ def _read_event(settings: Settings) -> Event:
         raise too_large from None
     if len(body) > MAX_BODY_BYTES:
         raise too_large
+    g.event_body = body  # for the log line, should the event be rejected
     now = time.time()
     verify_signature(
         settings.hook_secret, request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER), body, now
@@ -77,3 +88,48 @@ def _read_event(settings: Settings) -> Event:
     if request.mimetype != "application/json":
         raise EventRejected(415, "Content-Type must be application/json")
     return parse_event(body, now)
+
+
+def rejection_reason(exc: EventRejected) -> Rejection:
+    """The word for a rejection: from its status, and for a 401 from its message."""
+    if exc.status == 401:
+        if exc.message == "bad signature":
+            return Rejection.SIGNATURE
+        if "timestamp" in exc.message and "header" not in exc.message:
+            return Rejection.TIMESTAMP
+        return Rejection.HEADERS
+    return _BY_STATUS.get(exc.status, Rejection.MALFORMED)
+
+
+def _log_rejection(exc: EventRejected, reason: Rejection) -> None:
+    """A warning with the source address and the node the body names, at most one per address
+    and reason per :data:`REJECTION_LOG_PERIOD_S` (a stranger must not flood the log); the
+    count of the ones left out rides on the next line.  Never the secret or a signature."""
+    address = request.remote_addr or "unknown"
+    throttle = current_app.extensions.setdefault("pve_janitor.rejections", Throttle(REJECTION_LOG_PERIOD_S))
+    dropped = throttle.allow((address, reason))
+    if dropped is None:
+        return
+    node = _claimed_node(g.get("event_body"))
+    if node is not None and reason not in _SIGNED:
+        node += ", unsigned"
+    logger.warning(
+        "event rejected from %s (node %s): %s %s%s",
+        address,
+        node or "unknown",
+        exc.status,
+        exc.message,
+        f" ({dropped} more like it from this address since the last such line)" if dropped else "",
+    )
+
+
+def _claimed_node(body: bytes | None) -> str | None:
+    """The node a rejected body names, when it parses that far (unsigned: for the log only)."""
+    if not body:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    node = data.get("node") if isinstance(data, dict) else None
+    return node if isinstance(node, str) and _NODE.fullmatch(node) else None

@@ -71,7 +71,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
 
 
 def _init_logging(ctx: click.Context, settings: Settings, level: int | None = None) -> None:
-    setup_logging(level or ctx.obj["log_level"], settings.secrets())
+    setup_logging(level or ctx.obj["log_level"], settings.secrets(), settings.log_format)
 
 
 # --- serve -----------------------------------------------------------------

@@ -1,20 +1,51 @@
 """Prometheus metrics, on a registry of the app's own (so tests can build many apps).
 
 The watcher, the sweep and the HTTP side report here; ``GET /metrics`` renders it.
+The ``*_created`` series prometheus_client adds to every counter and histogram are left
+out of the rendering (they double the series and no rule or dashboard reads them); the
+library's own switch for that is global, this registry's filter touches nothing else.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime as dt
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+
+from . import __version__
+from .model import Refusal, Rejection
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+SWEEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _WithoutCreated:
+    """A registry's families without their ``<name>_created`` samples."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            if any(s.name == created for s in family.samples):
+                family = copy.copy(family)
+                family.samples = [s for s in family.samples if s.name != created]
+            yield family
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, version: str = __version__) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.build_info = Gauge(
+            "pve_janitor_build_info", "Always 1; the version label says which pve-janitor runs", ["version"], registry=r
+        )
+        self.build_info.labels(version=version).set(1)
         self.removals = Counter(
             "pve_janitor_rows_removed", "Rows removed or marked, by reason and source", ["reason", "source"], registry=r
         )
@@ -77,6 +108,32 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge("pve_janitor_leader", "1 when this receiver holds the sweep lease", registry=r)
+        self.sweep_duration = Histogram(
+            "pve_janitor_sweep_duration_seconds",
+            "How long sweeps took, whatever their outcome",
+            buckets=SWEEP_BUCKETS,
+            registry=r,
+        )
+        self.sweep_interval = Gauge(
+            "pve_janitor_sweep_interval_seconds", "CLEANUP_INTERVAL_MINUTES, in seconds (for alert rules)", registry=r
+        )
+        self.events_rejected = Counter(
+            "pve_janitor_events_rejected",
+            "Hookscript events refused, by reason (" + ", ".join(Rejection) + ")",
+            ["reason"],
+            registry=r,
+        )
+        # Every series alert rules count is there from the start, at 0: increase() over a
+        # series that appears at 1 would miss that first one.
+        for rejection in Rejection:
+            self.events_rejected.labels(reason=rejection.value)
+        for refusal in Refusal:
+            for source in ("sweep", "watcher"):
+                self.refusals.labels(reason=refusal.value, source=source)
+        self.watcher_up = Gauge("pve_janitor_watcher_up", "1 while the watcher's thread runs", registry=r)
+        self.watcher_last_tick = Gauge(
+            "pve_janitor_watcher_last_tick_timestamp_seconds", "Unix time of the watcher's last tick", registry=r
+        )
 
     def removal(self, reason: str, source: str, n: int = 1) -> None:
         if n:
@@ -85,8 +142,18 @@ class Metrics:
     def refusal(self, reason: str, source: str) -> None:
         self.refusals.labels(reason=reason, source=source).inc()
 
-    def sweep(self, outcome: str) -> None:
+    def sweep(self, outcome: str, duration_s: float | None = None) -> None:
         self.sweeps.labels(outcome=outcome).inc()
+        if duration_s is not None:
+            self.sweep_duration.observe(duration_s)
+
+    def rejected(self, reason: str) -> None:
+        self.events_rejected.labels(reason=reason).inc()
+
+    def follow_watcher(self, alive: Callable[[], bool], last_tick: Callable[[], dt.datetime | None]) -> None:
+        """Read the watcher's state when scraped (a stalled watcher cannot report itself)."""
+        self.watcher_up.set_function(lambda: 1.0 if alive() else 0.0)
+        self.watcher_last_tick.set_function(lambda: _timestamp(last_tick()))
 
     def event(self, phase: str, outcome: str) -> None:
         self.events.labels(phase=phase, outcome=outcome).inc()
@@ -95,4 +162,8 @@ class Metrics:
         self.inventory_reads.labels(outcome=outcome).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+def _timestamp(moment: dt.datetime | None) -> float:
+    return moment.timestamp() if moment is not None else 0.0

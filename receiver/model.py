@@ -82,6 +82,18 @@ class Refusal(Word):
     LEASE = "lease"
 
 
+class Rejection(Word):
+    """Why ``POST /api/v1/events`` refused an event (the ``reason`` of its metric)."""
+
+    NOT_CONFIGURED = "not_configured"  # 503: no hook secret
+    TOO_LARGE = "too_large"  # 413
+    HEADERS = "headers"  # 401: a signature or timestamp header missing or malformed
+    SIGNATURE = "signature"  # 401: signed with another secret, or altered
+    TIMESTAMP = "timestamp"  # 401: outside the time window (a replay, or a clock adrift)
+    CONTENT_TYPE = "content_type"  # 415
+    MALFORMED = "malformed"  # 400: signed, but the body is not a valid event
+
+
 class InventoryError(Exception):
     """The inventory could not be read completely and surely.
 

@@ -44,7 +44,7 @@ CHANNEL_TIMEOUT_S = 30  # an idle or trickling client is dropped after this
 
 def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
     """The sweeper's ``on_result`` hook: every sweep's outcome in the metrics, manual runs included."""
-    metrics.sweep(result.outcome)
+    metrics.sweep(result.outcome, result.duration_s if result.started_at is not None else None)
     if result.refusal is not None:
         metrics.refusal(str(result.refusal), "sweep")
     if result.outcome not in (Outcome.DISABLED, Outcome.DRY_RUN) or result.hidden:
@@ -64,6 +64,7 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
     with the metrics hook.
     """
     metrics = Metrics()
+    metrics.sweep_interval.set(settings.interval_minutes * 60)
     on_sweep = partial(record_sweep, metrics)
     if runtime is None:
         runtime = Runtime.build(settings, on_read=metrics.inventory_read, on_sweep=on_sweep, upgrade=True)
@@ -77,6 +78,7 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
     watcher = Watcher(
         runtime, inbox, metrics, lease, clock=runtime.clock, on_task_gap=partial(request_sweep, scheduler)
     )
+    metrics.follow_watcher(watcher.alive, lambda: watcher.last_tick)
     app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics, scheduler=scheduler)
     return {
         "runtime": runtime,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import logging
 import sys
 
 import pytest
 
-from receiver.logs import REDACTED, SecretFilter, setup_logging
+from receiver.logs import REDACTED, SecretFilter, Throttle, setup_logging
 
 
 def record(msg: str, *args, exc_info=None) -> logging.LogRecord:
@@ -69,3 +71,107 @@ def test_setup_logging_scrubs_every_record_and_quiets_noisy_libraries(monkeypatc
     out = stream.getvalue()
     assert f"receiver.x: password is {REDACTED}" in out
     assert "hunter22" not in out
+
+
+def _with_root_handler_restored(fn):
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        return fn()
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+
+
+def test_json_format_is_one_object_per_line_with_the_secret_scrubbed(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+
+    def log_two_lines():
+        setup_logging(logging.INFO, secrets=["hunter22"], log_format="json")
+        logging.getLogger("receiver.x").warning("password is %s\nsecond line", "hunter22")
+        try:
+            raise RuntimeError("connect failed: hunter22")
+        except RuntimeError:
+            logging.getLogger("receiver.y").exception("sweep failed")
+
+    _with_root_handler_restored(log_two_lines)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2  # the newline in the message stays inside its JSON string
+    first, second = (json.loads(line) for line in lines)
+    assert set(first) == {"time", "level", "logger", "message"}
+    assert (first["level"], first["logger"]) == ("WARNING", "receiver.x")
+    assert first["message"] == f"password is {REDACTED}\nsecond line"
+    moment = dt.datetime.fromisoformat(first["time"])
+    assert moment.utcoffset() == dt.timedelta(0)
+    assert abs((dt.datetime.now(dt.timezone.utc) - moment).total_seconds()) < 60
+    assert (second["level"], second["message"]) == ("ERROR", "sweep failed")
+    assert "RuntimeError: connect failed: " + REDACTED in second["exception"]
+    assert "hunter22" not in stream.getvalue()
+
+
+def test_json_format_carries_the_exception_without_secrets_configured(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+
+    def log_one():
+        setup_logging(logging.INFO, log_format="json")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("receiver.z").exception("failed")
+
+    _with_root_handler_restored(log_one)
+    entry = json.loads(stream.getvalue())
+    assert entry["message"] == "failed" and "ValueError: boom" in entry["exception"]
+
+
+def test_text_stays_the_default_and_an_unknown_format_is_refused(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+
+    def log_text():
+        setup_logging(logging.INFO)
+        logging.getLogger("receiver.t").info("plain")
+
+    _with_root_handler_restored(log_text)
+    assert stream.getvalue().rstrip().endswith("INFO receiver.t: plain")
+    with pytest.raises(ValueError, match="text, json"):
+        setup_logging(logging.INFO, log_format="xml")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttle_lets_one_line_per_key_and_period_and_counts_the_rest():
+    clock = FakeClock()
+    throttle = Throttle(period=60, clock=clock)
+    assert throttle.allow(("10.0.0.5", "signature")) == 0
+    assert throttle.allow(("10.0.0.5", "signature")) is None
+    assert throttle.allow(("10.0.0.5", "timestamp")) == 0  # another reason: its own line
+    assert throttle.allow(("10.0.0.6", "signature")) == 0  # another address: its own line
+    clock.now += 59.9
+    assert throttle.allow(("10.0.0.5", "signature")) is None
+    clock.now += 0.1
+    assert throttle.allow(("10.0.0.5", "signature")) == 2  # the two left out since the last line
+    assert throttle.allow(("10.0.0.5", "signature")) is None
+    clock.now += 60
+    assert throttle.allow(("10.0.0.5", "signature")) == 1
+
+
+def test_throttle_remembers_a_bounded_number_of_keys():
+    clock = FakeClock()
+    throttle = Throttle(period=60, max_keys=3, clock=clock)
+    for n in range(10):
+        assert throttle.allow(f"10.0.0.{n}") == 0
+    assert len(throttle) == 3
+    assert throttle.allow("10.0.0.9") is None  # the newest are kept
+    assert throttle.allow("10.0.0.0") == 0  # the oldest was forgotten: a line again
