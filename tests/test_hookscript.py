@@ -510,6 +510,89 @@ def test_a_ca_file_that_is_not_a_small_regular_file_cannot_hang_an_https_post(
     assert len(spooled(spool_dir)) == 1
 
 
+@pytest.fixture
+def private_ca(tmp_path):
+    """A CA of our own (as a site's private CA is): (its PEM file, the context of a server it signed)."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca_file = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return ca_file, context
+
+
+class TlsServer(ThreadingMixIn, Receiver):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a client that refused our certificate: the test looks at the hook's side
+
+
+@pytest.fixture
+def tls_receiver(private_ca):
+    """The test receiver behind TLS with a certificate of the private CA."""
+    _, context = private_ca
+    for server in serve(TlsServer):
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        server.url = "https://127.0.0.1:%d" % server.server_port
+        yield server
+
+
+def test_ca_file_lets_the_hook_post_to_an_https_receiver_with_a_private_ca(
+    tls_receiver, private_ca, conf_env, spool_dir
+):
+    ca_file, _ = private_ca
+    proc = run_hook(conf_env(tls_receiver.url, extra=f"CA_FILE={ca_file}\nTIMEOUT=5\n"), "101", "post-stop")
+    assert proc.returncode == 0 and "sent (202)" in proc.stderr, proc.stderr
+    assert [(e["vmid"], e["phase"]) for e in tls_receiver.events] == [(101, "post-stop")]
+    assert spooled(spool_dir) == []
+
+
+def test_without_ca_file_a_private_ca_is_not_trusted(tls_receiver, conf_env, spool_dir):
+    proc = run_hook(conf_env(tls_receiver.url, extra="TIMEOUT=5\n"), "101", "post-stop")
+    assert proc.returncode == 0 and proc.elapsed <= 5.5
+    assert "spooled (receiver unreachable:" in proc.stderr and "CERTIFICATE_VERIFY_FAILED" in proc.stderr
+    assert tls_receiver.events == [] and len(spooled(spool_dir)) == 1
+
+
+def test_a_ca_file_of_another_ca_is_not_trusted(tls_receiver, conf_env, spool_dir, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    proc = run_hook(conf_env(tls_receiver.url, extra=f"CA_FILE={other}\nTIMEOUT=5\n"), "101", "post-stop")
+    assert proc.returncode == 0 and "CERTIFICATE_VERIFY_FAILED" in proc.stderr
+    assert tls_receiver.events == [] and len(spooled(spool_dir)) == 1
+
+
+@pytest.mark.parametrize("kind", ["missing", "fifo", "directory"])
+def test_an_unusable_ca_file_is_named_and_the_event_spooled_at_once(tls_receiver, conf_env, spool_dir, tmp_path, kind):
+    ca_file = tmp_path / "ca.pem"
+    if kind == "fifo":
+        os.mkfifo(ca_file)  # OpenSSL would open it blocking, and wait for a writer for ever
+    elif kind == "directory":
+        ca_file.mkdir()
+    proc = run_hook(conf_env(tls_receiver.url, extra=f"CA_FILE={ca_file}\nTIMEOUT=5\n"), "101", "pre-start")
+    assert proc.returncode == 0 and proc.elapsed <= 2
+    expected = {
+        "missing": f"CA_FILE {ca_file}: No such file or directory",
+        "fifo": f"CA file {ca_file} refused: not a regular file",
+        "directory": f"CA file {ca_file} refused: not a regular file",
+    }[kind]
+    assert f"spooled (receiver unreachable: {expected})" in proc.stderr, proc.stderr
+    assert tls_receiver.events == [] and len(spooled(spool_dir)) == 1
+
+
+def test_ca_file_is_read_from_hook_conf(hook, tmp_path):
+    conf = tmp_path / "hook.conf"
+    conf.write_text("URL=https://janitor.example:8765\nSECRET=s\nCA_FILE=/etc/pve-janitor/ca.pem\n")
+    notes: list[str] = []
+    assert hook.read_config({"PVE_JANITOR_HOOK_CONF": str(conf)}, notes)["ca_file"] == "/etc/pve-janitor/ca.pem"
+    assert hook.read_config({"PVE_JANITOR_HOOK_CONF": str(tmp_path / "none")}, notes)["ca_file"] == ""
+
+
 def test_a_black_holed_first_address_leaves_time_for_the_next(hook, receiver, monkeypatch):
     """A host name with a dead IPv6 and a working IPv4 address must still get through."""
     import _socket
