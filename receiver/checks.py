@@ -2,31 +2,39 @@
 
 The stages as data, so that they are tested without the command line: iterating a
 :class:`Checkup` yields one :class:`Line` as each stage ends (a slow Proxmox shows the
-lines before it at once), and afterwards ``verdict`` says how the checks ended.  A stage
-that leaves nothing to check after it ends the run: bad settings, an unusable database,
-a token without the privileges that anything needs.  The CLI prints the lines and turns
-the verdict into its exit code.
+lines before it at once), and afterwards ``verdict`` says how the checks ended.  Every
+stage runs, whatever failed before it, unless it needs what failed: then its line says
+``skipped`` and which stage it needs (the database and Proxmox need only the settings
+they use, so a wrong ``PVE_HOST`` still lets the database be checked).  What loading the
+settings warned about (a value raised to its minimum) shows as ``WARN`` lines.  The CLI
+prints the lines and turns the verdict into its exit code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 
-from .config import ConfigError, Settings, load_settings
-from .db import DatabaseError
-from .inventory import grant_lines, token_id
-from .model import Inventory, InventoryError, Refusal, Row, Word
-from .runtime import Runtime
+from sqlalchemy.engine import Engine
+
+from .config import ConfigError, Settings, require, resolve
+from .db import DatabaseError, make_engine
+from .inventory import ProxmoxInventory, grant_lines, token_id
+from .model import Inventory, InventoryError, Row, Word
 from .safety import hidden_guests, vmid_column_problem
+from .schema import require_current
+from .table import PlatformTable
+
+PROXMOX_STAGES = ("proxmox", "privileges", "quorum", "inventory", "acl")
 
 
 class Level(Word):
-    """How one line ends: fine, slower or partly blind but safe, or a failure."""
+    """How one line ends: fine, slower or partly blind but safe, a failure, or not run."""
 
     OK = "ok"
     WARN = "WARN"
     FAILED = "FAILED"
+    SKIPPED = "skipped"  # a stage it needs failed
 
 
 class Verdict(Word):
@@ -55,19 +63,22 @@ def _failed(what: str, detail: str) -> Line:
     return Line(Level.FAILED, what, detail)
 
 
+def _skipped(stages: tuple[str, ...] | list[str], needs: str) -> Iterator[Line]:
+    for what in stages:
+        yield Line(Level.SKIPPED, what, f"needs {needs}")
+
+
 class Checkup:
     """One run of the checks: iterate it for the lines, then read ``verdict``.
 
     ``env`` is the environment the settings are read from (the process's when None);
-    ``build`` makes the runtime from them (tests hand in their engine).  ``runtime`` is
-    the runtime built, once the database stage has passed.
+    ``engine`` the database's (tests hand in theirs; made from ``DATABASE_URL`` when None).
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None, build: Callable[[Settings], Runtime] = Runtime.build):
+    def __init__(self, env: Mapping[str, str] | None = None, engine: Engine | None = None):
         self.env = env
-        self.build = build
+        self.engine = engine
         self.verdict = Verdict.PASSED
-        self.runtime: Runtime | None = None
 
     def __iter__(self) -> Iterator[Line]:
         for line in self._stages():
@@ -75,67 +86,108 @@ class Checkup:
                 self.verdict = Verdict.FAILED
             yield line
 
+    def _misconfigured(self, what: str, problems: list[str]) -> Iterator[Line]:
+        self.verdict = Verdict.MISCONFIGURED
+        for problem in problems:
+            yield _failed(what, problem)
+
     def _stages(self) -> Iterator[Line]:
         try:
-            settings = load_settings(self.env)
+            resolved = resolve(self.env)
         except ConfigError as exc:
-            self.verdict = Verdict.MISCONFIGURED
-            for problem in exc.problems:
-                yield _failed("settings", problem)
+            yield from self._misconfigured("settings", exc.problems)
+            for warning in exc.warnings:
+                yield Line(Level.WARN, "settings", warning)
+            yield from _skipped(("database", "mapping", *PROXMOX_STAGES), "settings")
             return
+        settings = resolved.settings
         yield _ok(
             "settings",
             f"table {settings.table}, action {settings.action}, "
             f"interval {settings.interval_minutes} min, dry run {settings.dry_run}",
         )
+        for warning in resolved.warnings:
+            yield Line(Level.WARN, "settings", warning)
+        rows = yield from self._database(settings)
+        if rows is None:
+            yield from _skipped(("mapping",), "database")
+        else:
+            mapping_problem = vmid_column_problem(rows)
+            yield Line(
+                Level.OK if mapping_problem is None else Level.FAILED,
+                "mapping",
+                mapping_problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs",
+            )
         try:
-            runtime = self.runtime = self.build(settings)
-            rows = runtime.table.fetch_rows()
-        except (ConfigError, DatabaseError) as exc:
-            self.verdict = Verdict.MISCONFIGURED if isinstance(exc, ConfigError) else Verdict.FAILED
-            for problem in getattr(exc, "problems", [str(exc)]):
-                yield _failed("database", problem)
+            require(settings, "PVE_HOST", "PVE_USER", "PVE_TOKEN_NAME", "PVE_TOKEN_VALUE")
+        except ConfigError as exc:
+            yield from self._misconfigured("proxmox", exc.problems)
+            yield from _skipped(PROXMOX_STAGES[1:], "proxmox")
             return
+        yield from _proxmox(settings, ProxmoxInventory(settings), rows)
+
+    def _database(self, settings: Settings) -> Generator[Line, None, list[Row] | None]:
+        """The database stage; returns the platform table's rows, or None when it failed."""
+        try:
+            require(settings, "DATABASE_URL")
+            engine = self.engine or make_engine(settings.database_url)
+            table = PlatformTable(engine, settings)
+            require_current(engine)
+            rows = table.fetch_rows()
+        except ConfigError as exc:
+            yield from self._misconfigured("database", exc.problems)
+            return None
+        except DatabaseError as exc:
+            yield _failed("database", str(exc))
+            return None
         yield _ok(
             "database",
-            f"{runtime.engine.dialect.name}, table {settings.table!r} with {len(rows)} rows and every mapped column",
+            f"{engine.dialect.name}, table {settings.table!r} with {len(rows)} rows and every mapped column",
         )
-        mapping_problem = vmid_column_problem(rows)
-        yield Line(
-            Level.OK if mapping_problem is None else Level.FAILED,
-            "mapping",
-            mapping_problem or f"CLEANUP_VMID_COLUMN={settings.vmid_column!r} holds VMIDs",
-        )
-        try:
-            yield from _proxmox(runtime, rows)
-        except InventoryError as exc:
-            yield _failed("quorum" if exc.kind == Refusal.NO_QUORUM else "proxmox", str(exc))
+        return rows
 
 
-def _proxmox(runtime: Runtime, rows: list[Row]) -> Iterator[Line]:
-    """Proxmox's stages, in the order each needs the one before; raises InventoryError."""
-    settings, proxmox = runtime.settings, runtime.inventory
-    version = proxmox.version()
-    others = len(settings.pve_endpoints) - 1
-    yield _ok(
-        "proxmox",
-        f"{proxmox.endpoint} answers, version {version.get('version', '?')}"
-        + (f" ({others} more PVE_HOST endpoint{'s' * (others > 1)} to fall back on)" if others > 0 else ""),
-    )
-    if not (yield from _privileges(runtime)):
+def _proxmox(settings: Settings, proxmox: ProxmoxInventory, rows: list[Row] | None) -> Iterator[Line]:
+    """Proxmox's stages, each needing the one before; a failure is labelled with its stage."""
+    stage = "proxmox"
+    try:
+        version = proxmox.version()
+        others = len(settings.pve_endpoints) - 1
+        yield _ok(
+            "proxmox",
+            f"{proxmox.endpoint} answers, version {version.get('version', '?')}"
+            + (f" ({others} more PVE_HOST endpoint{'s' * (others > 1)} to fall back on)" if others > 0 else ""),
+        )
+        stage = "privileges"
+        if not (yield from _privileges(settings, proxmox)):
+            yield from _skipped(PROXMOX_STAGES[2:], "privileges")
+            return
+        stage = "quorum"
+        proxmox.check_quorum()
+        yield _ok("quorum", "the answering node is quorate (or standalone)")
+        stage = "inventory"
+        inventory = proxmox.read()
+        yield _ok("inventory", f"{len(inventory.guests)} guests in {inventory.read_seconds:.2f} s")
+        stage = "acl"
+        proof = proxmox.acl_proof()
+        if proof.hideable is not None:
+            yield _ok("acl", f"Sys.Audit on /access: {proof.reason}")
+        else:  # safe, only slower: not a failure
+            yield Line(
+                Level.WARN,
+                "acl",
+                f"{proof.reason}; sweeps and the watcher will make one /cluster/nextid request per ghost",
+            )
+        if rows is None:
+            yield from _skipped(("hidden_guest",), "database")
+            return
+        stage = "hidden_guest"
+        hidden = _hidden_guests(proxmox, rows, inventory, proof.hideable)
+    except InventoryError as exc:
+        yield _failed(stage, str(exc))
+        later = PROXMOX_STAGES[PROXMOX_STAGES.index(stage) + 1 :] if stage in PROXMOX_STAGES else ()
+        yield from _skipped(later, stage)
         return
-    proxmox.check_quorum()
-    yield _ok("quorum", "the answering node is quorate (or standalone)")
-    inventory = proxmox.read()
-    yield _ok("inventory", f"{len(inventory.guests)} guests in {inventory.read_seconds:.2f} s")
-    proof = proxmox.acl_proof()
-    if proof.hideable is not None:
-        yield _ok("acl", f"Sys.Audit on /access: {proof.reason}")
-    else:  # safe, only slower: not a failure
-        yield Line(
-            Level.WARN, "acl", f"{proof.reason}; sweeps and the watcher will make one /cluster/nextid request per ghost"
-        )
-    hidden = _hidden_guests(runtime, rows, inventory, proof.hideable)
     if hidden:
         yield Line(
             Level.WARN,
@@ -146,14 +198,13 @@ def _proxmox(runtime: Runtime, rows: list[Row]) -> Iterator[Line]:
         )
 
 
-def _privileges(runtime: Runtime) -> Generator[Line, None, bool]:
+def _privileges(settings: Settings, inventory: ProxmoxInventory) -> Generator[Line, None, bool]:
     """The token's privileges, each with what is lost without it; returns False when nothing can work.
 
     A token that holds nothing at all is almost always a privilege-separated token whose user
     has no ACL: Proxmox gives such a token only what both hold.  The token cannot read its
     user's privileges (that needs Sys.Audit on /access), so the lines that grant both are shown.
     """
-    inventory, settings = runtime.inventory, runtime.settings
     fix = "; run on a Proxmox node:\n" + "\n".join(f"          {cmd}" for cmd in grant_lines(settings))
     if not any(inventory.permissions().values()):
         yield _failed(
@@ -188,8 +239,8 @@ def _privileges(runtime: Runtime) -> Generator[Line, None, bool]:
 
 
 def _hidden_guests(
-    runtime: Runtime, rows: list[Row], inventory: Inventory, hideable: frozenset[int] | None
+    proxmox: ProxmoxInventory, rows: list[Row], inventory: Inventory, hideable: frozenset[int] | None
 ) -> list[int]:
     """Rows' VMIDs missing from the guest list that Proxmox says are in use (an ACL hides the guest)."""
     missing = {r.vmid for r in rows if r.vmid is not None and r.vmid not in inventory}
-    return hidden_guests(missing, hideable, runtime.inventory.vmid_in_use)
+    return hidden_guests(missing, hideable, proxmox.vmid_in_use)
