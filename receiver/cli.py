@@ -19,7 +19,9 @@ import click
 
 from . import __version__
 from .checks import Checkup, Verdict
+from .cli_config import config_cmd
 from .cli_db import db
+from .cli_hookscript import hookscript
 from .config import ConfigError, Settings, load_settings
 from .db import DatabaseError
 from .history import audit_entries
@@ -65,7 +67,15 @@ def _runtime(settings: Settings) -> Runtime:
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level (default: warnings only).")
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
-    """Remove ghost rows (apps whose Proxmox guest is gone) from a platform database."""
+    """Remove ghost rows (apps whose Proxmox guest is gone) from a platform database.
+
+    \b
+    Exit codes:
+      0  done, or nothing to do
+      1  not found, or interrupted
+      2  bad configuration
+      3  refused for safety, or failed with nothing changed
+    """
     ctx.ensure_object(dict)
     ctx.obj["log_level"] = logging.INFO if verbose else logging.WARNING
 
@@ -182,7 +192,18 @@ def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -
 @main.command()
 @click.pass_context
 def check(ctx: click.Context) -> None:
-    """Check settings, database, table mapping, Proxmox and the token's privileges."""
+    """Check settings, database, table mapping, Proxmox and the token's privileges.
+
+    Every stage runs; one that needs a stage that failed is a "skipped" line
+    saying which ("skipped mapping: needs database").  Warnings (a setting
+    raised to its minimum) are WARN lines.
+
+    \b
+    Exit codes:
+      0  every stage passed (warnings allowed)
+      2  bad configuration: a setting, a missing PVE_* or DATABASE_URL, the table
+      3  a stage failed (database unreachable, privileges, quorum, ...)
+    """
     setup_logging(logging.WARNING)
     checkup = Checkup()
     for line in checkup:
@@ -301,6 +322,8 @@ def simulator(host: str, port: int, scene: str, seed_db: str | None) -> None:
 
 
 main.add_command(db)  # pve-janitor db upgrade | current (receiver/cli_db.py)
+main.add_command(config_cmd)  # pve-janitor config [--json] (receiver/cli_config.py)
+main.add_command(hookscript)  # pve-janitor hookscript [--path | --print] (receiver/cli_hookscript.py)
 
 
 if __name__ == "__main__":  # pragma: no cover
