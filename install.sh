@@ -471,7 +471,7 @@ unit_text() {
     body=${body//"$DEFAULT_PREFIX/venv/"/"$PREFIX/venv/"}
     printf "# Written by pve-janitor's install.sh; running it again rewrites this file.\n"
     printf '# Local changes belong in a drop-in: systemctl edit %s\n' "$SERVICE"
-    printf '%s\n' "${body%%$'\n[Install]'*}"
+    printf '%s' "${body%%$'\n[Install]'*}"
     legacy_rw_path
     printf '\n[Install]%s\n' "${body#*$'\n[Install]'}"
 }

@@ -184,9 +184,11 @@ class Env:
     calls_file: Path
     base_env: dict = field(default_factory=dict)
 
-    def run(self, *args: str, root: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, root: bool = True, extra_env: dict | None = None, script: Path = SCRIPT
+    ) -> subprocess.CompletedProcess:
         env = dict(self.base_env, **(extra_env or {}))
-        argv = [str(SCRIPT), *args] + (["--root", str(self.root)] if root else [])
+        argv = [str(script), *args] + (["--root", str(self.root)] if root else [])
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
 
     def calls(self) -> list[str]:
@@ -499,7 +501,10 @@ def test_receiver_prefix_and_extras(env: Env) -> None:
     unit = (env.root / UNIT_FILE).read_text()
     assert "ExecStart=/srv/janitor/venv/bin/pve-janitor serve" in unit.splitlines()
     pip = [c for c in env.calls() if c.startswith("pip install")]
-    assert pip == [f"pip install --disable-pip-version-check --no-index --find-links /srv/wheels {REPO}[postgres]"]
+    assert pip == [
+        "pip install --disable-pip-version-check --no-index --find-links /srv/wheels "
+        f"--constraint {REPO}/constraints.txt {REPO}[postgres]"
+    ]
     assert (env.root / "srv/janitor/venv/bin/pve-janitor").exists()
     assert "/srv/janitor/venv/bin/pve-janitor check" in (env.root / ENV_FILE).read_text()
 
@@ -959,3 +964,109 @@ def test_shellcheck_clean() -> None:
 
 def test_script_is_executable() -> None:
     assert os.access(SCRIPT, os.X_OK)
+
+
+# --- the unit, extras, and an installed package instead of a checkout ---------------
+
+INSTALLED = Path(sys.executable).with_name("pve-janitor")  # this venv's pve-janitor
+SHIPPED_UNIT = REPO / "receiver" / "data" / "pve-janitor.service"
+
+
+def standalone_script(tmp_path: Path) -> Path:
+    """install.sh alone, as copied out of a package or mailed to a node: no checkout beside it."""
+    script = tmp_path / "standalone" / "install.sh"
+    script.parent.mkdir()
+    shutil.copy2(SCRIPT, script)
+    return script
+
+
+def test_receiver_writes_the_shipped_unit_with_its_header_and_prefix(env: Env) -> None:
+    assert_ok(env.run("receiver", "--prefix", "/srv/janitor"))
+    written = (env.root / UNIT_FILE).read_text()
+    shipped = SHIPPED_UNIT.read_text()
+    body = "[Unit]" + shipped.split("\n[Unit]", 1)[1]
+    assert written == (
+        "# Written by pve-janitor's install.sh; running it again rewrites this file.\n"
+        "# Local changes belong in a drop-in: systemctl edit pve-janitor\n"
+        + body.replace("/opt/pve-janitor/venv/", "/srv/janitor/venv/")
+    )
+    assert "ExecStart=/opt/pve-janitor/venv/bin/pve-janitor serve" in shipped.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("url", "extra"),
+    [
+        ("postgresql+psycopg://janitor:pw@db.example:5432/platform", "postgres"),
+        ("postgresql://janitor@db/platform", "postgres"),
+        ("mysql+pymysql://janitor:pw@db.example:3306/platform", "mysql"),
+        ("mariadb+pymysql://janitor@db/platform", "mysql"),
+        ("sqlite:////var/lib/pve-janitor/receiver/platform.db", None),
+    ],
+)
+def test_receiver_installs_the_driver_extra_of_the_env_files_database_url(
+    env: Env, url: str, extra: str | None
+) -> None:
+    assert_ok(env.run("receiver"))
+    env_file = env.root / ENV_FILE
+    env_file.write_text(env_file.read_text() + f"DATABASE_URL={url}\n")
+    env.calls()
+    result = env.run("receiver")
+    assert_ok(result)
+    pip = [c for c in env.calls() if c.startswith("pip install")]
+    if extra is None:
+        assert pip == []  # nothing changed: no reinstall
+    else:
+        assert pip == [f"pip install --disable-pip-version-check --constraint {REPO}/constraints.txt {REPO}[{extra}]"]
+        assert f"extras: {extra} (the driver DATABASE_URL needs)" in result.stdout
+    assert "pw" not in result.stdout  # the URL, with its password, is never printed
+
+
+def test_receiver_takes_the_extra_from_the_environment_on_a_first_install(env: Env) -> None:
+    result = env.run("receiver", "--extras", "mysql", extra_env={"DATABASE_URL": "postgresql+psycopg://u:pw@db/p"})
+    assert_ok(result)
+    pip = [c for c in env.calls() if c.startswith("pip install")]
+    assert pip == [
+        f"pip install --disable-pip-version-check --constraint {REPO}/constraints.txt {REPO}[mysql,postgres]"
+    ]
+
+
+def test_receiver_under_an_empty_root_says_what_the_root_lacks(env: Env) -> None:
+    for name in SYSTEM_TREE:
+        (env.root / name).unlink()
+    result = env.run("receiver")
+    assert result.returncode == 1
+    assert "has no etc/passwd and etc/group" in result.stderr
+    assert "unexpected failure" not in result.stderr
+    assert [c for c in env.calls() if STATE_CHANGING.match(c)] == []
+
+
+def test_receiver_from_an_installed_package_leaves_the_package_and_writes_the_rest(env: Env, tmp_path: Path) -> None:
+    assert INSTALLED.exists(), "the tests run from a venv with pve-janitor installed"
+    bindir = env.root / "opt/pve-janitor/venv/bin"
+    bindir.mkdir(parents=True)
+    (bindir / "pve-janitor").write_text(f'#!/bin/sh\nexec {INSTALLED} "$@"\n')
+    (bindir / "pve-janitor").chmod(0o755)
+    result = env.run("receiver", script=standalone_script(tmp_path))
+    assert_ok(result)
+    assert [c for c in env.calls() if c.startswith(("pip", "python -m venv"))] == []
+    assert "install.sh leaves it as it is" in result.stdout
+    assert "ExecStart=/opt/pve-janitor/venv/bin/pve-janitor serve" in (env.root / UNIT_FILE).read_text().splitlines()
+    assert (env.root / ENV_FILE).is_file()
+
+
+def test_receiver_outside_a_checkout_without_a_package_says_how_to_install_one(env: Env, tmp_path: Path) -> None:
+    result = env.run("receiver", script=standalone_script(tmp_path), extra_env={"PATH": f"{env.bin}:/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "is not a pve-janitor checkout, and no installed pve-janitor was found" in result.stderr
+    assert [c for c in env.calls() if STATE_CHANGING.match(c)] == []
+
+
+def test_node_from_an_installed_package_installs_the_packages_hookscript(node: Env, tmp_path: Path) -> None:
+    result = node.run(
+        "node", "--url", URL, "--secret", SECRET,
+        script=standalone_script(tmp_path),
+        extra_env={"PVE_JANITOR_COMMAND": str(INSTALLED)},
+    )  # fmt: skip
+    assert_ok(result)
+    installed = node.root / "var/lib/vz/snippets/pve-janitor-hook"
+    assert installed.read_bytes() == HOOK_SOURCE.read_bytes() and mode(installed) == 0o755
