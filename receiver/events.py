@@ -67,9 +67,10 @@ def verify_signature(
     Each is compared in constant time, all of them every time: which one matched, or whether
     any did, shows in no timing.
     """
-    secrets = [secret] if isinstance(secret, str) else [s for s in secret if s]
-    if not secrets or not secrets[0]:
+    current, *others = [secret] if isinstance(secret, str) else list(secret) or [""]
+    if not current:  # a previous secret alone is no configuration
         raise EventRejected(503, "hook secret not configured")
+    secrets = [current, *(s for s in others if s)]
     if not timestamp_header:
         raise EventRejected(401, f"missing {TIMESTAMP_HEADER} header")
     if not signature_header:

@@ -101,6 +101,53 @@ def test_no_secret_configured_never_verifies():
     assert rejected(verify_signature, "", GOOD_TS, signature("", GOOD_TS, BODY), BODY, NOW).status == 503
 
 
+# --- rotation: the current secret and the previous one --------------------------------
+
+PREVIOUS = "hook-secret-previous-9876543210"
+
+
+@pytest.mark.parametrize("signed_with", [SECRET, PREVIOUS])
+def test_during_a_rotation_either_secret_verifies(signed_with):
+    ts, sig = signed(secret=signed_with)
+    verify_signature((SECRET, PREVIOUS), ts, sig, BODY, NOW)  # raises EventRejected when wrong
+
+
+def test_during_a_rotation_a_third_secret_is_401_and_the_window_still_holds():
+    ts, sig = signed(secret="neither-of-the-two-secrets")
+    exc = rejected(verify_signature, (SECRET, PREVIOUS), ts, sig, BODY, NOW)
+    assert (exc.status, exc.message) == (401, "bad signature")
+    assert PREVIOUS not in exc.message and SECRET not in exc.message
+    ts, sig = signed(secret=PREVIOUS, ts=int(NOW) - 301)
+    assert rejected(verify_signature, (SECRET, PREVIOUS), ts, sig, BODY, NOW).message == "stale or future timestamp"
+
+
+def test_no_previous_secret_accepts_only_the_current_one():
+    ts, sig = signed(secret=PREVIOUS)
+    assert rejected(verify_signature, (SECRET, ""), ts, sig, BODY, NOW).status == 401
+    verify_signature((SECRET, ""), *signed(), BODY, NOW)
+
+
+def test_a_previous_secret_without_a_current_one_is_not_configured():
+    ts, sig = signed(secret=PREVIOUS)
+    assert rejected(verify_signature, ("", PREVIOUS), ts, sig, BODY, NOW).status == 503
+
+
+def test_both_secrets_are_compared_whichever_matches(monkeypatch):
+    """Constant time for the pair: the second is compared even when the first matched."""
+    import receiver.events as events
+
+    compared = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        compared.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(events.hmac, "compare_digest", counting)
+    verify_signature((SECRET, PREVIOUS), *signed(secret=SECRET), BODY, NOW)
+    assert compared == [signature(SECRET, int(NOW), BODY), signature(PREVIOUS, int(NOW), BODY)]
+
+
 def test_the_hookscript_signs_what_the_receiver_verifies():
     """The two sides of the contract, each written without the other's code."""
     loader = importlib.machinery.SourceFileLoader("pve_janitor_hook_for_events", str(HOOK))
