@@ -83,7 +83,11 @@ def _read_event(settings: Settings) -> Event:
     g.event_body = body  # for the log line, should the event be rejected
     now = time.time()
     verify_signature(
-        settings.hook_secret, request.headers.get(TIMESTAMP_HEADER), request.headers.get(SIGNATURE_HEADER), body, now
+        (settings.hook_secret, settings.hook_secret_previous),
+        request.headers.get(TIMESTAMP_HEADER),
+        request.headers.get(SIGNATURE_HEADER),
+        body,
+        now,
     )
     if request.mimetype != "application/json":
         raise EventRejected(415, "Content-Type must be application/json")
