@@ -2,11 +2,12 @@
 
 ``create_app`` takes its collaborators as arguments (tests hand in their own)
 and starts nothing: the watcher and the scheduler belong to ``serve``.  Every
-answer is JSON, errors included, as ``{"error": <code>, "message": <text>}``;
-no HTML page and no stack trace ever leaves the process.  The routes are in
-:mod:`receiver.api_events` (events in), :mod:`receiver.api_cleanup` (stats, run,
-history) and :mod:`receiver.api_health` (health, metrics), and documented in
-``docs/openapi.yaml`` and ``docs/http-api.md``.
+answer is JSON, errors included, as ``{"error": <code>, "message": <text>}``, and
+``OPTIONS`` too; no HTML page and no stack trace ever leaves the process (what the
+HTTP server answers before the app, :mod:`receiver.httpserver` makes JSON).  The
+routes are in :mod:`receiver.api_events` (events in), :mod:`receiver.api_cleanup`
+(stats, run, history) and :mod:`receiver.api_health` (health, metrics), and
+documented in ``docs/openapi.yaml`` and ``docs/http-api.md``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def create_app(
     """The WSGI app; building ``runtime`` may raise ConfigError or DatabaseError."""
     runtime = runtime or Runtime.build(settings)
     janitor = Janitor(settings, runtime, inbox or Inbox(runtime.engine), metrics or Metrics(), watcher, scheduler)
-    app = Flask(__name__, static_folder=None)
+    app = _JsonFlask(__name__, static_folder=None)
     # One byte over the limit: a body streamed without Content-Length is cut at this size
     # without an error, so reading one byte more is how the events route tells "too large".
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
@@ -58,6 +59,15 @@ def create_app(
     app.register_error_handler(SQLAlchemyError, _database_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+class _JsonFlask(Flask):
+    def make_default_options_response(self) -> Response:
+        """``OPTIONS``: the path's methods, in ``Allow`` and as JSON (Flask's own body is empty HTML)."""
+        allowed = super().make_default_options_response().allow
+        response = jsonify({"methods": sorted(allowed)})
+        response.allow.update(allowed)
+        return response
 
 
 def index() -> Response:

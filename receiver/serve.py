@@ -1,10 +1,11 @@
 """``pve-janitor serve``: the receiver, its watcher and its scheduled sweep, in one process.
 
-Waitress serves the app: a pure-Python production WSGI server with a thread
-pool, no fork model to reason about (the watcher and the scheduler are threads
-of this one process) and clean shutdown on SIGTERM: it stops taking requests
-and lets the requests in flight finish.  Then the scheduler and the watcher
-are shut down (each finishes its transaction in flight) and the process exits 0.
+Waitress serves the app (:mod:`receiver.httpserver`: every answer JSON, slow clients
+harmless): a pure-Python production WSGI server with a thread pool, no fork model to
+reason about (the watcher and the scheduler are threads of this one process) and clean
+shutdown on SIGTERM: it stops taking requests and lets the requests in flight finish.
+Then the scheduler and the watcher are shut down (each finishes its transaction in
+flight) and the process exits 0.
 Under systemd (``Type=notify``) it says ``READY=1`` once it listens and sends watchdog
 keep-alives only while the watcher and the scheduler run (:mod:`receiver.notify`).
 """
@@ -16,12 +17,10 @@ import signal
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from waitress.server import create_server
-
 from . import notify
 from .app import create_app
 from .config import Settings
-from .events import MAX_BODY_BYTES
+from .httpserver import make_server
 from .inbox import Inbox
 from .lease import Lease
 from .metrics import Metrics
@@ -36,10 +35,6 @@ if TYPE_CHECKING:  # types only: no import at run time
     from .result import SweepResult
 
 logger = logging.getLogger(__name__)
-
-HTTP_THREADS = 8
-CONNECTION_LIMIT = 500  # a node's boot burst: one short connection per guest and phase
-CHANNEL_TIMEOUT_S = 30  # an idle or trickling client is dropped after this
 
 
 def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
@@ -106,23 +101,12 @@ def _stop_on_signal(signum, _frame) -> None:
 
 def serve(settings: Settings) -> int:
     parts = build(settings)
-    server = create_server(
-        parts["app"],
-        host=settings.bind_host,
-        port=settings.bind_port,
-        threads=HTTP_THREADS,
-        ident="pve-janitor",
-        # Refuse big bodies before buffering them (waitress' default is 1 GiB, spooled to /tmp):
-        # no route takes more than an event.
-        max_request_body_size=MAX_BODY_BYTES + 1,
-        connection_limit=CONNECTION_LIMIT,
-        channel_timeout=CHANNEL_TIMEOUT_S,
-    )
+    server = make_server(parts["app"], settings.bind_host, settings.bind_port)
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGINT, _stop_on_signal)
     parts["watcher"].start()
     parts["scheduler"].start()
-    port = server.effective_port  # type: ignore[union-attr]  # one listener: a TcpWSGIServer (not in the stubs)
+    port = server.effective_port
     logger.info(
         "pve-janitor receiver listening on http://%s:%s (sweep every %s min, %s)",
         settings.bind_host,
