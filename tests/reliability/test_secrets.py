@@ -261,3 +261,108 @@ def _cli(sim, db, unreachable_url: str | None, tmp_path: Path, out: Transcript) 
         out.cli(["history"], {**env, "DATABASE_URL": unreachable_url}, expect=3)
         no_driver_url = unreachable_url.replace("postgresql+psycopg", "postgresql+nodriver")
         out.cli(["check"], {**env, "DATABASE_URL": no_driver_url}, expect=2)
+
+
+# --- secrets from files, systemd credentials, and the previous hook secret ------------------
+
+PREVIOUS_SECRET = "previoushook-" + secrets.token_hex(8)
+FILE_HOOK_SECRET = "filehook-" + secrets.token_hex(8)
+FILE_ADMIN_TOKEN = "fileadmin-" + secrets.token_hex(8)
+CREDENTIAL_PVE_TOKEN = "credpvetoken-" + secrets.token_hex(8)
+
+
+@pytest.mark.slow
+def test_secrets_read_from_files_and_the_previous_hook_secret_appear_nowhere(tmp_path):
+    """The same grep for secrets given as *_FILE, as a systemd credential and as
+    CLEANUP_HOOK_SECRET_PREVIOUS, through serve (events signed with either hook secret),
+    the hookscript still on the previous secret, `config`, `check` and their error paths."""
+    out = Transcript()
+    url = f"sqlite:///{tmp_path / 'platform.db'}"
+    engine = make_engine(url)
+    seed_database(engine)
+    db = Database("sqlite", url, engine)
+    files = tmp_path / "secrets"
+    files.mkdir(mode=0o700)
+    (files / "hook").write_text(FILE_HOOK_SECRET + "\n")
+    (files / "admin").write_text(FILE_ADMIN_TOKEN + "\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    (credentials / "pve-janitor.pve-token-value").write_text(CREDENTIAL_PVE_TOKEN)
+    from_files = {
+        "CLEANUP_HOOK_SECRET": "",
+        "CLEANUP_ADMIN_TOKEN": "",
+        "PVE_TOKEN_VALUE": "",
+        "CLEANUP_HOOK_SECRET_FILE": str(files / "hook"),
+        "CLEANUP_ADMIN_TOKEN_FILE": str(files / "admin"),
+        "CLEANUP_HOOK_SECRET_PREVIOUS": PREVIOUS_SECRET,
+        "CREDENTIALS_DIRECTORY": str(credentials),
+    }
+    try:
+        with ProxmoxSimulator(nodes=("pve1", "pve2"), token_value=CREDENTIAL_PVE_TOKEN) as sim:
+            load_into(sim, "seed")
+            receiver = Serve(sim, db, tmp_path, env_override=from_files).start()
+            try:
+                for label, secret, expected in (
+                    ("current", FILE_HOOK_SECRET, 202),
+                    ("previous", PREVIOUS_SECRET, 202),
+                    ("neither", "not-" + FILE_HOOK_SECRET, 401),
+                ):
+                    body = event_body(101, "post-stop", f"rotation-{label}")
+                    answer = receiver.request("POST", "/api/v1/events", data=body, headers=signed_headers(secret, body))
+                    assert answer.status == expected, (label, answer.status)
+                    out.http(f"POST /events signed with the {label} secret", answer)
+                dry = receiver.run("dry_run=true", token=FILE_ADMIN_TOKEN)
+                # The token was taken: 422 is the guard (41 of 47 rows), 409 the start-up sweep still running.
+                assert dry.status in (200, 409, 422), dry.body
+                assert receiver.run("dry_run=true", token="not-" + FILE_ADMIN_TOKEN).status == 401
+                out.http("POST /run with the admin token from its file", dry)
+                out.http("GET stats", receiver.get("/api/v1/system/cleanup/stats"))
+                out.http("GET metrics", receiver.get("/metrics"))
+                _hook_on_the_previous_secret(receiver, tmp_path, out)
+                env = {**receiver.env}
+                out.cli(["config"], env, expect=0)
+                out.cli(["config", "--json"], env, expect=0)
+                out.cli(["check"], env, expect=0)
+                guard = out.cli(["-v", "sweep", "--dry-run"], env, expect=3)  # 41 of 47 rows: the guard
+                assert "CLEANUP_MAX_DELETE_PERCENT" in guard.stdout
+                both = out.cli(["config"], {**env, "CLEANUP_ADMIN_TOKEN": FILE_ADMIN_TOKEN}, expect=2)
+                assert "CLEANUP_ADMIN_TOKEN is given 2 ways" in both.stderr
+                twice = out.cli(["check"], {**env, "PVE_TOKEN_VALUE": CREDENTIAL_PVE_TOKEN}, expect=2)
+                assert "the systemd credential pve-janitor.pve-token-value" in twice.stdout
+                (files / "gone").mkdir()
+                missing = out.cli(["sweep"], {**env, "CLEANUP_HOOK_SECRET_FILE": str(files / "gone")}, expect=2)
+                assert f"CLEANUP_HOOK_SECRET_FILE: cannot read {files / 'gone'}" in missing.stderr
+            finally:
+                code = receiver.terminate()
+                receiver.close()
+            assert code == 0
+            out.add("receiver log", receiver.log_text())
+    finally:
+        engine.dispose()
+    text = "\n".join(t for _, t in out.parts)
+    assert "(set, redacted)  (credential: pve-janitor.pve-token-value)" in text
+    assert "sent (202)" in text
+    for name, value in {
+        "CLEANUP_HOOK_SECRET_FILE's secret": FILE_HOOK_SECRET,
+        "CLEANUP_ADMIN_TOKEN_FILE's token": FILE_ADMIN_TOKEN,
+        "the PVE token credential": CREDENTIAL_PVE_TOKEN,
+        "CLEANUP_HOOK_SECRET_PREVIOUS": PREVIOUS_SECRET,
+    }.items():
+        assert not out.leaks(value), f"{name} leaked in: {out.leaks(value)}"
+        assert not out.leaks(value[-12:]), f"part of {name} leaked in: {out.leaks(value[-12:])}"
+
+
+def _hook_on_the_previous_secret(receiver: Serve, tmp_path: Path, out: Transcript) -> None:
+    """A node not yet given the new secret: its events are still delivered."""
+    conf = tmp_path / "hook.conf"
+    conf.write_text(f"URL={receiver.base}\nSECRET={PREVIOUS_SECRET}\nTIMEOUT=2\nSPOOL_DIR={tmp_path / 'spool'}\n")
+    proc = subprocess.run(
+        [sys.executable, str(HOOK), "104", "post-stop"],
+        cwd="/",
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PVE_JANITOR_HOOK_CONF": str(conf)},
+        timeout=30,
+    )
+    assert proc.returncode == 0
+    out.add("hook on the previous secret stderr", proc.stderr)
+    assert "sent (202)" in proc.stderr.decode()
