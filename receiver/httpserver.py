@@ -171,8 +171,9 @@ class Server(TcpWSGIServer):
         channels = self.channels()
         if len(channels) >= self.adj.connection_limit:
             waiting = _longest_waiting(channels)
-            if waiting is not None and waiting.evict():
-                self.evicted += 1
+            if waiting is None or not waiting.evict():
+                return  # its request started being served meanwhile: the new one waits in the listen queue
+            self.evicted += 1
         super().handle_accept()
 
 
