@@ -2,9 +2,11 @@
 
 PostgreSQL and MariaDB tests run when JANITOR_TEST_POSTGRES_URL /
 JANITOR_TEST_MYSQL_URL are set (``.ci/run`` sets both, so in CI they are
-mandatory: an unreachable server fails them) and skip with that reason
-otherwise.  Each test gets its own schema (PostgreSQL) or database (MariaDB),
-dropped afterwards.
+mandatory: an unreachable server fails them), and otherwise whenever a server
+answers on its default local port with the default URL (:data:`DEFAULT_URLS`,
+probed once per session), so ``make test`` runs what CI runs.  Without a server
+their tests are deselected and one line of the summary says how to run them.
+Each test gets its own schema (PostgreSQL) or database (MariaDB), dropped afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +35,72 @@ from receiver.simulator.scene import app_row, create_apps_table, load_into, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ENV, MY_ENV = "JANITOR_TEST_POSTGRES_URL", "JANITOR_TEST_MYSQL_URL"
+DEFAULT_URLS = {
+    PG_ENV: "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    MY_ENV: "mysql+pymysql://root@127.0.0.1:3306/test",
+}
+SERVER_KINDS = {"postgres": PG_ENV, "mysql": MY_ENV}
+_unavailable: dict[str, str] = {}  # kind -> why its server tests do not run
+_not_run: dict[str, int] = {}  # kind -> how many were deselected
+
+
+def _probe(url: str) -> str | None:
+    """None when the server of ``url`` answers and lets us in, else why not (one line)."""
+    parsed = sa.engine.make_url(url)
+    where = f"{parsed.host}:{parsed.port}"
+    try:
+        socket.create_connection((parsed.host, parsed.port or 0), timeout=0.5).close()
+    except OSError:
+        return f"nothing answers on {where}"
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return None
+    except sa.exc.DBAPIError as exc:
+        return f"{where} answers but refused {url}: {str(exc.orig).strip().splitlines()[0]}"
+    finally:
+        engine.dispose()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A set URL is used as it is (and must work); otherwise the default URL, if its server answers."""
+    for kind, env in SERVER_KINDS.items():
+        if os.environ.get(env):
+            continue
+        why = _probe(DEFAULT_URLS[env])
+        if why is None:
+            os.environ[env] = DEFAULT_URLS[env]  # for the fixtures and the subprocesses alike
+        else:
+            _unavailable[kind] = why
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of a server that does not answer are deselected (one summary line), not skipped one by one."""
+    if not _unavailable:
+        return
+    keep, drop = [], []
+    for item in items:
+        kind = next(
+            (k for k in _unavailable if item.get_closest_marker(k) or f"{k}_db" in getattr(item, "fixturenames", ())),
+            None,
+        )
+        if kind is None:
+            keep.append(item)
+        else:
+            drop.append(item)
+            _not_run[kind] = _not_run.get(kind, 0) + 1
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _not_run:
+        why = "; ".join(f"{kind}: {_unavailable[kind]}" for kind in _not_run)
+        terminalreporter.write_line(
+            f"{sum(_not_run.values())} PostgreSQL/MariaDB tests not run ({why}): start the server, "
+            f"or set {PG_ENV} / {MY_ENV} (e.g. {DEFAULT_URLS[PG_ENV]}), to run them"
+        )
 
 
 @dataclass
