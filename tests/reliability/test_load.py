@@ -37,11 +37,13 @@ from .support_io import (
     table_rows,
     wait_until,
 )
+from .support_soak import Sample, rss_in_30_days_kib, windows
 
 GUESTS = 500  # one node's guests: 1000 events (pre-stop + post-stop each)
 SENDERS = 50
 WATCH_INTERVAL = 1.0  # CLEANUP_WATCH_INTERVAL_SECONDS (the default)
 SOAK_SECONDS = 1800 if LONG else 60
+SOAK_WINDOW = 300 if LONG else 15  # seconds: the soak reports its footprint per window
 
 
 def send_all(receiver: Serve, events: list[tuple[int, str, str]], senders: int) -> list[tuple[str, int, float]]:
@@ -223,44 +225,58 @@ def test_soak_memory_and_open_files_stay_flat(sim, sqlite_db, tmp_path):
     seed_guests_and_rows(sqlite_db, sim, range(200, 260))
     receiver = Serve(sim, sqlite_db, tmp_path, extra={"CLEANUP_WATCH_SECONDS": 10, "CLEANUP_GRACE_MINUTES": 0}).start()
     soak = Soak(receiver, sim, sqlite_db, 200, 60)
-    samples: list[tuple[float, int, int]] = []  # (seconds since start, RSS KiB, open fds)
+    samples: list[Sample] = []
     try:
         started = time.monotonic()
         next_sample = started
         while time.monotonic() - started < SOAK_SECONDS:
             if time.monotonic() >= next_sample:
-                samples.append((time.monotonic() - started, proc_rss_kb(receiver.pid), proc_fd_count(receiver.pid)))
+                samples.append(
+                    Sample(time.monotonic() - started, proc_rss_kb(receiver.pid), proc_fd_count(receiver.pid))
+                )
                 next_sample += 1.0
             soak.once(rng)
             time.sleep(0.02)
-        window = SOAK_SECONDS / 4 if not LONG else 300
-        first = [s for s in samples if s[0] <= window]
-        last = [s for s in samples if s[0] >= SOAK_SECONDS - window]
-        first_rss, last_rss = max(s[1] for s in first), max(s[1] for s in last)
-        first_fds, last_fds = max(s[2] for s in first), max(s[2] for s in last)
+        ws = windows(samples, SOAK_WINDOW, SOAK_SECONDS)
+        first, second, last = ws[0], ws[1], ws[-1]
+        per_hour, month = rss_in_30_days_kib(ws)
         print(
             f"\nsoak {SOAK_SECONDS} s: {soak.step} steps, {len(soak.destroyed)} guests destroyed, "
             f"{soak.next_vmid - 260} apps added; statuses {soak.statuses}; event latency "
-            f"p50 {percentile(soak.latencies, 50) * 1000:.1f} ms p99 {percentile(soak.latencies, 99) * 1000:.1f} ms; "
-            f"RSS max first {window:.0f} s {first_rss} KiB, last {window:.0f} s {last_rss} KiB; "
-            f"open fds max {first_fds} -> {last_fds}"
+            f"p50 {percentile(soak.latencies, 50) * 1000:.1f} ms p99 {percentile(soak.latencies, 99) * 1000:.1f} ms\n"
+            + "\n".join(w.line() for w in ws)
+            + f"\n  RSS trend from the second window: {per_hour / 1024:+.2f} MiB/h; "
+            f"straight line to 30 days: {month / 1024:.1f} MiB"
         )
         record(
             "soak",
             seconds=SOAK_SECONDS,
             steps=soak.step,
             destroyed=len(soak.destroyed),
-            rss_first_kib=first_rss,
-            rss_last_kib=last_rss,
-            fds_first=first_fds,
-            fds_last=last_fds,
+            rss_first_kib=first.rss_max_kib,
+            rss_last_kib=last.rss_max_kib,
+            fds_first=first.fds_max,
+            fds_last=last.fds_max,
+            windows=[
+                {
+                    "minutes": f"{w.start / 60:.1f}-{w.end / 60:.1f}",
+                    "rss_median_mib": round(w.rss_median_kib / 1024, 1),
+                    "rss_max_mib": round(w.rss_max_kib / 1024, 1),
+                    "fds_max": w.fds_max,
+                }
+                for w in ws
+            ],
+            rss_mib_per_hour=round(per_hour / 1024, 2),
+            rss_30_days_mib=round(month / 1024, 1),
             event_p50_ms=round(percentile(soak.latencies, 50) * 1000, 1),
             event_p99_ms=round(percentile(soak.latencies, 99) * 1000, 1),
         )
         assert all(status < 500 for counts in soak.statuses.values() for status in counts)
         assert set(soak.statuses["event"]) <= {200, 202}
-        assert last_rss <= 1.2 * first_rss + 4096
-        assert last_fds <= first_fds + 5
+        assert last.rss_max_kib <= 1.2 * first.rss_max_kib + 4096
+        # Flat once warm: the last window's median within 8 MiB (or 10 %) of the second's.
+        assert last.rss_median_kib <= second.rss_median_kib + max(8192, 0.1 * second.rss_median_kib), ws
+        assert last.fds_max <= first.fds_max + 5
 
         # Every destroyed guest's row is gone (watcher or sweep), every other row is still there.
         wait_until(
