@@ -629,10 +629,11 @@ Next steps:
   1. Edit $ENV_FILE: DATABASE_URL, PVE_HOST, PVE_USER, PVE_TOKEN_NAME,
      PVE_TOKEN_VALUE, and CLEANUP_BIND so the nodes can reach the receiver.
      Until they are set the service stops with a configuration error (exit 2).
-  2. Check, as root:
-       set -a; . $ENV_FILE; set +a
-       $PREFIX/venv/bin/pve-janitor check
-       $PREFIX/venv/bin/pve-janitor sweep --dry-run
+     Then run $PROG receiver again: it installs the driver DATABASE_URL needs.
+  2. Check as the service user, who meets what the service will (the same files,
+     database and Proxmox permissions):
+       sudo -u $SERVICE_USER sh -c 'set -a; . $ENV_FILE; set +a
+         $PREFIX/venv/bin/pve-janitor check && $PREFIX/venv/bin/pve-janitor sweep --dry-run'
   3. Set CLEANUP_DRY_RUN=false and restart the service; watch: $status.
   4. On every Proxmox node (CLEANUP_HOOK_SECRET is in $ENV_FILE):
        ./install.sh node --url http://THIS-HOST:8765 --secret-file FILE
