@@ -586,10 +586,12 @@ install_receiver() {
         say "  CLEANUP_HOOK_SECRET: (generated)"
         say "  CLEANUP_ADMIN_TOKEN: (generated)"
     fi
-    write_file "$ROOT$ENV_FILE" 0600 "$owner"
+    # Root's, readable by the service's group: systemd reads it as root, `check` run as the
+    # service user reads it too, and the service cannot change its own settings or secrets.
+    write_file "$ROOT$ENV_FILE" 0640 "$(root_uid):${owner#*:}"
     if [ "$WROTE" = 1 ]; then
         changed=1
-        [ "$DRY_RUN" = 1 ] || say "  $ROOT$ENV_FILE: written (mode 0600)"
+        [ "$DRY_RUN" = 1 ] || say "  $ROOT$ENV_FILE: written (mode 0640, owner root, group $SERVICE_USER)"
     else
         say "  $ROOT$ENV_FILE: unchanged"
     fi

@@ -333,7 +333,7 @@ def test_receiver_writes_venv_env_file_unit_and_starts_it(env: Env) -> None:
     calls = env.calls()
 
     env_file = env.root / ENV_FILE
-    assert mode(env_file) == 0o600
+    assert mode(env_file) == 0o640  # root's, readable by the service's group
     values = env_values(env_file)
     hook_secret, admin_token = values["CLEANUP_HOOK_SECRET"], values["CLEANUP_ADMIN_TOKEN"]
     assert re.fullmatch(r"[0-9a-f]{64}", hook_secret) and re.fullmatch(r"[0-9a-f]{64}", admin_token)
@@ -469,7 +469,7 @@ def test_receiver_keeps_existing_values_and_adds_only_missing_secret(env: Env) -
     assert values["CLEANUP_HOOK_SECRET"] == "my-own-hook-secret-0123456789"
     assert values["CLEANUP_DRY_RUN"] == "false"
     assert re.fullmatch(r"[0-9a-f]{64}", values["CLEANUP_ADMIN_TOKEN"])
-    assert mode(env_file) == 0o600
+    assert mode(env_file) == 0o640
     assert "CLEANUP_HOOK_SECRET: (kept)" in result.stdout
     assert "CLEANUP_ADMIN_TOKEN: (generated)" in result.stdout
     assert_no_secret(result, "my-own-hook-secret-0123456789", values["CLEANUP_ADMIN_TOKEN"])
