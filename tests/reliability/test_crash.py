@@ -48,7 +48,7 @@ import sqlalchemy as sa
 from conftest import Database
 from test_serve import Receiver, wait_until
 
-from receiver import store
+from receiver import schema, store
 from receiver.db import make_engine
 from receiver.simulator.scene import app_row, create_apps_table
 
@@ -213,6 +213,8 @@ class PostgresCrashDB(CrashDB):
         self.app_name = f"janitor-crash-{secrets.token_hex(4)}-{self.n}"
         store.metadata.drop_all(self.base.engine)
         with self.base.engine.begin() as conn:
+            # The revision goes with the tables: else the next serve finds "current" and creates none.
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {schema.VERSION_TABLE}")
             conn.exec_driver_sql("DROP TABLE IF EXISTS apps")
         create_apps_table(self.base.engine)
         with self.base.engine.begin() as conn:
