@@ -202,8 +202,9 @@ def janitor_env(sim: ProxmoxSimulator, db: Database, **extra: Any) -> dict[str, 
 
 
 def make_runtime(sim: ProxmoxSimulator, db: Database, **overrides: Any) -> Runtime:
+    """A runtime as ``serve`` builds one: pve-janitor's tables brought up to date first."""
     settings = load_settings(env=janitor_env(sim, db), overrides=overrides)
-    return Runtime.build(settings, engine=db.engine)
+    return Runtime.build(settings, engine=db.engine, upgrade=True)
 
 
 @dataclass

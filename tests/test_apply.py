@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import cli_command, janitor_env, make_runtime, sorted_vmids, table_vmids
 
-from receiver import store
+from receiver import schema, store
 from receiver.apply import apply_actions
 from receiver.model import Guest, Inventory
 from receiver.plan import make_plan
@@ -219,6 +219,7 @@ def _build_big_sqlite(path, n):
     from receiver.db import make_engine
 
     engine = make_engine(f"sqlite:///{path}")
+    schema.upgrade(engine)  # pve-janitor's tables, as an installed receiver's database has them
     table = create_apps_table(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), [app_row(10_000 + i, "error", age=timedelta(days=2)) for i in range(n)])

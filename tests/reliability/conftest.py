@@ -32,7 +32,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import Database, _sqlite_database
 
-from receiver import store
+from receiver import schema, store
 from receiver.db import make_engine
 from receiver.simulator.launch import free_port
 
@@ -175,6 +175,7 @@ def own_postgres(own_postgres_server) -> Iterator[tuple[OwnPostgres, Database]]:
     """The own server, running, and a fresh database on it; the server is left running afterwards."""
     own_postgres_server.start()
     database = own_postgres_server.new_database()
+    schema.upgrade(database.engine)  # as an installed receiver's database is
     try:
         yield own_postgres_server, database
     finally:
