@@ -97,8 +97,15 @@ class _CyclicGc:
         finally:
             with self._lock:
                 self._freezes -= 1
-                if self._freezes == 0:
+                thawed = self._freezes == 0
+                if thawed:
                     gc.unfreeze()
+            if thawed:
+                # Unfrozen objects land in the oldest generation without counting towards its
+                # next collection, so cycles other threads left while frozen (request objects,
+                # statements) would wait there, and the process would grow; one collection now
+                # frees them (docs/performance.md).
+                gc.collect()
 
 
 _cyclic_gc = _CyclicGc()
