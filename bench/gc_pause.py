@@ -53,7 +53,7 @@ def child(args: dict[str, Any]) -> dict[str, Any]:
                 return nullcontext()
         removal._cyclic_gc = Untouched()
     settings = load_settings(env=dict(args["env"], DATABASE_URL=args["url"]))
-    runtime = Runtime.build(settings, engine=make_engine(args["url"]))
+    runtime = Runtime.build(settings, engine=make_engine(args["url"]), upgrade=True)
     reading = [0.0]
     read = runtime.inventory.read
 

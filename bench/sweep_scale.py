@@ -237,7 +237,9 @@ def child(args: dict[str, Any]) -> dict[str, Any]:
         psycopg.Cursor.copy = counted_copy
 
     reads: list[float] = []
-    runtime = Runtime.build(settings, engine=engine, on_read=lambda seconds, outcome: reads.append(seconds))
+    runtime = Runtime.build(
+        settings, engine=engine, upgrade=True, on_read=lambda seconds, outcome: reads.append(seconds)
+    )
     phases: Counter = Counter()
     peaks: dict[str, float] = {}  # peak RSS after the last call of each phase
 

@@ -72,7 +72,7 @@ class Scene:
         with_rows = [v for v in self.guests if v < 100 + 20 * BURST]  # every burst guest has a row
         with engine.begin() as conn:
             conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in with_rows])
-        self.runtime = Runtime.build(settings, engine=engine)
+        self.runtime = Runtime.build(settings, engine=engine, upgrade=True)
         self.inbox = Inbox(self.runtime.engine)
         self.clock = Clock()
         self.watcher = Watcher(self.runtime, self.inbox, clock=self.clock)
