@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from proxmoxer import ProxmoxAPI
 
 from receiver.config import load_settings, without_settings
 from receiver.db import make_engine
@@ -190,6 +191,20 @@ def sim() -> Iterator[ProxmoxSimulator]:
 def seed_sim(sim) -> ProxmoxSimulator:
     load_into(sim, "seed")
     return sim
+
+
+def proxmox_client(sim: ProxmoxSimulator) -> ProxmoxAPI:
+    """proxmoxer's own client on the simulator, as a user's script would make one."""
+    host, port = sim.pve_host.rsplit(":", 1)
+    return ProxmoxAPI(
+        host,
+        port=int(port),
+        user=sim.user,
+        token_name=sim.token_name,
+        token_value=sim.token_value,
+        verify_ssl=sim.ca_path,
+        timeout=5,
+    )
 
 
 def janitor_env(sim: ProxmoxSimulator, db: Database, **extra: Any) -> dict[str, str]:

@@ -9,7 +9,7 @@ import re
 
 import pytest
 from conftest import ROOT, janitor_env, run_cli
-from proxmoxer import ProxmoxAPI
+from conftest import proxmox_client as client
 from proxmoxer.core import ResourceException
 
 from receiver.simulator import ProxmoxSimulator
@@ -22,19 +22,6 @@ USER, TOKEN = "janitor@pve", "janitor@pve!sweep"
 
 def privs(names, flag=1) -> dict:
     return dict.fromkeys(names, flag)
-
-
-def client(sim: ProxmoxSimulator) -> ProxmoxAPI:
-    host, port = sim.pve_host.rsplit(":", 1)
-    return ProxmoxAPI(
-        host,
-        port=int(port),
-        user=sim.user,
-        token_name=sim.token_name,
-        token_value=sim.token_value,
-        verify_ssl=sim.ca_path,
-        timeout=5,
-    )
 
 
 @pytest.fixture

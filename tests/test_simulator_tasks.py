@@ -12,28 +12,14 @@ import time
 
 import pytest
 from conftest import make_runtime, running_apps, table_vmids
-from proxmoxer import ProxmoxAPI
+from conftest import proxmox_client as client
 from proxmoxer.core import ResourceException
 
 from receiver.inbox import Inbox
-from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.tasks import BROADCAST_MAX_BYTES
 from receiver.watcher import Watcher
 
 ENTRY_KEYS = {"upid", "node", "pid", "pstart", "starttime", "type", "id", "user"}
-
-
-def client(sim: ProxmoxSimulator) -> ProxmoxAPI:
-    host, port = sim.pve_host.rsplit(":", 1)
-    return ProxmoxAPI(
-        host,
-        port=int(port),
-        user=sim.user,
-        token_name=sim.token_name,
-        token_value=sim.token_value,
-        verify_ssl=sim.ca_path,
-        timeout=5,
-    )
 
 
 @pytest.fixture
