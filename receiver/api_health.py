@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import store
+from . import holds, pending, store
 from .db import describe_db_error
 from .metrics import CONTENT_TYPE
 from .web import janitor, json_response
@@ -69,8 +69,11 @@ def metrics() -> Response:
     j = janitor()
     try:
         j.metrics.inbox_backlog.set(j.inbox.backlog())
+        now = j.runtime.clock()
         with j.runtime.engine.connect() as conn:
             last_success = store.last_success_time(conn)
+            j.metrics.pending_plans.set(pending.count_open(conn, j.settings.table, now))
+            j.metrics.holds.set(holds.count(conn, j.settings.table, now))
         if last_success is not None:
             j.metrics.last_success.set(last_success.timestamp())
     except SQLAlchemyError as exc:  # the rest of the metrics are still worth serving

@@ -19,47 +19,33 @@ import click
 
 from . import __version__
 from .checks import Checkup, Verdict
+from .cli_common import (
+    EXIT_CONFIG,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_REFUSED,
+    config_failure,
+    fail,
+    init_logging,
+    text_table,
+)
+from .cli_common import runtime as build_runtime
+from .cli_common import settings as settings_from_env
 from .cli_config import config_cmd
 from .cli_db import db
 from .cli_hookscript import hookscript
-from .config import ConfigError, Settings, load_settings
+from .cli_plans import COMMANDS as PLAN_COMMANDS
+from .config import ConfigError
 from .db import DatabaseError
 from .history import audit_entries
 from .logs import setup_logging
 from .restore import AuditNotFound, RestoreRefused, restore
-from .runtime import Runtime
 from .timeutil import age_text, utcnow
 
 if TYPE_CHECKING:  # types only: no import at run time
     from .result import SweepResult
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 3
 CHECK_EXIT = {Verdict.PASSED: EXIT_OK, Verdict.FAILED: EXIT_REFUSED, Verdict.MISCONFIGURED: EXIT_CONFIG}
-
-
-def _fail(code: int, lines: list[str] | str) -> None:
-    for line in [lines] if isinstance(lines, str) else lines:
-        click.echo(f"pve-janitor: {line}", err=True)
-    sys.exit(code)
-
-
-def _settings(overrides: dict[str, Any] | None = None) -> Settings:
-    setup_logging(logging.WARNING)  # so that what loading says (an unknown PVE_* name) is formatted
-    try:
-        return load_settings(overrides=overrides)
-    except ConfigError as exc:
-        _fail(EXIT_CONFIG, ["configuration error:"] + [f"  {p}" for p in exc.problems])
-        raise  # unreachable
-
-
-def _runtime(settings: Settings) -> Runtime:
-    try:
-        return Runtime.build(settings)
-    except ConfigError as exc:
-        _fail(EXIT_CONFIG, ["configuration error:"] + [f"  {p}" for p in exc.problems])
-    except DatabaseError as exc:
-        _fail(EXIT_REFUSED, f"database error: {exc}")
-    raise AssertionError("unreachable")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,10 +66,6 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.obj["log_level"] = logging.INFO if verbose else logging.WARNING
 
 
-def _init_logging(ctx: click.Context, settings: Settings, level: int | None = None) -> None:
-    setup_logging(level or ctx.obj["log_level"], settings.secrets(), settings.log_format)
-
-
 # --- serve -----------------------------------------------------------------
 
 
@@ -98,19 +80,19 @@ def serve(ctx: click.Context) -> None:
     """
     from .serve import serve as run_server
 
-    settings = _settings()
-    _init_logging(ctx, settings, logging.INFO)
+    settings = settings_from_env()
+    init_logging(ctx, settings, logging.INFO)
     try:
         code = run_server(settings)
     except ConfigError as exc:
-        _fail(EXIT_CONFIG, ["configuration error:"] + [f"  {p}" for p in exc.problems])
+        config_failure(exc)
     except DatabaseError as exc:
-        _fail(EXIT_REFUSED, f"database error: {exc}")
+        fail(EXIT_REFUSED, f"database error: {exc}")
     except OSError as exc:
         where = f"CLEANUP_BIND={settings.bind_host}:{settings.bind_port}"
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):  # another process, or the network not up yet
-            _fail(EXIT_REFUSED, f"{where}: cannot listen now: {exc.strerror} (a restart may succeed)")
-        _fail(EXIT_CONFIG, f"{where}: cannot listen: {exc.strerror}")
+            fail(EXIT_REFUSED, f"{where}: cannot listen now: {exc.strerror} (a restart may succeed)")
+        fail(EXIT_CONFIG, f"{where}: cannot listen: {exc.strerror}")
     sys.exit(code)
 
 
@@ -126,21 +108,15 @@ def serve(ctx: click.Context) -> None:
 @click.pass_context
 def sweep(ctx: click.Context, dry_run: bool, force: bool, as_json: bool) -> None:
     """Reconcile the whole table against the cluster, once, now."""
-    settings = _settings()
-    _init_logging(ctx, settings)
-    runtime = _runtime(settings)
+    settings = settings_from_env()
+    init_logging(ctx, settings)
+    runtime = build_runtime(settings)
     result = runtime.sweeper.run(dry_run=dry_run, force=force, source="manual")
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         print_sweep(result)
     sys.exit(result.exit_code)
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*headers), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
 
 
 def _age(now: datetime, then: datetime | None) -> str:
@@ -166,7 +142,7 @@ def print_sweep(result: SweepResult, echo: Callable[[str], None] = click.echo) -
                 ]
                 for a in plan.actions
             ]
-            for line in _table(rows, ["ACTION", "ROW", "VMID", "HOSTNAME", "STATUS", "AGE", "REASON"]):
+            for line in text_table(rows, ["ACTION", "ROW", "VMID", "HOSTNAME", "STATUS", "AGE", "REASON"]):
                 echo("  " + line)
         kept = ", ".join(f"{v} {k}" for k, v in plan.kept.items() if v)
         if kept:
@@ -220,9 +196,9 @@ def check(ctx: click.Context) -> None:
 @click.pass_context
 def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     """List audit entries (what was removed or marked, and why), newest first."""
-    settings = _settings()
-    _init_logging(ctx, settings)
-    runtime = _runtime(settings)
+    settings = settings_from_env()
+    init_logging(ctx, settings)
+    runtime = build_runtime(settings)
     entries = audit_entries(runtime.engine, limit=limit)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
@@ -244,24 +220,31 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
         ]
         for e in entries
     ]
-    for line in _table(rows, ["AUDIT", "WHEN (UTC)", "ACTION", "REASON", "SOURCE", "ROW", "VMID", "HOSTNAME", ""]):
+    for line in text_table(rows, ["AUDIT", "WHEN (UTC)", "ACTION", "REASON", "SOURCE", "ROW", "VMID", "HOSTNAME", ""]):
         click.echo(line)
 
 
 @main.command(name="restore", context_settings={"ignore_unknown_options": True})
 @click.argument("audit_id", type=int)
+@click.option(
+    "--no-hold", is_flag=True, help="Do not hold the row: the next sweep removes it again if its guest is still gone."
+)
 @click.pass_context
-def restore_cmd(ctx: click.Context, audit_id: int) -> None:
-    """Put a removed row back (refused when its UNIQUE values are taken by now)."""
-    settings = _settings()
-    _init_logging(ctx, settings)
-    runtime = _runtime(settings)
+def restore_cmd(ctx: click.Context, audit_id: int, no_hold: bool) -> None:
+    """Put a removed row back (refused when its UNIQUE values are taken by now).
+
+    The row is held (never removed) until released with `pve-janitor release --row KEY`,
+    unless --no-hold: its guest is usually still gone.
+    """
+    settings = settings_from_env()
+    init_logging(ctx, settings)
+    runtime = build_runtime(settings)
     try:
-        done = restore(runtime.table, audit_id)
+        done = restore(runtime.table, audit_id, hold=not no_hold, source="cli")
     except AuditNotFound as exc:
-        _fail(EXIT_NOT_FOUND, str(exc))
+        fail(EXIT_NOT_FOUND, str(exc))
     except RestoreRefused as exc:
-        _fail(EXIT_REFUSED, f"refused, nothing changed: {exc}")
+        fail(EXIT_REFUSED, f"refused, nothing changed: {exc}")
     click.echo(f"restored audit entry {audit_id}: {done.message}")
 
 
@@ -278,7 +261,7 @@ def _simulator_tooling(module: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name != "trustme":
             raise
-        _fail(EXIT_CONFIG, "the Proxmox simulator needs trustme: install pve-janitor[simulator]")
+        fail(EXIT_CONFIG, "the Proxmox simulator needs trustme: install pve-janitor[simulator]")
         raise  # unreachable
 
 
@@ -324,6 +307,8 @@ def simulator(host: str, port: int, scene: str, seed_db: str | None) -> None:
 main.add_command(db)  # pve-janitor db upgrade | current (receiver/cli_db.py)
 main.add_command(config_cmd)  # pve-janitor config [--json] (receiver/cli_config.py)
 main.add_command(hookscript)  # pve-janitor hookscript [--path | --print] (receiver/cli_hookscript.py)
+for _command in PLAN_COMMANDS:  # pending, approve, reject, hold, release, holds (receiver/cli_plans.py)
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

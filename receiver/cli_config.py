@@ -16,7 +16,16 @@ from typing import Any
 
 import click
 
-from .config import SECRET_VARIABLES, VARIABLES, ConfigError, Resolved, Settings, redact_url, resolve
+from .config import (
+    SECRET_VARIABLES,
+    VARIABLES,
+    ConfigError,
+    Resolved,
+    Settings,
+    redact_url,
+    redact_webhook_url,
+    resolve,
+)
 from .logs import setup_logging
 from .variables import TABLE
 
@@ -31,6 +40,8 @@ def shown_value(settings: Settings, name: str) -> Any:
         return redact_url(settings.database_url)
     if name == "PVE_HOST":
         return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in settings.pve_endpoints)
+    if name == "CLEANUP_WEBHOOK_URLS":
+        return [redact_webhook_url(u) for u in settings.webhook_urls]
     if name == "CLEANUP_BIND":
         host = f"[{settings.bind_host}]" if ":" in settings.bind_host else settings.bind_host
         return f"{host}:{settings.bind_port}"

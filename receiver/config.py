@@ -36,6 +36,7 @@ from .variables import (
     SECRET_FILE_VARIABLES,
     SECRET_VARIABLES,
     TABLE,
+    UNQUOTED_VARIABLES,
     VARIABLES,
     convert,
     unknown_variables,
@@ -57,6 +58,7 @@ __all__ = [
     "load_settings",
     "resolve",
     "redact_url",
+    "redact_webhook_url",
     "require",
     "without_settings",
 ]
@@ -122,6 +124,13 @@ class Settings:
     lease_seconds: int = 15
     # Logs.
     log_format: str = "text"  # or json: one object per line
+    # Pending plans and webhooks.
+    pending_hours: int = 24
+    webhook_urls: tuple[str, ...] = field(default=(), repr=False)  # a URL may carry a token
+    webhook_secret: str = field(default="", repr=False)
+    webhook_full_row: bool = False
+    webhook_verify_ssl: bool | str = True
+    webhook_timeout: float = 10.0
 
     def mapped_columns(self) -> dict[str, str]:
         """Setting name -> column name, for every column the mapping uses."""
@@ -137,7 +146,17 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Values that must never be shown: the tokens, the hook secret, the database password."""
-        found = [s for s in (self.pve_token_value, self.hook_secret, self.hook_secret_previous, self.admin_token) if s]
+        found = [
+            s
+            for s in (
+                self.pve_token_value,
+                self.hook_secret,
+                self.hook_secret_previous,
+                self.admin_token,
+                self.webhook_secret,
+            )
+            if s
+        ]
         if self.database_url:
             try:
                 from sqlalchemy.engine import make_url
@@ -160,6 +179,7 @@ class Settings:
                 value = list(value)
             out[f.name] = value
         out["database_url"] = redact_url(self.database_url)
+        out["webhook_urls"] = [redact_webhook_url(u) for u in self.webhook_urls]
         return out
 
 
@@ -173,6 +193,20 @@ def redact_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - an unparsable URL is shown as a placeholder
         return "(unparsable URL)"
+
+
+def redact_webhook_url(url: str) -> str:
+    """A webhook URL as logs and answers show it: no user, password, query or fragment (any may
+    carry a token)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    hidden = "?…" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
 
 
 @dataclass(frozen=True)
@@ -260,7 +294,13 @@ def resolve(env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] |
         try:
             converted = convert(name, value)
         except ValueError as exc:
-            shown = "(secret)" if name in SECRET_VARIABLES else repr(str(value))
+            shown = (
+                "(secret)"
+                if name in SECRET_VARIABLES
+                else "(not shown: a URL may carry a token)"
+                if name in UNQUOTED_VARIABLES
+                else repr(str(value))
+            )
             problems.append(f"{name}={shown} {exc}")
             continue
         if minimum is not None and converted[key] < minimum:
@@ -291,6 +331,8 @@ def _cross_checks(settings: Settings) -> list[str]:
         problems.append("CLEANUP_MARK_STATUS must not be empty when CLEANUP_ACTION=mark")
     if settings.hook_secret_previous and not settings.hook_secret:
         problems.append("CLEANUP_HOOK_SECRET_PREVIOUS is set but CLEANUP_HOOK_SECRET is not")
+    if settings.webhook_urls and not settings.webhook_secret:
+        problems.append("CLEANUP_WEBHOOK_URLS is set but CLEANUP_WEBHOOK_SECRET is not (every webhook is signed)")
     if settings.pve_token_value and not (settings.pve_user and settings.pve_token_name):
         problems.append("PVE_TOKEN_VALUE is set but PVE_USER or PVE_TOKEN_NAME is missing")
     if settings.pve_user and "@" not in settings.pve_user:

@@ -130,6 +130,17 @@ class Metrics:
         for refusal in Refusal:
             for source in ("sweep", "watcher"):
                 self.refusals.labels(reason=refusal.value, source=source)
+        self.pending_plans = Gauge(
+            "pve_janitor_pending_plans",
+            "Plans a rule that --force lifts refused, kept for review and not yet decided or expired",
+            registry=r,
+        )
+        self.holds = Gauge("pve_janitor_holds", "Holds in force (rows and VMIDs never removed)", registry=r)
+        self.rows_held = Gauge(
+            "pve_janitor_rows_held",
+            "Rows a hold kept that the last sweep would otherwise have acted on",
+            registry=r,
+        )
         self.watcher_up = Gauge("pve_janitor_watcher_up", "1 while the watcher's thread runs", registry=r)
         self.watcher_last_tick = Gauge(
             "pve_janitor_watcher_last_tick_timestamp_seconds", "Unix time of the watcher's last tick", registry=r

@@ -56,6 +56,7 @@ class Finding(Word):
     NAME_MISMATCH = "name_mismatch"
     UNREADABLE_ROW = "unreadable_row"
     HIDDEN_GUEST = "hidden_guest"  # a ghost's VMID in use by a guest the token is not shown
+    HELD = "held"  # a row that would be acted on, kept by a hold (pve-janitor hold)
 
 
 class Outcome(Word):
@@ -217,6 +218,26 @@ class Row(NamedTuple):
             if stamp is not None:
                 stamps.append(stamp)
         return max(stamps) if stamps else None
+
+
+@dataclass(frozen=True)
+class Holds:
+    """The holds in force for one table: row keys (as text) and VMIDs that are never acted on,
+    each with the words that say which hold it is."""
+
+    keys: dict[str, str] = field(default_factory=dict)
+    vmids: dict[int, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.vmids)
+
+    def of(self, row: Row) -> str | None:
+        """Which hold keeps this row (None: none)."""
+        if self.keys:
+            found = self.keys.get(str(row.key))
+            if found is not None:
+                return found
+        return self.vmids.get(row.vmid) if row.vmid is not None and self.vmids else None
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,12 @@ an error status), is kept and reported: an unreadable value must never read as
 "old" or "no guest".  A row whose guest exists and whose status is not an error
 status is settled without parsing its timestamps.
 
+A row that would be acted on but is held (``pve-janitor hold``, or a row that
+``restore`` put back) is kept and reported (``held``).
+
 Findings that are only reported: guests with no row (templates excluded),
-rows whose guest's name differs from the row's hostname (a reused VMID?), and
-unreadable rows.
+rows whose guest's name differs from the row's hostname (a reused VMID?),
+unreadable rows and held rows.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .config import Settings
-from .model import Action, Finding, Inventory, Plan, Reason, Report, Row, Verb
+from .model import Action, Finding, Holds, Inventory, Plan, Reason, Report, Row, Verb
 from .timeutil import age_text
 
 
@@ -38,7 +41,9 @@ def _norm(status: str | None) -> str:
     return (status or "").strip().lower()
 
 
-def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings: Settings) -> Plan:
+def make_plan(
+    rows: Iterable[Row], inventory: Inventory, now: datetime, settings: Settings, holds: Holds | None = None
+) -> Plan:
     protected = {_norm(s) for s in settings.protected_statuses}
     errors = {_norm(s) for s in settings.error_statuses}
     verb = Verb(settings.action)
@@ -50,7 +55,17 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
 
     actions: list[Action] = []
     reports: list[Report] = []
-    kept = {"protected": 0, "young": 0, "present": 0, "already_marked": 0, "unreadable": 0}
+    kept = {"protected": 0, "young": 0, "present": 0, "already_marked": 0, "unreadable": 0, "held": 0}
+    holds = holds or Holds()
+
+    def held(row: Row, reason: Reason) -> bool:
+        hold = holds.of(row) if holds else None
+        if hold is None:
+            return False
+        kept["held"] += 1
+        reports.append(Report(Finding.HELD, row.vmid, f"row {row.key} kept by {hold} (it would go as {reason})"))
+        return True
+
     vmids_with_rows: set[int] = set()
     normalized: dict[Any, str] = {}  # status as stored -> as compared; a table holds a handful of them
     seen = 0
@@ -99,14 +114,18 @@ def make_plan(rows: Iterable[Row], inventory: Inventory, now: datetime, settings
         if ghosts_wanted and guest is None:
             if touched is not None and touched > grace_start:
                 kept["young"] += 1
-            else:
+            elif not held(row, Reason.GHOST):
                 what = "has no VMID" if vmid is None else f"guest {vmid} does not exist"
                 actions.append(Action(row, verb, Reason.GHOST, f"{what}; last touched {age_text(now, touched)} ago"))
+                continue
+            else:
                 continue
 
         # The later of created/updated: an error row inserted a minute ago with a NULL
         # updated_at is not past retention.
         if is_error and (touched is None or touched < retention_start):
+            if held(row, Reason.OLD_ERROR):
+                continue
             where = f"; guest {vmid} still exists ({guest.status} on {guest.node})" if guest else ""
             actions.append(
                 Action(

@@ -29,19 +29,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import holds, pending
 from .apply import ApplyConflict, apply_actions
 from .config import Settings
 from .db import DatabaseError
 from .model import Action, Finding, Inventory, InventoryError, Outcome, Plan, Reason, Refusal, Report
 from .plan import make_plan
 from .result import SweepResult, short_vmids
-from .safety import Refused, check_listing, check_plan_size, hidden_guests, refusal_for
+from .safety import LIFTED_BY_FORCE, Refused, check_listing, check_plan_size, hidden_guests, refusal_for
 from .timeutil import utcnow
 
 if TYPE_CHECKING:  # types only: no import at run time
     from .table import PlatformTable
 
 logger = logging.getLogger(__name__)
+
+
+Narrow = Callable[[Plan, Inventory], Plan]
+"""Cuts a plan down to what was reviewed (an approval, :mod:`receiver.approval`)."""
 
 
 class Proxmox(Protocol):
@@ -130,18 +135,26 @@ class Removal:
         force: bool = False,
         source: str = "sweep",
         may_apply: Callable[[], bool] | None = None,
+        narrow: Narrow | None = None,
+        plan_id: int | None = None,
     ) -> SweepResult:
         """One removal: of the whole table (``vmids`` None) or of the rows of ``vmids``.
 
         ``first``: a guest list read before this call (the watcher's tick); None reads one
         after the rows.  ``reasons``: act only for these planner reasons.  ``force`` lifts
         only the rules :data:`receiver.safety.LIFTED_BY_FORCE` names.  ``may_apply`` is
-        asked right before the apply (the watcher's lease).
+        asked right before the apply (the watcher's lease).  ``narrow`` cuts the plan down
+        before the rules on its size (an approval: ``plan_id`` is the plan approved).
+
+        When a rule that ``--force`` lifts refuses a real (not dry) run, the plan is kept as
+        a pending plan (:mod:`receiver.pending`) and the result names it.
         """
         whole = vmids is None
         with _cyclic_gc.paused() if whole else nullcontext():
-            planned = self._read_and_plan(vmids, first, reasons, force)
+            planned = self._read_and_plan(vmids, first, reasons, force, narrow)
         if isinstance(planned, SweepResult):
+            if planned.refusal in LIFTED_BY_FORCE and planned.plan is not None and not dry_run:
+                self._keep_pending(planned, source)
             return planned
         plan, total, rows_by_key = planned
         if dry_run:
@@ -154,15 +167,47 @@ class Removal:
         if not plan.actions:
             return SweepResult(Outcome.NOTHING, "", plan=plan, untouched_vmids=_untouched(rows_by_key, ()))
         with _cyclic_gc.frozen() if whole else nullcontext():
-            return self._confirm_and_apply(plan, total, rows_by_key, source, may_apply)
+            return self._confirm_and_apply(plan, total, rows_by_key, source, may_apply, plan_id)
+
+    def _keep_pending(self, refused: SweepResult, source: str) -> None:
+        """Keep a plan refused by a rule ``--force`` lifts for review; a failure is logged, the
+        refusal stands either way."""
+        assert refused.plan is not None and refused.refusal is not None  # checked by the caller
+        try:
+            refused.pending_id, new = pending.keep(
+                self.table.engine,
+                self.settings,
+                refused.plan,
+                refusal=refused.refusal,
+                reason=refused.reason,
+                table_rows=refused.table_rows or 0,
+                source=source,
+                now=self.clock(),
+            )
+        except SQLAlchemyError as exc:
+            logger.warning("the refused plan could not be kept for review: %s", type(exc).__name__)
+            return
+        if new:
+            logger.warning(
+                "kept as pending plan %s: review it with `pve-janitor pending`, then `pve-janitor approve %s`",
+                refused.pending_id,
+                refused.pending_id,
+            )
 
     def _read_and_plan(
-        self, vmids: Collection[int] | None, first: Inventory | None, reasons: Collection[str] | None, force: bool
+        self,
+        vmids: Collection[int] | None,
+        first: Inventory | None,
+        reasons: Collection[str] | None,
+        force: bool,
+        narrow: Narrow | None = None,
     ) -> tuple[Plan, int, dict[Any, int | None] | None] | SweepResult:
-        """Rows, then the guest list, then the plan and the rules on its size."""
+        """Rows and holds, then the guest list, then the plan and the rules on its size."""
         try:
             rows = self.table.fetch_rows(vmids=None if vmids is None else sorted(vmids))
             total = len(rows) if vmids is None else self.table.count()
+            with self.table.engine.connect() as conn:
+                held = holds.active(conn, self.settings.table, self.clock())
         except DatabaseError as exc:
             return SweepResult(Outcome.FAILED, str(exc), refusal=Refusal.DATABASE)
         except SQLAlchemyError as exc:
@@ -177,14 +222,17 @@ class Removal:
             return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal)
         # Only a VMID-scoped run needs to know afterwards which VMIDs kept a row.
         rows_by_key = None if vmids is None else {r.key: r.vmid for r in rows}
-        plan = make_plan(rows, inventory, self.clock(), self.settings)
-        del rows, inventory
+        plan = make_plan(rows, inventory, self.clock(), self.settings, held)
+        del rows
         if reasons is not None:
             plan = replace(plan, actions=tuple(a for a in plan.actions if a.reason in reasons))
+        if narrow is not None:
+            plan = narrow(plan, inventory)
+        del inventory
         try:
             check_plan_size(len(plan.actions), total, self.settings, force)
         except Refused as exc:
-            return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal, plan=plan)
+            return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal, plan=plan, table_rows=total)
         return plan, total, rows_by_key
 
     def _confirm_and_apply(
@@ -194,6 +242,7 @@ class Removal:
         rows_by_key: dict[Any, int | None] | None,
         source: str,
         may_apply: Callable[[], bool] | None,
+        plan_id: int | None = None,
     ) -> SweepResult:
         actions, dropped, hidden = list(plan.actions), list[int](), list[int]()
         if any(a.reason == Reason.GHOST for a in actions):
@@ -225,7 +274,7 @@ class Removal:
                 hidden=hidden,
             )
         try:
-            applied = apply_actions(self.table, actions, source=source, now=self.clock())
+            applied = apply_actions(self.table, actions, source=source, now=self.clock(), plan_id=plan_id)
         except (ApplyConflict, DatabaseError) as exc:
             return SweepResult(
                 Outcome.FAILED,

@@ -4,6 +4,11 @@ A restore refuses, changing nothing, when the row's key or any UNIQUE value
 (VMID, hostname, ports...) is taken by now: the platform has moved on and a
 person must decide.  A marked row gets its old status back, if it still has
 the mark.
+
+Its guest is usually still gone, so the next sweep would remove the row again:
+a restore places a hold on it (:mod:`receiver.holds`), in the same transaction,
+until it is released (``pve-janitor release --row KEY``), unless asked not to.
+The ``row.restored`` webhook event is written in that transaction too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from . import store
+from . import holds, outbox, store
 from .db import describe_db_error, write_transaction
 from .timeutil import utcnow
 
@@ -45,6 +50,7 @@ class Restored:
     row_key: str
     action: str
     message: str
+    hold_id: int | None = None
 
 
 def unique_column_sets(table: PlatformTable) -> list[tuple[str, ...]]:
@@ -58,8 +64,8 @@ def unique_column_sets(table: PlatformTable) -> list[tuple[str, ...]]:
     return list(dict.fromkeys(sets))
 
 
-def restore(table: PlatformTable, audit_id: int) -> Restored:
-    """Put back the row of one audit entry.
+def restore(table: PlatformTable, audit_id: int, *, hold: bool = True, source: str = "cli") -> Restored:
+    """Put back the row of one audit entry, held (``hold``) until released.
 
     Raises AuditNotFound (no such entry) or RestoreRefused (nothing was changed).
     """
@@ -113,10 +119,42 @@ def restore(table: PlatformTable, audit_id: int) -> Restored:
                     f"cannot restore audit entry {audit_id}: the database refused the row ({describe_db_error(exc)})"
                 ) from None
             message = f"row {key} (VMID {entry['vmid']}) is back in {table.settings.table}"
-        conn.execute(store.audit.update().where(is_entry).values(restored_at=utcnow()))
+        now = utcnow()
+        conn.execute(store.audit.update().where(is_entry).values(restored_at=now))
         store.add_counters(conn, {"rows_restored": 1})
+        placed = None
+        if hold:
+            placed = holds.place_in(
+                conn,
+                table.settings.table,
+                now=now,
+                source="restore",
+                row_key=str(key),
+                reason=f"restored from audit entry {audit_id}",
+            )
+            message += f"; held (hold {placed.id}) until released: pve-janitor release --row {key}"
+        else:
+            message += "; not held: the next sweep removes it again if its guest is still gone"
+        events = outbox.Events(table.settings, now)
+        events.add(
+            outbox.EventType.ROW_RESTORED,
+            outbox.row_subject(table.settings, key),
+            outbox.row_data(
+                table.settings,
+                row,
+                key=key,
+                vmid=entry["vmid"],
+                action=entry["action"],
+                reason=entry["reason"],
+                detail=message,
+                audit_id=audit_id,
+                source_word=source,
+            )
+            | {"hold_id": placed.id if placed else None},
+        )
+        events.write(conn)
     logger.info("restored audit entry %s: %s", audit_id, message)
-    return Restored(audit_id, str(key), entry["action"], message)
+    return Restored(audit_id, str(key), entry["action"], message, placed.id if placed else None)
 
 
 def _unmark(conn, table: PlatformTable, row: dict, key) -> str:

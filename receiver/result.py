@@ -24,6 +24,8 @@ class SweepResult:
     dry_run: bool = False
     started_at: Any = None
     untouched_vmids: frozenset[int] = frozenset()  # VMIDs with a row read but not removed (VMID-scoped runs)
+    pending_id: int | None = None  # the pending plan a refusal that --force lifts was kept as
+    table_rows: int | None = None  # the table's size when planned
 
     @property
     def exit_code(self) -> int:
@@ -43,6 +45,8 @@ class SweepResult:
             text += f" — refused ({self.refusal})"
         if self.reason:
             text += f" — {self.reason}"
+        if self.pending_id is not None:
+            text += f" — kept as pending plan {self.pending_id} (pve-janitor approve {self.pending_id})"
         return text + f" ({self.duration_s:.2f} s)"
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +68,7 @@ class SweepResult:
             else [],
             "dropped_vmids": self.dropped,
             "hidden_guests": self.hidden,
+            "pending_plan": self.pending_id,
             "counts": dict(self.applied.counts) if self.applied else {},
         }
 

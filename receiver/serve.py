@@ -17,9 +17,10 @@ import signal
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import notify
+from . import holds, notify, outbox, pending
 from .app import create_app
 from .config import Settings
+from .db import write_transaction
 from .httpserver import make_server
 from .inbox import Inbox
 from .lease import Lease
@@ -49,6 +50,8 @@ def record_sweep(metrics: Metrics, result: SweepResult, source: str) -> None:
             metrics.removal(reason, source, sum(1 for a in result.applied.applied if a.reason == reason))
     if result.outcome in (Outcome.DONE, Outcome.NOTHING) and result.started_at is not None:
         metrics.last_success.set(result.started_at.timestamp() + result.duration_s)
+    if result.plan is not None and source != "approval":
+        metrics.rows_held.set(result.plan.kept.get("held", 0))
 
 
 def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -69,7 +72,9 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
         )
     inbox = Inbox(runtime.engine)
     lease = Lease(runtime.engine, settings.lease_seconds)
-    scheduler = make_scheduler(runtime.sweeper, settings.interval_minutes, lease, housekeeping=inbox.forget_old)
+    scheduler = make_scheduler(
+        runtime.sweeper, settings.interval_minutes, lease, housekeeping=partial(housekeeping, runtime, inbox)
+    )
     watcher = Watcher(
         runtime, inbox, metrics, lease, clock=runtime.clock, on_task_gap=partial(request_sweep, scheduler)
     )
@@ -84,6 +89,19 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
         "scheduler": scheduler,
         "app": app,
     }
+
+
+def housekeeping(runtime: Runtime, inbox: Inbox) -> None:
+    """After each scheduled sweep, on the lease holder: processed events, expired pending plans,
+    holds past their time, decided plans and delivered webhook events past their keeping time."""
+    inbox.forget_old()
+    now = runtime.clock()
+    pending.expire(runtime.engine, runtime.settings, now)
+    targets = [outbox.target_id(url) for url in runtime.settings.webhook_urls]
+    with write_transaction(runtime.engine) as conn:
+        holds.prune(conn, now)
+        pending.prune(conn, now)
+        outbox.prune(conn, targets, now)
 
 
 def background_trouble(watcher: Watcher, scheduler: BaseScheduler) -> str | None:

@@ -20,9 +20,11 @@ import datetime as dt
 import decimal
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from .timeutil import isoformat, parse_timestamp, utcnow
@@ -133,6 +135,71 @@ lease = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
 )
 
+holds = sa.Table(
+    "janitor_holds",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("table_name", sa.String(128), nullable=False),
+    sa.Column("vmid", sa.BigInteger),  # a hold names a VMID or a row key, never both
+    sa.Column("row_key", sa.String(255)),
+    sa.Column("until", UTCDateTime),  # NULL: until released
+    sa.Column("reason", sa.Text),
+    sa.Column("source", sa.String(16), nullable=False),  # cli, http, restore
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_janitor_holds_table_name", "table_name"),
+)
+
+pending = sa.Table(
+    "janitor_pending",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("table_name", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending, approved, rejected, expired, superseded
+    sa.Column("refusal", sa.String(16), nullable=False),  # the rule that kept it: guard, would_empty
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # what planned it: sweep, manual, watcher
+    sa.Column("row_count", sa.Integer, nullable=False),
+    sa.Column("table_rows", sa.Integer, nullable=False),  # the table's size when planned
+    sa.Column("fingerprint", sa.String(64), nullable=False),  # the reviewed rows and values, hashed
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("decided_at", UTCDateTime),
+    sa.Column("decided_by", sa.String(16)),  # cli, http
+    sa.Column("note", sa.Text),  # a rejection's reason, an approval's result
+    sa.Column("superseded_by", sa.Integer),
+    sa.Index("ix_janitor_pending_state", "state"),
+)
+
+pending_rows = sa.Table(
+    "janitor_pending_rows",
+    metadata,
+    sa.Column("plan_id", sa.Integer, primary_key=True),
+    sa.Column("row_key", sa.String(255), primary_key=True),
+    sa.Column("vmid", sa.BigInteger),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text),
+    sa.Column("observed", sa.Text, nullable=False),  # the row's mapped values as planned (JSON)
+)
+
+# Up to OUTBOX_CHUNK CloudEvents per row: a 100,000-row sweep is 200 inserts, not 100,000, and a
+# row stays far below MariaDB's default max_allowed_packet (16 MiB).
+outbox = sa.Table(
+    "janitor_outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("target", sa.String(16), nullable=False),  # which CLEANUP_WEBHOOK_URLS entry (a hash of it)
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("events", sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"), nullable=False),
+    sa.Column("event_count", sa.Integer, nullable=False),
+    sa.Column("delivered", sa.Integer, nullable=False, server_default="0"),  # events delivered, in order
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),  # failed tries of the next event
+    sa.Column("last_error", sa.Text),
+    sa.Column("last_error_at", UTCDateTime),
+    sa.Column("done_at", UTCDateTime),
+    sa.Index("ix_janitor_outbox_target_done", "target", "done_at", "id"),
+)
+
 COUNTERS = ("ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed", "rows_marked", "rows_restored")
 KEEP_ERRORS = 50
 KEEP_RUNS = 500
@@ -189,9 +256,13 @@ def read_counters(conn: Connection) -> dict[str, int]:
     return values
 
 
-def record_error(engine: Engine, source: str, message: str) -> None:
+def record_error(engine: Engine, source: str, message: str, also: Callable[[Connection], object] | None = None) -> None:
+    """Keep the error (the newest :data:`KEEP_ERRORS`); ``also`` writes more in the same
+    transaction (the refusal's webhook event)."""
     with engine.begin() as conn:
         conn.execute(errors.insert().values(at=utcnow(), source=source, message=message[:2000]))
+        if also is not None:
+            also(conn)
         oldest_kept = conn.execute(
             sa.select(errors.c.id).order_by(errors.c.id.desc()).offset(KEEP_ERRORS).limit(1)
         ).scalar()
@@ -204,9 +275,12 @@ def recent_errors(conn: Connection, limit: int = 10) -> list[dict[str, Any]]:
     return [{"at": isoformat(r["at"]), "source": r["source"], "message": r["message"]} for r in rows]
 
 
-def record_run(engine: Engine, **values: Any) -> None:
+def record_run(engine: Engine, also: Callable[[Connection], object] | None = None, **values: Any) -> None:
+    """Keep the run (the newest :data:`KEEP_RUNS`); ``also`` writes more in the same transaction."""
     with engine.begin() as conn:
         conn.execute(runs.insert().values(**values))
+        if also is not None:
+            also(conn)
         oldest_kept = conn.execute(sa.select(runs.c.id).order_by(runs.c.id.desc()).offset(KEEP_RUNS).limit(1)).scalar()
         if oldest_kept is not None:
             conn.execute(runs.delete().where(runs.c.id <= oldest_kept))

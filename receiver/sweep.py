@@ -16,10 +16,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from . import store
+from . import outbox, store
 from .config import Settings
 from .model import Outcome
-from .removal import Proxmox, Removal
+from .removal import Narrow, Proxmox, Removal
 from .result import SweepResult
 from .timeutil import utcnow
 
@@ -74,14 +74,22 @@ class Sweeper:
         with self._lock:
             return self._run(**kwargs)
 
-    def _run(self, *, dry_run: bool | None = None, force: bool = False, source: str = "sweep") -> SweepResult:
+    def _run(
+        self,
+        *,
+        dry_run: bool | None = None,
+        force: bool = False,
+        source: str = "sweep",
+        narrow: Narrow | None = None,
+        plan_id: int | None = None,
+    ) -> SweepResult:
         started_wall = self.clock()
         started = time.monotonic()
         dry = self.settings.dry_run if dry_run is None else (dry_run or self.settings.dry_run)
         if not self.settings.enabled:
             result = SweepResult(Outcome.DISABLED, "CLEANUP_ENABLED is false: nothing is read or changed")
         else:
-            result = self.pipeline.run(dry_run=dry, force=force, source=source)
+            result = self.pipeline.run(dry_run=dry, force=force, source=source, narrow=narrow, plan_id=plan_id)
         result.dry_run = dry
         result.started_at = started_wall
         result.duration_s = time.monotonic() - started
@@ -93,9 +101,13 @@ class Sweeper:
         logger.log(level, "%s", result.summary())
         engine = self.table.engine
         reason = f"{result.refusal}: {result.reason}" if result.refusal else result.reason
+        events = outbox.Events(self.settings, self.clock())
+        if result.refusal is not None:
+            events.add(outbox.EventType.REMOVAL_REFUSED, "removal", refusal_data(self.settings, result, source))
         try:
             store.record_run(
                 engine,
+                also=events.write,
                 source=source,
                 started_at=result.started_at,
                 finished_at=self.clock(),
@@ -113,3 +125,16 @@ class Sweeper:
         self.last_hidden = list(result.hidden)
         if self._on_result:
             self._on_result(result, source)
+
+
+def refusal_data(settings: Settings, result: SweepResult, source: str) -> dict[str, Any]:
+    """A refusal event's ``data``: who was refused, by which rule, and the pending plan it left."""
+    return {
+        "table": settings.table,
+        "source": source,
+        "outcome": str(result.outcome),
+        "refusal": str(result.refusal) if result.refusal else None,
+        "reason": result.reason,
+        "planned": len(result.plan.actions) if result.plan else 0,
+        "pending_plan": result.pending_id,
+    }

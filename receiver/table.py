@@ -73,6 +73,15 @@ class PlatformTable:
             return text
         return int(text) if python_type is int else text
 
+    def has_key(self, text: str) -> bool:
+        """Whether a row has this primary key (given as text, as users type it)."""
+        try:
+            key = self.key_from_text(text)
+        except ValueError:
+            return False
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(self.pk).where(self.pk == key).limit(1)).first() is not None
+
     def _select_mapped(self) -> tuple[sa.Select, dict[str, int]]:
         """SELECT of the mapped columns (a column mapped twice is selected once), and each one's position."""
         s = self.settings

@@ -16,16 +16,25 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-SECRET_VARIABLES = ("PVE_TOKEN_VALUE", "CLEANUP_HOOK_SECRET", "CLEANUP_HOOK_SECRET_PREVIOUS", "CLEANUP_ADMIN_TOKEN")
+SECRET_VARIABLES = (
+    "PVE_TOKEN_VALUE",
+    "CLEANUP_HOOK_SECRET",
+    "CLEANUP_HOOK_SECRET_PREVIOUS",
+    "CLEANUP_ADMIN_TOKEN",
+    "CLEANUP_WEBHOOK_SECRET",
+)
 # Each secret may instead be read from a file (``<NAME>_FILE``, environment only) or from the
 # systemd credential of this name (``LoadCredential=`` in the unit, read from $CREDENTIALS_DIRECTORY).
 # The credential names carry a prefix: /etc/credstore is shared by every service of the host.
+# Values never quoted in a message: the secrets, and the webhook URLs (a URL may carry a token).
+UNQUOTED_VARIABLES = frozenset(SECRET_VARIABLES) | {"CLEANUP_WEBHOOK_URLS"}
 SECRET_FILE_VARIABLES = {f"{name}_FILE": name for name in SECRET_VARIABLES}
 CREDENTIALS = {
     "PVE_TOKEN_VALUE": "pve-janitor.pve-token-value",
     "CLEANUP_HOOK_SECRET": "pve-janitor.hook-secret",
     "CLEANUP_HOOK_SECRET_PREVIOUS": "pve-janitor.hook-secret-previous",
     "CLEANUP_ADMIN_TOKEN": "pve-janitor.admin-token",
+    "CLEANUP_WEBHOOK_SECRET": "pve-janitor.webhook-secret",
 }
 ACTIONS = ("delete", "mark")
 LOG_FORMATS = ("text", "json")  # as receiver.logs.LOG_FORMATS (this module imports nothing of the package)
@@ -33,7 +42,7 @@ _TRUE = {"true", "1", "yes"}  # DESIGN.md: true/false/1/0/yes/no, anything else 
 _FALSE = {"false", "0", "no"}
 
 # Variable name -> (field name, kind, minimum).  Kinds: bool, int, float, str,
-# list, action, log_format, verify, host, bind.
+# list, action, log_format, verify, host, bind, urls.
 TABLE: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_ENABLED": ("enabled", "bool", None),
     "ERROR_RETENTION_HOURS": ("error_retention_hours", "int", 1),
@@ -71,6 +80,12 @@ TABLE: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_TASK_POLL_SECONDS": ("task_poll_seconds", "float", 0.5),
     "CLEANUP_LEASE_SECONDS": ("lease_seconds", "int", 3),
     "CLEANUP_LOG_FORMAT": ("log_format", "log_format", None),
+    "CLEANUP_PENDING_HOURS": ("pending_hours", "int", 1),
+    "CLEANUP_WEBHOOK_URLS": ("webhook_urls", "urls", None),
+    "CLEANUP_WEBHOOK_SECRET": ("webhook_secret", "str", None),
+    "CLEANUP_WEBHOOK_FULL_ROW": ("webhook_full_row", "bool", None),
+    "CLEANUP_WEBHOOK_VERIFY_SSL": ("webhook_verify_ssl", "verify", None),
+    "CLEANUP_WEBHOOK_TIMEOUT_SECONDS": ("webhook_timeout", "float", 0.5),
 }
 VARIABLES = tuple(TABLE)
 # Every name pve-janitor reads from the environment: the settings, the files that may hold them.
@@ -87,6 +102,8 @@ MAXIMUMS = {
     "CLEANUP_WATCH_INTERVAL_SECONDS": 3_600,
     "CLEANUP_TASK_POLL_SECONDS": 3_600,
     "PVE_TIMEOUT": 3_600,
+    "CLEANUP_PENDING_HOURS": 8_760,  # a year
+    "CLEANUP_WEBHOOK_TIMEOUT_SECONDS": 300,
 }
 # A name with one of these prefixes is ours: if it is not a setting, it is a typo, and a typo
 # of CLEANUP_DRY_RUN would delete for real.  Matched ignoring case (the TOML file ignores it too).
@@ -155,6 +172,14 @@ def convert(name: str, raw: Any) -> dict[str, Any]:
         if len(set(endpoints)) != len(endpoints):
             raise ValueError("names one endpoint twice")
         return {"pve_host": endpoints[0][0], "pve_port": endpoints[0][1], "pve_endpoints": endpoints}
+    if kind == "urls":
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        urls = tuple(str(i).strip() for i in items if str(i).strip())
+        for url in urls:
+            _check_url(url)
+        if len(set(urls)) != len(urls):
+            raise ValueError("names one URL twice")
+        return {field_name: urls}
     if kind == "bind":
         host, port = _split_host_port(str(raw).strip(), None)
         return {"bind_host": host, "bind_port": port}
@@ -182,6 +207,19 @@ def _split_host_port(text: str, default_port: int | None) -> tuple[str, int]:
     if port is None:
         raise ValueError("must be host:port")
     return host, port
+
+
+def _check_url(url: str) -> None:
+    """An http(s) URL with a host; the message never quotes it (it may carry a token)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise ValueError("has an entry that is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("has an entry that is not an http:// or https:// URL with a host")
 
 
 def _port(text: str) -> int:

@@ -124,6 +124,7 @@ def test_to_dict_of_a_refusal_without_a_plan():
         "skipped": [],
         "dropped_vmids": [],
         "hidden_guests": [],
+        "pending_plan": None,
         "counts": {},
     }
 
