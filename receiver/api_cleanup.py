@@ -12,7 +12,7 @@ from typing import Any, overload
 
 from flask import Blueprint, Response, jsonify, request
 
-from . import store
+from . import holds, pending, store
 from .history import audit_entries
 from .model import Outcome, Refusal
 from .timeutil import utcnow
@@ -37,7 +37,10 @@ def stats() -> Response:
         counters = store.read_counters(conn)
         errors = store.recent_errors(conn)
         last = store.last_run(conn)
-        watched = watched_vmids(conn, utcnow())
+        now = utcnow()
+        watched = watched_vmids(conn, now)
+        open_plans = pending.listing(conn, s.table, now)
+        held = holds.count(conn, s.table, now)
     status = j.watcher.status() if j.watcher is not None else None
     return jsonify(
         {
@@ -65,6 +68,12 @@ def stats() -> Response:
             "hidden_guests": sorted(
                 set(j.runtime.sweeper.last_hidden) | set((status or {}).get("hidden_guests") or ())
             ),
+            # Plans a guard refused, kept for review (pve-janitor pending), and holds in force.
+            "pending_plans": [
+                {k: p[k] for k in ("id", "rows", "refusal", "source", "created_at", "expires_at")}
+                for p in (plan.to_dict() for plan in open_plans)
+            ],
+            "holds": held,
             "sweep_running": j.runtime.sweeper.busy,
             "leader": bool(status and status.get("leader")),
             "watcher": {k: status.get(k) for k in ("alive", "last_tick", "last_error")} if status else None,

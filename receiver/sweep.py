@@ -103,7 +103,19 @@ class Sweeper:
         reason = f"{result.refusal}: {result.reason}" if result.refusal else result.reason
         events = outbox.Events(self.settings, self.clock())
         if result.refusal is not None:
-            events.add(outbox.EventType.REMOVAL_REFUSED, "removal", refusal_data(self.settings, result, source))
+            events.add(
+                outbox.EventType.REMOVAL_REFUSED,
+                "removal",
+                refusal_data(
+                    self.settings,
+                    source,
+                    result.outcome,
+                    result.refusal,
+                    result.reason,
+                    len(result.plan.actions) if result.plan else 0,
+                    result.pending_id,
+                ),
+            )
         try:
             store.record_run(
                 engine,
@@ -127,14 +139,22 @@ class Sweeper:
             self._on_result(result, source)
 
 
-def refusal_data(settings: Settings, result: SweepResult, source: str) -> dict[str, Any]:
+def refusal_data(
+    settings: Settings,
+    source: str,
+    outcome: str,
+    refusal: str,
+    reason: str,
+    planned: int = 0,
+    pending_plan: int | None = None,
+) -> dict[str, Any]:
     """A refusal event's ``data``: who was refused, by which rule, and the pending plan it left."""
     return {
         "table": settings.table,
         "source": source,
-        "outcome": str(result.outcome),
-        "refusal": str(result.refusal) if result.refusal else None,
-        "reason": result.reason,
-        "planned": len(result.plan.actions) if result.plan else 0,
-        "pending_plan": result.pending_id,
+        "outcome": str(outcome),
+        "refusal": str(refusal),
+        "reason": reason,
+        "planned": planned,
+        "pending_plan": pending_plan,
     }

@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import stopmarks, store, watchlist
+from . import outbox, stopmarks, store, watchlist
 from .apply import ApplyConflict
 from .db import DatabaseError, describe_db_error, write_transaction
 from .metrics import Metrics
-from .model import STOP_PHASES, Inventory, InventoryError, Outcome, Reason
+from .model import STOP_PHASES, Inventory, InventoryError, Outcome, Reason, Refusal
 from .probing import Probes
 from .removal import Removal
-from .safety import Refused, check_listing
+from .safety import Refused, check_listing, refusal_for
+from .sweep import refusal_data
 from .tasktail import TaskTail
 from .timeutil import isoformat, utcnow
 from .watchloop import WatchLoop
@@ -77,6 +78,7 @@ class Watcher:
         self.last_error: str | None = None
         self.ticks = 0
         self.hidden: list[int] = []  # watched VMIDs held by a guest the token cannot see
+        self._refusal_sent: Refusal | None = None  # the refusal whose webhook event went out last
         self.removal = Removal(self.settings, runtime.table, runtime.inventory, clock=clock)
         self.probes = Probes(
             runtime.inventory, self.metrics, self.settings.watch_seconds, self.settings.watch_interval_seconds
@@ -119,12 +121,23 @@ class Watcher:
             "hidden_guests": list(self.hidden),
         }
 
-    def _error(self, kind: str, message: str) -> None:
+    def _error(self, kind: str, message: str, refusal: Refusal | None = None) -> None:
+        """Say, count and keep an error; a refusal also gets its webhook event, once while it
+        lasts (ticks repeat it every second), in the transaction that keeps the error."""
         self.last_error = message
         self.metrics.watcher_errors.labels(kind=kind).inc()
         logger.warning("watcher: %s", message)
+        events = outbox.Events(self.settings, self.clock())
+        if refusal is not None and refusal != self._refusal_sent:
+            events.add(
+                outbox.EventType.REMOVAL_REFUSED,
+                "removal",
+                refusal_data(self.settings, "watcher", Outcome.REFUSED, refusal, message),
+            )
         with contextlib.suppress(SQLAlchemyError):  # the error is logged and counted already
-            store.record_error(self.runtime.engine, "watcher", message)
+            store.record_error(self.runtime.engine, "watcher", message, also=events.write)
+            if refusal is not None:
+                self._refusal_sent = refusal
 
     # --- one tick --------------------------------------------------------------
 
@@ -230,13 +243,17 @@ class Watcher:
         try:
             inventory = self.runtime.inventory.read()
         except InventoryError as exc:
-            self._error(exc.kind, f"inventory unreadable, nothing removed, {watched} VMIDs still watched: {exc}")
+            self._error(
+                exc.kind,
+                f"inventory unreadable, nothing removed, {watched} VMIDs still watched: {exc}",
+                refusal_for(exc),
+            )
             return None
         if not inventory.guests:  # the table is counted only then
             try:
                 check_listing(inventory, self.runtime.table.count())
             except Refused as exc:
-                self._error(str(exc.refusal), f"nothing removed: {exc}")
+                self._error(str(exc.refusal), f"nothing removed: {exc}", exc.refusal)
                 return None
         return inventory
 
@@ -287,10 +304,11 @@ class Watcher:
         self.hidden = list(result.hidden)
         self.metrics.hidden_guests.labels(source="watcher").set(len(result.hidden))
         if result.outcome in (Outcome.REFUSED, Outcome.FAILED):
-            self._error(str(result.refusal or "internal"), f"nothing removed: {result.reason}")
+            self._error(str(result.refusal or "internal"), f"nothing removed: {result.reason}", result.refusal)
             if result.refusal is not None:
                 self.metrics.refusal(str(result.refusal), "watcher")
             return set()
+        self._refusal_sent = None
         for vmid in vmids:
             self._last_status.pop(vmid, None)
         for vmid in result.dropped:  # back by the confirming read (migrated, or its VMID reused): look again
