@@ -2,7 +2,9 @@
 
 Every answer is JSON, errors included, as ``{"error": <code>, "message": <text>}``; the
 routes (in the ``api_*`` modules) and the app's error handlers (:mod:`receiver.app`) build
-them here, so a status code has one word everywhere.
+them here, so a status code has one word everywhere.  The routes that change something
+(or show what a platform's rows hold) ask :func:`require_admin` first, so all of them
+answer a missing token the same way.
 """
 
 from __future__ import annotations
@@ -66,6 +68,24 @@ def json_response(body: dict[str, Any], status: int) -> Response:
     response = jsonify(body)
     response.status_code = status
     return response
+
+
+def require_admin() -> Response | None:
+    """None when the request carries the admin token; else the answer to give instead.
+
+    403 when ``CLEANUP_ADMIN_TOKEN`` is not set (the route is disabled: there is no token a
+    client could send), 401 with ``WWW-Authenticate`` when the header is missing or wrong.
+    """
+    token = janitor().settings.admin_token
+    if not token:
+        return error(403, "CLEANUP_ADMIN_TOKEN is not set: this endpoint is disabled")
+    if not is_admin(token):
+        return error(
+            401,
+            "a valid 'Authorization: Bearer <CLEANUP_ADMIN_TOKEN>' header is required",
+            headers={"WWW-Authenticate": 'Bearer realm="pve-janitor"'},
+        )
+    return None
 
 
 def is_admin(token: str) -> bool:
