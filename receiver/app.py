@@ -23,6 +23,7 @@ from . import __version__
 from .api_cleanup import cleanup
 from .api_events import events
 from .api_health import health
+from .api_plans import plans
 from .config import Settings
 from .db import describe_db_error
 from .events import MAX_BODY_BYTES
@@ -53,7 +54,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     app.extensions["janitor"] = janitor
     app.add_url_rule("/", view_func=index, methods=["GET"])
-    for blueprint in (events, cleanup, health):
+    for blueprint in (events, cleanup, plans, health):
         app.register_blueprint(blueprint)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(SQLAlchemyError, _database_error)
