@@ -7,11 +7,14 @@ pytest-flask builds ``client`` from the ``app`` fixture below.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import yaml
 from conftest import janitor_env, table_vmids
 
 from receiver.app import ERROR_CODES, create_app
@@ -495,3 +498,39 @@ def test_plans_and_holds_on_every_database(seed_sim, any_db):
     assert [(h["id"], h["vmid"]) for h in released] == [(hold["id"], 130)]  # MariaDB keeps whole seconds
     assert client.get(HOLDS, headers=bearer()).get_json() == {"holds": []}
     assert client.get(PENDING, headers=bearer()).get_json()["plans"] == []
+
+
+# --- the OpenAPI document ----------------------------------------------------------------------
+
+SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+
+
+def test_openapi_documents_these_routes_as_served(app):
+    paths = yaml.safe_load(SPEC.read_text())["paths"]
+    served = {
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint.startswith("plans.")
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
+    }
+    documented = {
+        (path, method.upper())
+        for path, item in paths.items()
+        if path.startswith((PENDING, HOLDS))
+        for method in item
+        if method in ("get", "post", "put", "patch", "delete")
+    }
+    assert len(served) == 7 and documented == served
+
+
+def test_openapi_documents_each_status_the_tests_see():
+    paths = yaml.safe_load(SPEC.read_text())["paths"]
+    admin = {"401", "403"}
+    assert set(paths[PENDING]["get"]["responses"]) >= {"200", "400", "503"} | admin
+    assert set(paths[PENDING + "/{plan_id}"]["get"]["responses"]) >= {"200", "404"} | admin
+    approve = paths[PENDING + "/{plan_id}/approve"]["post"]["responses"]
+    assert set(approve) >= {"200", "404", "409", "422", "503"} | admin
+    assert set(paths[PENDING + "/{plan_id}/reject"]["post"]["responses"]) >= {"200", "400", "404", "409", "415"} | admin
+    assert set(paths[HOLDS]["get"]["responses"]) >= {"200"} | admin
+    assert set(paths[HOLDS]["post"]["responses"]) >= {"201", "400", "404", "415"} | admin
+    assert set(paths[HOLDS + "/{hold_id}"]["delete"]["responses"]) >= {"200", "404"} | admin
