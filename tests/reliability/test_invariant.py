@@ -185,10 +185,10 @@ class Model(RuleBasedStateMachine):
 
     # --- the check at the moment of every removal -------------------------------------
 
-    def _checked_apply(self, table, actions, *, source, now):
+    def _checked_apply(self, table, actions, *, source, now, plan_id=None):
         self.live.fire("before_apply")
         existing = self.live.sim.vmids()
-        result = self._real_apply(table, actions, source=source, now=now)
+        result = self._real_apply(table, actions, source=source, now=now, plan_id=plan_id)
         for action in result.applied:
             if action.reason == Reason.GHOST and action.row.vmid in existing:
                 self.violations.append(
