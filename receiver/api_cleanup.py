@@ -12,10 +12,10 @@ from typing import Any, overload
 
 from flask import Blueprint, Response, jsonify, request
 
-from . import holds, pending, store
+from . import holds, outbox, pending, store
 from .history import audit_entries
 from .model import Outcome, Refusal
-from .timeutil import utcnow
+from .timeutil import isoformat, utcnow
 from .watchlist import watched_vmids
 from .web import ERROR_CODES, error, is_admin, janitor, json_response
 
@@ -41,6 +41,7 @@ def stats() -> Response:
         watched = watched_vmids(conn, now)
         open_plans = pending.listing(conn, s.table, now)
         held = holds.count(conn, s.table, now)
+        webhooks = outbox.summary(conn, s.webhook_urls)
     status = j.watcher.status() if j.watcher is not None else None
     return jsonify(
         {
@@ -77,6 +78,21 @@ def stats() -> Response:
             "sweep_running": j.runtime.sweeper.busy,
             "leader": bool(status and status.get("leader")),
             "watcher": {k: status.get(k) for k in ("alive", "last_tick", "last_error")} if status else None,
+            # The webhook outbox: events not yet delivered per URL (shown without credentials or query).
+            "webhooks": {
+                "urls": webhooks["urls"],
+                "backlog": webhooks["backlog"],
+                "targets": [
+                    {
+                        "url": t["url"],
+                        "undelivered": t["undelivered"],
+                        "oldest": isoformat(t["oldest"]),
+                        "last_error": t["last_error"],
+                        "last_error_at": isoformat(t["last_error_at"]),
+                    }
+                    for t in webhooks["targets"]
+                ],
+            },
         }
     )
 

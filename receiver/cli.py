@@ -35,6 +35,7 @@ from .cli_config import config_cmd
 from .cli_db import db
 from .cli_hookscript import hookscript
 from .cli_plans import COMMANDS as PLAN_COMMANDS
+from .cli_webhooks import webhooks
 from .config import ConfigError
 from .db import DatabaseError
 from .history import audit_entries
@@ -309,6 +310,7 @@ main.add_command(config_cmd)  # pve-janitor config [--json] (receiver/cli_config
 main.add_command(hookscript)  # pve-janitor hookscript [--path | --print] (receiver/cli_hookscript.py)
 for _command in PLAN_COMMANDS:  # pending, approve, reject, hold, release, holds (receiver/cli_plans.py)
     main.add_command(_command)
+main.add_command(webhooks)  # pve-janitor webhooks [--json] (receiver/cli_webhooks.py)
 
 
 if __name__ == "__main__":  # pragma: no cover

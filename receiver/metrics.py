@@ -141,6 +141,26 @@ class Metrics:
             "Rows a hold kept that the last sweep would otherwise have acted on",
             registry=r,
         )
+        self.webhook_backlog = Gauge(
+            "pve_janitor_webhook_backlog",
+            "Webhook events not yet delivered, by target (the URL without credentials or query), "
+            "read from the outbox when scraped",
+            ["target"],
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "pve_janitor_webhook_deliveries",
+            "Webhook POSTs by this receiver, by target and outcome (delivered: answered 2xx; failed: "
+            "no connection, timeout, TLS error or another status, tried again later)",
+            ["target", "outcome"],
+            registry=r,
+        )
+        self.webhook_last_delivery = Gauge(
+            "pve_janitor_webhook_last_delivery_timestamp_seconds",
+            "Unix time of the last webhook event this receiver delivered, by target (0: none yet)",
+            ["target"],
+            registry=r,
+        )
         self.watcher_up = Gauge("pve_janitor_watcher_up", "1 while the watcher's thread runs", registry=r)
         self.watcher_last_tick = Gauge(
             "pve_janitor_watcher_last_tick_timestamp_seconds", "Unix time of the watcher's last tick", registry=r
@@ -160,6 +180,21 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self.events_rejected.labels(reason=reason).inc()
+
+    def webhook_targets(self, targets: list[str]) -> None:
+        """Every configured target's series, at 0 from the start (so increase() sees the first one)."""
+        for target in targets:
+            self.webhook_backlog.labels(target=target)
+            self.webhook_last_delivery.labels(target=target)
+            for outcome in ("delivered", "failed"):
+                self.webhook_deliveries.labels(target=target, outcome=outcome)
+
+    def webhook_delivered(self, target: str, timestamp: float) -> None:
+        self.webhook_deliveries.labels(target=target, outcome="delivered").inc()
+        self.webhook_last_delivery.labels(target=target).set(timestamp)
+
+    def webhook_failed(self, target: str) -> None:
+        self.webhook_deliveries.labels(target=target, outcome="failed").inc()
 
     def follow_watcher(self, alive: Callable[[], bool], last_tick: Callable[[], dt.datetime | None]) -> None:
         """Read the watcher's state when scraped (a stalled watcher cannot report itself)."""

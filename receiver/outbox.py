@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import store
-from .config import Settings
+from .config import Settings, redact_webhook_url
 from .model import Word
 from .timeutil import utcnow
 
@@ -223,3 +224,59 @@ def prune(conn: Connection, targets: Sequence[str], now: datetime) -> int:
     else:
         gone += conn.execute(o.delete().where(stale)).rowcount
     return gone
+
+
+# --- read side: what the deliverer, the stats, /metrics and `pve-janitor webhooks` ask ----------
+
+
+def target_labels(urls: Sequence[str]) -> dict[str, str]:
+    """Target id -> the URL as logs, metrics and answers show it (no credentials, no query).
+
+    Two URLs that show the same (the same path with another token in the query) get their
+    target id's first 8 hex digits after them, so that each has its own metric series."""
+    shown = {target_id(url): redact_webhook_url(url) for url in urls}
+    repeated = {label for label in shown.values() if list(shown.values()).count(label) > 1}
+    return {t: f"{label} [{t[:8]}]" if label in repeated else label for t, label in shown.items()}
+
+
+@dataclass(frozen=True)
+class Head:
+    """The oldest outbox row of a target with events not yet delivered."""
+
+    id: int
+    events: list[dict[str, Any]]  # all of the row's events; the next one to send is events[delivered]
+    delivered: int
+    attempts: int
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+
+def head(conn: Connection, target: str) -> Head | None:
+    """The target's first row not done, by id (the order the changes were written in)."""
+    o = store.outbox
+    row = conn.execute(
+        sa.select(o.c.id, o.c.events, o.c.event_count, o.c.delivered, o.c.attempts)
+        .where(o.c.target == target, o.c.done_at.is_(None))
+        .order_by(o.c.id)
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    events = msgspec.json.decode(row.events)
+    return Head(int(row.id), list(events[: int(row.event_count)]), int(row.delivered), int(row.attempts))
+
+
+def summary(conn: Connection, urls: Sequence[str]) -> dict[str, Any]:
+    """The backlog per configured URL (as shown), in the order configured, and the events of
+    URLs no longer configured: for the stats, ``/metrics`` and ``pve-janitor webhooks``."""
+    labels = target_labels(urls)
+    found = backlog(conn, labels)
+    targets = [{"url": labels[t], "target": t, **found[t]} for t in labels]
+    return {
+        "urls": len(urls),
+        "backlog": sum(t["undelivered"] for t in targets),
+        "targets": targets,
+        "orphaned": orphaned(conn, list(labels)),
+    }

@@ -4,8 +4,8 @@ Waitress serves the app (:mod:`receiver.httpserver`: every answer JSON, slow cli
 harmless): a pure-Python production WSGI server with a thread pool, no fork model to
 reason about (the watcher and the scheduler are threads of this one process) and clean
 shutdown on SIGTERM: it stops taking requests and lets the requests in flight finish.
-Then the scheduler and the watcher are shut down (each finishes its transaction in
-flight) and the process exits 0.
+Then the scheduler, the webhook deliverer and the watcher are shut down (each finishes its
+transaction in flight) and the process exits 0.
 Under systemd (``Type=notify``) it says ``READY=1`` once it listens and sends watchdog
 keep-alives only while the watcher and the scheduler run (:mod:`receiver.notify`).
 """
@@ -29,6 +29,7 @@ from .model import Outcome, Reason
 from .runtime import Runtime
 from .schedule import make_scheduler, request_sweep
 from .watcher import Watcher
+from .webhooks import Deliverer
 
 if TYPE_CHECKING:  # types only: no import at run time
     from apscheduler.schedulers.base import BaseScheduler
@@ -79,6 +80,10 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
         runtime, inbox, metrics, lease, clock=runtime.clock, on_task_gap=partial(request_sweep, scheduler)
     )
     metrics.follow_watcher(watcher.alive, lambda: watcher.last_tick)
+    # The outbox is delivered by the lease holder only: the receiver whose watcher leads.
+    deliverer = (
+        Deliverer(runtime.engine, settings, metrics, leader=lambda: watcher.leader) if settings.webhook_urls else None
+    )
     app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics, scheduler=scheduler)
     return {
         "runtime": runtime,
@@ -87,6 +92,7 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
         "lease": lease,
         "watcher": watcher,
         "scheduler": scheduler,
+        "deliverer": deliverer,
         "app": app,
     }
 
@@ -123,6 +129,8 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGINT, _stop_on_signal)
     parts["watcher"].start()
+    if parts["deliverer"] is not None:
+        parts["deliverer"].start()
     parts["scheduler"].start()
     port = server.effective_port
     logger.info(
@@ -137,12 +145,14 @@ def serve(settings: Settings) -> int:
     try:
         server.run()  # returns after SIGTERM/SIGINT, once requests in flight are done
     finally:
-        logger.info("shutting down: scheduler, watcher")
+        logger.info("shutting down: scheduler, %swatcher", "webhooks, " if parts["deliverer"] is not None else "")
         notify.stopping()
         if keepalive is not None:
             keepalive.stop()
         server.close()
         parts["scheduler"].shutdown(wait=True)
+        if parts["deliverer"] is not None:  # before the watcher gives up the lease: one deliverer at a time
+            parts["deliverer"].stop()
         parts["watcher"].stop()
         parts["runtime"].engine.dispose()
     logger.info("stopped")
