@@ -260,13 +260,17 @@ def test_an_approval_that_fails_on_the_database_is_503(client, platform_db):
     assert plan_state(client, plan_id) == "pending"
 
 
-def test_an_approval_while_cleanup_is_disabled_is_422(seed_sim, platform_db):
+@pytest.mark.parametrize(
+    ("setting", "outcome"), [({"CLEANUP_ENABLED": "false"}, "disabled"), ({"CLEANUP_DRY_RUN": "true"}, "dry_run")]
+)
+def test_an_approval_while_cleanup_is_off_or_dry_is_422(seed_sim, platform_db, setting, outcome):
     plan_id = refused_plan(create_app((r := build(seed_sim, platform_db)).settings, runtime=r).test_client())
-    runtime = build(seed_sim, platform_db, CLEANUP_ENABLED="false")
+    runtime = build(seed_sim, platform_db, **setting)
     client = create_app(runtime.settings, runtime=runtime).test_client()
-    body = assert_json_error(client.post(f"{PENDING}/{plan_id}/approve", headers=bearer()), 422, "disabled")
-    assert body["state"] == "pending" and body["result"]["outcome"] == "disabled"
+    body = assert_json_error(client.post(f"{PENDING}/{plan_id}/approve", headers=bearer()), 422, outcome)
+    assert body["state"] == "pending" and body["result"]["outcome"] == outcome
     assert len(table_vmids(platform_db)) == 47
+    assert plan_state(client, plan_id) == "pending"
 
 
 def test_a_row_held_after_the_review_is_not_removed_by_the_approval(client, platform_db):
