@@ -17,7 +17,7 @@ from .history import audit_entries
 from .model import Outcome, Refusal
 from .timeutil import isoformat, utcnow
 from .watchlist import watched_vmids
-from .web import ERROR_CODES, error, is_admin, janitor, json_response
+from .web import ERROR_CODES, error, is_admin, janitor, json_response, require_admin
 
 HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT = 50, 500
 # Status of POST /run by sweep outcome; done, nothing, dry_run and disabled are 200.
@@ -108,16 +108,9 @@ def _refusal_word(run: dict[str, Any]) -> str | None:
 @cleanup.post("/api/v1/system/cleanup/run")
 def run_sweep() -> Response:
     """Run one sweep now (Bearer CLEANUP_ADMIN_TOKEN); ?dry_run=true|false&force=true|false."""
+    if (denied := require_admin()) is not None:
+        return denied
     j = janitor()
-    token = j.settings.admin_token
-    if not token:
-        return error(403, "CLEANUP_ADMIN_TOKEN is not set: this endpoint is disabled")
-    if not is_admin(token):
-        return error(
-            401,
-            "a valid 'Authorization: Bearer <CLEANUP_ADMIN_TOKEN>' header is required",
-            headers={"WWW-Authenticate": 'Bearer realm="pve-janitor"'},
-        )
     try:
         dry_run = _flag("dry_run")
         force = bool(_flag("force"))

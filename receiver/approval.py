@@ -125,7 +125,7 @@ def approve(sweeper: Sweeper, plan_id: int, by: str) -> Decision:
         else:
             why[key] = "not removed"
     not_removed = [
-        {"row_key": key, "vmid": reviewed[key].row.vmid, "why": text}
+        {"row_key": reviewed[key].to_dict()["row_key"], "vmid": reviewed[key].row.vmid, "why": text}
         for key, text in sorted(why.items())
         if key in reviewed and key not in removed
     ]

@@ -155,7 +155,9 @@ def place_in(
         "created_at": now,
     }
     hold_id = conn.execute(store.holds.insert().values(values)).inserted_primary_key[0]  # type: ignore[index]
-    return Hold(int(hold_id), table_name, vmid, row_key, until, reason, source, now)
+    # Read back: the database keeps its own precision (MariaDB: whole seconds), and the answer
+    # should show what a later read shows.
+    return _hold(conn.execute(sa.select(store.holds).where(store.holds.c.id == hold_id)).one())
 
 
 def place(engine: Engine, table_name: str, **kwargs: Any) -> Hold:

@@ -230,7 +230,7 @@ def test_a_row_changed_since_the_review_is_not_removed_and_named(client, platfor
         conn.execute(sa.text("UPDATE apps SET hostname = 'reused.apps.local' WHERE id = :id"), {"id": changed})
     body = client.post(f"{PENDING}/{plan_id}/approve", headers=bearer()).get_json()
     assert body["state"] == "approved" and body["removed"] == 40
-    assert body["not_removed"] == [{"row_key": str(changed), "vmid": 125, "why": "changed since review: hostname"}]
+    assert body["not_removed"] == [{"row_key": changed, "vmid": 125, "why": "changed since review: hostname"}]
     assert "1 not" in body["message"]
     assert table_vmids(platform_db) == [*RUNNING_VMIDS, 125]
 
@@ -278,7 +278,7 @@ def test_a_row_held_after_the_review_is_not_removed_by_the_approval(client, plat
     assert client.post(HOLDS, headers=bearer(), json={"vmid": 130, "reason": "customer data"}).status_code == 201
     body = client.post(f"{PENDING}/{plan_id}/approve", headers=bearer()).get_json()
     assert body["removed"] == 40
-    assert body["not_removed"] == [{"row_key": str(row_id(platform_db, 130)), "vmid": 130, "why": "held"}]
+    assert body["not_removed"] == [{"row_key": row_id(platform_db, 130), "vmid": 130, "why": "held"}]
     assert table_vmids(platform_db) == [*RUNNING_VMIDS, 130]
 
 

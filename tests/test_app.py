@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -704,7 +705,7 @@ def test_openapi_paths_and_methods_match_the_app(app):
         if method in ("get", "post", "put", "patch", "delete")
     }
     served = {
-        (rule.rule, method)
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)  # Flask's <int:id> is OpenAPI's {id}
         for rule in app.url_map.iter_rules()
         if rule.endpoint != "static"
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}

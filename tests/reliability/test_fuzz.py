@@ -64,9 +64,17 @@ RUNNING = tuple(range(100, 106))  # guests that exist: their rows must survive a
 GHOSTS = (120, 121, 122)  # rows whose guests are gone: a real sweep may remove them
 # Share of the generated requests per operation: events and the guarded sweep are where the risk is.
 SHARES = {
-    "POST /api/v1/events": 0.55,
-    "POST /api/v1/system/cleanup/run": 0.2,
-    "GET /api/v1/system/cleanup/history": 0.15,
+    "POST /api/v1/events": 0.5,
+    "POST /api/v1/system/cleanup/run": 0.18,
+    "GET /api/v1/system/cleanup/history": 0.13,
+    # Pending plans and holds (admin token): approvals and holds must not remove a running guest's row.
+    "GET /api/v1/system/cleanup/pending": 0.01,
+    "GET /api/v1/system/cleanup/pending/{plan_id}": 0.01,
+    "POST /api/v1/system/cleanup/pending/{plan_id}/approve": 0.02,
+    "POST /api/v1/system/cleanup/pending/{plan_id}/reject": 0.01,
+    "GET /api/v1/system/cleanup/holds": 0.01,
+    "POST /api/v1/system/cleanup/holds": 0.02,
+    "DELETE /api/v1/system/cleanup/holds/{hold_id}": 0.01,
     "GET /api/v1/system/cleanup/stats": 0.025,
     "GET /": 0.025,
     "GET /healthz": 0.025,
@@ -129,7 +137,9 @@ class ApiFuzz:
         if label == "POST /api/v1/events":
             self._sign(kwargs)
         elif label == "POST /api/v1/system/cleanup/run":
-            self._authorize(kwargs)
+            self._authorize(kwargs, "run", dry_run=True)
+        elif "/cleanup/pending" in label or "/cleanup/holds" in label:
+            self._authorize(kwargs, "admin")
         try:
             response = self.session.request(timeout=30, allow_redirects=False, **kwargs)
         except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL, UnicodeError, ValueError):
@@ -160,8 +170,9 @@ class ApiFuzz:
         kwargs["headers"]["X-Janitor-Timestamp"] = str(ts)
         kwargs["headers"]["X-Janitor-Signature"] = signature(secret, ts, body)
 
-    def _authorize(self, kwargs) -> None:
-        """The right token most of the time, and then nine times in ten a dry run: sweeps stay cheap."""
+    def _authorize(self, kwargs, what: str, dry_run: bool = False) -> None:
+        """The right token most of the time; for sweeps, then nine times in ten a dry run, so they
+        stay cheap."""
         how = self.rng.choices(["as generated", "none", "wrong", "right"], [3, 2, 3, 12])[0]
         if how == "none":
             kwargs["headers"].pop("Authorization", None)
@@ -170,10 +181,10 @@ class ApiFuzz:
         elif how == "right":
             kwargs["headers"]["Authorization"] = f"Bearer {self.receiver.admin}"
             params = kwargs.get("params")
-            if isinstance(params, dict) and self.rng.random() < 0.9:
+            if dry_run and isinstance(params, dict) and self.rng.random() < 0.9:
                 params["dry_run"] = "true"
                 how = "right, dry run"
-        self.variants[f"run {how}"] += 1
+        self.variants[f"{what} {how}"] += 1
 
     def _check(self, label, case, kwargs, response) -> None:
         where = f"{label} -> {response.status_code} (request {kwargs.get('params')!r}, {kwargs['headers']!r})"
