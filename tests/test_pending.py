@@ -47,8 +47,10 @@ def clocked_runtime(sim: Any, db: Database, clock: Clock, **overrides: Any) -> R
 def guard_world(sim: Any, db: Database, ghosts: Iterable[int] = GHOSTS) -> sa.Table:
     """Guests 100-103 running with their rows, and day-old rows of 12 guests that are gone."""
     table = running_apps(sim, db, vmids=RUNNING)
-    with db.engine.begin() as conn:
-        conn.execute(table.insert(), [app_row(v, "running", age=timedelta(days=1)) for v in ghosts])
+    rows = [app_row(v, "running", age=timedelta(days=1)) for v in ghosts]
+    if rows:
+        with db.engine.begin() as conn:
+            conn.execute(table.insert(), rows)
     return table
 
 
