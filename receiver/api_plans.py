@@ -149,9 +149,12 @@ def place_hold() -> Response:
     table = j.runtime.table
     try:
         until = holds.parse_until(until_text, now) if until_text is not None else None
-        if row_key is not None and not table.has_key(row_key):
-            # A typo would hold nothing and say nothing (as `pve-janitor hold --row`).
-            return error(404, f"no row {row_key!r} in table {j.settings.table!r} ({table.pk.name})")
+        if row_key is not None:
+            stored = table.stored_key(row_key)
+            if stored is None:
+                # A typo would hold nothing and say nothing (as `pve-janitor hold --row`).
+                return error(404, f"no row {row_key!r} in table {j.settings.table!r} ({table.pk.name})")
+            row_key = stored
         placed = holds.place(
             j.runtime.engine,
             j.settings.table,

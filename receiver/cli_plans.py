@@ -196,7 +196,7 @@ def hold(
     try:
         until = holds.parse_until(until_text, now) if until_text else None
         if row_key is not None:
-            _require_row(settings, db, row_key)
+            row_key = _stored_key(settings, db, row_key)
         placed = holds.place(
             db, settings.table, now=now, source="cli", vmid=vmid, row_key=row_key, until=until, reason=reason
         )
@@ -209,16 +209,19 @@ def hold(
     click.echo(f"{what} held: {placed.describe()} (release with: pve-janitor release {placed.id})")
 
 
-def _require_row(settings: Settings, db: Engine, row_key: str) -> None:
-    """A row hold names a row that exists: a typo would hold nothing and say nothing."""
+def _stored_key(settings: Settings, db: Engine, row_key: str) -> str:
+    """The key of the row a hold names, as the table spells it; a row that does not exist is an
+    error (a typo would hold nothing and say nothing)."""
     try:
         table = PlatformTable(db, settings)
     except ConfigError as exc:
         config_failure(exc)
     except DatabaseError as exc:
         fail(EXIT_REFUSED, f"database error: {exc}")
-    if not table.has_key(row_key):
+    stored = table.stored_key(row_key)
+    if stored is None:
         fail(EXIT_NOT_FOUND, f"no row {row_key!r} in table {settings.table!r} ({table.pk.name})")
+    return stored
 
 
 @click.command()

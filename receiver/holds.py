@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,6 +26,8 @@ from .model import VMID_MAX, VMID_MIN, Holds
 from .timeutil import isoformat, parse_timestamp_strict
 
 MAX_REASON = 2000
+# The latest end a hold may have: every database stores it, and "until released" says the rest.
+LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
 _DURATION = re.compile(r"([0-9]{1,6})\s*([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -71,17 +73,23 @@ def parse_until(text: str, now: datetime) -> datetime:
     raw = text.strip()
     match = _DURATION.fullmatch(raw.lower())
     until: datetime | None
-    if match:
-        until = now + timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    else:
-        try:
+    try:
+        if match:
+            until = now + timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        else:
             until = parse_timestamp_strict(raw)
-        except ValueError:
-            until = None
+            if until is not None:
+                until = until.astimezone(timezone.utc)  # as stored; past year 9999 it overflows here
+    except ValueError:
+        until = None
+    except OverflowError:  # beyond year 9999
+        raise HoldError(f"--until {raw!r} is beyond {LATEST:%Y-%m-%d}: omit --until to hold until released") from None
     if until is None:
         raise HoldError(f"--until {raw!r} is neither a duration (30m, 12h, 7d, 2w) nor an ISO 8601 time")
     if until <= now:
         raise HoldError(f"--until {raw!r} is not in the future")
+    if until > LATEST:
+        raise HoldError(f"--until {raw!r} is beyond {LATEST:%Y-%m-%d}: omit --until to hold until released")
     return until
 
 
@@ -144,6 +152,8 @@ def place_in(
         raise HoldError("a row key is 1 to 255 characters")
     if until is not None and until <= now:
         raise HoldError("the hold's end is not in the future")
+    if until is not None and until > LATEST:
+        raise HoldError(f"the hold's end is beyond {LATEST:%Y-%m-%d}")
     reason = (reason or "").strip()[:MAX_REASON] or None
     values = {
         "table_name": table_name,
@@ -182,6 +192,8 @@ def release(
             return []
         where.append(h.c.id == sa.literal(hold_id, sa.BigInteger))
     elif vmid is not None:
+        if not VMID_MIN <= vmid <= VMID_MAX:
+            return []  # no hold names it (place_in refuses it)
         where.append(h.c.vmid == vmid)
     elif row_key is not None:
         where.append(h.c.row_key == row_key)

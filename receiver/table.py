@@ -73,14 +73,18 @@ class PlatformTable:
             return text
         return int(text) if python_type is int else text
 
-    def has_key(self, text: str) -> bool:
-        """Whether a row has this primary key (given as text, as users type it)."""
+    def stored_key(self, text: str) -> str | None:
+        """The key of the row a user names (``--row 042`` names row 42), as pve-janitor writes keys
+        elsewhere (``str`` of the value read: audit, holds, plans); None when no row has it."""
         try:
             key = self.key_from_text(text)
         except ValueError:
-            return False
+            return None
+        if isinstance(key, int) and not -(2**63) <= key < 2**63:
+            return None  # no integer column holds it (and the driver would raise, not answer)
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(self.pk).where(self.pk == key).limit(1)).first() is not None
+            found = conn.execute(sa.select(self.pk).where(self.pk == key).limit(1)).first()
+        return None if found is None else str(found[0])
 
     def _select_mapped(self) -> tuple[sa.Select, dict[str, int]]:
         """SELECT of the mapped columns (a column mapped twice is selected once), and each one's position."""

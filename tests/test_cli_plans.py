@@ -299,22 +299,12 @@ def test_usage_errors_and_unknown_names(sim, sqlite_db, args, code, words):
     ],
     ids=lambda a: " ".join(a),
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a value past what the calendar or the database holds ends in a traceback, not exit 1/2 "
-    "(holds.parse_until, holds.release and PlatformTable.has_key let OverflowError out)",
-)
 def test_values_beyond_range_answer_without_a_traceback(sim, sqlite_db, args):
     guard_world(sim, sqlite_db, ghosts=(200,))
     result = cli(args, db_only(sqlite_db))
     assert result.code in (1, 2), (result.out, result.err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: `hold --row 0N` finds row N (the key is read as a number) but stores '0N', which holds "
-    "nothing: the hold should store the key as the table spells it (str(table.key_from_text(KEY)))",
-)
 def test_a_row_hold_typed_with_a_leading_zero_holds_the_row(sim, sqlite_db):
     guard_world(sim, sqlite_db, ghosts=(200,))
     key = key_of(sqlite_db, 200)
