@@ -92,7 +92,10 @@ def _apply(
             if now_row is None:
                 result.skipped.append((action, "row no longer exists"))
                 continue
-            changed = [c.name for c, seen in table.observed(action.row) if not _same(now_row[position[c.name]], seen)]
+            guarded = table.observed(action.row)
+            if plan_id is not None:  # an approval: the rows are locked now, so this check holds until the commit
+                guarded += table.reviewed(action.row)
+            changed = [c.name for c, seen in guarded if not _same(now_row[position[c.name]], seen)]
             hold = held_now.of(action.row) if held_now else None
             if changed:
                 result.skipped.append((action, f"{', '.join(changed)} changed since planning"))

@@ -164,6 +164,16 @@ class PlatformTable:
             pairs.append((self.status, row.raw_status))
         return pairs
 
+    def reviewed(self, row: Row) -> list[tuple[sa.Column, Any]]:
+        """The mapped columns an approval also requires unchanged (it removes only what was
+        reviewed), with the values seen: hostname and created_at, beside :meth:`observed`'s."""
+        pairs = []
+        if self.settings.hostname_column:
+            pairs.append((self.table.c[self.settings.hostname_column], row.hostname))
+        if self.settings.created_column:
+            pairs.append((self.table.c[self.settings.created_column], row.raw_created))
+        return pairs
+
     def guarded_batches(
         self, rows: Sequence[Row], per_row: bool = False
     ) -> Iterator[tuple[list[Row], sa.ColumnElement[bool], list[dict[str, Any]] | None]]:

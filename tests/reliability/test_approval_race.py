@@ -255,12 +255,6 @@ def test_a_row_written_at_the_confirming_read_is_not_removed(sim, any_db, platfo
     record("approval_race", db=any_db.kind, case=f"{kind}@{seam}", why=decision.not_removed[0]["why"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: between the approval's narrow step and its apply, a change of hostname (or created_at) "
-    "alone is not seen: the apply guards VMID, updated_at and status only, so a row that no longer is what was "
-    "reviewed is removed; fix: the observed-value guard also carries the hostname (PlatformTable.observed)",
-)
 def test_a_hostname_changed_after_the_confirming_read_is_not_removed(sim, any_db, platform):
     ghosts = range(200, 212)
     runtime, plan_id, reviewed = build(sim, any_db, ghosts)
