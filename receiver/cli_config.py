@@ -42,6 +42,10 @@ def shown_value(settings: Settings, name: str) -> Any:
         return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in settings.pve_endpoints)
     if name == "CLEANUP_WEBHOOK_URLS":
         return [redact_webhook_url(u) for u in settings.webhook_urls]
+    if name == "CLEANUP_ALLOCATOR_VMIDS":
+        return "{}-{}".format(*settings.allocator_vmids)
+    if name == "CLEANUP_ALLOCATOR_PORTS":
+        return ",".join(f"{c}={lo}-{hi}" for c, lo, hi in settings.allocator_ports)
     if name == "CLEANUP_BIND":
         host = f"[{settings.bind_host}]" if ":" in settings.bind_host else settings.bind_host
         return f"{host}:{settings.bind_port}"

@@ -131,6 +131,16 @@ class Settings:
     webhook_full_row: bool = False
     webhook_verify_ssl: bool | str = True
     webhook_timeout: float = 10.0
+    # The allocator.
+    allocator_token: str = field(default="", repr=False)
+    reservation_minutes: int = 15
+    allocator_vmids: tuple[int, int] = (100, 999_999_999)
+    allocator_ports: tuple[tuple[str, int, int], ...] = ()  # (port column, low, high)
+    # Hook coverage.
+    coverage_rps: float = 5.0
+    coverage_hours: float = 24.0
+    # The dashboard.
+    ui_public: bool = False
 
     def mapped_columns(self) -> dict[str, str]:
         """Setting name -> column name, for every column the mapping uses."""
@@ -154,6 +164,7 @@ class Settings:
                 self.hook_secret_previous,
                 self.admin_token,
                 self.webhook_secret,
+                self.allocator_token,
             )
             if s
         ]
@@ -331,6 +342,12 @@ def _cross_checks(settings: Settings) -> list[str]:
         problems.append("CLEANUP_MARK_STATUS must not be empty when CLEANUP_ACTION=mark")
     if settings.hook_secret_previous and not settings.hook_secret:
         problems.append("CLEANUP_HOOK_SECRET_PREVIOUS is set but CLEANUP_HOOK_SECRET is not")
+    unknown_ports = [c for c, _, _ in settings.allocator_ports if c not in settings.port_columns]
+    if unknown_ports:
+        problems.append(
+            f"CLEANUP_ALLOCATOR_PORTS names {', '.join(unknown_ports)}, not in CLEANUP_PORT_COLUMNS "
+            f"({', '.join(settings.port_columns) or 'none'})"
+        )
     if settings.webhook_urls and not settings.webhook_secret:
         problems.append("CLEANUP_WEBHOOK_URLS is set but CLEANUP_WEBHOOK_SECRET is not (every webhook is signed)")
     if settings.pve_token_value and not (settings.pve_user and settings.pve_token_name):

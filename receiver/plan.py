@@ -18,6 +18,9 @@ an error status), is kept and reported: an unreadable value must never read as
 "old" or "no guest".  A row whose guest exists and whose status is not an error
 status is settled without parsing its timestamps.
 
+A ghost whose VMID the allocator reserved (``POST /api/v1/allocations``) is kept
+like a row in its grace period (``young``): its guest is being created.
+
 A row that would be acted on but is held (``pve-janitor hold``, or a row that
 ``restore`` put back) is kept and reported (``held``).
 
@@ -42,7 +45,12 @@ def _norm(status: str | None) -> str:
 
 
 def make_plan(
-    rows: Iterable[Row], inventory: Inventory, now: datetime, settings: Settings, holds: Holds | None = None
+    rows: Iterable[Row],
+    inventory: Inventory,
+    now: datetime,
+    settings: Settings,
+    holds: Holds | None = None,
+    reserved: frozenset[int] = frozenset(),
 ) -> Plan:
     protected = {_norm(s) for s in settings.protected_statuses}
     errors = {_norm(s) for s in settings.error_statuses}
@@ -112,7 +120,7 @@ def make_plan(
             reports.append(Report(Finding.UNREADABLE_ROW, vmid, f"row {row.key} kept: {exc}"))
             continue
         if ghosts_wanted and guest is None:
-            if touched is not None and touched > grace_start:
+            if (touched is not None and touched > grace_start) or vmid in reserved:
                 kept["young"] += 1
             elif not held(row, Reason.GHOST):
                 what = "has no VMID" if vmid is None else f"guest {vmid} does not exist"

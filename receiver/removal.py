@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import holds, pending
+from . import holds, pending, reservations
 from .apply import ApplyConflict, apply_actions
 from .config import Settings
 from .db import DatabaseError
@@ -202,12 +202,14 @@ class Removal:
         force: bool,
         narrow: Narrow | None = None,
     ) -> tuple[Plan, int, dict[Any, int | None] | None] | SweepResult:
-        """Rows and holds, then the guest list, then the plan and the rules on its size."""
+        """Rows, holds and reserved VMIDs, then the guest list, then the plan and the rules on its size."""
         try:
             rows = self.table.fetch_rows(vmids=None if vmids is None else sorted(vmids))
             total = len(rows) if vmids is None else self.table.count()
             with self.table.engine.connect() as conn:
-                held = holds.active(conn, self.settings.table, self.clock())
+                now = self.clock()
+                held = holds.active(conn, self.settings.table, now)
+                reserved = reservations.reserved_vmids(conn, self.settings.table, now)
         except DatabaseError as exc:
             return SweepResult(Outcome.FAILED, str(exc), refusal=Refusal.DATABASE)
         except SQLAlchemyError as exc:
@@ -222,7 +224,7 @@ class Removal:
             return SweepResult(Outcome.REFUSED, str(exc), refusal=exc.refusal)
         # Only a VMID-scoped run needs to know afterwards which VMIDs kept a row.
         rows_by_key = None if vmids is None else {r.key: r.vmid for r in rows}
-        plan = make_plan(rows, inventory, self.clock(), self.settings, held)
+        plan = make_plan(rows, inventory, self.clock(), self.settings, held, reserved)
         del rows
         if reasons is not None:
             plan = replace(plan, actions=tuple(a for a in plan.actions if a.reason in reasons))

@@ -200,6 +200,44 @@ outbox = sa.Table(
     sa.Index("ix_janitor_outbox_target_done", "target", "done_at", "id"),
 )
 
+# The allocator's reservations: one row per reservation, one per value it holds.  The values'
+# primary key is the UNIQUE constraint that keeps two allocations (one receiver or several)
+# from handing out the same VMID, hostname or port.
+reservations = sa.Table(
+    "janitor_reservations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("table_name", sa.String(128), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # cli, http
+    sa.Column("label", sa.Text),  # what the caller said it is for
+    sa.Index("ix_janitor_reservations_expires_at", "expires_at"),
+)
+
+reserved_values = sa.Table(
+    "janitor_reserved_values",
+    metadata,
+    sa.Column("table_name", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(64), primary_key=True),  # vmid, hostname, or a port column
+    sa.Column("value", sa.String(255), primary_key=True),
+    sa.Column("reservation_id", sa.Integer, nullable=False),
+    sa.Index("ix_janitor_reserved_values_reservation_id", "reservation_id"),
+)
+
+# Hook coverage: what each guest's config says of its hookscript, cached by the config's digest.
+coverage = sa.Table(
+    "janitor_coverage",
+    metadata,
+    sa.Column("vmid", sa.BigInteger, primary_key=True),
+    sa.Column("node", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(8), nullable=False),  # lxc, qemu
+    sa.Column("digest", sa.String(64)),
+    sa.Column("hookscript", sa.String(255)),  # as the config names it (None: no hookscript)
+    sa.Column("has_hook", sa.Boolean, nullable=False),  # the hookscript is pve-janitor's
+    sa.Column("checked_at", UTCDateTime, nullable=False),
+)
+
 COUNTERS = ("ghost_apps_removed", "old_errors_removed", "ports_freed", "total_removed", "rows_marked", "rows_restored")
 KEEP_ERRORS = 50
 KEEP_RUNS = 500

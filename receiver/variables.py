@@ -22,6 +22,7 @@ SECRET_VARIABLES = (
     "CLEANUP_HOOK_SECRET_PREVIOUS",
     "CLEANUP_ADMIN_TOKEN",
     "CLEANUP_WEBHOOK_SECRET",
+    "CLEANUP_ALLOCATOR_TOKEN",
 )
 # Each secret may instead be read from a file (``<NAME>_FILE``, environment only) or from the
 # systemd credential of this name (``LoadCredential=`` in the unit, read from $CREDENTIALS_DIRECTORY).
@@ -35,6 +36,7 @@ CREDENTIALS = {
     "CLEANUP_HOOK_SECRET_PREVIOUS": "pve-janitor.hook-secret-previous",
     "CLEANUP_ADMIN_TOKEN": "pve-janitor.admin-token",
     "CLEANUP_WEBHOOK_SECRET": "pve-janitor.webhook-secret",
+    "CLEANUP_ALLOCATOR_TOKEN": "pve-janitor.allocator-token",
 }
 ACTIONS = ("delete", "mark")
 LOG_FORMATS = ("text", "json")  # as receiver.logs.LOG_FORMATS (this module imports nothing of the package)
@@ -42,7 +44,7 @@ _TRUE = {"true", "1", "yes"}  # DESIGN.md: true/false/1/0/yes/no, anything else 
 _FALSE = {"false", "0", "no"}
 
 # Variable name -> (field name, kind, minimum).  Kinds: bool, int, float, str,
-# list, action, log_format, verify, host, bind, urls.
+# list, action, log_format, verify, host, bind, urls, range, port_ranges.
 TABLE: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_ENABLED": ("enabled", "bool", None),
     "ERROR_RETENTION_HOURS": ("error_retention_hours", "int", 1),
@@ -86,6 +88,13 @@ TABLE: dict[str, tuple[str, str, float | None]] = {
     "CLEANUP_WEBHOOK_FULL_ROW": ("webhook_full_row", "bool", None),
     "CLEANUP_WEBHOOK_VERIFY_SSL": ("webhook_verify_ssl", "verify", None),
     "CLEANUP_WEBHOOK_TIMEOUT_SECONDS": ("webhook_timeout", "float", 0.5),
+    "CLEANUP_ALLOCATOR_TOKEN": ("allocator_token", "str", None),
+    "CLEANUP_RESERVATION_MINUTES": ("reservation_minutes", "int", 1),
+    "CLEANUP_ALLOCATOR_VMIDS": ("allocator_vmids", "range", None),
+    "CLEANUP_ALLOCATOR_PORTS": ("allocator_ports", "port_ranges", None),
+    "CLEANUP_COVERAGE_RPS": ("coverage_rps", "float", 0.1),
+    "CLEANUP_COVERAGE_HOURS": ("coverage_hours", "float", 0.1),
+    "CLEANUP_UI_PUBLIC": ("ui_public", "bool", None),
 }
 VARIABLES = tuple(TABLE)
 # Every name pve-janitor reads from the environment: the settings, the files that may hold them.
@@ -104,6 +113,9 @@ MAXIMUMS = {
     "PVE_TIMEOUT": 3_600,
     "CLEANUP_PENDING_HOURS": 8_760,  # a year
     "CLEANUP_WEBHOOK_TIMEOUT_SECONDS": 300,
+    "CLEANUP_RESERVATION_MINUTES": 10_080,  # a week
+    "CLEANUP_COVERAGE_RPS": 100,
+    "CLEANUP_COVERAGE_HOURS": 8_760,  # a year
 }
 # A name with one of these prefixes is ours: if it is not a setting, it is a typo, and a typo
 # of CLEANUP_DRY_RUN would delete for real.  Matched ignoring case (the TOML file ignores it too).
@@ -180,6 +192,20 @@ def convert(name: str, raw: Any) -> dict[str, Any]:
         if len(set(urls)) != len(urls):
             raise ValueError("names one URL twice")
         return {field_name: urls}
+    if kind == "range":
+        return {field_name: _range(str(raw), VMID_LIMITS)}
+    if kind == "port_ranges":
+        ranges = []
+        for entry in (e.strip() for e in str(raw).split(",")):
+            if not entry:
+                continue
+            column, sep, span = entry.partition("=")
+            if not sep or not column.strip():
+                raise ValueError("must be column=low-high entries, comma-separated (public_port=20000-29999)")
+            ranges.append((column.strip(), *_range(span, (1, 65535))))
+        if len({c for c, _, _ in ranges}) != len(ranges):
+            raise ValueError("names one column twice")
+        return {field_name: tuple(ranges)}
     if kind == "bind":
         host, port = _split_host_port(str(raw).strip(), None)
         return {"bind_host": host, "bind_port": port}
@@ -220,6 +246,20 @@ def _check_url(url: str) -> None:
         raise ValueError("has an entry that is not a URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("has an entry that is not an http:// or https:// URL with a host")
+
+
+VMID_LIMITS = (100, 999_999_999)  # Proxmox's pve-vmid (this module imports nothing of the package)
+
+
+def _range(text: str, limits: tuple[int, int]) -> tuple[int, int]:
+    """``low-high``, both whole numbers within ``limits``, low <= high."""
+    low, sep, high = text.strip().partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"must be low-high, whole numbers ({limits[0]}-{limits[1]})")
+    lo, hi = int(low), int(high)
+    if not limits[0] <= lo <= hi <= limits[1]:
+        raise ValueError(f"must be low-high with {limits[0]} <= low <= high <= {limits[1]}")
+    return lo, hi
 
 
 def _port(text: str) -> int:

@@ -29,7 +29,7 @@ from receiver.serve import build
 from receiver.simulator.launch import cli_command
 from receiver.timeutil import utcnow
 
-HEAD = "0003_pending_holds_outbox"
+HEAD = "0004_reservations_coverage"
 DDL = ("CREATE", "ALTER", "DROP")
 
 
