@@ -389,8 +389,9 @@ def write_while_approving(
 @pytest.mark.slow
 def test_approvals_under_a_busy_platform_remove_only_unchanged_rows(sim, any_db, platform):
     """Four of twelve reviewed rows are written at random moments of the approval: before it
-    reads, between its plan and its apply, or after (0-120 ms: an approval takes about that).  A write that found its row (it changed
-    it) means the row stays; a write that found it gone came after the removal."""
+    reads, between its plan and its apply, or after (0-120 ms: an approval takes about that).
+    A write that found its row (it changed it) means the row stays; a write that found it gone
+    came after the removal."""
     rounds = scaled(4, 20)
     rng = random.Random(20261204)
     seen = {"kept": 0, "removed_first": 0, "seen_by_the_apply": 0}
