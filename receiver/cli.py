@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .checks import Checkup, Verdict
+from .cli_allocate import COMMANDS as ALLOCATE_COMMANDS
 from .cli_common import (
     EXIT_CONFIG,
     EXIT_NOT_FOUND,
@@ -311,6 +312,8 @@ main.add_command(hookscript)  # pve-janitor hookscript [--path | --print] (recei
 for _command in PLAN_COMMANDS:  # pending, approve, reject, hold, release, holds (receiver/cli_plans.py)
     main.add_command(_command)
 main.add_command(webhooks)  # pve-janitor webhooks [--json] (receiver/cli_webhooks.py)
+for _command in ALLOCATE_COMMANDS:  # allocate, allocations, unallocate (receiver/cli_allocate.py)
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
