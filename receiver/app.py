@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
+from .api_allocations import allocations
 from .api_cleanup import cleanup
 from .api_events import events
 from .api_health import health
@@ -54,7 +55,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     app.extensions["janitor"] = janitor
     app.add_url_rule("/", view_func=index, methods=["GET"])
-    for blueprint in (events, cleanup, plans, health):
+    for blueprint in (events, cleanup, plans, allocations, health):
         app.register_blueprint(blueprint)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(SQLAlchemyError, _database_error)
