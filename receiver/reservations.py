@@ -1,24 +1,92 @@
 """The allocator's reservations: VMIDs, hostnames and ports handed out and not yet used.
 
-A reservation holds its values (``janitor_reserved_values``, whose primary key is the UNIQUE
-constraint that keeps two allocations apart) until its row appears in the platform table, it
-expires (``CLEANUP_RESERVATION_MINUTES``) or it is released.  The planner treats a row whose
-VMID is reserved like a row in its grace period: the platform is creating its guest.
+A reservation holds its values (``janitor_reserved_values``, whose primary key — table,
+kind, value — is the UNIQUE constraint that keeps two allocations apart, from one receiver
+or several) until its row appears in the platform table, it expires
+(``CLEANUP_RESERVATION_MINUTES``) or it is released.  The planner treats a row whose VMID is
+reserved like a row in its grace period: the platform is creating its guest.
+
+A value's kind is ``vmid``, ``hostname`` or the name of a port column; the value is its text
+(a hostname in lower case).  An expired reservation keeps its values' keys until it is
+deleted, so :func:`reserve` deletes the stale reservations it was handed in the same
+transaction as it inserts, and :func:`prune` (the receiver's housekeeping) deletes them
+otherwise.  Stale: expired, or ended because a row of the platform table now carries its
+VMID or its hostname.
 
 This module is the only one that writes the two tables, and the one that cleans them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import store
+from .db import CHUNK, chunks, write_transaction
+from .table import PlatformTable
+from .timeutil import isoformat
 
 VMID = "vmid"
 HOSTNAME = "hostname"
+MAX_LABEL = 200
+# Lock conflicts another allocation's transaction can cause, retried like a taken value:
+# PostgreSQL's deadlock and serialization failure, MySQL/MariaDB's deadlock and lock wait timeout.
+_PG_CONFLICTS = frozenset({"40P01", "40001"})
+_MYSQL_CONFLICTS = frozenset({1213, 1205})
+
+
+class Taken(Exception):
+    """Another reservation took one of the values first (the insert met the primary key, or a
+    lock conflict with a concurrent allocation): nothing was reserved; choose again."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: int
+    table: str
+    created_at: datetime
+    expires_at: datetime
+    source: str
+    label: str | None
+    vmid: int | None = None
+    hostname: str | None = None
+    ports: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "vmid": self.vmid,
+            "hostname": self.hostname,
+            "ports": {column: list(values) for column, values in sorted(self.ports.items())},
+            "expires_at": isoformat(self.expires_at),
+            "created_at": isoformat(self.created_at),
+            "table": self.table,
+            "source": self.source,
+            "label": self.label,
+        }
+
+    def describe(self) -> str:
+        """How logs and the CLI name it: ``reservation 7: VMID 123, hostname web, public_port 20001``."""
+        parts = [f"VMID {self.vmid}"]
+        if self.hostname:
+            parts.append(f"hostname {self.hostname}")
+        for column, values in sorted(self.ports.items()):
+            parts.append(f"{column} {', '.join(map(str, values))}")
+        return f"reservation {self.id}: {', '.join(parts)}"
+
+
+def clean_label(label: str | None) -> str | None:
+    return (label or "").strip()[:MAX_LABEL] or None
+
+
+def _in_force(now: datetime) -> sa.ColumnElement[bool]:
+    return store.reservations.c.expires_at > now
 
 
 def reserved_vmids(conn: Connection, table_name: str, now: datetime) -> frozenset[int]:
@@ -30,3 +98,196 @@ def reserved_vmids(conn: Connection, table_name: str, now: datetime) -> frozense
         .where(v.c.table_name == table_name, v.c.kind == VMID, r.c.expires_at > now)
     ).scalars()
     return frozenset(int(value) for value in rows if value.isdigit())
+
+
+def held_values(conn: Connection, table_name: str, now: datetime) -> dict[str, dict[str, int]]:
+    """Kind -> {value: reservation id} of every reservation in force on ``table_name``: what a
+    new allocation must not choose."""
+    r, v = store.reservations, store.reserved_values
+    found: dict[str, dict[str, int]] = {}
+    rows = conn.execute(
+        sa.select(v.c.kind, v.c.value, v.c.reservation_id)
+        .join(r, r.c.id == v.c.reservation_id)
+        .where(v.c.table_name == table_name, _in_force(now))
+    )
+    for kind, value, reservation_id in rows:
+        found.setdefault(kind, {})[value] = reservation_id
+    return found
+
+
+def expired_ids(conn: Connection, table_name: str | None, now: datetime) -> list[int]:
+    """Reservations past their time (on ``table_name``; None: on any table)."""
+    r = store.reservations
+    stmt = sa.select(r.c.id).where(r.c.expires_at <= now)
+    if table_name is not None:
+        stmt = stmt.where(r.c.table_name == table_name)
+    return list(conn.execute(stmt.order_by(r.c.id)).scalars())
+
+
+def ended_ids(conn: Connection, table: PlatformTable, held: dict[str, dict[str, int]]) -> list[int]:
+    """Reservations in ``held`` (as :func:`held_values` gives) whose VMID or hostname a row of the
+    platform table now carries: the platform created what was reserved, so they end.
+
+    One indexed ``IN`` list per kind, on the reserved values only (a few, however large the table).
+    """
+    ended: set[int] = set()
+    vmids = held.get(VMID, {})
+    if vmids:
+        numeric = isinstance(table.vmid.type, (sa.Integer, sa.Numeric))
+        keys = {(int(v) if numeric else v): rid for v, rid in vmids.items() if v.isdigit()}
+        for found in _present(conn, table.vmid, list(keys)):
+            rid = keys.get(int(found) if numeric else str(found).strip())
+            if rid is not None:
+                ended.add(rid)
+    names = held.get(HOSTNAME, {})
+    column_name = table.settings.hostname_column
+    if names and column_name:
+        for found in _present(conn, table.table.c[column_name], list(names)):
+            rid = names.get(str(found).lower())
+            if rid is not None:
+                ended.add(rid)
+    return sorted(ended)
+
+
+def _present(conn: Connection, column: sa.Column, values: Sequence[Any]) -> Iterable[Any]:
+    for part in chunks(values, CHUNK):
+        yield from conn.execute(sa.select(column).where(column.in_(part)).distinct()).scalars()
+
+
+def _delete(conn: Connection, ids: Collection[int]) -> int:
+    r, v = store.reservations, store.reserved_values
+    deleted = 0
+    for part in chunks(sorted(set(ids)), CHUNK):
+        conn.execute(v.delete().where(v.c.reservation_id.in_(part)))
+        deleted += conn.execute(r.delete().where(r.c.id.in_(part))).rowcount
+    return deleted
+
+
+def reserve(
+    engine: Engine,
+    table_name: str,
+    *,
+    now: datetime,
+    expires_at: datetime,
+    source: str,
+    label: str | None,
+    values: Sequence[tuple[str, str]],
+    stale: Collection[int] = (),
+) -> Reservation:
+    """One transaction: delete the ``stale`` reservations (so their values free up), insert the
+    reservation and its ``values`` (kind, text), commit.  :class:`Taken` when another
+    reservation holds one of the values by then: nothing was reserved.
+
+    The values go in one order everywhere (sorted), so two allocations that want some of the
+    same values wait for each other instead of locking each other out.
+    """
+    r, v = store.reservations, store.reserved_values
+    label = clean_label(label)
+    try:
+        with write_transaction(engine) as conn:
+            if stale:
+                _delete(conn, stale)
+            reservation_id = conn.execute(
+                r.insert().values(
+                    table_name=table_name, created_at=now, expires_at=expires_at, source=source, label=label
+                )
+            ).inserted_primary_key[0]  # type: ignore[index]
+            conn.execute(
+                v.insert(),
+                [
+                    {"table_name": table_name, "kind": kind, "value": value, "reservation_id": reservation_id}
+                    for kind, value in sorted(set(values))
+                ],
+            )
+    except DBAPIError as exc:
+        if isinstance(exc, IntegrityError) or _lock_conflict(exc):
+            raise Taken(type(exc.orig).__name__) from None
+        raise
+    return _reservation(reservation_id, table_name, now, expires_at, source, label, values)
+
+
+def _lock_conflict(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _PG_CONFLICTS:
+        return True
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    return bool(args) and args[0] in _MYSQL_CONFLICTS
+
+
+def _reservation(
+    rid: int,
+    table_name: str,
+    created_at: datetime,
+    expires_at: datetime,
+    source: str,
+    label: str | None,
+    values: Iterable[tuple[str, str]],
+) -> Reservation:
+    vmid: int | None = None
+    hostname: str | None = None
+    ports: dict[str, list[int]] = {}
+    for kind, value in values:
+        if kind == VMID:
+            vmid = int(value)
+        elif kind == HOSTNAME:
+            hostname = value
+        else:
+            ports.setdefault(kind, []).append(int(value))
+    return Reservation(
+        rid, table_name, created_at, expires_at, source, label, vmid, hostname, {k: sorted(p) for k, p in ports.items()}
+    )
+
+
+def _read(conn: Connection, where: Sequence[sa.ColumnElement[bool]]) -> list[Reservation]:
+    r, v = store.reservations, store.reserved_values
+    found = list(conn.execute(sa.select(r).where(*where).order_by(r.c.id)))
+    values: dict[int, list[tuple[str, str]]] = {}
+    for part in chunks([row.id for row in found], CHUNK):
+        for rid, kind, value in conn.execute(
+            sa.select(v.c.reservation_id, v.c.kind, v.c.value).where(v.c.reservation_id.in_(part))
+        ):
+            values.setdefault(rid, []).append((kind, value))
+    return [
+        _reservation(
+            row.id, row.table_name, row.created_at, row.expires_at, row.source, row.label, values.get(row.id, ())
+        )
+        for row in found
+    ]
+
+
+def listing(conn: Connection, table_name: str, now: datetime) -> list[Reservation]:
+    """The reservations in force on ``table_name``, oldest first."""
+    r = store.reservations
+    return _read(conn, [r.c.table_name == table_name, _in_force(now)])
+
+
+def count(conn: Connection, table_name: str, now: datetime) -> int:
+    """How many reservations are in force on ``table_name``."""
+    r = store.reservations
+    return int(
+        conn.execute(
+            sa.select(sa.func.count()).select_from(r).where(r.c.table_name == table_name, _in_force(now))
+        ).scalar_one()
+    )
+
+
+def release(engine: Engine, table_name: str, reservation_id: int) -> Reservation | None:
+    """Release a reservation (in force or expired and not yet pruned): its values free up at
+    once.  None when there is no such reservation on ``table_name``."""
+    if not 0 < reservation_id < 2**63:
+        return None
+    r = store.reservations
+    with write_transaction(engine) as conn:
+        found = _read(conn, [r.c.table_name == table_name, r.c.id == sa.literal(reservation_id, sa.BigInteger)])
+        if not found:
+            return None
+        _delete(conn, [reservation_id])
+    return found[0]
+
+
+def prune(conn: Connection, table: PlatformTable, now: datetime) -> int:
+    """Delete expired reservations (on any table) and those on ``table`` whose row has appeared;
+    returns how many (the receiver's housekeeping, after each sweep)."""
+    stale = set(expired_ids(conn, None, now))
+    stale.update(ended_ids(conn, table, held_values(conn, table.settings.table, now)))
+    return _delete(conn, stale) if stale else 0
