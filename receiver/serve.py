@@ -17,7 +17,7 @@ import signal
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import holds, notify, outbox, pending
+from . import holds, notify, outbox, pending, reservations
 from .app import create_app
 from .config import Settings
 from .db import write_transaction
@@ -99,7 +99,8 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
 
 def housekeeping(runtime: Runtime, inbox: Inbox) -> None:
     """After each scheduled sweep, on the lease holder: processed events, expired pending plans,
-    holds past their time, decided plans and delivered webhook events past their keeping time."""
+    holds past their time, decided plans and delivered webhook events past their keeping time,
+    allocations expired or used."""
     inbox.forget_old()
     now = runtime.clock()
     pending.expire(runtime.engine, runtime.settings, now)
@@ -108,6 +109,7 @@ def housekeeping(runtime: Runtime, inbox: Inbox) -> None:
         holds.prune(conn, now)
         pending.prune(conn, now)
         outbox.prune(conn, targets, now)
+        reservations.prune(conn, runtime.table, now)  # expired, or ended by their row's appearance
 
 
 def background_trouble(watcher: Watcher, scheduler: BaseScheduler) -> str | None:
