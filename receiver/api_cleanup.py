@@ -12,7 +12,7 @@ from typing import Any, overload
 
 from flask import Blueprint, Response, jsonify, request
 
-from . import holds, outbox, pending, store
+from . import holds, outbox, pending, reservations, store
 from .history import audit_entries
 from .model import Outcome, Refusal
 from .timeutil import isoformat, utcnow
@@ -41,6 +41,7 @@ def stats() -> Response:
         watched = watched_vmids(conn, now)
         open_plans = pending.listing(conn, s.table, now)
         held = holds.count(conn, s.table, now)
+        allocated = reservations.count(conn, s.table, now)
         webhooks = outbox.summary(conn, s.webhook_urls)
     status = j.watcher.status() if j.watcher is not None else None
     return jsonify(
@@ -75,6 +76,7 @@ def stats() -> Response:
                 for p in (plan.to_dict() for plan in open_plans)
             ],
             "holds": held,
+            "allocations": allocated,  # reservations in force (POST /api/v1/allocations)
             "sweep_running": j.runtime.sweeper.busy,
             "leader": bool(status and status.get("leader")),
             "watcher": {k: status.get(k) for k in ("alive", "last_tick", "last_error")} if status else None,
