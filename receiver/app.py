@@ -3,11 +3,12 @@
 ``create_app`` takes its collaborators as arguments (tests hand in their own)
 and starts nothing: the watcher and the scheduler belong to ``serve``.  Every
 answer is JSON, errors included, as ``{"error": <code>, "message": <text>}``, and
-``OPTIONS`` too; no HTML page and no stack trace ever leaves the process (what the
+``OPTIONS`` too; no stack trace ever leaves the process, nor an HTML page but /ui's (what the
 HTTP server answers before the app, :mod:`receiver.httpserver` makes JSON).  The
 routes are in :mod:`receiver.api_events` (events in), :mod:`receiver.api_cleanup`
 (stats, run, history) and :mod:`receiver.api_health` (health, metrics), and
-documented in ``docs/openapi.yaml`` and ``docs/http-api.md``.
+documented in ``docs/openapi.yaml`` and ``docs/http-api.md``.  The one exception is
+``/ui`` (:mod:`receiver.ui`, docs/dashboard.md): HTML pages, whose errors are pages too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .events import MAX_BODY_BYTES
 from .inbox import Inbox
 from .metrics import Metrics
 from .runtime import Runtime
+from .ui import error_page, http_error_page, init_sessions, is_ui_request, ui
 from .web import ERROR_CODES, Janitor, error
 
 __all__ = ["ERROR_CODES", "Janitor", "create_app"]
@@ -55,8 +57,9 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     app.extensions["janitor"] = janitor
     app.add_url_rule("/", view_func=index, methods=["GET"])
-    for blueprint in (events, cleanup, plans, allocations, health):
+    for blueprint in (events, cleanup, plans, allocations, health, ui):
         app.register_blueprint(blueprint)
+    init_sessions(app, settings)  # the dashboard's cookie, signed with a key derived from the admin token
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(SQLAlchemyError, _database_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -93,6 +96,8 @@ _HTTP_MESSAGES = {
 
 
 def _http_error(exc: HTTPException) -> Response:
+    if is_ui_request():
+        return http_error_page(exc)
     status = exc.code or 500
     headers = {}
     if status == 405:
@@ -106,9 +111,13 @@ def _http_error(exc: HTTPException) -> Response:
 
 def _database_error(exc: SQLAlchemyError) -> Response:
     logger.warning("%s %s: database error %s", request.method, request.path, describe_db_error(exc))
+    if is_ui_request():
+        return error_page(503, "the database is unavailable; try again later")
     return error(503, "the database is unavailable; try again later")
 
 
 def _unexpected_error(exc: Exception) -> Response:
     logger.error("%s %s failed", request.method, request.path, exc_info=exc)
+    if is_ui_request():
+        return error_page(500, "internal error; the receiver's log has the details")
     return error(500, "internal error; the receiver's log has the details")
