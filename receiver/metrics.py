@@ -162,6 +162,20 @@ class Metrics:
             registry=r,
         )
         self.watcher_up = Gauge("pve_janitor_watcher_up", "1 while the watcher's thread runs", registry=r)
+        self.guests_without_hook = Gauge(
+            "pve_janitor_guests_without_hook",
+            "Guests whose config, as last read, names no pve-janitor hookscript (they send no event), by "
+            "node; read from the coverage cache when scraped",
+            ["node"],
+            registry=r,
+        )
+        self.node_events_missing = Gauge(
+            "pve_janitor_node_events_missing",
+            "1 when a node's guests whose config names the hookscript started or stopped and the node "
+            "sent no event for any of it (hook file missing there, or hook.conf wrong?); set by the lease holder",
+            ["node"],
+            registry=r,
+        )
         self.watcher_last_tick = Gauge(
             "pve_janitor_watcher_last_tick_timestamp_seconds", "Unix time of the watcher's last tick", registry=r
         )
@@ -195,6 +209,18 @@ class Metrics:
 
     def webhook_failed(self, target: str) -> None:
         self.webhook_deliveries.labels(target=target, outcome="failed").inc()
+
+    def coverage_nodes(self, flagged: dict[str, bool]) -> None:
+        """The node checks of the last coverage pass (empty: none, this receiver stepped down)."""
+        self.node_events_missing.clear()
+        for node, missing in flagged.items():
+            self.node_events_missing.labels(node=node).set(1 if missing else 0)
+
+    def coverage_guests(self, without_hook: dict[str, int]) -> None:
+        """Guests without the hook per node, as the coverage cache holds them now."""
+        self.guests_without_hook.clear()
+        for node, n in without_hook.items():
+            self.guests_without_hook.labels(node=node).set(n)
 
     def follow_watcher(self, alive: Callable[[], bool], last_tick: Callable[[], dt.datetime | None]) -> None:
         """Read the watcher's state when scraped (a stalled watcher cannot report itself)."""
