@@ -224,6 +224,11 @@ class ProxmoxInventory:
         VM.Audit on the guest); InventoryError only when no endpoint answered at all."""
         return self._failover(lambda: self._node.fetch(f"/nodes/{node}/{kind}/{vmid}/status/current"))
 
+    def guest_config(self, node: str, kind: str, vmid: int) -> Reply:
+        """``GET /nodes/{node}/{kind}/{vmid}/config`` as it came, like :meth:`guest_status` (the
+        one place a guest's hookscript and config digest show: :mod:`receiver.guestconfig`)."""
+        return self._failover(lambda: self._node.fetch(f"/nodes/{node}/{kind}/{vmid}/config"))
+
     def node_guests(self, node: str, kind: str) -> Reply:
         """``GET /nodes/{node}/{kind}`` (``lxc`` or ``qemu``) as it came: the guests of that type
         on that node the token may see (the others are left out, with no error)."""

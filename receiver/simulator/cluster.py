@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from .guests import GUEST_STATUSES, GUEST_TYPES, VMID_MAX, VMID_MIN, Guest, SimulatorError
+from .guests import GUEST_STATUSES, GUEST_TYPES, VMID_MAX, VMID_MIN, Guest, SimulatorError, is_volume_id
 from .hooks import HOOK_BASE_ENV, run_hook
 from .tasks import TaskLog
 
@@ -46,6 +46,7 @@ class Cluster:
         self._offline_at: dict = {}  # node -> monotonic time of its last stats broadcast
         self._node_boot_mono = time.monotonic()
         self._stale: dict | None = None  # the answering node's guest list while it has no quorum
+        self._snippets: dict = {}  # (node, volume id) -> the file behind it on that node
         # Bumped by every change /cluster/resources?type=vm can show (see _changed).
         self._version = 0
 
@@ -127,12 +128,15 @@ class Cluster:
         started = int(time.time())
         rc = self._run_hook(guest, "pre-start")
         if rc != 0:
-            error = "hookscript error for %d on pre-start: command '%s %d pre-start' failed: %s" % (
-                guest.vmid,
-                guest.hookscript,
-                guest.vmid,
-                "exit code %d" % rc if rc is not None else "could not run",
-            )
+            if self._hook_path(guest) is None:  # GuestHelpers.pm check_hookscript
+                why = "script '%s' does not exist" % guest.hookscript
+            else:
+                why = "command '%s %d pre-start' failed: %s" % (
+                    guest.hookscript,
+                    guest.vmid,
+                    "exit code %d" % rc if rc is not None else "could not run",
+                )
+            error = "hookscript error for %d on pre-start: %s" % (guest.vmid, why)
             self._record_task(guest.node, task_type, guest.vmid, started, error)
             logger.info("start of %d aborted by its pre-start hook", guest.vmid)
             return False
@@ -202,6 +206,33 @@ class Cluster:
             self._changed()
         self._record_task(source, "vzmigrate" if guest.type == "lxc" else "qmigrate", guest.vmid, started, "OK")
 
+    def set_hookscript(self, vmid: int, hookscript: str | None) -> None:
+        """``pct set <vmid> --hookscript <volume>`` (``qm set`` for a VM); None: ``--delete hookscript``.
+
+        A volume id (``local:snippets/pve-janitor-hook``) is what the config then names; the
+        hook runs from the file :meth:`install_snippet` put behind it on the guest's node, and
+        on a node without it the hook cannot run (a start aborts at pre-start).  A path is
+        run on every node, shown as ``local:snippets/<its file name>``.  The config's digest
+        changes; nothing ``/cluster/resources`` shows does.
+        """
+        guest = self._get_for_operation(vmid)
+        with self._lock:
+            guest.hookscript = os.fspath(hookscript) if hookscript is not None else None
+
+    def install_snippet(self, volume: str, path: str | None, nodes: Iterable[str] | None = None) -> None:
+        """Put ``path`` behind ``volume`` on these nodes (all by default), as copying a file to
+        ``/var/lib/vz/snippets`` on each node does for ``local:snippets/<file>``; None removes it."""
+        if not is_volume_id(volume):
+            raise ValueError("not a volume id: %r" % volume)
+        with self._lock:
+            for node in self.nodes if nodes is None else tuple(nodes):
+                if node not in self._online:
+                    raise ValueError("unknown node %r" % node)
+                if path is None:
+                    self._snippets.pop((node, volume), None)
+                else:
+                    self._snippets[(node, volume)] = os.fspath(path)
+
     def _get_for_operation(self, vmid: int) -> Guest:
         with self._lock:
             self._expire_locked()
@@ -253,12 +284,25 @@ class Cluster:
             env["PVE_JANITOR_NODE"] = node
         return env
 
+    def _hook_path(self, guest: Guest) -> str | None:
+        """The file the guest's hookscript names on its node (None: not there)."""
+        if not guest.hookscript or not is_volume_id(guest.hookscript):
+            return guest.hookscript
+        with self._lock:  # resolved on the guest's node, like PVE::Storage::path
+            return self._snippets.get((guest.node, guest.hookscript))
+
     def _run_hook(self, guest: Guest, phase: str) -> int | None:
         """Run the guest's hookscript for one phase; its exit code (0 without a hookscript,
         None when it could not run)."""
         if not guest.hookscript:
             return 0
-        rc, duration = run_hook(guest.hookscript, guest.vmid, phase, self._hook_env(guest.node))
+        script = self._hook_path(guest)
+        if script is None:
+            logger.warning("hookscript error for %d on %s: %s does not exist", guest.vmid, phase, guest.hookscript)
+            with self._lock:
+                self.hook_runs.append((guest.vmid, phase, None, 0.0))
+            return None
+        rc, duration = run_hook(script, guest.vmid, phase, self._hook_env(guest.node))
         with self._lock:
             self.hook_runs.append((guest.vmid, phase, rc, duration))
         return rc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .guests import Guest
+from .guests import Guest, is_volume_id
 
 
 def config_path(node: str, kind: str, vmid: int) -> str:
@@ -116,8 +116,9 @@ def guest_config(guest: Guest) -> dict:
             "boot": "order=scsi0",
             "net0": "virtio,bridge=vmbr0",
         }
-    if guest.hookscript:  # set as local:snippets/<file>
-        config["hookscript"] = "local:snippets/%s" % os.path.basename(guest.hookscript)
+    if guest.hookscript:  # a volume id as set; a path as if copied to local:snippets/<file>
+        hook = guest.hookscript
+        config["hookscript"] = hook if is_volume_id(hook) else "local:snippets/%s" % os.path.basename(hook)
     if guest.template:
         config["template"] = 1
     if guest.tags:

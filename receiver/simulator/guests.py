@@ -12,6 +12,11 @@ GUEST_STATUSES = ("running", "stopped", "paused")
 VMID_MIN, VMID_MAX = 100, 999_999_999
 
 
+def is_volume_id(hookscript: str) -> bool:
+    """``local:snippets/x`` (a storage volume, as a guest's config names it) rather than a path."""
+    return ":" in hookscript and not hookscript.startswith("/")
+
+
 class SimulatorError(RuntimeError):
     """A guest operation that Proxmox itself would refuse (e.g. ``qm destroy`` of a running VM)."""
 
