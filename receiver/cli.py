@@ -33,6 +33,7 @@ from .cli_common import (
 from .cli_common import runtime as build_runtime
 from .cli_common import settings as settings_from_env
 from .cli_config import config_cmd
+from .cli_coverage import coverage_cmd
 from .cli_db import db
 from .cli_hookscript import hookscript
 from .cli_plans import COMMANDS as PLAN_COMMANDS
@@ -314,6 +315,7 @@ for _command in PLAN_COMMANDS:  # pending, approve, reject, hold, release, holds
 main.add_command(webhooks)  # pve-janitor webhooks [--json] (receiver/cli_webhooks.py)
 for _command in ALLOCATE_COMMANDS:  # allocate, allocations, unallocate (receiver/cli_allocate.py)
     main.add_command(_command)
+main.add_command(coverage_cmd)  # pve-janitor coverage [--json] [--refresh] (receiver/cli_coverage.py)
 
 
 if __name__ == "__main__":  # pragma: no cover
