@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import holds, notify, outbox, pending, reservations
 from .app import create_app
 from .config import Settings
+from .coverage_refresh import STATUS_EXTENSION, Refresher
 from .db import write_transaction
 from .httpserver import make_server
 from .inbox import Inbox
@@ -85,6 +86,11 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
         Deliverer(runtime.engine, settings, metrics, leader=lambda: watcher.leader) if settings.webhook_urls else None
     )
     app = create_app(settings, runtime=runtime, inbox=inbox, watcher=watcher, metrics=metrics, scheduler=scheduler)
+    # Hook coverage: guests' configs read by the lease holder only, at CLEANUP_COVERAGE_RPS.
+    refresher = Refresher(
+        runtime.engine, runtime.inventory, settings, metrics, leader=lambda: watcher.leader, clock=runtime.clock
+    )
+    app.extensions[STATUS_EXTENSION] = refresher.status
     return {
         "runtime": runtime,
         "metrics": metrics,
@@ -93,6 +99,7 @@ def build(settings: Settings, runtime: Runtime | None = None) -> dict[str, Any]:
         "watcher": watcher,
         "scheduler": scheduler,
         "deliverer": deliverer,
+        "refresher": refresher,
         "app": app,
     }
 
@@ -133,6 +140,7 @@ def serve(settings: Settings) -> int:
     parts["watcher"].start()
     if parts["deliverer"] is not None:
         parts["deliverer"].start()
+    parts["refresher"].start()
     parts["scheduler"].start()
     port = server.effective_port
     logger.info(
@@ -155,6 +163,7 @@ def serve(settings: Settings) -> int:
         parts["scheduler"].shutdown(wait=True)
         if parts["deliverer"] is not None:  # before the watcher gives up the lease: one deliverer at a time
             parts["deliverer"].stop()
+        parts["refresher"].stop()
         parts["watcher"].stop()
         parts["runtime"].engine.dispose()
     logger.info("stopped")
