@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any, overload
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import holds, outbox, pending, reservations, store
+from . import coverage_refresh, holds, outbox, pending, reservations, store
 from .history import audit_entries
 from .model import Outcome, Refusal
 from .timeutil import isoformat, utcnow
@@ -43,6 +43,7 @@ def stats() -> Response:
         held = holds.count(conn, s.table, now)
         allocated = reservations.count(conn, s.table, now)
         webhooks = outbox.summary(conn, s.webhook_urls)
+        hook_coverage = coverage_refresh.stats(conn, current_app.extensions.get(coverage_refresh.STATUS_EXTENSION))
     status = j.watcher.status() if j.watcher is not None else None
     return jsonify(
         {
@@ -95,6 +96,8 @@ def stats() -> Response:
                     for t in webhooks["targets"]
                 ],
             },
+            # Hook coverage: guests whose config names no pve-janitor hookscript, events per node.
+            "coverage": hook_coverage,
         }
     )
 
