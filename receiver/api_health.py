@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import holds, outbox, pending, store
+from . import coverage_db, holds, outbox, pending, store
 from .db import describe_db_error
 from .metrics import CONTENT_TYPE
 from .web import janitor, json_response
@@ -77,6 +77,7 @@ def metrics() -> Response:
             labels = outbox.target_labels(j.settings.webhook_urls)
             for target, found in outbox.backlog(conn, labels).items():
                 j.metrics.webhook_backlog.labels(target=labels[target]).set(found["undelivered"])
+            j.metrics.coverage_guests({node: w for node, (_, w) in coverage_db.node_counts(conn).items()})
         if last_success is not None:
             j.metrics.last_success.set(last_success.timestamp())
     except SQLAlchemyError as exc:  # the rest of the metrics are still worth serving
