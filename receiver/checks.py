@@ -1,4 +1,4 @@
-"""``pve-janitor check``: settings, database, mapping, Proxmox, privileges, quorum, inventory, ACL.
+"""``pve-janitor check``: settings, database, mapping, Proxmox, privileges, quorum, inventory, ACL, coverage.
 
 The stages as data, so that they are tested without the command line: iterating a
 :class:`Checkup` yields one :class:`Line` as each stage ends (a slow Proxmox shows the
@@ -16,9 +16,13 @@ from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from .config import ConfigError, Settings, require, resolve
-from .db import DatabaseError, make_engine
+from .coverage_db import read_cache
+from .coverage_refresh import Refresher
+from .db import DatabaseError, describe_db_error, make_engine
+from .guestconfig import HOOK_FILE
 from .inventory import ProxmoxInventory, grant_lines, token_id
 from .model import Inventory, InventoryError, Row, Word
 from .safety import hidden_guests, vmid_column_problem
@@ -48,7 +52,8 @@ class Verdict(Word):
 @dataclass(frozen=True)
 class Line:
     level: Level
-    what: str  # the stage: settings, database, mapping, proxmox, privileges, quorum, inventory, acl, hidden_guest
+    # the stage: settings, database, mapping, proxmox, privileges, quorum, inventory, acl, hidden_guest, coverage
+    what: str
     detail: str = ""
 
     def __str__(self) -> str:
@@ -79,6 +84,7 @@ class Checkup:
         self.env = env
         self.engine = engine
         self.verdict = Verdict.PASSED
+        self._engine_read: Engine | None = None  # the database the checks could read
 
     def __iter__(self) -> Iterator[Line]:
         for line in self._stages():
@@ -124,7 +130,10 @@ class Checkup:
             yield from self._misconfigured("proxmox", exc.problems)
             yield from _skipped(PROXMOX_STAGES[1:], "proxmox")
             return
-        yield from _proxmox(settings, ProxmoxInventory(settings), rows)
+        proxmox = ProxmoxInventory(settings)
+        yield from _proxmox(settings, proxmox, rows)
+        if self._engine_read is not None and self.verdict is Verdict.PASSED:
+            yield from _coverage(settings, self._engine_read, proxmox)
 
     def _database(self, settings: Settings) -> Generator[Line, None, list[Row] | None]:
         """The database stage; returns the platform table's rows, or None when it failed."""
@@ -134,6 +143,7 @@ class Checkup:
             table = PlatformTable(engine, settings)
             require_current(engine)
             rows = table.fetch_rows()
+            self._engine_read = engine
         except ConfigError as exc:
             yield from self._misconfigured("database", exc.problems)
             return None
@@ -196,6 +206,48 @@ def _proxmox(settings: Settings, proxmox: ProxmoxInventory, rows: list[Row] | No
             "in Proxmox, but the token is not shown those guests (an ACL hides them); their rows are "
             "kept and reported",
         )
+
+
+def _coverage(settings: Settings, engine: Engine, proxmox: ProxmoxInventory) -> Iterator[Line]:
+    """Guests whose config names no pve-janitor hookscript, and nodes that sent no event while
+    their hooked guests started and stopped, from what ``serve`` cached (docs/coverage.md).
+
+    WARN lines, never a failure: such a guest costs speed, not safety (the sweep still removes
+    its ghosts).  No line when all is well or nothing was checked yet, and none after another
+    stage failed (that comes first)."""
+    refresher = Refresher(engine, proxmox, settings)
+    try:
+        listed = refresher.list_guests() or {}
+        checks = refresher.check_nodes() or {}
+        with engine.connect() as conn:
+            cached = read_cache(conn)
+    except InventoryError as exc:
+        yield Line(Level.WARN, "coverage", f"not checked: {exc}")
+        return
+    except SQLAlchemyError as exc:
+        yield Line(Level.WARN, "coverage", f"not checked: database error {describe_db_error(exc)}")
+        return
+    without = sorted((c for v, c in cached.items() if v in listed and not c.has_hook), key=lambda c: c.vmid)
+    if without:
+        named = [f"{c.vmid} ({c.node}{', has ' + c.hookscript if c.hookscript else ''})" for c in without[:20]]
+        more = f" and {len(without) - 20} more" if len(without) > 20 else ""
+        yield Line(
+            Level.WARN,
+            "coverage",
+            f"{len(without)} of {len(listed)} guests' configs name no pve-janitor hookscript, so they send "
+            f"no event (the sweep still finds their ghosts): {', '.join(named)}{more}; "
+            "`pve-janitor coverage` prints the lines that attach it",
+        )
+    for check in checks.values():
+        if check.flagged:
+            failed = f", {check.hook_errors} of them failed on the hookscript" if check.hook_errors else ""
+            yield Line(
+                Level.WARN,
+                "coverage",
+                f"node {check.node} sent no event for {check.tasks} starts/stops of guests whose config names "
+                f"the hookscript{failed}: is /var/lib/vz/snippets/{HOOK_FILE} on {check.node}, executable, "
+                "and does its /etc/pve-janitor/hook.conf reach the receiver?",
+            )
 
 
 def _privileges(settings: Settings, inventory: ProxmoxInventory) -> Generator[Line, None, bool]:
