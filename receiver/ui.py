@@ -19,8 +19,9 @@ other's cookies and rotating the token logs everyone out.  Without an admin toke
 key, hence no login and no action; the pages are then readable only with ``CLEANUP_UI_PUBLIC``.
 
 Actions call what the CLI and the API call (:mod:`receiver.restore`, :mod:`receiver.approval`,
-:mod:`receiver.holds`), as ``ui``, and each one logs who and what.  Allocations and hook
-coverage are read from their tables, read only.  docs/dashboard.md shows every page.
+:mod:`receiver.holds`, :mod:`receiver.reservations`), as ``ui``, and each one logs who and
+what.  Hook coverage is read as the stats read it (:mod:`receiver.coverage_refresh`).
+docs/dashboard.md shows every page.
 """
 
 from __future__ import annotations
@@ -34,15 +35,15 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
-from flask import Blueprint, Flask, Response, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, Flask, Response, current_app, flash, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import approval, holds, outbox, pending, reservations, restore, store
+from . import approval, coverage_db, coverage_refresh, holds, outbox, pending, reservations, restore, store
 from .config import Settings
+from .guestconfig import attach_command
 from .history import audit_entries
 from .pending import PlanState
 from .timeutil import age_text, parse_timestamp
@@ -479,42 +480,23 @@ def release_hold(hold_id: int) -> BaseResponse:
     return redirect(url_for("ui.hold_list"), 303)
 
 
-# --- hook coverage (its table, read only) and allocations ----------------------------
+# --- hook coverage and allocations -----------------------------------------------------
 
 
 @ui.get("/coverage")
 def coverage() -> str:
-    """Dashboard: hook coverage per node, and the guests whose config names no pve-janitor hookscript (HTML)."""
-    c = store.coverage
-    with janitor().runtime.engine.connect() as conn:
-        per_node = conn.execute(
-            sa.select(
-                c.c.node,
-                sa.func.count().label("guests"),
-                sa.func.sum(sa.case((c.c.has_hook == sa.true(), 1), else_=0)).label("covered"),
-                sa.func.sum(
-                    sa.case((sa.and_(c.c.has_hook == sa.false(), c.c.hookscript.is_not(None)), 1), else_=0)
-                ).label("other"),
-                sa.func.min(c.c.checked_at).label("oldest"),
-            )
-            .group_by(c.c.node)
-            .order_by(c.c.node)
-        ).all()
-        uncovered = conn.execute(
-            sa.select(c).where(c.c.has_hook == sa.false()).order_by(c.c.node, c.c.vmid).limit(LISTED + 1)
-        ).all()
-    nodes = [
-        {
-            "node": r.node,
-            "guests": int(r.guests),
-            "covered": int(r.covered or 0),
-            "other": int(r.other or 0),
-            "none": int(r.guests) - int(r.covered or 0) - int(r.other or 0),
-            "oldest": r.oldest,
-        }
-        for r in per_node
-    ]
-    return render_template("ui/coverage.html", nodes=nodes, uncovered=uncovered[:LISTED], more=len(uncovered) > LISTED)
+    """Dashboard: hook coverage per node, and each guest whose config names no pve-janitor hookscript (HTML)."""
+    j = janitor()
+    with j.runtime.engine.connect() as conn:
+        summary = coverage_refresh.stats(conn, current_app.extensions.get(coverage_refresh.STATUS_EXTENSION))
+        cached = coverage_db.read_cache(conn)
+    without = sorted((c for c in cached.values() if not c.has_hook), key=lambda c: (c.node, c.vmid))
+    return render_template(
+        "ui/coverage.html",
+        summary=summary,
+        uncovered=[(c, attach_command(c.type, c.vmid)) for c in without[:LISTED]],
+        more=max(0, len(without) - LISTED),
+    )
 
 
 @ui.get("/allocations")

@@ -20,8 +20,10 @@ import pytest
 import sqlalchemy as sa
 from conftest import make_runtime
 
-from receiver import reservations, store, ui
+from receiver import coverage_db, reservations, store, ui
 from receiver.app import create_app
+from receiver.guestconfig import GuestConfig
+from receiver.probe import Result
 from receiver.simulator.scene import ERROR_VMIDS, seed_database
 from receiver.timeutil import utcnow
 from receiver.ui import LOGIN_HOURS, SESSION_COOKIE, SESSION_LABEL, session_key
@@ -455,24 +457,21 @@ def test_a_hold_that_cannot_be_placed_says_why(app, form, fragment):
 
 
 def test_coverage_shows_each_node_and_the_guests_without_the_hook(app):
-    now = utcnow()
-    with app.extensions["janitor"].runtime.engine.begin() as conn:  # as the coverage refresher writes it
-        conn.execute(
-            store.coverage.insert(),
-            [
-                {"vmid": 100, "node": "pve1", "type": "lxc", "hookscript": "local:snippets/pve-janitor-hook"}
-                | {"has_hook": True, "checked_at": now, "digest": "a"},
-                {"vmid": 101, "node": "pve1", "type": "lxc", "hookscript": None}
-                | {"has_hook": False, "checked_at": now - timedelta(hours=3), "digest": "b"},
-                {"vmid": 102, "node": "pve2", "type": "qemu", "hookscript": "local:snippets/other.sh"}
-                | {"has_hook": False, "checked_at": now, "digest": "c"},
-            ],
-        )
+    engine, now = app.extensions["janitor"].runtime.engine, utcnow()
+    read = [  # as the lease holder's refresher writes what it read
+        GuestConfig(100, "pve1", "lxc", Result.PRESENT, "a", "local:snippets/pve-janitor-hook"),
+        GuestConfig(102, "pve2", "qemu", Result.PRESENT, "c", "local:snippets/other.sh"),
+    ]
+    coverage_db.write(engine, [GuestConfig(101, "pve1", "lxc", Result.PRESENT, "b")], now - timedelta(hours=3))
+    coverage_db.write(engine, read, now)
     text = assert_page(logged_in(app.test_client()).get("/ui/coverage"), 200, "local:snippets/other.sh", "3 h ago")
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", text)
-    assert cells[:6] == ["pve1", "2", "1", "0", "1", "50 %"]
-    assert cells[7:13] == ["pve2", "1", "0", "1", "0", "0 %"]
-    assert "local:snippets/pve-janitor-hook" not in text  # covered guests are not listed
+    second = cells.index("pve2")
+    assert cells[:4] == ["pve1", "2", "1", "50 %"] and cells[second : second + 4] == ["pve2", "1", "1", "0 %"]
+    assert "pct set 101 --hookscript local:snippets/pve-janitor-hook" in text
+    assert "qm set 102 --hookscript local:snippets/pve-janitor-hook" in text
+    assert "set 100 " not in text  # a covered guest is not listed
+    assert "not looked" in text  # no refresher in this process: no node check
 
 
 def test_allocations_show_reservations_and_release_one(app):
