@@ -106,7 +106,7 @@ class Request:
 
     hostname: str | None = None
     suffix: bool = False
-    ports: Mapping[str, int] = field(default_factory=dict)
+    ports: int | Mapping[str, int] = field(default_factory=dict)  # see port_counts
     label: str | None = None
     source: str = "http"
 
@@ -140,12 +140,12 @@ def port_counts(settings: Settings, spec: int | Mapping[str, int] | None) -> dic
                 f"{', '.join(sorted(ranges)) or 'none'}",
             )
     else:
+        if spec and not ranges:
+            raise Refused("invalid", "ports asked for, but CLEANUP_ALLOCATOR_PORTS names no port range")
         counts = {column: spec for column in ranges}
     for column, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_PORTS:
             raise Refused("invalid", f"ports: the count for {column} must be a whole number 0-{MAX_PORTS}")
-    if any(counts.values()) and not ranges:
-        raise Refused("invalid", "ports asked for, but CLEANUP_ALLOCATOR_PORTS names no port range")
     return {column: n for column, n in counts.items() if n}
 
 
@@ -332,7 +332,7 @@ class Allocator:
     def allocate(self, request: Request) -> Reservation:
         """Reserve a VMID (and what ``request`` asks for besides); Refused when nothing was reserved."""
         hostname = normal_hostname(request.hostname) if request.hostname is not None else None
-        ports = port_counts(self.settings, dict(request.ports)) if request.ports else {}
+        ports = port_counts(self.settings, request.ports)
         try:
             inventory = self.guests.get()
         except InventoryError as exc:
@@ -420,7 +420,7 @@ class Allocator:
                 gone = set(ended)
                 held = {k: {v: r for v, r in vs.items() if r not in gone} for k, vs in held.items()}
             stale = reservations.expired_ids(conn, table_name, now) + ended
-            chosen_name = self._hostname(conn, hostname, suffix, names, held.get(HOSTNAME, {}))
+            chosen_name = self._hostname(conn, hostname, suffix, names, held.get(HOSTNAME, {}), window)
             chosen_ports = {}
             for column, low, high in self.settings.allocator_ports:
                 n = ports.get(column, 0)
@@ -444,10 +444,17 @@ class Allocator:
         return _Choice(free, chosen_name, chosen_ports, stale)
 
     def _hostname(
-        self, conn: Connection, name: str | None, suffix: bool, guest_names: frozenset[str], held: Mapping[str, int]
+        self,
+        conn: Connection,
+        name: str | None,
+        suffix: bool,
+        guest_names: frozenset[str],
+        held: Mapping[str, int],
+        window: int,
     ) -> str | None:
         """``name`` if it is free (no row, guest or reservation has it); with ``suffix`` the first
-        free of name-2, name-3 ...; else Refused (``hostname_taken``) saying who has it."""
+        free of name-2, name-3 ... (after a conflict, one of the first few free); else Refused
+        (``hostname_taken``) saying who has it."""
         if name is None:
             return None
         candidates = [name]
@@ -459,9 +466,9 @@ class Allocator:
         if column_name:
             column = self.table.table.c[column_name]
             in_rows = {str(v).lower() for v in conn.execute(sa.select(column).where(column.in_(candidates))).scalars()}
-        for candidate in candidates:
-            if candidate not in in_rows and candidate not in guest_names and candidate not in held:
-                return candidate
+        free = [c for c in candidates if c not in in_rows and c not in guest_names and c not in held]
+        if free:
+            return free[0] if window <= 1 else random.choice(free[:window])
         if suffix:
             raise Refused("hostname_taken", f"hostname {name!r} and its suffixes -2 to -{MAX_SUFFIX} are all taken")
         if name in in_rows:
