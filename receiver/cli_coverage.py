@@ -64,7 +64,7 @@ def build_report(
             "events": {phase: seen["events"].get(phase, 0) for phase in PHASE_ORDER},
             "guests": len(per_node.get(node, ())),
             "without_hook": sum(1 for c in without if c.node == node),
-            "flagged": check.flagged if check is not None else None,
+            "flagged": None if checks is None else check is not None and check.flagged,
             "tasks": check.tasks if check is not None else None,
             "missed": check.missed if check is not None else None,
             "hook_errors": check.hook_errors if check is not None else None,

@@ -309,8 +309,8 @@ class Refresher:
 
 def stats(conn: sa.Connection, status: Status | None) -> dict[str, Any]:
     """The stats' ``coverage`` key: cached guests and those without the hook, the oldest check,
-    and per node its guests, events (from the inbox) and flag (None where this receiver has
-    not looked: it does not hold the lease, or has not finished a pass)."""
+    and per node its guests, events (from the inbox) and flag (None while this receiver has not
+    looked: it does not hold the lease, or has not finished a pass)."""
     counts = node_counts(conn)
     events = event_counts(conn)
     checks = status.nodes if status is not None else None
@@ -321,7 +321,7 @@ def stats(conn: sa.Connection, status: Status | None) -> dict[str, Any]:
         nodes[node] = {
             "last_event": isoformat(seen["last_event"]),
             "events": seen["events"],
-            "flagged": checks[node].flagged if checks is not None and node in checks else None,
+            "flagged": None if checks is None else node in checks and checks[node].flagged,
             "guests": guests,
             "without_hook": without,
         }
