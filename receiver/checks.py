@@ -215,7 +215,7 @@ def _coverage(settings: Settings, engine: Engine, proxmox: ProxmoxInventory) -> 
     WARN lines, never a failure: such a guest costs speed, not safety (the sweep still removes
     its ghosts).  No line when all is well or nothing was checked yet, and none after another
     stage failed (that comes first)."""
-    refresher = Refresher(engine, proxmox, settings)
+    refresher = Refresher(engine, proxmox, settings, log_findings=False)  # its lines say them
     try:
         listed = refresher.list_guests() or {}
         checks = refresher.check_nodes() or {}
