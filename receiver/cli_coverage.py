@@ -185,7 +185,7 @@ def coverage_cmd(ctx: click.Context, as_json: bool, refresh: bool) -> None:
         config_failure(exc)
     db = engine(settings)
     inventory = ProxmoxInventory(settings)
-    refresher = coverage_refresh.Refresher(db, inventory, settings)
+    refresher = coverage_refresh.Refresher(db, inventory, settings, log_findings=False)  # the report says them
     listed = checks = None
     proxmox_error: str | None = None
     try:
@@ -193,7 +193,7 @@ def coverage_cmd(ctx: click.Context, as_json: bool, refresh: bool) -> None:
         if refresh and listed is not None:
             click.echo(
                 f"reading {len(listed)} guest configs at {settings.coverage_rps:g} a second "
-                f"(about {len(listed) / settings.coverage_rps:.0f} s)",
+                f"(about {max(1, round(len(listed) / settings.coverage_rps))} s)",
                 err=True,
             )
             refresher.refresh(listed, everything=True)

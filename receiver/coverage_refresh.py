@@ -111,6 +111,7 @@ class Refresher:
         wall: Callable[[], float] = time.time,
         list_seconds: float = LIST_SECONDS,
         retry_seconds: float = RETRY_SECONDS,
+        log_findings: bool = True,
     ):
         self._engine = engine
         self._inventory = inventory
@@ -128,6 +129,8 @@ class Refresher:
         self._credit = 0.0
         self._last_pass: float | None = None  # monotonic start of the last pass while leading
         self._thread: threading.Thread | None = None
+        self._log_findings = log_findings
+        self._flagged: set[str] = set()  # nodes flagged at the last look, said once
 
     # --- thread ------------------------------------------------------------------------
 
@@ -270,7 +273,8 @@ class Refresher:
             return
         counts["unreadable"] += 1
         self._failed[found.vmid] = self._clock()
-        if self.status.note_unreadable(found.vmid, f"{found.result.value}: {found.detail}"):
+        news = self.status.note_unreadable(found.vmid, f"{found.result.value}: {found.detail}")
+        if news and self._log_findings:
             logger.warning(
                 "coverage: the config of %s %d on %s could not be read (%s: %s); asked again in %s",
                 found.type,
@@ -295,15 +299,18 @@ class Refresher:
         self.status.update(nodes=checks)
         if self._metrics is not None:
             self._metrics.coverage_nodes({node: check.flagged for node, check in checks.items()})
-        for check in checks.values():
-            if check.flagged:
-                logger.warning(
-                    "coverage: node %s sent no event for %d starts/stops of guests whose config names "
-                    "pve-janitor's hookscript%s",
-                    check.node,
-                    check.tasks,
-                    f" ({check.hook_errors} failed on the hookscript)" if check.hook_errors else "",
-                )
+        flagged = {node for node, check in checks.items() if check.flagged}
+        for node in sorted(flagged - self._flagged) if self._log_findings else ():
+            logger.warning(
+                "coverage: node %s sent no event for %d starts/stops of guests whose config names "
+                "pve-janitor's hookscript%s",
+                node,
+                checks[node].tasks,
+                f" ({checks[node].hook_errors} failed on the hookscript)" if checks[node].hook_errors else "",
+            )
+        for node in sorted(self._flagged - flagged) if self._log_findings else ():
+            logger.info("coverage: node %s sends events again (or its flagged tasks left its task list)", node)
+        self._flagged = flagged
         return checks
 
 

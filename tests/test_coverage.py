@@ -419,6 +419,17 @@ def test_a_node_whose_hooked_guests_ran_without_events_is_flagged_and_one_with_e
     assert coverage.status.nodes == checks
 
 
+def test_a_flagged_node_is_logged_when_it_becomes_flagged_not_at_every_pass(cluster, sqlite_db, caplog):
+    coverage = refresher(cluster, sqlite_db)
+    coverage.run_pass()
+    started = int(time.time()) - 600
+    cluster.tasks.record("pve2", "vzstart", 207, started, "OK", started + 2)  # hooked, no event
+    for _ in range(3):
+        assert coverage.check_nodes()["pve2"].flagged  # type: ignore[index]
+    said = [r for r in caplog.records if "node pve2 sent no event" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+
+
 # --- the thread, serve, stats, metrics, check ----------------------------------------------------
 
 
