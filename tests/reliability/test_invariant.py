@@ -12,12 +12,18 @@ MariaDB where configured).  Its rules are what happens around a janitor in produ
   the answering node losing quorum, API faults and late answers;
 * hook events (true, forged, replayed, in any order), watcher ticks (with and without the
   task poll) and sweeps (forced or not, dry runs);
+* holds placed and released (on a row, on a VMID), also inside a removal;
+* pending plans: a batch of ghosts that trips the guard keeps a plan; a random plan (pending,
+  or already decided, superseded) is approved or rejected, with the same interleavings inside
+  the approval as inside a sweep;
 * interleavings *inside* a removal: right after its rows are read, right before its
   confirming read (after the ACL list), and right before its apply.
 
 After every step: no row was removed (or marked) while a guest with its VMID existed (old
-error rows, which the user asked to remove, are the one exception); every removed row is in
-the audit exactly once; nothing changed that a removal or a stop mark did not change.
+error rows, which the user asked to remove, are the one exception); no held row was removed;
+an approval removed only rows of its plan, each exactly as it was reviewed; a rejection or a
+refused approval removed nothing; every removed row is in the audit exactly once; nothing
+changed that a removal or a stop mark did not change.
 
 One window no tool can close is left out by construction: a guest *created* after the
 confirming read and before the delete commits (milliseconds; the grace period and the
@@ -45,13 +51,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import receiver.removal as removal_module
-from receiver import store
+from receiver import approval, holds, pending, store
 from receiver.app import create_app
 from receiver.db import make_engine
 from receiver.events import signature
 from receiver.inbox import Inbox
 from receiver.metrics import Metrics
-from receiver.model import Reason
+from receiver.model import Reason, Refusal
+from receiver.pending import PlanClosed, PlanState
 from receiver.simulator import ProxmoxSimulator
 from receiver.timeutil import utcnow
 from receiver.watcher import Watcher
@@ -66,7 +73,20 @@ STATUSES = ("running", "stopped", "error", "deploying")
 STAMPS = ("null", "old", "young", "unreadable")
 HOOK_SECRET = "model-hook-secret-0123456789"
 SEAMS = ("after_rows", "before_confirm", "before_apply")
-WHATS = ("create", "destroy", "stop", "insert", "touch", "delete", "hide", "unhide", "no_quorum", "quorum")
+WHATS = (
+    "create",
+    "destroy",
+    "stop",
+    "insert",
+    "touch",
+    "delete",
+    "hide",
+    "unhide",
+    "no_quorum",
+    "quorum",
+    "hold",
+    "release",
+)
 PICK = st.integers(0, 63)  # which row (or VMID): mapped onto what exists when the rule runs
 INSIDE = st.one_of(st.none(), st.tuples(st.sampled_from(SEAMS), st.sampled_from(WHATS), PICK, st.integers(0, 3)))
 
@@ -76,6 +96,7 @@ if os.environ.get("JANITOR_MODEL_EXAMPLES"):  # for a longer run by hand
 STEPS = scaled(40, 60)
 FIGURES: dict[str, dict[str, int]] = {}
 OUTCOMES: dict[str, dict[str, int]] = {}  # sweeps by outcome or refusal, per database: every path is reached
+DECISIONS: dict[str, dict[str, int]] = {}  # approvals and rejections by what came of them, per database
 
 
 def _stamp(kind: str) -> str | None:
@@ -130,7 +151,7 @@ class World:
         self.watcher = Watcher(self.runtime, self.inbox, Metrics())
         app = create_app(self.runtime.settings, runtime=self.runtime, inbox=self.inbox, watcher=self.watcher)
         self.client = app.test_client()
-        self.armed: dict[str, list[Callable[[], None]]] = {seam: [] for seam in SEAMS}
+        self.armed: dict[str, list[Callable[[], object]]] = {seam: [] for seam in SEAMS}
         self._install_seams()
 
     def _install_seams(self) -> None:
@@ -179,6 +200,9 @@ class Model(RuleBasedStateMachine):
         self.removed: dict[int, list[str]] = {}  # row key -> "delete"/"mark", one per janitor's apply
         self.violations: list[str] = []
         self.just_marked: set[int] = set()  # rows marked since the last check
+        self.holds: dict[int, tuple[str, Any]] = {}  # hold id -> ("row", key text) or ("vmid", VMID)
+        self.approving: dict[str, pending.ReviewedRow] | None = None  # the plan an approval carries out
+        self.applied_now = 0  # actions applied since the rule began (a rejection must apply none)
         self.steps = 0
         self._real_apply = removal_module.apply_actions
         removal_module.apply_actions = self._checked_apply
@@ -188,13 +212,27 @@ class Model(RuleBasedStateMachine):
     def _checked_apply(self, table, actions, *, source, now, plan_id=None):
         self.live.fire("before_apply")
         existing = self.live.sim.vmids()
+        held_keys = {what for kind, what in self.holds.values() if kind == "row"}
+        held_vmids = {what for kind, what in self.holds.values() if kind == "vmid"}
         result = self._real_apply(table, actions, source=source, now=now, plan_id=plan_id)
+        self.applied_now += len(result.applied)
         for action in result.applied:
             if action.reason == Reason.GHOST and action.row.vmid in existing:
                 self.violations.append(
                     f"row {action.row.key} ({action.action}, {source}) removed while guest "
                     f"{action.row.vmid} exists: {action.detail}"
                 )
+            if str(action.row.key) in held_keys or action.row.vmid in held_vmids:
+                self.violations.append(f"row {action.row.key} (VMID {action.row.vmid}, {source}) removed while held")
+            if source == "approval":
+                reviewed = (self.approving or {}).get(str(action.row.key))
+                if reviewed is None or plan_id is None:
+                    self.violations.append(f"approval of plan {plan_id} removed row {action.row.key}, never reviewed")
+                elif (reviewed.row, reviewed.action, reviewed.reason) != (action.row, action.action, action.reason):
+                    self.violations.append(
+                        f"approval of plan {plan_id} removed row {action.row.key} as {action.row}, "
+                        f"reviewed as {reviewed.row}"
+                    )
             if "delete" in self.removed.get(action.row.key, ()):
                 self.violations.append(f"row {action.row.key} deleted, then acted on again")
             # A mark can come again: the platform may set a marked row back, and it is marked anew.
@@ -231,7 +269,7 @@ class Model(RuleBasedStateMachine):
 
     # --- platform writes ---------------------------------------------------------------
 
-    def _insert(self, vmid: int | None, status: str, stamps: str) -> None:
+    def _insert(self, vmid: int | None, status: str, stamps: str) -> int:
         key = next(self.keys)
         row = {
             "id": key,
@@ -246,6 +284,7 @@ class Model(RuleBasedStateMachine):
         with self.live.platform.begin() as conn:
             conn.execute(self.live.table.insert(), [row])
         self.rows[key] = row
+        return key
 
     def _update(self, key: int, status: str, stamps: str) -> None:
         if key not in self.rows:
@@ -411,7 +450,7 @@ class Model(RuleBasedStateMachine):
             if key is not None:
                 self._delete(key)
 
-        ops: dict[str, Callable[[], None]] = {
+        ops: dict[str, Callable[[], object]] = {
             "create": lambda: self._guest_op(lambda: sim.add_guest(vmid, node="pve1")),
             "destroy": lambda: self._guest_op(lambda: sim.destroy_guest(vmid)),
             "stop": lambda: self._guest_op(lambda: sim.stop_guest(vmid)),
@@ -422,8 +461,172 @@ class Model(RuleBasedStateMachine):
             "unhide": lambda: sim.set_visible(None),
             "no_quorum": lambda: sim.set_quorate(False),
             "quorum": lambda: sim.set_quorate(True),
+            "hold": lambda: self._place_hold(pick, on_vmid=bool(any_vmid % 2), any_vmid=any_vmid),
+            "release": lambda: self._release_hold(pick, by_id=bool(any_vmid % 2)),
         }
         self.live.armed[seam].append(ops[what])
+
+    # --- holds ---------------------------------------------------------------------------------
+
+    def _place_hold(self, pick: int, on_vmid: bool, any_vmid: int = 1, key: int | None = None) -> None:
+        """Mostly (``any_vmid`` > 0) on a row that a removal could take now (no guest of its VMID),
+        where a hold that is not honoured would show."""
+        engine, now = self.live.runtime.engine, utcnow()
+        if on_vmid:
+            vmid = self._row_vmid(pick, any_vmid, ghosts_first=True)
+            if vmid is None:
+                return
+            placed = holds.place(engine, "apps", now=now, source="cli", vmid=vmid, reason="model")
+            self.holds[placed.id] = ("vmid", vmid)
+            return
+        if key is None:
+            existing = self.live.sim.vmids()
+            ghosts = sorted(k for k, r in self.rows.items() if r["lxc_id"] not in existing)
+            key = ghosts[pick % len(ghosts)] if ghosts and any_vmid else self._row_key(pick)
+        if key is None:
+            return
+        placed = holds.place(engine, "apps", now=now, source="http", row_key=str(key), until=now + timedelta(days=1))
+        self.holds[placed.id] = ("row", str(key))
+
+    def _release_hold(self, pick: int, by_id: bool) -> None:
+        if not self.holds:
+            return
+        hold_id = sorted(self.holds)[pick % len(self.holds)]
+        kind, what = self.holds[hold_id]
+        engine = self.live.runtime.engine
+        if by_id:
+            released = holds.release(engine, "apps", hold_id=hold_id)
+        elif kind == "vmid":
+            released = holds.release(engine, "apps", vmid=what)
+        else:
+            released = holds.release(engine, "apps", row_key=what)
+        gone = {h.id for h in released}
+        assert hold_id in gone and gone <= set(self.holds), (hold_id, gone, self.holds)
+        for released_id in gone:
+            del self.holds[released_id]
+
+    @rule(pick=PICK, on_vmid=st.booleans(), any_vmid=st.integers(0, 3))
+    def hold_placed(self, pick, on_vmid, any_vmid):
+        self._place_hold(pick, on_vmid, any_vmid)
+
+    @rule(pick=PICK, by_id=st.booleans())
+    def hold_released(self, pick, by_id):
+        self._release_hold(pick, by_id)
+
+    # --- pending plans --------------------------------------------------------------------------
+
+    @rule(
+        vmids=st.lists(st.one_of(st.sampled_from(VMIDS), st.none()), min_size=11, max_size=14),
+        stamps=st.sampled_from(["old", "null"]),
+        held=st.integers(0, 3),
+        inside=INSIDE,
+    )
+    def guard_trips(self, vmids, stamps, held, inside):
+        """Many ghost rows at once (a bulk import, a platform bug): the guard refuses, the plan is
+        kept; some of them are held (by row or VMID), before or after the plan is kept."""
+        keys = [self._insert(vmid, "running", stamps) for vmid in vmids]
+        for n, key in enumerate(keys[:held]):
+            vmid = self.rows[key]["lxc_id"]
+            if n % 2 and vmid is not None:
+                placed = holds.place(self.live.runtime.engine, "apps", now=utcnow(), source="cli", vmid=vmid)
+                self.holds[placed.id] = ("vmid", vmid)
+            else:
+                self._place_hold(0, on_vmid=False, key=key)
+        self._sweep(force=False, dry_run=False, inside=inside)
+
+    def _decided(self, what: str) -> None:
+        counts = DECISIONS.setdefault(self.db_kind, {})
+        counts[what] = counts.get(what, 0) + 1
+
+    def _plan_to_decide(self, pick: int) -> tuple[pending.PendingPlan | None, dict[str, pending.ReviewedRow]]:
+        """A plan kept so far, with its reviewed rows: mostly one still open, sometimes any (decided,
+        superseded), which must be refused."""
+        with self.live.runtime.engine.connect() as conn:
+            plans = pending.listing(conn, "apps", utcnow(), everything=True)
+            open_ones = [p for p in plans if p.state is PlanState.PENDING]
+            if open_ones and pick % 4:
+                plans = open_ones
+            if not plans:
+                return None, {}
+            plan = plans[pick % len(plans)]
+            return plan, {str(r.row.key): r for r in pending.reviewed_rows(conn, plan.id)}
+
+    def _state_of(self, plan_id: int) -> PlanState:
+        with self.live.runtime.engine.connect() as conn:
+            return pending.get(conn, plan_id).state
+
+    @rule(pick=PICK, inside=INSIDE)
+    def approve(self, pick, inside):
+        plan, reviewed = self._plan_to_decide(pick)
+        if plan is not None:
+            self._approve(plan, reviewed, inside)
+
+    def _approve(self, plan: pending.PendingPlan, reviewed: dict[str, pending.ReviewedRow], inside: Any) -> None:
+        self._interleave(inside)
+        self.approving, self.applied_now = reviewed, 0
+        try:
+            decision = approval.approve(self.live.runtime.sweeper, plan.id, by="cli")
+        except PlanClosed:
+            assert plan.state is not PlanState.PENDING, plan
+            assert self.applied_now == 0
+            self._decided("approve: closed")
+            return
+        finally:
+            self.approving = None
+        assert plan.state is PlanState.PENDING, plan
+        if decision.state is PlanState.PENDING:  # Proxmox or the database refused: nothing changed
+            assert decision.refused and self.applied_now == 0, decision.message
+            assert self._state_of(plan.id) is PlanState.PENDING
+            assert decision.result is not None
+            self._decided(f"approve: still pending ({decision.result.refusal})")
+            return
+        assert decision.removed == self.applied_now, (decision.message, self.applied_now)
+        assert decision.removed + len(decision.not_removed) == len(reviewed), decision.message
+        assert self._state_of(plan.id) is PlanState.APPROVED
+        self._decided("approved, all removed" if not decision.not_removed else "approved, some not removed")
+
+    @rule(
+        vmids=st.lists(st.one_of(st.sampled_from(VMIDS), st.none()), min_size=11, max_size=14),
+        churn=st.lists(st.tuples(st.sampled_from(["insert", "change", "delete", "hold"]), PICK), max_size=4),
+        inside=INSIDE,
+    )
+    def review_then_approve(self, vmids, churn, inside):
+        """The whole review: a batch of ghosts trips the guard and its plan is kept; the platform
+        moves on (a ghost added, reviewed rows changed, deleted or held); a person approves."""
+        batch = [self._insert(vmid, "running", "old") for vmid in vmids]
+        result = self._sweep(force=False, dry_run=False, inside=None)
+        if result.pending_id is None:
+            return
+        for what, pick in churn:
+            key = batch[pick % len(batch)]
+            if what == "insert":
+                self._insert(VMIDS[pick % len(VMIDS)], "running", "old")  # never reviewed
+            elif what == "change":
+                self._update(key, "stopped", "null")
+            elif what == "delete":
+                self._delete(key)
+            else:
+                self._place_hold(pick, on_vmid=False, key=key)
+        with self.live.runtime.engine.connect() as conn:
+            plan = pending.get(conn, result.pending_id)
+            reviewed = {str(r.row.key): r for r in pending.reviewed_rows(conn, plan.id)}
+        self._approve(plan, reviewed, inside)
+
+    @rule(pick=PICK)
+    def reject(self, pick):
+        plan, _ = self._plan_to_decide(pick)
+        if plan is None:
+            return
+        self.applied_now = 0
+        try:
+            approval.reject(self.live.runtime.sweeper, plan.id, by="cli", reason="model")
+        except PlanClosed:
+            assert plan.state is not PlanState.PENDING, plan
+            self._decided("reject: closed")
+            return
+        assert plan.state is PlanState.PENDING and self.applied_now == 0, plan
+        assert self._state_of(plan.id) is PlanState.REJECTED
+        self._decided("rejected")
 
     # --- the janitor ------------------------------------------------------------------------
 
@@ -470,13 +673,19 @@ class Model(RuleBasedStateMachine):
 
     @rule(force=st.booleans(), dry_run=st.sampled_from([False, False, False, True]), inside=INSIDE)
     def sweep(self, force, dry_run, inside):
+        self._sweep(force, dry_run, inside)
+
+    def _sweep(self, force: bool, dry_run: bool, inside: Any) -> Any:
         self._interleave(inside)
         result = self.live.runtime.sweeper.run(force=force, dry_run=dry_run)
         outcomes = OUTCOMES.setdefault(self.db_kind, {})
         outcomes[str(result.refusal or result.outcome)] = outcomes.get(str(result.refusal or result.outcome), 0) + 1
         assert result.outcome != "failed" or result.refusal is not None, result.reason
         if dry_run:
-            assert not result.applied
+            assert not result.applied and result.pending_id is None
+        elif result.refusal in (Refusal.GUARD, Refusal.WOULD_EMPTY):
+            assert result.pending_id is not None, result.summary()  # kept for review
+        return result
 
     @rule(seam=st.sampled_from(["after_rows", "before_confirm"]), pick=PICK, use_watcher=st.booleans())
     def removal_racing_a_redeploy(self, seam, pick, use_watcher):
@@ -553,10 +762,12 @@ def test_no_row_is_removed_while_a_guest_with_its_vmid_exists(kind):
         steps=figures.get("steps"),
         rows_removed=figures.get("removed"),
         sweeps=OUTCOMES.get(kind),
+        decisions=DECISIONS.get(kind),
         seconds=round(time.monotonic() - started, 1),
     )
     print(
         f"\ninvariant model on {kind}: {figures.get('examples')} examples, {figures.get('steps')} steps, "
-        f"{figures.get('removed')} rows removed, {time.monotonic() - started:.1f} s; sweeps: {OUTCOMES.get(kind)}"
+        f"{figures.get('removed')} rows removed, {time.monotonic() - started:.1f} s; sweeps: {OUTCOMES.get(kind)}; "
+        f"decisions: {DECISIONS.get(kind)}"
     )
     assert figures.get("examples", 0) >= EXAMPLES[kind] // 2 and figures.get("steps", 0) > 0
