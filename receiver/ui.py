@@ -381,6 +381,7 @@ def pending_plan(plan_id: int) -> Response | str:
         return error_page(404, str(exc))
     if plan.state is PlanState.PENDING and plan.expires_at <= now:
         plan = replace(plan, state=PlanState.EXPIRED)  # as the listing shows it
+    rows.sort(key=lambda r: (r.row.vmid is None, r.row.vmid or 0, str(r.row.key)))  # as people review: by VMID
     hidden_rows = max(0, len(rows) - ROWS_SHOWN)
     return render_template("ui/plan.html", plan=plan, rows=rows[:ROWS_SHOWN], hidden_rows=hidden_rows)
 
