@@ -134,7 +134,7 @@ def _who() -> str:
 
 @ui.before_request
 def _gate() -> BaseResponse | None:
-    """Reading: a login, or CLEANUP_UI_PUBLIC.  Every POST: a login (but the login's own) and the CSRF token."""
+    """Reading: a login, or CLEANUP_UI_PUBLIC.  Every POST: the CSRF token, and a login but to log in or out."""
     settings = janitor().settings
     if request.method == "POST":
         if not settings.admin_token:
