@@ -174,7 +174,12 @@ def test_a_wheel_installs_the_whole_product_and_the_demo_runs_from_it(tmp_path: 
         hook = zf.getinfo("receiver/data/pve-janitor-hook")
         assert hook.external_attr >> 16 & 0o111, "the hookscript is executable in the wheel"
         assert zf.read(hook) == CHECKOUT_HOOK.read_bytes()  # the file, not a link
-        assert {"receiver/data/pve-janitor.service", "receiver/data/janitor.env.example"} <= set(zf.namelist())
+        assert {
+            "receiver/data/pve-janitor.service",
+            "receiver/data/janitor.env.example",
+            "receiver/templates/ui/base.html",  # the dashboard's templates
+            "receiver/migrations/versions/0004_reservations_coverage.py",
+        } <= set(zf.namelist())
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
