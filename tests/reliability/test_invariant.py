@@ -270,21 +270,30 @@ class Model(RuleBasedStateMachine):
     # --- platform writes ---------------------------------------------------------------
 
     def _insert(self, vmid: int | None, status: str, stamps: str) -> int:
-        key = next(self.keys)
-        row = {
-            "id": key,
-            "lxc_id": vmid,
-            "hostname": f"app{key}",
-            "public_port": 20000 + key,
-            "internal_port": 30000 + key,
-            "status": status,
-            "created_at": _stamp(stamps),
-            "updated_at": _stamp(stamps),
-        }
+        return self._insert_many([vmid], status, stamps)[0]
+
+    def _insert_many(self, vmids: list[int | None], status: str, stamps: str) -> list[int]:
+        """Rows written by the platform in one transaction; their keys."""
+        rows = []
+        for vmid in vmids:
+            key = next(self.keys)
+            rows.append(
+                {
+                    "id": key,
+                    "lxc_id": vmid,
+                    "hostname": f"app{key}",
+                    "public_port": 20000 + key,
+                    "internal_port": 30000 + key,
+                    "status": status,
+                    "created_at": _stamp(stamps),
+                    "updated_at": _stamp(stamps),
+                }
+            )
         with self.live.platform.begin() as conn:
-            conn.execute(self.live.table.insert(), [row])
-        self.rows[key] = row
-        return key
+            conn.execute(self.live.table.insert(), rows)
+        for row in rows:
+            self.rows[row["id"]] = row
+        return [row["id"] for row in rows]
 
     def _update(self, key: int, status: str, stamps: str) -> None:
         if key not in self.rows:
@@ -524,7 +533,7 @@ class Model(RuleBasedStateMachine):
     def guard_trips(self, vmids, stamps, held, inside):
         """Many ghost rows at once (a bulk import, a platform bug): the guard refuses, the plan is
         kept; some of them are held (by row or VMID), before or after the plan is kept."""
-        keys = [self._insert(vmid, "running", stamps) for vmid in vmids]
+        keys = self._insert_many(vmids, "running", stamps)
         for n, key in enumerate(keys[:held]):
             vmid = self.rows[key]["lxc_id"]
             if n % 2 and vmid is not None:
@@ -593,7 +602,7 @@ class Model(RuleBasedStateMachine):
     def review_then_approve(self, vmids, churn, inside):
         """The whole review: a batch of ghosts trips the guard and its plan is kept; the platform
         moves on (a ghost added, reviewed rows changed, deleted or held); a person approves."""
-        batch = [self._insert(vmid, "running", "old") for vmid in vmids]
+        batch = self._insert_many(vmids, "running", "old")
         result = self._sweep(force=False, dry_run=False, inside=None)
         if result.pending_id is None:
             return
