@@ -274,7 +274,7 @@ class Model(RuleBasedStateMachine):
 
     def _insert_many(self, vmids: list[int | None], status: str, stamps: str) -> list[int]:
         """Rows written by the platform in one transaction; their keys."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for vmid in vmids:
             key = next(self.keys)
             rows.append(
