@@ -22,7 +22,7 @@ from receiver.model import Outcome, Reason, Refusal, Verb
 from receiver.outbox import EventType
 from receiver.pending import PlanClosed, PlanNotFound, PlanState
 from receiver.runtime import Runtime
-from receiver.simulator.scene import app_row
+from receiver.simulator.scene import app_row, create_apps_table
 from receiver.timeutil import utcnow
 
 MANY = tuple(range(200, 214))  # 14 ghosts beside 4 running apps: the guard trips
@@ -373,3 +373,27 @@ def test_reviewed_rows_round_trip_every_mapped_value(sim, any_db):
         kept = {str(r.row.key): r for r in pending.reviewed_rows(conn, plan_id)}
     assert {k: r.row for k, r in kept.items()} == now_rows
     assert {(r.action, r.reason) for r in kept.values()} == {(Verb.DELETE, Reason.GHOST)}
+
+
+# --- a plan belongs to its table -------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: approve/reject find a plan by id alone (pending.check_open / pending.decide use pending.get), "
+    "so a receiver configured for another table (CLEANUP_TABLE) carries out a plan reviewed for this one and "
+    "removes that table's rows that look alike; fix: check_open and decide raise PlanNotFound when "
+    "plan.table != settings.table",
+)
+def test_a_plan_of_another_table_is_not_found(sim, sqlite_db):
+    guard_world(sim, sqlite_db)
+    copy = create_apps_table(sqlite_db.engine, "apps_staging")  # a copy of the table, row for row
+    with sqlite_db.engine.begin() as conn:
+        conn.exec_driver_sql(f"INSERT INTO {copy.name} SELECT * FROM apps")
+    plan_id = kept_plan(clocked_runtime(sim, sqlite_db, Clock()))
+    staging = clocked_runtime(sim, sqlite_db, Clock(), CLEANUP_TABLE="apps_staging")
+    try:
+        with pytest.raises(PlanNotFound):
+            approval.approve(staging.sweeper, plan_id, by="cli")
+    finally:
+        assert len(table_vmids(sqlite_db, "apps_staging")) == 16, "rows of the other table were removed"
