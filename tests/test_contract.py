@@ -40,8 +40,11 @@ def _load_schema() -> dict:
 
 SCHEMA = _load_schema()
 
-# What the product reads (receiver/inventory.py, receiver/tasktail.py via ProxmoxInventory).
+# What the product reads (receiver/inventory.py, receiver/tasktail.py via ProxmoxInventory,
+# receiver/guestconfig.py for hook coverage).
 PRODUCT_ENDPOINTS = {
+    "/nodes/{node}/lxc/{vmid}/config",
+    "/nodes/{node}/qemu/{vmid}/config",
     "/version",
     "/access/permissions",
     "/access/acl",
@@ -58,8 +61,6 @@ SIMULATOR_ONLY = {
     "/nodes/{node}/qemu",
     "/nodes/{node}/lxc/{vmid}/status/current",
     "/nodes/{node}/qemu/{vmid}/status/current",
-    "/nodes/{node}/lxc/{vmid}/config",
-    "/nodes/{node}/qemu/{vmid}/config",
 }
 # The simulator's route for each schema path (kind = lxc|qemu is part of the path).
 ROUTE_OF = {
@@ -290,6 +291,8 @@ def test_every_parameter_the_product_sends_is_declared_and_valid(scene, sqlite_d
         inventory.tasks()
         inventory.node_tasks("pve2", ("vzdestroy", "qmdestroy"), 1_700_000_000)
         inventory.version()
+        inventory.guest_config("pve1", "lxc", 101)
+        inventory.guest_config("pve1", "qemu", 100)
     finally:
         del scene._route
     sent: dict[str, set[str]] = {}
