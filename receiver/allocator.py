@@ -30,10 +30,11 @@ value) is the UNIQUE constraint.  Why it is built this way:
   scan from the range's low end that stops at the first gaps (``LEAD()`` over the column's
   order, :func:`free_numbers`), not by loading the table's VMIDs into Python; only the
   reserved values (a few) and the guest list are held in memory.
-- **One guest-list read for a crowd.**  Allocations that arrive while a read is running wait
-  for the next read and share it (:class:`FreshInventory`): every allocation still sees a
-  list read after it arrived, and a burst of allocations costs Proxmox a read or two, not
-  one each.
+- **One guest-list read for a crowd.**  A guest list read at most :data:`GUEST_LIST_MAX_AGE`
+  (2 s) before an allocation serves it, and allocations that arrive while a read is running
+  wait for it and share it (:class:`FreshInventory`): a burst of allocations costs Proxmox a
+  read or two, not one each.  The list only steers the choice (skip the guests that have no
+  row, find a guest's name); the VMID itself is confirmed with Proxmox every time.
 
 What stays racy, and how the platform closes it, is in docs/allocator.md: a guest created
 outside the platform between the allocation and the platform's create call can take the
@@ -74,6 +75,10 @@ WINDOW_START, WINDOW_MAX = 8, 64  # after a conflict: choose among the first N f
 MAX_PORTS = 32  # ports per column in one allocation
 MAX_SUFFIX = 99  # hostname, hostname-2 ... hostname-99
 GAP_PAGE = 256  # gaps read per statement
+# A guest list read this long before an allocation serves it: it only steers the choice (the
+# VMID is confirmed with /cluster/nextid), and a burst of allocations costs one read.
+GUEST_LIST_MAX_AGE = 2.0
+RECENT_S = 60.0  # see _Claims
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 # Why an allocation reserved nothing -> HTTP status.
@@ -159,19 +164,22 @@ def with_suffix(name: str, n: int) -> str:
 
 
 class FreshInventory:
-    """Guest lists read after the caller arrived; one read shared by every caller waiting for it.
+    """Guest lists read at most ``max_age`` seconds before the caller arrived; one read shared by
+    every caller waiting for it.
 
-    A caller that arrives while a read is running cannot use it (it may have been answered
-    before the caller arrived), so it waits for that read to end and for the next one, which
-    it shares with everyone who arrived in the meantime: at most two reads' time, and one
-    read per crowd, however large.
+    A caller that finds no list recent enough waits for the read in progress (it may serve, if
+    it started recently enough) or starts one, and everyone who arrives meanwhile shares it: a
+    crowd of allocations costs Proxmox one read.  A failed read is passed to the callers that
+    waited for it, and kept for no one else.
     """
 
-    def __init__(self, read: Callable[[], Inventory]):
+    def __init__(self, read: Callable[[], Inventory], max_age: float = 0.0):
         self._read = read
+        self.max_age = max_age
         self._cond = threading.Condition()
         self._reading = False
-        self._last: tuple[float, Inventory | None, InventoryError | None] | None = None
+        # (started, ended, inventory, failure) of the last read that ended
+        self._last: tuple[float, float, Inventory | None, InventoryError | None] | None = None
         self.reads = 0
 
     def get(self) -> Inventory:
@@ -179,24 +187,25 @@ class FreshInventory:
         with self._cond:
             while True:
                 last = self._last
-                if last is not None and last[0] >= arrived:
-                    _, inventory, failure = last
-                    if failure is not None:
+                if last is not None and last[0] >= arrived - self.max_age:
+                    _, ended, inventory, failure = last
+                    if failure is None:
+                        assert inventory is not None
+                        return inventory
+                    if ended >= arrived:  # it failed while this caller waited for it
                         raise InventoryError(failure.kind, str(failure))
-                    assert inventory is not None
-                    return inventory
                 if not self._reading:
                     self._reading = True
                     started = time.monotonic()
                     break
                 self._cond.wait()
-        result: tuple[float, Inventory | None, InventoryError | None] | None = None
+        result: tuple[float, float, Inventory | None, InventoryError | None] | None = None
         try:
             inventory = self._read()
-            result = (started, inventory, None)
+            result = (started, time.monotonic(), inventory, None)
             return inventory
         except InventoryError as exc:
-            result = (started, None, exc)
+            result = (started, time.monotonic(), None, exc)
             raise
         finally:
             with self._cond:
@@ -234,14 +243,16 @@ def free_numbers(
     """Up to ``want`` numbers of ``low..high``, lowest first, that no row holds in ``column`` and
     ``skip`` does not hold; fewer when the range runs out.
 
-    A numeric column is scanned in the database from ``low``, by its order (its index), and
-    the scan stops at the gaps that give enough numbers: one ``MIN`` and one ``LEAD()`` query
-    per :data:`GAP_PAGE` gaps.  A text column (its order is not the numbers') is read whole.
+    A numeric column is scanned in the database from ``low``, in its order (its index), and
+    the scan stops at the first gaps that give enough numbers: one query per :data:`GAP_PAGE`
+    gaps, whose ``LAG()`` and ``LEAD()`` show each gap as the rows on either side of it (the
+    range's start and end count as sides).  A text column (its order is not the numbers') is
+    read whole.
     """
     found: list[int] = []
 
-    def take(first: int, last: int) -> bool:
-        n = max(first, low)
+    def take(first: Any, last: int) -> bool:
+        n = max(math.ceil(first), low)
         while n <= min(last, high) and len(found) < want:
             if n not in skip:
                 found.append(n)
@@ -254,31 +265,32 @@ def free_numbers(
         used = {n for n in (_whole(v) for v in conn.execute(sa.select(column).distinct()).scalars()) if n is not None}
         _take_around(used, low, high, take)
         return found
-    first = conn.execute(sa.select(sa.func.min(column)).where(column >= low, column <= high)).scalar()
-    if first is None:
-        take(low, high)
-        return found
-    if take(low, math.ceil(first) - 1):
-        return found
-    cursor = first
+    cursor: Any = low
     while True:
         ordered = (
-            sa.select(column.label("v"), sa.func.lead(column).over(order_by=column).label("nxt"))
+            sa.select(
+                column.label("v"),
+                sa.func.lag(column).over(order_by=column).label("prev"),
+                sa.func.lead(column).over(order_by=column).label("nxt"),
+            )
             .where(column >= cursor, column <= high)
             .subquery()
         )
-        gaps = conn.execute(
-            sa.select(ordered.c.v, ordered.c.nxt)
-            .where(sa.or_(ordered.c.nxt.is_(None), ordered.c.nxt > ordered.c.v + 1))
+        sides = conn.execute(
+            sa.select(ordered.c.v, ordered.c.prev, ordered.c.nxt)
+            .where(sa.or_(ordered.c.prev.is_(None), ordered.c.nxt.is_(None), ordered.c.nxt > ordered.c.v + 1))
             .order_by(ordered.c.v)
             .limit(GAP_PAGE)
         ).all()
-        for v, nxt in gaps:
+        if not sides:  # no row from the cursor to the range's end
+            take(cursor, high)
+            return found
+        for v, prev, nxt in sides:
+            if prev is None and take(cursor, math.ceil(v) - 1):  # before the first row
+                return found
             if take(math.floor(v) + 1, high if nxt is None else math.ceil(nxt) - 1) or nxt is None:
                 return found
-        if not gaps:
-            return found
-        cursor = gaps[-1][1]
+        cursor = sides[-1][2]
 
 
 def _take_around(used: set[int], low: int, high: int, take: Callable[[int, int], bool]) -> None:
@@ -291,23 +303,77 @@ def _take_around(used: set[int], low: int, high: int, take: Callable[[int, int],
     take(start, high)
 
 
-def _pick(free: list[int], n: int, window: int) -> list[int]:
-    """``n`` of ``free`` (ascending): the lowest ones, or after a conflict, ``n`` at random among
-    the first ``window`` (so that allocations which chose alike spread out)."""
-    if window <= 1 or len(free) <= n:
-        return free[:n]
-    return sorted(random.sample(free[: max(window, n)], n))
-
-
 # --- the allocator ---------------------------------------------------------------------
 
 
 @dataclass
 class _Choice:
-    vmids: list[int]  # in the order to try them
-    hostname: str | None
-    ports: dict[str, list[int]]
+    """What one read found free, each list in the order to try it."""
+
+    vmids: list[int]
+    names: list[str] | None  # None: no hostname asked for
+    ports: dict[str, tuple[int, list[int]]]  # column -> (how many, free ports)
     stale: list[int]
+
+
+class _Claims:
+    """Values this process's allocations are trying to reserve right now, or reserved since
+    another one read the database.
+
+    Allocations in one receiver choose around each other's claims, so a burst of them does
+    not all want the lowest value and collide in the database (only other processes' choices
+    are met there).  A claim is held from the choice to the end of the reserving transaction;
+    a value reserved then stays in sight of the allocations that read the database before its
+    commit (their read cannot show it) for :data:`RECENT_S` at most.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: set[tuple[str, str]] = set()
+        self._commits = 0
+        self._recent: dict[tuple[str, str], tuple[int, float]] = {}  # value -> (commit number, when)
+
+    def seen(self) -> int:
+        """To be taken just before reading the database: the commits that read will show."""
+        with self._lock:
+            return self._commits
+
+    def take(self, kind: str, candidates: list[Any], n: int, seen: int) -> list[Any]:
+        """The first ``n`` of ``candidates`` (fewer if not enough) that no one claims and that
+        were not reserved here after ``seen``; claimed."""
+        with self._lock:
+            got = []
+            for c in candidates:
+                key = (kind, str(c))
+                recent = self._recent.get(key)
+                if key not in self._held and (recent is None or recent[0] <= seen):
+                    got.append(c)
+                    if len(got) == n:
+                        break
+            self._held.update((kind, str(c)) for c in got)
+        return got
+
+    def drop(self, kind: str, values: Collection[Any]) -> None:
+        with self._lock:
+            self._held.difference_update((kind, str(v)) for v in values)
+
+    def committed(self, values: Collection[tuple[str, str]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._commits += 1
+            for key in values:
+                self._recent[key] = (self._commits, now)
+            if len(self._recent) > 64:
+                self._recent = {k: v for k, v in self._recent.items() if now - v[1] < RECENT_S}
+
+
+def _spread(free: list[Any], window: int) -> list[Any]:
+    """``free`` with its first ``window`` entries in random order (after a conflict)."""
+    if window <= 1 or len(free) < 2:
+        return free
+    head = free[:window]
+    random.shuffle(head)
+    return head + free[window:]
 
 
 class Allocator:
@@ -324,19 +390,32 @@ class Allocator:
         self.table = table
         self.inventory = inventory
         self.clock = clock
-        self.guests = FreshInventory(inventory.read)
+        self.guests = FreshInventory(inventory.read, GUEST_LIST_MAX_AGE)
+        self._claims = _Claims()
         self._lock = threading.Lock()
-        self.conflicts = 0  # allocations' transactions that met another's values (for the benchmark)
+        self._busy = 0  # allocations in progress in this process
+        self.conflicts = 0  # reserving transactions that met another's values (for the benchmark)
         self.probes = 0  # /cluster/nextid checks made
 
     def allocate(self, request: Request) -> Reservation:
         """Reserve a VMID (and what ``request`` asks for besides); Refused when nothing was reserved."""
         hostname = normal_hostname(request.hostname) if request.hostname is not None else None
         ports = port_counts(self.settings, request.ports)
+        with self._lock:
+            self._busy += 1
         try:
-            inventory = self.guests.get()
-        except InventoryError as exc:
-            raise Refused("proxmox", f"the guest list could not be read ({exc}); nothing was reserved") from None
+            try:
+                inventory = self.guests.get()
+            except InventoryError as exc:
+                raise Refused("proxmox", f"the guest list could not be read ({exc}); nothing was reserved") from None
+            return self._allocate(request, hostname, ports, inventory)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _allocate(
+        self, request: Request, hostname: str | None, ports: dict[str, int], inventory: Inventory
+    ) -> Reservation:
         guests = frozenset(inventory.guests)
         names = frozenset(g.name.lower() for g in inventory.guests.values() if g.name)
         taken: set[int] = set()  # VMIDs Proxmox said are in use (guests the token cannot see)
@@ -344,48 +423,75 @@ class Allocator:
         for attempt in range(MAX_TRIES):
             window = 1 if attempt == 0 else min(WINDOW_START << (attempt - 1), WINDOW_MAX)
             now = self.clock().replace(microsecond=0)  # every database keeps whole seconds
-            vmid = None
-            while vmid is None:
-                choice = self._choose(now, hostname, request.suffix, ports, guests, names, taken, window)
-                if not choice.vmids:
-                    low, high = self.settings.allocator_vmids
-                    raise Refused(
-                        "vmid_range_exhausted",
-                        f"no free VMID in CLEANUP_ALLOCATOR_VMIDS={low}-{high}: every one is used by a row, "
-                        "a guest or a reservation",
-                    )
-                for candidate in choice.vmids:
-                    if probes >= MAX_PROBES:
-                        raise Refused(
-                            "contention",
-                            f"Proxmox said the {probes} VMIDs checked are in use (guests this token cannot "
-                            "see?); nothing was reserved, try again",
-                        )
-                    probes += 1
-                    if self._free_in_proxmox(candidate):
-                        vmid = candidate
-                        break
-                    taken.add(candidate)
-            values = [(VMID, str(vmid))]
-            if choice.hostname is not None:
-                values.append((HOSTNAME, choice.hostname))
-            values.extend((column, str(port)) for column, chosen in choice.ports.items() for port in chosen)
+            claimed: list[tuple[str, list[Any]]] = []
             try:
-                reservation = reservations.reserve(
-                    self.table.engine,
-                    self.settings.table,
-                    now=now,
-                    expires_at=now + timedelta(minutes=self.settings.reservation_minutes),
-                    source=request.source,
-                    label=request.label,
-                    values=values,
-                    stale=choice.stale,
-                )
-            except reservations.Taken as exc:
-                with self._lock:
-                    self.conflicts += 1
-                logger.debug("allocation: a value was taken meanwhile (%s), choosing again", exc)
-                continue
+                vmid = None
+                while vmid is None:
+                    seen = self._claims.seen()
+                    choice = self._choose(now, hostname, request.suffix, ports, guests, names, taken, window)
+                    if not choice.vmids:
+                        low, high = self.settings.allocator_vmids
+                        raise Refused(
+                            "vmid_range_exhausted",
+                            f"no free VMID in CLEANUP_ALLOCATOR_VMIDS={low}-{high}: every one is used by a row, "
+                            "a guest or a reservation",
+                        )
+                    for candidate in choice.vmids:
+                        if not self._claims.take(VMID, [candidate], 1, seen):
+                            continue  # another allocation of this process is trying it
+                        claimed.append((VMID, [candidate]))
+                        if probes >= MAX_PROBES:
+                            raise Refused(
+                                "contention",
+                                f"Proxmox said the {probes} VMIDs checked are in use (guests this token "
+                                "cannot see?); nothing was reserved, try again",
+                            )
+                        probes += 1
+                        if self._free_in_proxmox(candidate):
+                            vmid = candidate
+                            break
+                        taken.add(candidate)
+                    else:
+                        if all(v in taken for v in choice.vmids):
+                            continue  # every one is a hidden guest's: read again past them
+                        break  # the others are being tried here: choose again later
+                if vmid is None:
+                    continue
+                values = [(VMID, str(vmid))]
+                if choice.names is not None:
+                    name = self._claims.take(HOSTNAME, choice.names, 1, seen)
+                    if not name:
+                        continue  # another allocation of this process is reserving it
+                    claimed.append((HOSTNAME, name))
+                    values.append((HOSTNAME, name[0]))
+                short = False
+                for column, (n, free) in choice.ports.items():
+                    got = self._claims.take(column, free, n, seen)
+                    claimed.append((column, got))
+                    short = short or len(got) < n
+                    values.extend((column, str(port)) for port in sorted(got))
+                if short:
+                    continue
+                try:
+                    reservation = reservations.reserve(
+                        self.table.engine,
+                        self.settings.table,
+                        now=now,
+                        expires_at=now + timedelta(minutes=self.settings.reservation_minutes),
+                        source=request.source,
+                        label=request.label,
+                        values=values,
+                        stale=choice.stale,
+                    )
+                except reservations.Taken as exc:
+                    with self._lock:
+                        self.conflicts += 1
+                    logger.debug("allocation: a value was taken meanwhile (%s), choosing again", exc)
+                    continue
+                self._claims.committed(values)
+            finally:
+                for kind, held in claimed:
+                    self._claims.drop(kind, held)
             with self._lock:
                 self.probes += probes
             logger.info("allocated %s until %s (%s)", reservation.describe(), reservation.expires_at, request.source)
@@ -411,50 +517,53 @@ class Allocator:
         taken: set[int],
         window: int,
     ) -> _Choice:
-        """The values to try, from one read of the reservations and the platform table."""
+        """What is free, from one read of the reservations and the platform table: enough of
+        each for this allocation, the others of this process (``_busy``) and the ``window``."""
         table_name = self.settings.table
+        extra = self._busy
         with self.table.engine.connect() as conn:
-            held = reservations.held_values(conn, table_name, now)
+            held, expired = reservations.read(conn, table_name, now)
             ended = reservations.ended_ids(conn, self.table, held)
             if ended:  # their values are free (their VMID and hostname are a row's now)
                 gone = set(ended)
                 held = {k: {v: r for v, r in vs.items() if r not in gone} for k, vs in held.items()}
-            stale = reservations.expired_ids(conn, table_name, now) + ended
-            chosen_name = self._hostname(conn, hostname, suffix, names, held.get(HOSTNAME, {}), window)
-            chosen_ports = {}
+            free_names = self._hostnames(conn, hostname, suffix, names, held.get(HOSTNAME, {}))
+            free_ports = {}
             for column, low, high in self.settings.allocator_ports:
                 n = ports.get(column, 0)
                 if not n:
                     continue
                 skip = {p for p in (_whole(v) for v in held.get(column, {})) if p is not None}
-                free = free_numbers(conn, self.table.table.c[column], low, high, skip, max(window, n))
+                free = free_numbers(conn, self.table.table.c[column], low, high, skip, max(window, n) + extra)
                 if len(free) < n:
                     raise Refused(
                         "port_range_exhausted",
                         f"{column}: {len(free)} of the {n} ports asked for are free in {low}-{high} "
                         "(the others are used by rows or reserved)",
                     )
-                chosen_ports[column] = _pick(free, n, window)
+                free_ports[column] = (n, _spread(free, window))
             reserved = {v for v in (_whole(x) for x in held.get(VMID, {})) if v is not None}
             low, high = self.settings.allocator_vmids
-            free = free_numbers(conn, self.table.vmid, low, high, _Skip(guests, reserved, taken), max(window, 8))
-        if window > 1 and len(free) > 1:
-            first = random.choice(free[:window])
-            free = [first] + [v for v in free if v != first]
-        return _Choice(free, chosen_name, chosen_ports, stale)
+            not_these = _Skip(guests, reserved, taken)
+            free_vmids = free_numbers(conn, self.table.vmid, low, high, not_these, max(window, 8) + extra)
+        return _Choice(
+            _spread(free_vmids, window),
+            None if free_names is None else _spread(free_names, window),
+            free_ports,
+            expired + ended,
+        )
 
-    def _hostname(
+    def _hostnames(
         self,
         conn: Connection,
         name: str | None,
         suffix: bool,
         guest_names: frozenset[str],
         held: Mapping[str, int],
-        window: int,
-    ) -> str | None:
-        """``name`` if it is free (no row, guest or reservation has it); with ``suffix`` the first
-        free of name-2, name-3 ... (after a conflict, one of the first few free); else Refused
-        (``hostname_taken``) saying who has it."""
+    ) -> list[str] | None:
+        """``[name]`` if it is free (no row, guest or reservation has it); with ``suffix`` the free
+        ones of name, name-2, name-3 ... in order; Refused (``hostname_taken``, saying who has
+        it) when none is free; None when no name is asked for."""
         if name is None:
             return None
         candidates = [name]
@@ -468,7 +577,7 @@ class Allocator:
             in_rows = {str(v).lower() for v in conn.execute(sa.select(column).where(column.in_(candidates))).scalars()}
         free = [c for c in candidates if c not in in_rows and c not in guest_names and c not in held]
         if free:
-            return free[0] if window <= 1 else random.choice(free[:window])
+            return free
         if suffix:
             raise Refused("hostname_taken", f"hostname {name!r} and its suffixes -2 to -{MAX_SUFFIX} are all taken")
         if name in in_rows:

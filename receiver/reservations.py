@@ -103,16 +103,26 @@ def reserved_vmids(conn: Connection, table_name: str, now: datetime) -> frozense
 def held_values(conn: Connection, table_name: str, now: datetime) -> dict[str, dict[str, int]]:
     """Kind -> {value: reservation id} of every reservation in force on ``table_name``: what a
     new allocation must not choose."""
+    return read(conn, table_name, now)[0]
+
+
+def read(conn: Connection, table_name: str, now: datetime) -> tuple[dict[str, dict[str, int]], list[int]]:
+    """In one query: :func:`held_values`, and the ids of the reservations on ``table_name`` that
+    have expired (their values still hold their keys until they are deleted)."""
     r, v = store.reservations, store.reserved_values
-    found: dict[str, dict[str, int]] = {}
+    held: dict[str, dict[str, int]] = {}
+    expired: set[int] = set()
     rows = conn.execute(
-        sa.select(v.c.kind, v.c.value, v.c.reservation_id)
+        sa.select(v.c.kind, v.c.value, v.c.reservation_id, r.c.expires_at)
         .join(r, r.c.id == v.c.reservation_id)
-        .where(v.c.table_name == table_name, _in_force(now))
+        .where(v.c.table_name == table_name)
     )
-    for kind, value, reservation_id in rows:
-        found.setdefault(kind, {})[value] = reservation_id
-    return found
+    for kind, value, reservation_id, expires_at in rows:
+        if expires_at > now:
+            held.setdefault(kind, {})[value] = reservation_id
+        else:
+            expired.add(reservation_id)
+    return held, sorted(expired)
 
 
 def expired_ids(conn: Connection, table_name: str | None, now: datetime) -> list[int]:
@@ -128,25 +138,42 @@ def ended_ids(conn: Connection, table: PlatformTable, held: dict[str, dict[str, 
     """Reservations in ``held`` (as :func:`held_values` gives) whose VMID or hostname a row of the
     platform table now carries: the platform created what was reserved, so they end.
 
-    One indexed ``IN`` list per kind, on the reserved values only (a few, however large the table).
+    One query on the table's indexes with the reserved values alone (a few, however large the
+    table is): ``vmid IN (...) OR hostname IN (...)``.
     """
-    ended: set[int] = set()
-    vmids = held.get(VMID, {})
-    if vmids:
-        numeric = isinstance(table.vmid.type, (sa.Integer, sa.Numeric))
-        keys = {(int(v) if numeric else v): rid for v, rid in vmids.items() if v.isdigit()}
-        for found in _present(conn, table.vmid, list(keys)):
-            rid = keys.get(int(found) if numeric else str(found).strip())
-            if rid is not None:
-                ended.add(rid)
-    names = held.get(HOSTNAME, {})
+    numeric = isinstance(table.vmid.type, (sa.Integer, sa.Numeric))
+    vmids = {(int(v) if numeric else v): rid for v, rid in held.get(VMID, {}).items() if v.isdigit()}
     column_name = table.settings.hostname_column
-    if names and column_name:
-        for found in _present(conn, table.table.c[column_name], list(names)):
-            rid = names.get(str(found).lower())
-            if rid is not None:
-                ended.add(rid)
+    names = held.get(HOSTNAME, {}) if column_name else {}
+    if not vmids and not names:
+        return []
+    host = table.table.c[column_name] if column_name else None
+    ended: set[int] = set()
+    if len(vmids) + len(names) <= CHUNK:
+        clauses = [table.vmid.in_(list(vmids))] if vmids else []
+        if names and host is not None:
+            clauses.append(host.in_(list(names)))
+        columns = [table.vmid] if host is None else [table.vmid, host]
+        found = conn.execute(sa.select(*columns).where(sa.or_(*clauses))).all()
+        pairs = [(row[0], row[1] if host is not None else None) for row in found]
+    else:
+        pairs = [(v, None) for v in _present(conn, table.vmid, list(vmids))]
+        if host is not None:
+            pairs += [(None, n) for n in _present(conn, host, list(names))]
+    for vmid, name in pairs:
+        key = None if vmid is None else (_whole_or_none(vmid) if numeric else str(vmid).strip())
+        if key in vmids:
+            ended.add(vmids[key])
+        if name is not None and str(name).lower() in names:
+            ended.add(names[str(name).lower()])
     return sorted(ended)
+
+
+def _whole_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _present(conn: Connection, column: sa.Column, values: Sequence[Any]) -> Iterable[Any]:

@@ -22,6 +22,7 @@ from conftest import ROOT, janitor_env, running_apps, table_vmids
 from receiver import reservations, store
 from receiver.allocator import (
     MAX_PROBES,
+    WINDOW_START,
     Allocator,
     FreshInventory,
     Refused,
@@ -363,21 +364,61 @@ def test_reserve_says_taken_and_reserves_nothing_when_a_value_is_held(any_db):
     assert reserved(any_db) == [("public_port", "20105"), ("vmid", "105")]
 
 
+class SlowProxmox:
+    """An allocator's Proxmox that holds two allocations after they heard VMID 105 is free, so
+    that both go on to reserve it."""
+
+    def __init__(self, inventory: Any, barrier: threading.Barrier):
+        self.inventory, self.barrier = inventory, barrier
+
+    def read(self) -> Inventory:
+        return self.inventory.read()
+
+    def vmid_in_use(self, vmid: int) -> bool:
+        answer = self.inventory.vmid_in_use(vmid)
+        if vmid == 105:
+            self.barrier.wait(10)
+        return answer
+
+
+def test_two_receivers_that_chose_alike_meet_the_primary_key_and_one_chooses_again(sim, any_db):
+    scene(sim, any_db)
+    runtime = runtime_for(sim, any_db)
+    both = [allocator_for(runtime), allocator_for(runtime)]  # two receivers: no claims shared
+    probed = threading.Barrier(2)
+    for allocator in both:
+        allocator.inventory = SlowProxmox(allocator.inventory, probed)  # type: ignore[assignment]
+    got: list[reservations.Reservation] = []
+    threads = [threading.Thread(target=lambda a=a: got.append(a.allocate(Request(ports=1)))) for a in both]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    first, second = sorted(r.vmid or 0 for r in got)
+    # The loser chose again, among the first free values (spread out after a conflict).
+    assert first == 105 and 106 <= second < 106 + WINDOW_START
+    assert len({p for r in got for p in r.ports["public_port"]}) == 2
+    assert sum(a.conflicts for a in both) == 1  # the database refused the second 105
+    assert len(reserved(any_db)) == 6
+
+
 def test_fifty_concurrent_allocations_never_hand_out_a_value_twice(sim, any_db):
     scene(sim, any_db)
-    allocator = allocator_for(runtime_for(sim, any_db))
+    runtime = runtime_for(sim, any_db)
+    receivers = [allocator_for(runtime), allocator_for(runtime)]  # two allocators, as two receivers
     got: list[reservations.Reservation] = []
     errors: list[BaseException] = []
     start = threading.Barrier(50)
 
-    def one() -> None:
+    def one(i: int) -> None:
         try:
             start.wait()
-            got.append(allocator.allocate(Request(hostname="web", suffix=True, ports={"public_port": 1})))
+            request = Request(hostname="web", suffix=True, ports={"public_port": 1})
+            got.append(receivers[i % 2].allocate(request))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=one) for _ in range(50)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
     for t in threads:
         t.start()
     for t in threads:
@@ -392,11 +433,9 @@ def test_fifty_concurrent_allocations_never_hand_out_a_value_twice(sim, any_db):
     assert all(v is not None and 105 <= v <= 105 + 200 for v in vmids)
     in_db = reserved(any_db)
     assert len(in_db) == 150 and len(reservation_ids(any_db)) == 50
-    print(
-        f"\n{any_db.kind}: 50 concurrent allocations, {allocator.conflicts} conflicts, "
-        f"{allocator.guests.reads} guest-list reads"
-    )
-    assert allocator.guests.reads < 50  # the crowd shared reads
+    conflicts, reads = sum(a.conflicts for a in receivers), sum(a.guests.reads for a in receivers)
+    print(f"\n{any_db.kind}: 50 allocations at once on two allocators: {conflicts} conflicts, {reads} list reads")
+    assert reads < 50  # the crowd shared reads
 
 
 WORKER = """
@@ -569,6 +608,20 @@ def test_fresh_inventory_shares_one_read_among_callers_that_arrived_before_it():
     assert len(reads) == 3
 
 
+def test_fresh_inventory_serves_a_list_read_within_its_maximum_age():
+    reads: list[int] = []
+
+    def read() -> Inventory:
+        reads.append(1)
+        return Inventory({})
+
+    fresh = FreshInventory(read, max_age=3600)
+    first = fresh.get()
+    assert fresh.get() is first and len(reads) == 1
+    fresh.max_age = 0.0  # no list is recent enough now
+    assert fresh.get() is not first and len(reads) == 2
+
+
 def test_fresh_inventory_passes_a_failure_to_the_callers_and_keeps_nothing():
     answers: list[Any] = [InventoryError("unreachable", "pve1: cannot connect"), Inventory({})]
 
@@ -578,7 +631,7 @@ def test_fresh_inventory_passes_a_failure_to_the_callers_and_keeps_nothing():
             raise answer
         return answer
 
-    fresh = FreshInventory(read)
+    fresh = FreshInventory(read, max_age=3600)
     with pytest.raises(InventoryError, match="cannot connect"):
         fresh.get()
     assert isinstance(fresh.get(), Inventory)
@@ -604,3 +657,20 @@ def test_the_reservation_answer_shape(sim, sqlite_db):
     assert got.describe() == f"reservation {got.id}: VMID 105, hostname web, internal_port 30105, public_port 20105"
     with sqlite_db.engine.connect() as conn:
         assert [r.to_dict() for r in reservations.listing(conn, "apps", clock())] == [got.to_dict()]
+
+
+def test_claims_keep_one_process_allocations_apart():
+    from receiver.allocator import _Claims
+
+    claims = _Claims()
+    seen = claims.seen()
+    assert claims.take("vmid", [105, 106, 107], 1, seen) == [105]
+    assert claims.take("vmid", [105, 106, 107], 2, seen) == [106, 107]  # 105 is being tried
+    assert claims.take("vmid", [105], 1, seen) == []
+    claims.committed([("vmid", "105")])
+    claims.drop("vmid", [105])
+    # Reserved after `seen`: a read taken before cannot show it, so the claim stands for it.
+    assert claims.take("vmid", [105], 1, seen) == []
+    assert claims.take("vmid", [105], 1, claims.seen()) == [105]  # a later read shows the truth
+    claims.drop("vmid", [105, 106, 107])
+    assert claims.take("public_port", [105], 1, seen) == [105]  # another kind is another value
