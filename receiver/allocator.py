@@ -79,6 +79,7 @@ GAP_PAGE = 256  # gaps read per statement
 # VMID is confirmed with /cluster/nextid), and a burst of allocations costs one read.
 GUEST_LIST_MAX_AGE = 2.0
 RECENT_S = 60.0  # see _Claims
+FLOOR_S = 2.0  # see Allocator._free
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 # Why an allocation reserved nothing -> HTTP status.
@@ -241,7 +242,15 @@ def free_numbers(
     conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | _Skip, want: int
 ) -> list[int]:
     """Up to ``want`` numbers of ``low..high``, lowest first, that no row holds in ``column`` and
-    ``skip`` does not hold; fewer when the range runs out.
+    ``skip`` does not hold; fewer when the range runs out (see :func:`scan_free`)."""
+    return scan_free(conn, column, low, high, skip, want)[0]
+
+
+def scan_free(
+    conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | _Skip, want: int
+) -> tuple[list[int], int | None]:
+    """:func:`free_numbers`, and the lowest number of ``low..high`` no row holds (``skip`` or
+    not; None if the scan met none).
 
     A numeric column is scanned in the database from ``low``, in its order (its index), and
     the scan stops at the first gaps that give enough numbers: one query per :data:`GAP_PAGE`
@@ -250,21 +259,27 @@ def free_numbers(
     read whole.
     """
     found: list[int] = []
+    unused: list[int] = []
 
     def take(first: Any, last: int) -> bool:
         n = max(math.ceil(first), low)
+        if not unused and n <= min(last, high):
+            unused.append(n)
         while n <= min(last, high) and len(found) < want:
             if n not in skip:
                 found.append(n)
             n += 1
         return len(found) >= want
 
+    def answer() -> tuple[list[int], int | None]:
+        return found, (unused[0] if unused else None)
+
     if want <= 0:
-        return found
+        return answer()
     if not isinstance(column.type, (sa.Integer, sa.Numeric)):
         used = {n for n in (_whole(v) for v in conn.execute(sa.select(column).distinct()).scalars()) if n is not None}
         _take_around(used, low, high, take)
-        return found
+        return answer()
     cursor: Any = low
     while True:
         ordered = (
@@ -284,12 +299,12 @@ def free_numbers(
         ).all()
         if not sides:  # no row from the cursor to the range's end
             take(cursor, high)
-            return found
+            return answer()
         for v, prev, nxt in sides:
             if prev is None and take(cursor, math.ceil(v) - 1):  # before the first row
-                return found
+                return answer()
             if take(math.floor(v) + 1, high if nxt is None else math.ceil(nxt) - 1) or nxt is None:
-                return found
+                return answer()
         cursor = sides[-1][2]
 
 
@@ -394,6 +409,8 @@ class Allocator:
         self._claims = _Claims()
         self._lock = threading.Lock()
         self._busy = 0  # allocations in progress in this process
+        self._floors: dict[str, tuple[int, float]] = {}  # column -> (lowest free found, scan from low at)
+        self._known: tuple[Inventory, frozenset[int], frozenset[str]] | None = None  # a list's VMIDs and names
         self.conflicts = 0  # reserving transactions that met another's values (for the benchmark)
         self.probes = 0  # /cluster/nextid checks made
 
@@ -413,11 +430,21 @@ class Allocator:
             with self._lock:
                 self._busy -= 1
 
+    def _guest_sets(self, inventory: Inventory) -> tuple[frozenset[int], frozenset[str]]:
+        """The list's VMIDs and names (lower case), made once per list read, not per allocation."""
+        with self._lock:
+            known = self._known
+        if known is None or known[0] is not inventory:
+            names = frozenset(g.name.lower() for g in inventory.guests.values() if g.name)
+            known = (inventory, frozenset(inventory.guests), names)
+            with self._lock:
+                self._known = known
+        return known[1], known[2]
+
     def _allocate(
         self, request: Request, hostname: str | None, ports: dict[str, int], inventory: Inventory
     ) -> Reservation:
-        guests = frozenset(inventory.guests)
-        names = frozenset(g.name.lower() for g in inventory.guests.values() if g.name)
+        guests, names = self._guest_sets(inventory)
         taken: set[int] = set()  # VMIDs Proxmox said are in use (guests the token cannot see)
         probes = 0
         for attempt in range(MAX_TRIES):
@@ -534,7 +561,7 @@ class Allocator:
                 if not n:
                     continue
                 skip = {p for p in (_whole(v) for v in held.get(column, {})) if p is not None}
-                free = free_numbers(conn, self.table.table.c[column], low, high, skip, max(window, n) + extra)
+                free = self._free(conn, self.table.table.c[column], low, high, skip, max(window, n) + extra)
                 if len(free) < n:
                     raise Refused(
                         "port_range_exhausted",
@@ -545,13 +572,32 @@ class Allocator:
             reserved = {v for v in (_whole(x) for x in held.get(VMID, {})) if v is not None}
             low, high = self.settings.allocator_vmids
             not_these = _Skip(guests, reserved, taken)
-            free_vmids = free_numbers(conn, self.table.vmid, low, high, not_these, max(window, 8) + extra)
+            free_vmids = self._free(conn, self.table.vmid, low, high, not_these, max(window, 8) + extra)
         return _Choice(
             _spread(free_vmids, window),
             None if free_names is None else _spread(free_names, window),
             free_ports,
             expired + ended,
         )
+
+    def _free(
+        self, conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | _Skip, want: int
+    ) -> list[int]:
+        """:func:`free_numbers` from the lowest value no row held in a scan of the last
+        :data:`FLOOR_S` seconds (every value below it was a row's then): a burst of allocations
+        does not scan a table's dense VMIDs from the range's start for each.  A row deleted
+        below it within those seconds waits for the next scan from the start; reservations,
+        guests and Proxmox are checked as ever."""
+        started = time.monotonic()
+        with self._lock:
+            floor, since = self._floors.get(column.name, (low, started))
+        if started - since > FLOOR_S or not low <= floor <= high:
+            floor, since = low, started
+        free, unused = scan_free(conn, column, floor, high, skip, want)
+        if unused is not None:
+            with self._lock:
+                self._floors[column.name] = (unused, since)
+        return free
 
     def _hostnames(
         self,

@@ -674,3 +674,17 @@ def test_claims_keep_one_process_allocations_apart():
     assert claims.take("vmid", [105], 1, claims.seen()) == [105]  # a later read shows the truth
     claims.drop("vmid", [105, 106, 107])
     assert claims.take("public_port", [105], 1, seen) == [105]  # another kind is another value
+
+
+def test_a_burst_scans_from_the_last_floor_and_a_freed_row_comes_back_after_floor_s(sim, sqlite_db, monkeypatch):
+    table = scene(sim, sqlite_db)
+    allocator = allocator_for(runtime_for(sim, sqlite_db))
+    assert allocator.allocate(Request()).vmid == 105
+    with sqlite_db.engine.begin() as conn:  # a ghost removed: 101 is free in the table
+        conn.execute(table.delete().where(table.c.lxc_id == 101))
+    sim.destroy_guest(101)
+    allocator.guests.max_age = 0.0  # a guest list read now: 101 is no guest's
+    # Within FLOOR_S of the scan from the range's start, the scan starts at 105.
+    assert allocator.allocate(Request()).vmid == 106
+    monkeypatch.setattr("receiver.allocator.FLOOR_S", 0.0)
+    assert allocator.allocate(Request()).vmid == 101
