@@ -5,7 +5,8 @@ this command fail (a benchmark that crashes does: exit 1).  The whole run takes 
 minutes; ``--only`` picks benchmarks, ``--quick`` shrinks them for a smoke run (its numbers
 are not comparable and it does not write bench/results.json unless ``--output`` says so).
 
-    .venv/bin/python -m bench.run [--only latency,hook,burst,sweep,idle,watch,webhooks] [--quick] [--output PATH]
+    .venv/bin/python -m bench.run [--only latency,hook,burst,sweep,idle,watch,webhooks,allocator] [--quick]
+                                  [--output PATH]
 
 bench/results.json holds one key per figure, the unit in its name (``_s``, ``_ms``, ``_mb``,
 ``_bytes``, ``_per_min``; ``_ratio`` and counts have none), plus ``_machine``, ``_load``, ``_goals``,
@@ -24,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import burst, hook, idle, latency, sweep_scale, watch_load, webhooks
+from bench import allocator, burst, hook, idle, latency, sweep_scale, watch_load, webhooks
 from bench.common import ROOT, machine
 
 RESULTS = ROOT / "bench" / "results.json"
@@ -55,6 +56,8 @@ GOALS: list[tuple[str, str, Callable[[Any], bool]]] = [
 GOALS.append(("webhook_latency_p95_s", "<= 1.0 s from commit to delivery (0.5 s poll)", lambda v: v <= 1.0))
 for _db in ("sqlite", "postgres"):
     GOALS.append((f"webhook_outbox_{_db}_100k_cost_pct", "<= 10 % of the 100k-row sweep", lambda v: v <= 10))
+GOALS.append(("allocator_burst_p99_ms", "<= 100 ms (100 allocations at once, PostgreSQL)", lambda v: v <= 100))
+GOALS.append(("allocator_burst_duplicates", "0 (no value handed out twice)", lambda v: v == 0))
 for _k in ("1k", "100k"):
     GOALS.append((f"watch_stop_destroy_{_k}_full_reads", "<= 2 whole-list reads", lambda v: v <= 2))
 for _db in ("sqlite", "postgres"):
@@ -97,6 +100,12 @@ def _watch(quick: bool) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     return figures, {}, []
 
 
+def _allocator(quick: bool) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    figures, notes = allocator.measure(1_000 if quick else allocator.SIZE, allocator.CONCURRENCY,
+                                       1 if quick else allocator.ROUNDS)
+    return figures, {}, notes
+
+
 BENCHMARKS: dict[str, Callable[[bool], tuple[dict[str, Any], dict[str, Any], list[str]]]] = {
     "latency": lambda quick: (latency.measure(10 if quick else 50, 5 if quick else 20), {}, []),
     "hook": lambda quick: (hook.measure(10 if quick else 30, 3 if quick else 10), {}, []),
@@ -106,6 +115,7 @@ BENCHMARKS: dict[str, Callable[[bool], tuple[dict[str, Any], dict[str, Any], lis
     "watch": _watch,
     "webhooks": lambda quick: webhooks.measure(10 if quick else 50, 1 if quick else webhooks.RUNS,
                                                10_000 if quick else webhooks.SIZE),
+    "allocator": _allocator,
 }
 
 
