@@ -36,7 +36,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import Receiver, cpu_seconds, drop_schema, percentile, postgres_schema_url, postgres_url
+from bench.common import Receiver, drop_schema, percentile, postgres_schema_url, postgres_url
 from receiver.db import make_engine
 from receiver.simulator import ProxmoxSimulator
 from receiver.simulator.scene import app_row, create_apps_table
@@ -97,18 +97,6 @@ def _release(client: Client, got: list[dict[str, Any]]) -> None:
     for allocation in got:
         status, _, _ = client.call("DELETE", f"/api/v1/allocations/{allocation['id']}")
         assert status == 200, status
-
-
-def _postgres_cpu() -> float:
-    """CPU seconds of every PostgreSQL process of this machine so far (the server is local)."""
-    total = 0.0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() in ("postgres", "postmaster"):
-                total += cpu_seconds(int(pid))
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 def _burst(port: int, token: str, concurrency: int, round_no: int) -> tuple[list[float], list[dict[str, Any]], list]:
@@ -188,15 +176,15 @@ def measure(size: int = SIZE, concurrency: int = CONCURRENCY, rounds: int = ROUN
             failures: list = []
             per_round_p99 = []
             duplicates = 0
-            cpu = {"receiver": 0.0, "postgres": 0.0, "bench": 0.0}
+            cpu = {"receiver": 0.0, "bench": 0.0}
             span = 0.0
             for r in range(rounds):
-                before = (receiver.cpu_seconds(), _postgres_cpu(), sum(os.times()[:2]), time.perf_counter())
+                before = (receiver.cpu_seconds(), sum(os.times()[:2]), time.perf_counter())
                 lat, got, failed = _burst(receiver.port, token, concurrency, r)
-                after = (receiver.cpu_seconds(), _postgres_cpu(), sum(os.times()[:2]), time.perf_counter())
-                for key, b, a in zip(("receiver", "postgres", "bench"), before, after, strict=False):
-                    cpu[key] += a - b
-                span += after[3] - before[3]
+                after = (receiver.cpu_seconds(), sum(os.times()[:2]), time.perf_counter())
+                cpu["receiver"] += after[0] - before[0]
+                cpu["bench"] += after[1] - before[1]
+                span += after[2] - before[2]
                 latencies += lat
                 handed += got
                 failures += failed
@@ -225,7 +213,6 @@ def measure(size: int = SIZE, concurrency: int = CONCURRENCY, rounds: int = ROUN
                 # CPU per burst allocation (the bench's process holds the HTTP clients and the
                 # simulator, whose HTTP/1.0 makes every /cluster/nextid a new TLS connection).
                 "allocator_burst_receiver_cpu_ms": round(cpu["receiver"] / len(handed) * 1000, 1) if handed else None,
-                "allocator_burst_postgres_cpu_ms": round(cpu["postgres"] / len(handed) * 1000, 1) if handed else None,
                 "allocator_burst_sim_and_clients_cpu_ms": round(cpu["bench"] / len(handed) * 1000, 1)
                 if handed
                 else None,
