@@ -93,9 +93,10 @@ def allocate(
         click.echo(f"hostname {reservation.hostname}")
     for column, values in sorted(reservation.ports.items()):
         click.echo(f"{column} {' '.join(map(str, values))}")
+    expires, now = reservation.expires_at, utcnow()
     click.echo(
-        f"reserved until {_until(utcnow(), reservation.expires_at)} UTC as allocation {reservation.id} "
-        f"(release with: pve-janitor unallocate {reservation.id})"
+        f"reserved until {expires:%Y-%m-%d %H:%M:%S} UTC (in {age_text(expires, now)}) as allocation "
+        f"{reservation.id} (release with: pve-janitor unallocate {reservation.id})"
     )
 
 
