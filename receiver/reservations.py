@@ -82,7 +82,10 @@ class Reservation:
 
 
 def clean_label(label: str | None) -> str | None:
-    return (label or "").strip()[:MAX_LABEL] or None
+    """The label as kept: trimmed, at most :data:`MAX_LABEL` characters, without NUL (PostgreSQL
+    text cannot hold one) or a lone surrogate (no database encodes one); None when nothing is left."""
+    text = (label or "").encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+    return text.strip()[:MAX_LABEL] or None
 
 
 def _in_force(now: datetime) -> sa.ColumnElement[bool]:

@@ -38,6 +38,7 @@ from receiver.model import Inventory, InventoryError
 from receiver.runtime import Runtime
 from receiver.serve import housekeeping
 from receiver.simulator.scene import app_row
+from receiver.timeutil import utcnow
 
 T0 = datetime(2026, 12, 4, 10, 0, 0, tzinfo=timezone.utc)
 PORTS = "public_port=20100-20199,internal_port=30100-30199"
@@ -688,3 +689,14 @@ def test_a_burst_scans_from_the_last_floor_and_a_freed_row_comes_back_after_floo
     assert allocator.allocate(Request()).vmid == 106
     monkeypatch.setattr("receiver.allocator.FLOOR_S", 0.0)
     assert allocator.allocate(Request()).vmid == 101
+
+
+def test_any_label_is_kept_as_text_every_database_stores(sim, any_db):
+    scene(sim, any_db)
+    allocator = allocator_for(runtime_for(sim, any_db))
+    got = allocator.allocate(Request(label="deploy\x00 #1 \ud800 " + "x" * 300))
+    assert got.label is not None and "\x00" not in got.label and len(got.label) == 200
+    assert got.label.startswith("deploy #1 ? x")
+    with any_db.engine.connect() as conn:
+        assert [r.label for r in reservations.listing(conn, "apps", utcnow())] == [got.label]
+    assert allocator.allocate(Request(label="   ")).label is None
