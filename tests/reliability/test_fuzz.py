@@ -75,6 +75,10 @@ SHARES = {
     "GET /api/v1/system/cleanup/holds": 0.01,
     "POST /api/v1/system/cleanup/holds": 0.02,
     "DELETE /api/v1/system/cleanup/holds/{hold_id}": 0.01,
+    # Allocations (allocator or admin token): they reserve, never remove.
+    "POST /api/v1/allocations": 0.02,
+    "GET /api/v1/allocations": 0.01,
+    "DELETE /api/v1/allocations/{reservation_id}": 0.01,
     "GET /api/v1/system/cleanup/stats": 0.025,
     "GET /": 0.025,
     "GET /healthz": 0.025,
@@ -138,7 +142,7 @@ class ApiFuzz:
             self._sign(kwargs)
         elif label == "POST /api/v1/system/cleanup/run":
             self._authorize(kwargs, "run", dry_run=True)
-        elif "/cleanup/pending" in label or "/cleanup/holds" in label:
+        elif "/cleanup/pending" in label or "/cleanup/holds" in label or "/api/v1/allocations" in label:
             self._authorize(kwargs, "admin")
         try:
             response = self.session.request(timeout=30, allow_redirects=False, **kwargs)
