@@ -76,7 +76,7 @@ def show_plan(plan_id: str) -> Response:
     number = _path_id(plan_id, "pending plan")
     try:
         with janitor().runtime.engine.connect() as conn:
-            plan = pending.get(conn, number)
+            plan = pending.get(conn, number, janitor().settings.table)
             rows = pending.reviewed_rows(conn, number)
     except pending.PlanNotFound as exc:
         return error(404, str(exc))

@@ -20,7 +20,10 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from . import pending
+from .db import describe_db_error
 from .model import Finding, Inventory, Outcome, Plan, Row
 from .pending import PlanState, ReviewedRow
 
@@ -145,6 +148,9 @@ def approve(sweeper: Sweeper, plan_id: int, by: str) -> Decision:
         )
     except pending.PlanClosed as exc:  # decided meanwhile by someone else: the removal above stands
         message += f" ({exc})"
+    except SQLAlchemyError as exc:  # the rows went (audited); only the decision's record is missing
+        logger.warning("plan %s: the decision could not be recorded: %s", plan_id, describe_db_error(exc))
+        message += "; the decision could not be recorded (database error): approve it again to close it"
     logger.warning("%s (by %s)", message, by)
     return Decision(plan_id, PlanState.APPROVED, message, len(removed), not_removed, result)
 

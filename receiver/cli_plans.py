@@ -56,7 +56,7 @@ def pending_cmd(ctx: click.Context, plan_id: int | None, everything: bool, as_js
     if plan_id is not None:
         try:
             with db.connect() as conn:
-                plan = pending.get(conn, plan_id)
+                plan = pending.get(conn, plan_id, settings.table)
                 rows = pending.reviewed_rows(conn, plan_id)
         except pending.PlanNotFound as exc:
             fail(EXIT_NOT_FOUND, str(exc))

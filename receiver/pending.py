@@ -284,11 +284,17 @@ def _valid_id(plan_id: int) -> bool:
     return 0 < plan_id < 2**63
 
 
-def get(conn: Connection, plan_id: int) -> PendingPlan:
-    """The plan ``plan_id``, in whatever state; PlanNotFound when there is none."""
+def get(conn: Connection, plan_id: int, table_name: str) -> PendingPlan:
+    """The plan ``plan_id`` of ``table_name``, in whatever state; PlanNotFound when there is none.
+
+    A plan of another table (a receiver for ``apps_staging`` beside one for ``apps``, on one
+    database) is not found: its rows were reviewed against that table, not this one.
+    """
     p = store.pending
     row = (
-        conn.execute(sa.select(p).where(p.c.id == sa.literal(plan_id, sa.BigInteger))).first()
+        conn.execute(
+            sa.select(p).where(p.c.id == sa.literal(plan_id, sa.BigInteger), p.c.table_name == table_name)
+        ).first()
         if _valid_id(plan_id)
         else None
     )
@@ -347,11 +353,11 @@ def decide(
     kind = outbox.EventType.PLAN_APPROVED if state is PlanState.APPROVED else outbox.EventType.PLAN_REJECTED
     with write_transaction(engine) as conn:
         events = outbox.Events(settings, now)
-        plan = get(conn, plan_id)
+        plan = get(conn, plan_id, settings.table)
         if plan.state is PlanState.PENDING and plan.expires_at <= now:
             _expire(conn, settings, now, events)
             events.write(conn)
-            plan = get(conn, plan_id)
+            plan = get(conn, plan_id, settings.table)
         if plan.state is not PlanState.PENDING:
             closed = PlanClosed(plan.closed_because())
         else:
@@ -360,7 +366,7 @@ def decide(
                 .where(p.c.id == plan_id, p.c.state == PlanState.PENDING)
                 .values(state=state, decided_at=now, decided_by=by, note=note[:4000])
             )
-            decided = get(conn, plan_id)
+            decided = get(conn, plan_id, settings.table)
             events.add(kind, outbox.plan_subject(plan_id), event_data(decided, **(extra or {})))
             events.write(conn)
             return decided
@@ -372,12 +378,12 @@ def check_open(
 ) -> tuple[PendingPlan, list[ReviewedRow]]:
     """The plan and its reviewed rows, when it may still be decided; else PlanNotFound or PlanClosed."""
     with engine.connect() as conn:
-        plan = get(conn, plan_id)
+        plan = get(conn, plan_id, settings.table)
         rows = reviewed_rows(conn, plan_id) if plan.state is PlanState.PENDING and plan.expires_at > now else []
     if plan.state is PlanState.PENDING and plan.expires_at <= now:
         expire(engine, settings, now)
         with engine.connect() as conn:
-            plan = get(conn, plan_id)
+            plan = get(conn, plan_id, settings.table)
     if plan.state is not PlanState.PENDING:
         raise PlanClosed(plan.closed_because())
     return plan, rows

@@ -375,7 +375,7 @@ def pending_plan(plan_id: int) -> Response | str:
     now = j.runtime.clock()
     try:
         with j.runtime.engine.connect() as conn:
-            plan = pending.get(conn, plan_id)
+            plan = pending.get(conn, plan_id, j.settings.table)
             rows = pending.reviewed_rows(conn, plan_id)
     except pending.PlanNotFound as exc:
         return error_page(404, str(exc))

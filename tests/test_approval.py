@@ -378,13 +378,6 @@ def test_reviewed_rows_round_trip_every_mapped_value(sim, any_db):
 # --- a plan belongs to its table -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: approve/reject find a plan by id alone (pending.check_open / pending.decide use pending.get), "
-    "so a receiver configured for another table (CLEANUP_TABLE) carries out a plan reviewed for this one and "
-    "removes that table's rows that look alike; fix: check_open and decide raise PlanNotFound when "
-    "plan.table != settings.table",
-)
 def test_a_plan_of_another_table_is_not_found(sim, sqlite_db):
     guard_world(sim, sqlite_db)
     copy = create_apps_table(sqlite_db.engine, "apps_staging")  # a copy of the table, row for row

@@ -364,12 +364,6 @@ def test_sweep_json_names_the_pending_plan_and_a_dry_run_keeps_none(sim, sqlite_
     assert [p["id"] for p in body["plans"]] == [plan_id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: when the decision cannot be written after the rows were removed (pending.decide fails), "
-    "approval.approve lets the SQLAlchemy error out: a traceback, and the plan stays pending with its rows gone; "
-    "fix: approve records the decision in the apply's transaction, or catches the error and says the rows went",
-)
 def test_an_approval_whose_decision_cannot_be_written_says_what_it_removed(sim, sqlite_db):
     guard_world(sim, sqlite_db)
     plan_id = kept_plan(sim, sqlite_db)

@@ -75,7 +75,7 @@ def plan_rows(db: Database) -> int:
 
 def get(db: Database, plan_id: int) -> pending.PendingPlan:
     with db.engine.connect() as conn:
-        return pending.get(conn, plan_id)
+        return pending.get(conn, plan_id, "apps")
 
 
 def reviewed(db: Database, plan_id: int) -> dict[str, pending.ReviewedRow]:
@@ -276,7 +276,7 @@ def test_an_expired_plan_cannot_be_approved_or_rejected(sim, any_db):
         assert pending.listing(conn, "apps", clock.now) == []
         assert [p.state for p in pending.listing(conn, "apps", clock.now, everything=True)] == [PlanState.EXPIRED]
         assert pending.count_open(conn, "apps", clock.now) == 0
-        assert pending.get(conn, plan_id).state is PlanState.PENDING
+        assert pending.get(conn, plan_id, "apps").state is PlanState.PENDING
     with pytest.raises(PlanClosed, match=f"pending plan {plan_id} expired at"):
         approval.approve(runtime.sweeper, plan_id, by="cli")
     with pytest.raises(PlanClosed, match="expired"):
@@ -333,7 +333,7 @@ def test_prune_drops_plans_decided_long_ago_with_their_rows(sqlite_db):
 @pytest.mark.parametrize("plan_id", [0, -1, 999, 2**31, 2**63 - 1, 2**63, 10**20])
 def test_get_of_an_unknown_or_impossible_id_is_not_found(any_db, plan_id):
     with any_db.engine.connect() as conn, pytest.raises(PlanNotFound, match=f"no pending plan {plan_id}"):
-        pending.get(conn, plan_id)
+        pending.get(conn, plan_id, "apps")
 
 
 def test_plans_are_listed_newest_first_and_counted_per_table(sqlite_db):
@@ -352,7 +352,7 @@ def test_plans_are_listed_newest_first_and_counted_per_table(sqlite_db):
         ]
         assert [p.id for p in pending.listing(conn, "other", now)] == [x]
         assert pending.count_open(conn, "apps", now) == 1
-        shown = pending.get(conn, a).to_dict()
+        shown = pending.get(conn, a, "apps").to_dict()
     assert shown["state"] == "rejected" and shown["note"] == "no" and shown["decided_by"] == "cli"
     assert set(shown) == {
         "id",

@@ -562,7 +562,7 @@ class Model(RuleBasedStateMachine):
 
     def _state_of(self, plan_id: int) -> PlanState:
         with self.live.runtime.engine.connect() as conn:
-            return pending.get(conn, plan_id).state
+            return pending.get(conn, plan_id, "apps").state
 
     @rule(pick=PICK, inside=INSIDE)
     def approve(self, pick, inside):
@@ -617,7 +617,7 @@ class Model(RuleBasedStateMachine):
             else:
                 self._place_hold(pick, on_vmid=False, key=key)
         with self.live.runtime.engine.connect() as conn:
-            plan = pending.get(conn, result.pending_id)
+            plan = pending.get(conn, result.pending_id, "apps")
             reviewed = {str(r.row.key): r for r in pending.reviewed_rows(conn, plan.id)}
         self._approve(plan, reviewed, inside)
 
