@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -29,8 +29,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import store
 from .db import CHUNK, chunks, write_transaction
-from .table import PlatformTable
 from .timeutil import isoformat
+
+if TYPE_CHECKING:  # types only: no import at run time
+    from .table import PlatformTable
 
 VMID = "vmid"
 HOSTNAME = "hostname"
