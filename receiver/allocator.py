@@ -16,20 +16,23 @@ value) is the UNIQUE constraint.  Why it is built this way:
   no lock held while Proxmox is asked.  A lock instead (a lease row, an advisory lock) would
   make every allocation wait for the one before it, Proxmox's answer included, and
   advisory locks exist on two of the three databases only.
-- **Bounded retries, spread out.**  The first choice is the lowest free value.  After a
-  conflict the choice is random among the first few free values (8, 16, 32, then 64), so a
-  crowd of allocations that all chose the same lowest value spreads out in a few rounds
-  instead of colliding once per member.  After :data:`MAX_TRIES` conflicts the answer is
-  "contention, try again" (HTTP 503); a range with no free value left is a conflict of the
-  request with the state (HTTP 409), as is a hostname in use.
+- **Bounded retries, spread out.**  The first choice is the lowest free value.  Allocations
+  in one receiver choose around each other's claims (:class:`_Claims`), so a burst of them
+  does not meet in the database at all; after a conflict with another receiver the choice is
+  random among the first few free values (8, 16, 32, then 64), so a crowd spreads out in a
+  few rounds instead of colliding once per member.  After :data:`MAX_TRIES` conflicts the
+  answer is "contention, try again" (HTTP 503); a range with no free value left is a conflict
+  of the request with the state (HTTP 409), as is a hostname in use.
 - **Fail closed.**  The guest list is read (completely and surely, as a sweep reads it)
   before anything is chosen, and the chosen VMID is confirmed with
   ``/cluster/nextid?vmid=N`` (:meth:`ProxmoxInventory.vmid_in_use`), which also sees guests
   an ACL hides from the token.  Any failure of either: nothing is reserved, HTTP 503.
 - **Cheap on a large table.**  The lowest free values come from the database by an indexed
-  scan from the range's low end that stops at the first gaps (``LEAD()`` over the column's
-  order, :func:`free_numbers`), not by loading the table's VMIDs into Python; only the
-  reserved values (a few) and the guest list are held in memory.
+  scan from the range's low end that stops at the first gaps (``LAG()``/``LEAD()`` over the
+  column's order, :func:`free_numbers`), not by loading the table's VMIDs into Python; only
+  the reserved values (a few) and the guest list are held in memory.  Within
+  :data:`FLOOR_S` of a scan from the low end, the next ones start where it found the first
+  value no row held (:meth:`Allocator._free`): 36 ms at 100,000 dense rows, 2 ms from there.
 - **One guest-list read for a crowd.**  A guest list read at most :data:`GUEST_LIST_MAX_AGE`
   (2 s) before an allocation serves it, and allocations that arrive while a read is running
   wait for it and share it (:class:`FreshInventory`): a burst of allocations costs Proxmox a
