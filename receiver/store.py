@@ -147,6 +147,7 @@ holds = sa.Table(
     sa.Column("source", sa.String(16), nullable=False),  # cli, http, restore
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Index("ix_janitor_holds_table_name", "table_name"),
+    sqlite_autoincrement=True,  # ids are handed to users: never reused after a delete
 )
 
 pending = sa.Table(
@@ -168,6 +169,7 @@ pending = sa.Table(
     sa.Column("note", sa.Text),  # a rejection's reason, an approval's result
     sa.Column("superseded_by", sa.Integer),
     sa.Index("ix_janitor_pending_state", "state"),
+    sqlite_autoincrement=True,  # ids are handed to users: never reused after a delete
 )
 
 pending_rows = sa.Table(
@@ -213,6 +215,7 @@ reservations = sa.Table(
     sa.Column("source", sa.String(16), nullable=False),  # cli, http
     sa.Column("label", sa.Text),  # what the caller said it is for
     sa.Index("ix_janitor_reservations_expires_at", "expires_at"),
+    sqlite_autoincrement=True,  # ids are handed to users: never reused after a delete
 )
 
 reserved_values = sa.Table(

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import ROOT, Database, _server_database, _sqlite_database, janitor_env, run_cli, running_apps
 
-from receiver import schema, store
+from receiver import holds, schema, store
 from receiver.config import load_settings, without_settings
 from receiver.db import DatabaseError, make_engine
 from receiver.runtime import Runtime
@@ -397,3 +397,22 @@ def test_the_migrated_tables_are_the_tables_the_code_describes(bare_db):
         }, table.name
         indexes = {ix["name"] for ix in inspector.get_indexes(table.name)}
         assert {ix.name for ix in table.indexes} <= indexes, table.name
+
+
+def test_ids_handed_to_users_are_never_reused_on_sqlite(sqlite_path):
+    """A hold, a pending plan or a reservation is named by its id (`release 7`, `approve 7`,
+    `DELETE /api/v1/allocations/7`): SQLite would give a deleted newest row's id to the next one,
+    and a stale id would then name someone else's.  AUTOINCREMENT keeps ids rising."""
+    engine = make_engine(f"sqlite:///{sqlite_path}")
+    try:
+        schema.upgrade(engine)
+        with engine.connect() as conn:
+            made = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'table'").all())
+        for name in ("janitor_holds", "janitor_pending", "janitor_reservations"):
+            assert "AUTOINCREMENT" in made[name], name
+        first = holds.place(engine, "apps", now=utcnow(), source="cli", vmid=200)
+        holds.release(engine, "apps", hold_id=first.id)
+        second = holds.place(engine, "apps", now=utcnow(), source="cli", vmid=200)
+        assert second.id > first.id
+    finally:
+        engine.dispose()

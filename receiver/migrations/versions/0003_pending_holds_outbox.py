@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text),
         sa.Column("source", sa.String(16), nullable=False),
         sa.Column("created_at", sa.DateTime, nullable=False),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_janitor_holds_table_name", "janitor_holds", ["table_name"])
     op.create_table(
@@ -56,6 +57,7 @@ def upgrade() -> None:
         sa.Column("decided_by", sa.String(16)),
         sa.Column("note", sa.Text),
         sa.Column("superseded_by", sa.Integer),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_janitor_pending_state", "janitor_pending", ["state"])
     op.create_table(

@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime, nullable=False),
         sa.Column("source", sa.String(16), nullable=False),
         sa.Column("label", sa.Text),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_janitor_reservations_expires_at", "janitor_reservations", ["expires_at"])
     op.create_table(
