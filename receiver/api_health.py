@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import coverage_db, holds, outbox, pending, store
+from . import coverage_db, holds, outbox, pending, reservations, store
 from .db import describe_db_error
 from .metrics import CONTENT_TYPE
 from .web import janitor, json_response
@@ -74,6 +74,7 @@ def metrics() -> Response:
             last_success = store.last_success_time(conn)
             j.metrics.pending_plans.set(pending.count_open(conn, j.settings.table, now))
             j.metrics.holds.set(holds.count(conn, j.settings.table, now))
+            j.metrics.allocations.set(reservations.count(conn, j.settings.table, now))
             labels = outbox.target_labels(j.settings.webhook_urls)
             for target, found in outbox.backlog(conn, labels).items():
                 j.metrics.webhook_backlog.labels(target=labels[target]).set(found["undelivered"])

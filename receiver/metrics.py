@@ -136,6 +136,9 @@ class Metrics:
             registry=r,
         )
         self.holds = Gauge("pve_janitor_holds", "Holds in force (rows and VMIDs never removed)", registry=r)
+        self.allocations = Gauge(
+            "pve_janitor_allocations", "Reservations in force (VMIDs, hostnames, ports handed out)", registry=r
+        )
         self.rows_held = Gauge(
             "pve_janitor_rows_held",
             "Rows a hold kept that the last sweep would otherwise have acted on",

@@ -119,6 +119,7 @@ def test_stats_count_the_allocations_in_force(client):
     for _ in range(2):
         assert client.post(ALLOCATIONS, headers=bearer()).status_code == 201
     assert client.get(stats).get_json()["allocations"] == 2
+    assert re.search(r"^pve_janitor_allocations 2\.0$", client.get("/metrics").get_data(as_text=True), re.M)
 
 
 # --- refusals ----------------------------------------------------------------------------

@@ -538,3 +538,17 @@ def test_openapi_documents_each_status_the_tests_see():
     assert set(paths[HOLDS]["get"]["responses"]) >= {"200"} | admin
     assert set(paths[HOLDS]["post"]["responses"]) >= {"201", "400", "404", "415"} | admin
     assert set(paths[HOLDS + "/{hold_id}"]["delete"]["responses"]) >= {"200", "404"} | admin
+
+
+def test_metrics_count_open_plans_and_holds(client):
+    def gauge(name: str) -> float:
+        found = re.search(rf"^{name} (\S+)$", client.get("/metrics").get_data(as_text=True), re.M)
+        assert found, name
+        return float(found.group(1))
+
+    assert (gauge("pve_janitor_pending_plans"), gauge("pve_janitor_holds")) == (0, 0)
+    plan = refused_plan(client)
+    assert client.post(HOLDS, headers=bearer(), json={"vmid": 5000}).status_code == 201
+    assert (gauge("pve_janitor_pending_plans"), gauge("pve_janitor_holds")) == (1, 1)
+    assert client.post(f"{PENDING}/{plan}/reject", headers=bearer()).status_code == 200
+    assert gauge("pve_janitor_pending_plans") == 0

@@ -407,7 +407,9 @@ def test_ids_handed_to_users_are_never_reused_on_sqlite(sqlite_path):
     try:
         schema.upgrade(engine)
         with engine.connect() as conn:
-            made = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'table'").all())
+            made: dict[str, str] = dict(
+                conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'table'").all()
+            )
         for name in ("janitor_holds", "janitor_pending", "janitor_reservations"):
             assert "AUTOINCREMENT" in made[name], name
         first = holds.place(engine, "apps", now=utcnow(), source="cli", vmid=200)
