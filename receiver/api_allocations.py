@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from typing import Any
 
@@ -28,13 +27,12 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import reservations
 from .allocator import Allocator, Refused, Request, port_counts
-from .web import error, is_admin, janitor, json_response
+from .web import error, is_admin, janitor, json_response, path_id
 
 logger = logging.getLogger(__name__)
 
 ALLOCATIONS = "/api/v1/allocations"
 FIELDS = ("hostname", "hostname_suffix", "ports", "label")
-_ID = re.compile(r"[0-9]{1,19}")
 _made = threading.Lock()
 
 allocations = Blueprint("allocations", __name__)
@@ -104,10 +102,11 @@ def release_allocation(reservation_id: str) -> Response:
     """Release a reservation: its VMID, hostname and ports are free again (allocator or admin token)."""
     if (denied := require_allocator()) is not None:
         return denied
-    if not (_ID.fullmatch(reservation_id) and 0 < int(reservation_id) < 2**63):
+    number = path_id(reservation_id)
+    if number is None:
         return error(404, f"no allocation {reservation_id[:40]!r}: ids are whole numbers from 1")
     j = janitor()
-    released = reservations.release(j.runtime.engine, j.settings.table, int(reservation_id))
+    released = reservations.release(j.runtime.engine, j.settings.table, number)
     if released is None:
         return error(404, f"no allocation {reservation_id}")
     logger.info("released %s over HTTP", released.describe())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -25,7 +24,7 @@ from flask import Blueprint, Response, jsonify, request
 from . import approval, holds, pending
 from .model import Outcome
 from .pending import PlanState
-from .web import ERROR_CODES, error, janitor, json_response, require_admin
+from .web import ERROR_CODES, error, janitor, json_response, path_id, require_admin
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ PENDING, HOLDS = "/api/v1/system/cleanup/pending", "/api/v1/system/cleanup/holds
 NOT_APPROVED_STATUS = {Outcome.FAILED: 503}
 HOLD_FIELDS = ("vmid", "row_key", "until", "reason")
 REJECT_FIELDS = ("reason",)
-_ID = re.compile(r"[0-9]{1,19}")
 _FLAGS = {"true": True, "false": False}
 
 plans = Blueprint("plans", __name__)
@@ -191,8 +189,9 @@ def release_hold(hold_id: str) -> Response:
 
 def _path_id(text: str, what: str) -> int:
     """An id from the path: a whole number 1..2**63-1, else there is no such thing (404)."""
-    if _ID.fullmatch(text) and 0 < int(text) < 2**63:
-        return int(text)
+    number = path_id(text)
+    if number is not None:
+        return number
     raise _Unanswerable(404, f"no {what} {text[:40]!r}: ids are whole numbers from 1")
 
 

@@ -10,6 +10,7 @@ answer a missing token the same way.
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,15 @@ def json_response(body: dict[str, Any], status: int) -> Response:
     response = jsonify(body)
     response.status_code = status
     return response
+
+
+_ID = re.compile(r"[0-9]{1,19}")
+
+
+def path_id(text: str) -> int | None:
+    """An id from a URL path (a plan, a hold, an allocation): a whole number 1..2**63-1, the
+    range every database stores; None for anything else, which names nothing (a 404)."""
+    return int(text) if _ID.fullmatch(text) and 0 < int(text) < 2**63 else None
 
 
 def require_admin() -> Response | None:
