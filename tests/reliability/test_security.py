@@ -184,6 +184,7 @@ def test_only_gets_reach_proxmox_across_a_full_run(cluster, tmp_path):
         "/nodes/{node}/tasks",  # the task tail's archive read
         "/nodes/{node}/{type}",  # the watcher's probes: a node's guest list
         "/nodes/{node}/{type}/{vmid}/status/current",  # ... or one guest's status
+        "/nodes/{node}/{type}/{vmid}/config",  # hook coverage: does the config name the hookscript
     }
     assert {"/access/permissions", "/access/acl", "/cluster/resources", "/cluster/tasks", "/cluster/status"} <= paths
     assert "/nodes/{node}/{type}/{vmid}/status/current" in paths  # the stopped guest was probed on its node
