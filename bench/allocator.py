@@ -2,7 +2,7 @@
 
 End to end, as a deployment pipeline sees it: HTTP clients (threads, each with its own
 keep-alive connection, opened beforehand) → ``POST /api/v1/allocations`` of a real receiver
-(waitress, its 8 threads) → the guest list from the simulator, the PostgreSQL reads, the
+(waitress, its 32 threads) → the guest list from the simulator, the PostgreSQL reads, the
 ``/cluster/nextid`` confirmation and the reserving transaction.
 
 The platform table holds ``SIZE`` rows with dense VMIDs from 100 (the worst case for "the
@@ -135,7 +135,7 @@ def measure(size: int = SIZE, concurrency: int = CONCURRENCY, rounds: int = ROUN
     schema = f"bench_alloc_{os.getpid()}"
     db_url = postgres_schema_url(base, schema)
     engine = make_engine(db_url)
-    sim = ProxmoxSimulator().start()
+    sim = ProxmoxSimulator(keep_alive=True).start()  # pveproxy keeps connections, as a real cluster's would
     token = secrets.token_hex(16)
     receiver = None
     figures: dict[str, Any] = {}

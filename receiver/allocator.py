@@ -16,9 +16,17 @@ value) is the UNIQUE constraint.  Why it is built this way:
   no lock held while Proxmox is asked.  A lock instead (a lease row, an advisory lock) would
   make every allocation wait for the one before it, Proxmox's answer included, and
   advisory locks exist on two of the three databases only.
+- **A crowd is served as a group.**  In one receiver, allocations that arrive while another
+  is being served wait, and are then served together (:meth:`Allocator.allocate`): one read
+  of what is free, the lowest free VMIDs handed out in order of arrival and confirmed with
+  Proxmox side by side (:data:`CONFIRMERS` at once), one transaction for all of them.  A
+  burst of 100 costs a few reads and transactions, not 100 of each, and its members never
+  meet one another in the database.  What a group cannot settle (two asking for one
+  hostname, the last ports of a range, a transaction that met another receiver's values) is
+  served one at a time after it, as below.
 - **Bounded retries, spread out.**  The first choice is the lowest free value.  Allocations
-  in one receiver choose around each other's claims (:class:`_Claims`), so a burst of them
-  does not meet in the database at all; after a conflict with another receiver the choice is
+  served alone choose around the claims of others (:class:`_Claims`); after a conflict with
+  another receiver the choice is
   random among the first few free values (8, 16, 32, then 64), so a crowd spreads out in a
   few rounds instead of colliding once per member.  After :data:`MAX_TRIES` conflicts the
   answer is "contention, try again" (HTTP 503); a range with no free value left is a conflict
@@ -29,8 +37,8 @@ value) is the UNIQUE constraint.  Why it is built this way:
   an ACL hides from the token.  Any failure of either: nothing is reserved, HTTP 503.
 - **Cheap on a large table.**  The lowest free values come from the database by an indexed
   scan from the range's low end that stops at the first gaps (``LAG()``/``LEAD()`` over the
-  column's order, :func:`free_numbers`), not by loading the table's VMIDs into Python; only
-  the reserved values (a few) and the guest list are held in memory.  Within
+  column's order, :func:`~receiver.freevalues.free_numbers`), not by loading the table's
+  VMIDs into Python; only the reserved values (a few) and the guest list are held in memory.  Within
   :data:`FLOOR_S` of a scan from the low end, the next ones start where it found the first
   value no row held (:meth:`Allocator._free`): 36 ms at 100,000 dense rows, 2 ms from there.
 - **One guest-list read for a crowd.**  A guest list read at most :data:`GUEST_LIST_MAX_AGE`
@@ -48,12 +56,12 @@ VMID; the platform creates the guest with the allocated VMID at once, and on Pro
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -62,8 +70,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import reservations
+from .db import CHUNK, chunks
+from .freevalues import Skip, scan_free, whole
 from .model import Inventory, InventoryError
-from .reservations import HOSTNAME, VMID, Reservation
+from .reservations import HOSTNAME, VMID, Reservation, Wanted
 
 if TYPE_CHECKING:  # types only: no import at run time
     from .config import Settings
@@ -77,7 +87,8 @@ MAX_PROBES = 32  # /cluster/nextid checks per allocation (VMIDs taken by guests 
 WINDOW_START, WINDOW_MAX = 8, 64  # after a conflict: choose among the first N free values
 MAX_PORTS = 32  # ports per column in one allocation
 MAX_SUFFIX = 99  # hostname, hostname-2 ... hostname-99
-GAP_PAGE = 256  # gaps read per statement
+MAX_GROUP = 128  # allocations served together (one read, one transaction)
+CONFIRMERS = 8  # /cluster/nextid requests of a group in flight at once
 # A guest list read this long before an allocation serves it: it only steers the choice (the
 # VMID is confirmed with /cluster/nextid), and a burst of allocations costs one read.
 GUEST_LIST_MAX_AGE = 2.0
@@ -220,107 +231,6 @@ class FreshInventory:
                 self._cond.notify_all()
 
 
-# --- free values in a column -----------------------------------------------------------
-
-
-class _Skip:
-    """Membership in any of several sets, without copying them into one."""
-
-    def __init__(self, *sets: Collection[int]):
-        self.sets = sets
-
-    def __contains__(self, value: object) -> bool:
-        return any(value in s for s in self.sets)
-
-
-def _whole(value: Any) -> int | None:
-    try:
-        text = str(value).strip()
-        return int(text) if text.isascii() and text.isdigit() else None
-    except (TypeError, ValueError):
-        return None
-
-
-def free_numbers(
-    conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | _Skip, want: int
-) -> list[int]:
-    """Up to ``want`` numbers of ``low..high``, lowest first, that no row holds in ``column`` and
-    ``skip`` does not hold; fewer when the range runs out (see :func:`scan_free`)."""
-    return scan_free(conn, column, low, high, skip, want)[0]
-
-
-def scan_free(
-    conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | _Skip, want: int
-) -> tuple[list[int], int | None]:
-    """:func:`free_numbers`, and the lowest number of ``low..high`` no row holds (``skip`` or
-    not; None if the scan met none).
-
-    A numeric column is scanned in the database from ``low``, in its order (its index), and
-    the scan stops at the first gaps that give enough numbers: one query per :data:`GAP_PAGE`
-    gaps, whose ``LAG()`` and ``LEAD()`` show each gap as the rows on either side of it (the
-    range's start and end count as sides).  A text column (its order is not the numbers') is
-    read whole.
-    """
-    found: list[int] = []
-    unused: list[int] = []
-
-    def take(first: Any, last: int) -> bool:
-        n = max(math.ceil(first), low)
-        if not unused and n <= min(last, high):
-            unused.append(n)
-        while n <= min(last, high) and len(found) < want:
-            if n not in skip:
-                found.append(n)
-            n += 1
-        return len(found) >= want
-
-    def answer() -> tuple[list[int], int | None]:
-        return found, (unused[0] if unused else None)
-
-    if want <= 0:
-        return answer()
-    if not isinstance(column.type, (sa.Integer, sa.Numeric)):
-        used = {n for n in (_whole(v) for v in conn.execute(sa.select(column).distinct()).scalars()) if n is not None}
-        _take_around(used, low, high, take)
-        return answer()
-    cursor: Any = low
-    while True:
-        ordered = (
-            sa.select(
-                column.label("v"),
-                sa.func.lag(column).over(order_by=column).label("prev"),
-                sa.func.lead(column).over(order_by=column).label("nxt"),
-            )
-            .where(column >= cursor, column <= high)
-            .subquery()
-        )
-        sides = conn.execute(
-            sa.select(ordered.c.v, ordered.c.prev, ordered.c.nxt)
-            .where(sa.or_(ordered.c.prev.is_(None), ordered.c.nxt.is_(None), ordered.c.nxt > ordered.c.v + 1))
-            .order_by(ordered.c.v)
-            .limit(GAP_PAGE)
-        ).all()
-        if not sides:  # no row from the cursor to the range's end
-            take(cursor, high)
-            return answer()
-        for v, prev, nxt in sides:
-            if prev is None and take(cursor, math.ceil(v) - 1):  # before the first row
-                return answer()
-            if take(math.floor(v) + 1, high if nxt is None else math.ceil(nxt) - 1) or nxt is None:
-                return answer()
-        cursor = sides[-1][2]
-
-
-def _take_around(used: set[int], low: int, high: int, take: Callable[[int, int], bool]) -> None:
-    """``take`` each run of numbers of ``low..high`` between the ``used`` ones, lowest first."""
-    start = low
-    for n in sorted(u for u in used if low <= u <= high):
-        if n > start and take(start, n - 1):
-            return
-        start = max(start, n + 1)
-    take(start, high)
-
-
 # --- the allocator ---------------------------------------------------------------------
 
 
@@ -394,6 +304,23 @@ def _spread(free: list[Any], window: int) -> list[Any]:
     return head + free[window:]
 
 
+@dataclass(eq=False)
+class _Ask:
+    """One allocation waiting to be served, and what came of it (see :meth:`Allocator.allocate`)."""
+
+    request: Request
+    hostname: str | None
+    ports: dict[str, int]
+    wake: threading.Event = field(default_factory=threading.Event)  # done, or handed the lead
+    done: bool = False
+    reservation: Reservation | None = None
+    failure: BaseException | None = None
+
+    def finish(self, reservation: Reservation | None = None, failure: BaseException | None = None) -> None:
+        self.reservation, self.failure, self.done = reservation, failure, True
+        self.wake.set()
+
+
 class Allocator:
     """Allocations on the platform table of ``settings``; one per process, shared by threads."""
 
@@ -411,27 +338,182 @@ class Allocator:
         self.guests = FreshInventory(inventory.read, GUEST_LIST_MAX_AGE)
         self._claims = _Claims()
         self._lock = threading.Lock()
-        self._busy = 0  # allocations in progress in this process
+        self._queue: list[_Ask] = []  # allocations waiting to be served, in order of arrival
+        self._leading = False  # one of them serves a group; the others wait for it
+        self._executor: ThreadPoolExecutor | None = None  # the /cluster/nextid confirmations of a group
         self._floors: dict[str, tuple[int, float]] = {}  # column -> (lowest free found, scan from low at)
         self._known: tuple[Inventory, frozenset[int], frozenset[str]] | None = None  # a list's VMIDs and names
         self.conflicts = 0  # reserving transactions that met another's values (for the benchmark)
         self.probes = 0  # /cluster/nextid checks made
 
     def allocate(self, request: Request) -> Reservation:
-        """Reserve a VMID (and what ``request`` asks for besides); Refused when nothing was reserved."""
-        hostname = normal_hostname(request.hostname) if request.hostname is not None else None
-        ports = port_counts(self.settings, request.ports)
+        """Reserve a VMID (and what ``request`` asks for besides); Refused when nothing was reserved.
+
+        Allocations that arrive while another is being served wait for it and are then served
+        together as a group (:meth:`_serve`): one read of what is free, the VMIDs confirmed
+        with Proxmox side by side, one transaction.  The first to arrive leads; when its group
+        is served it hands the lead to the first one waiting."""
+        ask = _Ask(
+            request,
+            normal_hostname(request.hostname) if request.hostname is not None else None,
+            port_counts(self.settings, request.ports),
+        )
         with self._lock:
-            self._busy += 1
+            self._queue.append(ask)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            ask.wake.wait()
+        if not ask.done:  # handed the lead: serve the first ones waiting (this one among them)
+            with self._lock:
+                group = self._queue[:MAX_GROUP]
+                del self._queue[:MAX_GROUP]
+            try:
+                self._serve(group)
+            finally:
+                with self._lock:
+                    if self._queue:
+                        self._queue[0].wake.set()
+                    else:
+                        self._leading = False
+        if ask.failure is not None:
+            raise ask.failure
+        assert ask.reservation is not None
+        return ask.reservation
+
+    def _serve(self, group: list[_Ask]) -> None:
+        """Serve every ask of ``group`` (a reservation or a failure each), waking all but the
+        caller's own as each is done."""
         try:
             try:
                 inventory = self.guests.get()
             except InventoryError as exc:
-                raise Refused("proxmox", f"the guest list could not be read ({exc}); nothing was reserved") from None
-            return self._allocate(request, hostname, ports, inventory)
-        finally:
+                refused = Refused("proxmox", f"the guest list could not be read ({exc}); nothing was reserved")
+                for ask in group:
+                    ask.finish(failure=refused)
+                return
+            left = self._allocate_group(group, inventory) if len(group) > 1 else group
+            for ask in left:
+                try:
+                    ask.finish(self._allocate(ask.request, ask.hostname, ask.ports, inventory))
+                except Exception as exc:  # noqa: BLE001 - handed to the ask's own thread, raised there
+                    ask.finish(failure=exc)
+        except Exception as exc:  # noqa: BLE001 - every ask of the group gets it, in its own thread
+            for ask in group:
+                if not ask.done:
+                    ask.finish(failure=exc)
+        except BaseException as exc:
+            for ask in group:
+                if not ask.done:
+                    ask.finish(failure=exc)
+            raise
+
+    def _allocate_group(self, group: list[_Ask], inventory: Inventory) -> list[_Ask]:
+        """Reserve for the asks of ``group`` in one transaction, from one read of what is free,
+        in their order (the first gets the lowest VMID); returns the asks left to be served one
+        at a time (:meth:`_allocate`): those whose values the group could not settle (a
+        hostname or the last ports wanted by another of the group, VMIDs run out), or all of
+        them when the transaction met another receiver's values."""
+        guests, names = self._guest_sets(inventory)
+        now = self.clock().replace(microsecond=0)  # every database keeps whole seconds
+        wanted_ports: dict[str, int] = {}
+        for ask in group:
+            for column, n in ask.ports.items():
+                wanted_ports[column] = wanted_ports.get(column, 0) + n
+        asked_names = {ask: _name_candidates(ask.hostname, ask.request.suffix) for ask in group if ask.hostname}
+        # Groups are served one at a time, so no other allocation of this allocator chooses
+        # meanwhile: no claims to take (:class:`_Claims` is for those served alone).
+        with self.table.engine.connect() as conn:
+            held, expired = reservations.read(conn, self.settings.table, now)
+            ended = reservations.ended_ids(conn, self.table, held)
+            if ended:  # their values are free (their VMID and hostname are a row's now)
+                gone = set(ended)
+                held = {k: {v: r for v, r in vs.items() if r not in gone} for k, vs in held.items()}
+            in_rows = self._names_in_rows(conn, {c for candidates in asked_names.values() for c in candidates})
+            free_ports: dict[str, list[int]] = {}
+            for column, low, high in self.settings.allocator_ports:
+                if wanted_ports.get(column):
+                    skip = {p for p in (whole(v) for v in held.get(column, {})) if p is not None}
+                    free_ports[column] = self._free(
+                        conn, self.table.table.c[column], low, high, skip, wanted_ports[column]
+                    )
+            reserved = {v for v in (whole(x) for x in held.get(VMID, {})) if v is not None}
+            low, high = self.settings.allocator_vmids
+            free_vmids = self._free(conn, self.table.vmid, low, high, Skip(guests, reserved), len(group) + 8)
+        left: list[_Ask] = []
+        planned: list[tuple[_Ask, list[tuple[str, str]]]] = []
+        names_taken: set[str] = set()
+        for ask in group:
+            values: list[tuple[str, str]] = []
+            if ask.hostname is not None:
+                try:
+                    free = self._pick_names(
+                        ask.hostname, ask.request.suffix, asked_names[ask], in_rows, names, held.get(HOSTNAME, {})
+                    )
+                except Refused as exc:
+                    ask.finish(failure=exc)
+                    continue
+                free = [c for c in free if c not in names_taken]
+                if not free:
+                    left.append(ask)  # another of the group has it: alone, it is told who
+                    continue
+                values.append((HOSTNAME, free[0]))
+            if any(len(free_ports[column]) < n for column, n in ask.ports.items()):
+                left.append(ask)  # alone, it reads again and is told if the range ran out
+                continue
+            for column, n in ask.ports.items():
+                got, free_ports[column] = free_ports[column][:n], free_ports[column][n:]
+                values.extend((column, str(port)) for port in got)
+            names_taken.update(value for kind, value in values if kind == HOSTNAME)
+            planned.append((ask, values))
+        vmids = self._confirm(free_vmids, len(planned))
+        left += [ask for ask, _ in planned[len(vmids) :]]
+        planned = [(ask, [(VMID, str(vmid)), *values]) for (ask, values), vmid in zip(planned, vmids, strict=False)]
+        if not planned:
+            return left
+        try:
+            made = reservations.reserve_many(
+                self.table.engine,
+                self.settings.table,
+                now=now,
+                expires_at=now + timedelta(minutes=self.settings.reservation_minutes),
+                wanted=[Wanted(ask.request.source, ask.request.label, values) for ask, values in planned],
+                stale=expired + ended,
+            )
+        except reservations.Taken as exc:
             with self._lock:
-                self._busy -= 1
+                self.conflicts += 1
+            logger.debug("allocation: a group of %d met another's values (%s), one by one", len(planned), exc)
+            return left + [ask for ask, _ in planned]
+        for (ask, _), reservation in zip(planned, made, strict=True):
+            logger.info(
+                "allocated %s until %s (%s)", reservation.describe(), reservation.expires_at, ask.request.source
+            )
+            ask.finish(reservation)
+        return left
+
+    def _confirm(self, candidates: list[int], n: int) -> list[int]:
+        """Up to ``n`` of ``candidates``, in order, that Proxmox says are free
+        (``/cluster/nextid?vmid=N``), asked side by side; a VMID in use (a guest the token
+        cannot see) is passed over for the next candidate, within :data:`MAX_PROBES` such.
+        Refused (``proxmox``) when Proxmox could not answer."""
+        confirmed: list[int] = []
+        rest = list(candidates)
+        passed_over = 0
+        while len(confirmed) < n and rest and passed_over <= MAX_PROBES:
+            batch, rest = rest[: n - len(confirmed)], rest[n - len(confirmed) :]
+            with self._lock:
+                self.probes += len(batch)
+            answers = list(self._pool().map(self._free_in_proxmox, batch))
+            confirmed += [vmid for vmid, free in zip(batch, answers, strict=True) if free]
+            passed_over += answers.count(False)
+        return sorted(confirmed)[:n]
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(CONFIRMERS, thread_name_prefix="pve-janitor-nextid")
+            return self._executor
 
     def _guest_sets(self, inventory: Inventory) -> tuple[frozenset[int], frozenset[str]]:
         """The list's VMIDs and names (lower case), made once per list read, not per allocation."""
@@ -548,9 +630,8 @@ class Allocator:
         window: int,
     ) -> _Choice:
         """What is free, from one read of the reservations and the platform table: enough of
-        each for this allocation, the others of this process (``_busy``) and the ``window``."""
+        each for this allocation and the ``window``."""
         table_name = self.settings.table
-        extra = self._busy
         with self.table.engine.connect() as conn:
             held, expired = reservations.read(conn, table_name, now)
             ended = reservations.ended_ids(conn, self.table, held)
@@ -563,8 +644,8 @@ class Allocator:
                 n = ports.get(column, 0)
                 if not n:
                     continue
-                skip = {p for p in (_whole(v) for v in held.get(column, {})) if p is not None}
-                free = self._free(conn, self.table.table.c[column], low, high, skip, max(window, n) + extra)
+                skip = {p for p in (whole(v) for v in held.get(column, {})) if p is not None}
+                free = self._free(conn, self.table.table.c[column], low, high, skip, max(window, n))
                 if len(free) < n:
                     raise Refused(
                         "port_range_exhausted",
@@ -572,10 +653,10 @@ class Allocator:
                         "(the others are used by rows or reserved)",
                     )
                 free_ports[column] = (n, _spread(free, window))
-            reserved = {v for v in (_whole(x) for x in held.get(VMID, {})) if v is not None}
+            reserved = {v for v in (whole(x) for x in held.get(VMID, {})) if v is not None}
             low, high = self.settings.allocator_vmids
-            not_these = _Skip(guests, reserved, taken)
-            free_vmids = self._free(conn, self.table.vmid, low, high, not_these, max(window, 8) + extra)
+            not_these = Skip(guests, reserved, taken)
+            free_vmids = self._free(conn, self.table.vmid, low, high, not_these, max(window, 8))
         return _Choice(
             _spread(free_vmids, window),
             None if free_names is None else _spread(free_names, window),
@@ -584,9 +665,9 @@ class Allocator:
         )
 
     def _free(
-        self, conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | _Skip, want: int
+        self, conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | Skip, want: int
     ) -> list[int]:
-        """:func:`free_numbers` from the lowest value no row held in a scan of the last
+        """:func:`~receiver.freevalues.free_numbers` from the lowest value no row held in a scan of the last
         :data:`FLOOR_S` seconds (every value below it was a row's then): a burst of allocations
         does not scan a table's dense VMIDs from the range's start for each.  A row deleted
         below it within those seconds waits for the next scan from the start; reservations,
@@ -615,15 +696,30 @@ class Allocator:
         it) when none is free; None when no name is asked for."""
         if name is None:
             return None
-        candidates = [name]
-        if suffix:
-            candidates += [c for c in (with_suffix(name, k) for k in range(2, MAX_SUFFIX + 1)) if len(c) <= 253]
-            candidates = [c for c in candidates if len(c.split(".", 1)[0]) <= 63]
+        candidates = _name_candidates(name, suffix)
+        return self._pick_names(name, suffix, candidates, self._names_in_rows(conn, candidates), guest_names, held)
+
+    def _names_in_rows(self, conn: Connection, candidates: Collection[str]) -> set[str]:
+        """Which of ``candidates`` rows of the platform table carry as their hostname."""
         column_name = self.settings.hostname_column
-        in_rows: set[str] = set()
-        if column_name:
-            column = self.table.table.c[column_name]
-            in_rows = {str(v).lower() for v in conn.execute(sa.select(column).where(column.in_(candidates))).scalars()}
+        if not column_name or not candidates:
+            return set()
+        column = self.table.table.c[column_name]
+        found: set[str] = set()
+        for part in chunks(sorted(candidates), CHUNK):
+            found.update(str(v).lower() for v in conn.execute(sa.select(column).where(column.in_(part))).scalars())
+        return found
+
+    def _pick_names(
+        self,
+        name: str,
+        suffix: bool,
+        candidates: list[str],
+        in_rows: Collection[str],
+        guest_names: frozenset[str],
+        held: Mapping[str, int],
+    ) -> list[str]:
+        """The free ones of ``candidates``; Refused, saying who has it, when none is."""
         free = [c for c in candidates if c not in in_rows and c not in guest_names and c not in held]
         if free:
             return free
@@ -636,3 +732,12 @@ class Allocator:
         else:
             who = f"reservation {held[name]}"
         raise Refused("hostname_taken", f"hostname {name!r} is taken by {who} (ask with suffix to get {name}-2 ...)")
+
+
+def _name_candidates(name: str, suffix: bool) -> list[str]:
+    """``[name]``, or with ``suffix`` name, name-2 ... name-99 (those that stay DNS names)."""
+    candidates = [name]
+    if suffix:
+        candidates += [c for c in (with_suffix(name, k) for k in range(2, MAX_SUFFIX + 1)) if len(c) <= 253]
+        candidates = [c for c in candidates if len(c.split(".", 1)[0]) <= 63]
+    return candidates

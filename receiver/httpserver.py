@@ -39,7 +39,7 @@ from .web import ERROR_CODES
 
 logger = logging.getLogger(__name__)
 
-HTTP_THREADS = 8
+HTTP_THREADS = 32  # allocations that arrive together are served as a group: up to this many at once
 CONNECTION_LIMIT = 500  # a node's boot burst: one short connection per guest and phase
 IDLE_TIMEOUT_S = 30  # a connection without a request in progress is closed after this
 REQUEST_DEADLINE_S = 10  # a request must arrive whole within this, from its first byte

@@ -195,6 +195,15 @@ def _delete(conn: Connection, ids: Collection[int]) -> int:
     return deleted
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """One reservation to make: who asks (``cli``, ``http``), its label, its values (kind, text)."""
+
+    source: str
+    label: str | None
+    values: Sequence[tuple[str, str]]
+
+
 def reserve(
     engine: Engine,
     table_name: str,
@@ -208,34 +217,53 @@ def reserve(
 ) -> Reservation:
     """One transaction: delete the ``stale`` reservations (so their values free up), insert the
     reservation and its ``values`` (kind, text), commit.  :class:`Taken` when another
-    reservation holds one of the values by then: nothing was reserved.
+    reservation holds one of the values by then: nothing was reserved."""
+    wanted = Wanted(source, label, values)
+    return reserve_many(engine, table_name, now=now, expires_at=expires_at, wanted=[wanted], stale=stale)[0]
+
+
+def reserve_many(
+    engine: Engine,
+    table_name: str,
+    *,
+    now: datetime,
+    expires_at: datetime,
+    wanted: Sequence[Wanted],
+    stale: Collection[int] = (),
+) -> list[Reservation]:
+    """:func:`reserve` for several reservations in one transaction (a group of allocations):
+    all of them or, with :class:`Taken`, none.
 
     The values go in one order everywhere (sorted), so two allocations that want some of the
     same values wait for each other instead of locking each other out.
     """
     r, v = store.reservations, store.reserved_values
-    label = clean_label(label)
+    made: list[tuple[int, Wanted, str | None]] = []
     try:
         with write_transaction(engine) as conn:
             if stale:
                 _delete(conn, stale)
-            reservation_id = conn.execute(
-                r.insert().values(
-                    table_name=table_name, created_at=now, expires_at=expires_at, source=source, label=label
-                )
-            ).inserted_primary_key[0]  # type: ignore[index]
-            conn.execute(
-                v.insert(),
-                [
+            rows = []
+            for one in wanted:
+                label = clean_label(one.label)
+                reservation_id = conn.execute(
+                    r.insert().values(
+                        table_name=table_name, created_at=now, expires_at=expires_at, source=one.source, label=label
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+                made.append((reservation_id, one, label))
+                rows += [
                     {"table_name": table_name, "kind": kind, "value": value, "reservation_id": reservation_id}
-                    for kind, value in sorted(set(values))
-                ],
-            )
+                    for kind, value in set(one.values)
+                ]
+            rows.sort(key=lambda row: (row["kind"], row["value"]))
+            for part in chunks(rows, CHUNK):
+                conn.execute(v.insert(), part)
     except DBAPIError as exc:
         if isinstance(exc, IntegrityError) or _lock_conflict(exc):
             raise Taken(type(exc.orig).__name__) from None
         raise
-    return _reservation(reservation_id, table_name, now, expires_at, source, label, values)
+    return [_reservation(rid, table_name, now, expires_at, one.source, label, one.values) for rid, one, label in made]
 
 
 def _lock_conflict(exc: DBAPIError) -> bool:

@@ -27,12 +27,12 @@ from receiver.allocator import (
     FreshInventory,
     Refused,
     Request,
-    free_numbers,
     normal_hostname,
     port_counts,
     with_suffix,
 )
 from receiver.config import load_settings
+from receiver.freevalues import free_numbers
 from receiver.inbox import Inbox
 from receiver.model import Inventory, InventoryError
 from receiver.runtime import Runtime

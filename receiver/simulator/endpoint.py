@@ -47,6 +47,7 @@ class HttpsEndpoint:
         def _route(self, path: str, query: dict) -> object: ...
 
     def _init_serving(self) -> None:
+        self.keep_alive = False  # True: HTTP/1.1 with kept-alive connections, as pveproxy (server._Handler)
         self._fault: tuple = (None, 0.0)
         self._fault_path: str | None = None
         self._counts: Counter = Counter()

@@ -40,6 +40,7 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
         auth_fail_delay: float = 0.0,
         node_name_env: bool = True,
         task_user: str = "root@pam",
+        keep_alive: bool = False,
     ):
         Cluster.__init__(self, nodes, task_user, node_name_env)
         if "@" not in user:
@@ -59,6 +60,7 @@ class ProxmoxSimulator(HttpsEndpoint, ApiRoutes, Cluster):
         self.access.modify_acl("/", "user", self.user, "PVEAuditor")
         self._apply_switches()
         self._init_serving()
+        self.keep_alive = keep_alive
 
     @property
     def token_id(self) -> str:
