@@ -237,25 +237,30 @@ def reserve_many(
     The values go in one order everywhere (sorted), so two allocations that want some of the
     same values wait for each other instead of locking each other out.
     """
-    r, v = store.reservations, store.reserved_values
+    v = store.reserved_values
     made: list[tuple[int, Wanted, str | None]] = []
     try:
         with write_transaction(engine) as conn:
             if stale:
                 _delete(conn, stale)
-            rows = []
-            for one in wanted:
-                label = clean_label(one.label)
-                reservation_id = conn.execute(
-                    r.insert().values(
-                        table_name=table_name, created_at=now, expires_at=expires_at, source=one.source, label=label
-                    )
-                ).inserted_primary_key[0]  # type: ignore[index]
-                made.append((reservation_id, one, label))
-                rows += [
-                    {"table_name": table_name, "kind": kind, "value": value, "reservation_id": reservation_id}
-                    for kind, value in set(one.values)
-                ]
+            labels = [clean_label(one.label) for one in wanted]
+            heads = [
+                {
+                    "table_name": table_name,
+                    "created_at": now,
+                    "expires_at": expires_at,
+                    "source": one.source,
+                    "label": label,
+                }
+                for one, label in zip(wanted, labels, strict=True)
+            ]
+            ids = _insert_returning_ids(conn, heads)
+            made = list(zip(ids, wanted, labels, strict=True))
+            rows = [
+                {"table_name": table_name, "kind": kind, "value": value, "reservation_id": reservation_id}
+                for reservation_id, one, _ in made
+                for kind, value in set(one.values)
+            ]
             rows.sort(key=lambda row: (row["kind"], row["value"]))
             for part in chunks(rows, CHUNK):
                 conn.execute(v.insert(), part)
@@ -264,6 +269,17 @@ def reserve_many(
             raise Taken(type(exc.orig).__name__) from None
         raise
     return [_reservation(rid, table_name, now, expires_at, one.source, label, one.values) for rid, one, label in made]
+
+
+def _insert_returning_ids(conn: Connection, heads: list[dict[str, Any]]) -> list[int]:
+    """Insert the reservations' rows; their ids, in the order given.  One statement for many
+    where the database returns ids in parameter order (``INSERT ... RETURNING``: SQLite 3.35+,
+    PostgreSQL, MariaDB 10.5+), else one statement each."""
+    r = store.reservations
+    if len(heads) > 1 and conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+        stmt = r.insert().returning(r.c.id, sort_by_parameter_order=True)
+        return [int(rid) for rid in conn.execute(stmt, heads).scalars()]
+    return [int(conn.execute(r.insert().values(**head)).inserted_primary_key[0]) for head in heads]  # type: ignore[index]
 
 
 def _lock_conflict(exc: DBAPIError) -> bool:

@@ -110,6 +110,10 @@ def test_allocations_that_arrive_together_are_served_in_one_transaction_in_their
     assert grouped.transactions == [1, 6]  # the first alone, then the six in one transaction
     assert sorted(grouped.proxmox.probed) == list(range(105, 112))  # every VMID confirmed with Proxmox
     assert len(reserved(any_db)) == 1 + 6 * 4  # the first's VMID; a VMID, a hostname and two ports each
+    # As stored: each id with its own label and values (the ids came back in the right order).
+    with any_db.engine.connect() as conn:
+        stored = reservations.listing(conn, "apps", grouped.allocator.clock())
+    assert {r.id: r.to_dict() for r in stored if r.label != "first"} == {r.id: r.to_dict() for r in reservations_}
 
 
 def test_two_of_a_group_asking_for_one_hostname(sim, any_db, monkeypatch):
