@@ -218,7 +218,9 @@ def measure(size: int = SIZE, concurrency: int = CONCURRENCY, rounds: int = ROUN
                 per_round_p99.append(round(percentile(lat, 99) * 1000, 1))
                 duplicates += _duplicates(got)  # values in force at once: each round's
                 _release(admin, got)
+            floor_cpu = receiver.cpu_seconds()
             floor = [v * 1000 for r in range(rounds) for v in _floor(receiver.port, concurrency)]
+            floor_cpu = receiver.cpu_seconds() - floor_cpu
             admin.close()
             ms = [v * 1000 for v in latencies]
             spread = max(g["vmid"] for g in handed) - (100 + size) + 1 if handed else 0  # highest VMID handed
@@ -240,9 +242,14 @@ def measure(size: int = SIZE, concurrency: int = CONCURRENCY, rounds: int = ROUN
                 # The same burst refused 401 by the route: HTTP, Flask and the token check alone.
                 "allocator_burst_http_floor_p50_ms": round(percentile(floor, 50), 1),
                 "allocator_burst_http_floor_p99_ms": round(percentile(floor, 99), 1),
+                # ... and its receiver CPU per request (the 100 connections' warm-up included)
+                "allocator_burst_http_floor_receiver_cpu_ms": round(floor_cpu / len(floor) * 1000, 1)
+                if floor
+                else None,
                 "allocator_burst_per_s": round(len(handed) / span, 1) if span else None,
-                # CPU per burst allocation (the bench's process holds the HTTP clients and the
-                # simulator, which keeps its connections alive as pveproxy does).
+                # CPU per burst allocation, each connection's warm-up GET /healthz included (the
+                # bench's process holds the HTTP clients and the simulator, which keeps its
+                # connections alive as pveproxy does).
                 "allocator_burst_receiver_cpu_ms": round(cpu["receiver"] / len(handed) * 1000, 1) if handed else None,
                 "allocator_burst_sim_and_clients_cpu_ms": round(cpu["bench"] / len(handed) * 1000, 1)
                 if handed
