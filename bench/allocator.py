@@ -99,60 +99,45 @@ def _release(client: Client, got: list[dict[str, Any]]) -> None:
         assert status == 200, status
 
 
-def _burst(port: int, token: str, concurrency: int, round_no: int) -> tuple[list[float], list[dict[str, Any]], list]:
-    clients = [Client(port, token) for _ in range(concurrency)]
-    for c in clients:  # connect (and warm) before the barrier: the burst measures allocations only
+def _together(port: int, token: str, bodies: list[dict[str, Any]]) -> list[tuple[int, Any, float]]:
+    """``POST /api/v1/allocations`` with each of ``bodies`` at once, one client each (connected
+    and warmed before the barrier, so only the allocations are measured): (status, answer,
+    seconds) per body, in their order."""
+    clients = [Client(port, token) for _ in bodies]
+    for c in clients:
         c.call("GET", "/healthz")
-    barrier = threading.Barrier(concurrency)
-    latencies: list[float] = []
-    got: list[dict[str, Any]] = []
-    failures: list = []
-    lock = threading.Lock()
+    barrier = threading.Barrier(len(bodies))
+    answers: list[Any] = [None] * len(bodies)
 
     def one(i: int) -> None:
         barrier.wait()
-        status, body, elapsed = clients[i].call(
-            "POST", "/api/v1/allocations", {"hostname": f"bench-{round_no}-{i}", "ports": 1}
-        )
-        with lock:
-            latencies.append(elapsed)
-            (got if status == 201 else failures).append(body if status == 201 else (status, body))
+        answers[i] = clients[i].call("POST", "/api/v1/allocations", bodies[i])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
     for c in clients:
         c.close()
-    return latencies, got, failures
+    return answers
+
+
+def _burst(port: int, token: str, concurrency: int, round_no: int) -> tuple[list[float], list[dict[str, Any]], list]:
+    answers = _together(port, token, [{"hostname": f"bench-{round_no}-{i}", "ports": 1} for i in range(concurrency)])
+    got = [body for status, body, _ in answers if status == 201]
+    failures = [(status, body) for status, body, _ in answers if status != 201]
+    return [elapsed for _, _, elapsed in answers], got, failures
 
 
 def _floor(port: int, concurrency: int) -> list[float]:
     """The same burst with a wrong token: every request answered 401 by the route, nothing
     allocated, so its latency is what HTTP, Flask and the token check alone cost a burst."""
-    clients = [Client(port, "wrong-" + secrets.token_hex(8)) for _ in range(concurrency)]
-    for c in clients:
-        c.call("GET", "/healthz")
-    barrier = threading.Barrier(concurrency)
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        barrier.wait()
-        status, _, elapsed = clients[i].call("POST", "/api/v1/allocations", {"hostname": f"floor-{i}", "ports": 1})
-        assert status == 401, status
-        with lock:
-            latencies.append(elapsed)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    for c in clients:
-        c.close()
-    return latencies
+    answers = _together(
+        port, "wrong-" + secrets.token_hex(8), [{"hostname": f"floor-{i}", "ports": 1} for i in range(concurrency)]
+    )
+    assert all(status == 401 for status, _, _ in answers), [status for status, _, _ in answers]
+    return [elapsed for _, _, elapsed in answers]
 
 
 def measure(size: int = SIZE, concurrency: int = CONCURRENCY, rounds: int = ROUNDS) -> tuple[dict[str, Any], list[str]]:
