@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -70,6 +69,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import reservations
+from .allocation import MAX_SUFFIX, Refused, Request, name_candidates, normal_hostname, port_counts
 from .db import CHUNK, chunks
 from .freevalues import Skip, scan_free, whole
 from .model import Inventory, InventoryError
@@ -85,8 +85,6 @@ logger = logging.getLogger(__name__)
 MAX_TRIES = 20  # conflicts with other allocations before "contention, try again"
 MAX_PROBES = 32  # /cluster/nextid checks per allocation (VMIDs taken by guests the token cannot see)
 WINDOW_START, WINDOW_MAX = 8, 64  # after a conflict: choose among the first N free values
-MAX_PORTS = 32  # ports per column in one allocation
-MAX_SUFFIX = 99  # hostname, hostname-2 ... hostname-99
 MAX_GROUP = 128  # allocations served together (one read, one transaction)
 CONFIRMERS = 8  # /cluster/nextid requests of a group in flight at once
 # A guest list read this long before an allocation serves it: it only steers the choice (the
@@ -94,87 +92,6 @@ CONFIRMERS = 8  # /cluster/nextid requests of a group in flight at once
 GUEST_LIST_MAX_AGE = 2.0
 RECENT_S = 60.0  # see _Claims
 FLOOR_S = 2.0  # see Allocator._free
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-# Why an allocation reserved nothing -> HTTP status.
-STATUS = {
-    "invalid": 400,
-    "hostname_taken": 409,
-    "vmid_range_exhausted": 409,
-    "port_range_exhausted": 409,
-    "contention": 503,
-    "proxmox": 503,
-}
-
-
-class Refused(Exception):
-    """Nothing was reserved; ``kind`` (a key of :data:`STATUS`) says why, the message in words."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-    @property
-    def status(self) -> int:
-        return STATUS[self.kind]
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a caller asks for: always a VMID; a hostname (``suffix``: the first free of name,
-    name-2, name-3 ...); ports per column; a label kept with the reservation."""
-
-    hostname: str | None = None
-    suffix: bool = False
-    ports: int | Mapping[str, int] = field(default_factory=dict)  # see port_counts
-    label: str | None = None
-    source: str = "http"
-
-
-def normal_hostname(text: str) -> str:
-    """A DNS name (RFC 1123 labels, at most 253 characters), in lower case: DNS names are
-    case-insensitive, so ``Web`` and ``web`` are one reservation."""
-    name = text.strip().lower()
-    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
-        raise Refused(
-            "invalid",
-            f"hostname {text[:80]!r} is not a DNS name (letters, digits and '-', dot-separated labels "
-            "of at most 63 characters, 253 in all)",
-        )
-    return name
-
-
-def port_counts(settings: Settings, spec: int | Mapping[str, int] | None) -> dict[str, int]:
-    """How many ports of each column: a count (every column of ``CLEANUP_ALLOCATOR_PORTS``
-    gets that many) or a mapping column -> count (only the columns named)."""
-    if spec is None:
-        return {}
-    ranges = {column for column, _, _ in settings.allocator_ports}
-    if isinstance(spec, Mapping):
-        counts = dict(spec)
-        unknown = sorted(set(counts) - ranges)
-        if unknown:
-            raise Refused(
-                "invalid",
-                f"no port range for {', '.join(map(repr, unknown))}: CLEANUP_ALLOCATOR_PORTS has "
-                f"{', '.join(sorted(ranges)) or 'none'}",
-            )
-    else:
-        if spec and not ranges:
-            raise Refused("invalid", "ports asked for, but CLEANUP_ALLOCATOR_PORTS names no port range")
-        counts = {column: spec for column in ranges}
-    for column, n in counts.items():
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_PORTS:
-            raise Refused("invalid", f"ports: the count for {column} must be a whole number 0-{MAX_PORTS}")
-    return {column: n for column, n in counts.items() if n}
-
-
-def with_suffix(name: str, n: int) -> str:
-    """``web.apps.local`` -> ``web-2.apps.local``: the suffix goes on the first label."""
-    first, dot, rest = name.partition(".")
-    return f"{first}-{n}{dot}{rest}"
-
-
 # --- the guest list, read after the caller arrived ---------------------------------------
 
 
@@ -420,7 +337,7 @@ class Allocator:
         for ask in group:
             for column, n in ask.ports.items():
                 wanted_ports[column] = wanted_ports.get(column, 0) + n
-        asked_names = {ask: _name_candidates(ask.hostname, ask.request.suffix) for ask in group if ask.hostname}
+        asked_names = {ask: name_candidates(ask.hostname, ask.request.suffix) for ask in group if ask.hostname}
         # Groups are served one at a time, so no other allocation of this allocator chooses
         # meanwhile: no claims to take (:class:`_Claims` is for those served alone).
         with self.table.engine.connect() as conn:
@@ -696,7 +613,7 @@ class Allocator:
         it) when none is free; None when no name is asked for."""
         if name is None:
             return None
-        candidates = _name_candidates(name, suffix)
+        candidates = name_candidates(name, suffix)
         return self._pick_names(name, suffix, candidates, self._names_in_rows(conn, candidates), guest_names, held)
 
     def _names_in_rows(self, conn: Connection, candidates: Collection[str]) -> set[str]:
@@ -732,12 +649,3 @@ class Allocator:
         else:
             who = f"reservation {held[name]}"
         raise Refused("hostname_taken", f"hostname {name!r} is taken by {who} (ask with suffix to get {name}-2 ...)")
-
-
-def _name_candidates(name: str, suffix: bool) -> list[str]:
-    """``[name]``, or with ``suffix`` name, name-2 ... name-99 (those that stay DNS names)."""
-    candidates = [name]
-    if suffix:
-        candidates += [c for c in (with_suffix(name, k) for k in range(2, MAX_SUFFIX + 1)) if len(c) <= 253]
-        candidates = [c for c in candidates if len(c.split(".", 1)[0]) <= 63]
-    return candidates

@@ -13,7 +13,7 @@ is not a DNS name, a port column without a range), 415 a body not declared
 VMID or port left in the range); 503 nothing was reserved and it may work later (Proxmox
 unreadable or could not confirm, too many conflicting allocations, the database unavailable).
 Every refusal carries ``reason``, a word from
-:data:`receiver.allocator.STATUS`.
+:data:`receiver.allocation.STATUS`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import reservations
-from .allocator import Allocator, Refused, Request, port_counts
+from .allocation import Refused, Request, port_counts
+from .allocator import Allocator
 from .web import error, is_admin, janitor, json_response, path_id
 
 logger = logging.getLogger(__name__)

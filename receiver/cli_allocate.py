@@ -19,7 +19,8 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import reservations
-from .allocator import Allocator, Refused, Request, port_counts
+from .allocation import Refused, Request, port_counts
+from .allocator import Allocator
 from .cli_common import EXIT_CONFIG, EXIT_NOT_FOUND, EXIT_REFUSED, engine, fail, init_logging, runtime, text_table
 from .cli_common import settings as settings_from_env
 from .db import describe_db_error

@@ -20,17 +20,8 @@ import sqlalchemy as sa
 from conftest import ROOT, janitor_env, running_apps, table_vmids
 
 from receiver import reservations, store
-from receiver.allocator import (
-    MAX_PROBES,
-    WINDOW_START,
-    Allocator,
-    FreshInventory,
-    Refused,
-    Request,
-    normal_hostname,
-    port_counts,
-    with_suffix,
-)
+from receiver.allocation import Refused, Request, normal_hostname, port_counts, with_suffix
+from receiver.allocator import MAX_PROBES, WINDOW_START, Allocator, FreshInventory
 from receiver.config import load_settings
 from receiver.freevalues import free_numbers
 from receiver.inbox import Inbox
@@ -441,7 +432,8 @@ def test_fifty_concurrent_allocations_never_hand_out_a_value_twice(sim, any_db):
 
 WORKER = """
 import json, sys, threading
-from receiver.allocator import Allocator, Request
+from receiver.allocation import Request
+from receiver.allocator import Allocator
 from receiver.config import load_settings
 from receiver.runtime import Runtime
 

@@ -15,7 +15,8 @@ import pytest
 from test_allocator import reserved, runtime_for, scene
 
 from receiver import reservations
-from receiver.allocator import Allocator, Refused, Request
+from receiver.allocation import Refused, Request
+from receiver.allocator import Allocator
 from receiver.model import Inventory, InventoryError
 from receiver.reservations import Reservation
 

@@ -335,7 +335,7 @@ def test_openapi_documents_each_status_and_reason_the_tests_see():
     assert set(paths[ALLOCATIONS]["post"]["responses"]) >= {"201", "400", "409", "415", "503"} | auth
     assert set(paths[ALLOCATIONS]["get"]["responses"]) >= {"200", "503"} | auth
     assert set(paths[ALLOCATIONS + "/{reservation_id}"]["delete"]["responses"]) >= {"200", "404"} | auth
-    from receiver.allocator import STATUS
+    from receiver.allocation import STATUS
 
     refused = spec["components"]["schemas"]["AllocationRefused"]["allOf"][1]["properties"]["reason"]["enum"]
     assert set(refused) == set(STATUS)
