@@ -279,24 +279,44 @@ class Allocator:
             self._queue.append(ask)
             lead = not self._leading
             self._leading = True
-        if not lead:
-            ask.wake.wait()
+        try:
+            if not lead:
+                ask.wake.wait()
+        except BaseException:  # this thread was interrupted while it waited: leave the queue
+            self._withdraw(ask)
+            raise
         if not ask.done:  # handed the lead: serve the first ones waiting (this one among them)
-            with self._lock:
-                group = self._queue[:MAX_GROUP]
-                del self._queue[:MAX_GROUP]
             try:
+                with self._lock:
+                    group = self._queue[:MAX_GROUP]
+                    del self._queue[:MAX_GROUP]
                 self._serve(group)
             finally:
-                with self._lock:
-                    if self._queue:
-                        self._queue[0].wake.set()
-                    else:
-                        self._leading = False
+                self._pass_lead()
         if ask.failure is not None:
             raise ask.failure
         assert ask.reservation is not None
         return ask.reservation
+
+    def _pass_lead(self) -> None:
+        """The lead goes to the first one waiting; with no one waiting, the next to come leads."""
+        with self._lock:
+            if self._queue:
+                self._queue[0].wake.set()
+            else:
+                self._leading = False
+
+    def _withdraw(self, ask: _Ask) -> None:
+        """An ask whose thread stopped waiting leaves the queue; had it been handed the lead, the
+        lead goes on, so the ones behind it are not left waiting for a thread that is gone.  (An
+        ask already taken into a group is served with it, and its reservation expires unused.)"""
+        with self._lock:
+            if ask not in self._queue:
+                return
+            self._queue.remove(ask)
+            handed = ask.wake.is_set() and not ask.done
+        if handed:
+            self._pass_lead()
 
     def _serve(self, group: list[_Ask]) -> None:
         """Serve every ask of ``group`` (a reservation or a failure each), waking all but the
@@ -310,7 +330,8 @@ class Allocator:
                     ask.finish(failure=refused)
                 return
             left = self._allocate_group(group, inventory) if len(group) > 1 else group
-            for ask in left:
+            arrival = {ask: n for n, ask in enumerate(group)}
+            for ask in sorted(left, key=arrival.__getitem__):  # the first to come, the first served
                 try:
                     ask.finish(self._allocate(ask.request, ask.hostname, ask.ports, inventory))
                 except Exception as exc:  # noqa: BLE001 - handed to the ask's own thread, raised there

@@ -7,6 +7,7 @@ it in a known order, then lets go: the queue is served as one group.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -209,3 +210,67 @@ def test_a_group_wanting_more_ports_than_are_left(sim, any_db, monkeypatch):
     ports = sorted(p for r in got if isinstance(r, Reservation) for p in r.ports["public_port"])
     assert ports == [20105, 20106]
     assert "20105-20106" in str(last)
+
+
+def test_asks_a_group_leaves_are_served_in_their_order_of_arrival(sim, any_db, monkeypatch):
+    scene(sim, any_db)
+    grouped = Grouped(sim, any_db)
+    now = grouped.allocator.clock().replace(microsecond=0)
+    other: list[Reservation] = []
+
+    def another_receiver_takes_106(vmid: int) -> None:
+        if vmid == 106 and not other:  # the group's transaction will meet it: one by one
+            other.append(
+                reservations.reserve(
+                    any_db.engine,
+                    "apps",
+                    now=now,
+                    expires_at=now.replace(year=now.year + 1),
+                    source="cli",
+                    label="other",
+                    values=[("vmid", "106")],
+                )
+            )
+
+    grouped.proxmox.on_probe = another_receiver_takes_106
+    first, second = grouped.run([Request(hostname="api"), Request(hostname="api")], monkeypatch)
+    # The first to come keeps the name; the second is told who has it.
+    assert isinstance(first, Reservation) and first.hostname == "api"
+    assert isinstance(second, Refused) and second.kind == "hostname_taken" and f"reservation {first.id}" in str(second)
+
+
+class Interrupted(BaseException):
+    """What a signal handler raises in a thread that waits for its turn."""
+
+
+def test_an_ask_whose_thread_is_interrupted_while_waiting_leaves_no_one_stuck(sim, sqlite_db):
+    scene(sim, sqlite_db)
+    grouped = Grouped(sim, sqlite_db)
+    allocator = grouped.allocator
+    first: list[Any] = []
+    leader = threading.Thread(target=lambda: first.append(allocator.allocate(Request())))
+    leader.start()
+    wait_for(lambda: grouped.proxmox.reads == 1, "the first allocation's guest-list read")
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # this (main) thread is then waiting in the queue
+        with pytest.raises(Interrupted):
+            allocator.allocate(Request(hostname="gone"))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert allocator._queue == []  # it left the queue
+    grouped.proxmox.go.set()
+    leader.join(30)
+    assert first and first[0].vmid == 105
+    after: list[Any] = []
+    late = threading.Thread(target=lambda: after.append(allocator.allocate(Request(hostname="late"))))
+    late.start()
+    late.join(30)
+    assert not late.is_alive(), "an allocation after the interrupted one hung"
+    assert after[0].vmid == 106 and after[0].hostname == "late"
+    assert ("hostname", "gone") not in reserved(sqlite_db)
