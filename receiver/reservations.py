@@ -273,9 +273,9 @@ def reserve_many(
 
 
 def _insert_returning_ids(conn: Connection, heads: list[dict[str, Any]]) -> list[int]:
-    """Insert the reservations' rows; their ids, in the order given.  One statement for many
-    where the database returns ids in parameter order (``INSERT ... RETURNING``: SQLite 3.35+,
-    PostgreSQL, MariaDB 10.5+), else one statement each."""
+    """Insert the reservations' rows; their ids, in the order given.  One ``INSERT ... RETURNING``
+    for many where SQLAlchemy can return the ids in parameter order (PostgreSQL, MariaDB 10.5+;
+    on SQLite it sends one statement per row itself), else one statement each."""
     r = store.reservations
     if len(heads) > 1 and conn.dialect.insert_executemany_returning_sort_by_parameter_order:
         stmt = r.insert().returning(r.c.id, sort_by_parameter_order=True)
