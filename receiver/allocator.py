@@ -638,15 +638,14 @@ class Allocator:
         return self._pick_names(name, suffix, candidates, self._names_in_rows(conn, candidates), guest_names, held)
 
     def _names_in_rows(self, conn: Connection, candidates: Collection[str]) -> set[str]:
-        """Which of ``candidates`` (lower case) rows of the platform table carry as their hostname,
-        in any case: DNS names are case-insensitive, so a row's ``Web`` takes ``web``."""
+        """Which of ``candidates`` rows of the platform table carry as their hostname."""
         column_name = self.settings.hostname_column
         if not column_name or not candidates:
             return set()
-        lowered = sa.func.lower(self.table.table.c[column_name])
+        column = self.table.table.c[column_name]
         found: set[str] = set()
         for part in chunks(sorted(candidates), CHUNK):
-            found.update(str(v) for v in conn.execute(sa.select(lowered).where(lowered.in_(part))).scalars())
+            found.update(str(v).lower() for v in conn.execute(sa.select(column).where(column.in_(part))).scalars())
         return found
 
     def _pick_names(

@@ -143,9 +143,8 @@ def ended_ids(conn: Connection, table: PlatformTable, held: dict[str, dict[str, 
     """Reservations in ``held`` (as :func:`held_values` gives) whose VMID or hostname a row of the
     platform table now carries: the platform created what was reserved, so they end.
 
-    One query with the reserved values alone (a few, however large the table is): ``vmid IN
-    (...) OR lower(hostname) IN (...)`` (a row's hostname in any case ends a reservation of it:
-    DNS names are case-insensitive).
+    One query on the table's indexes with the reserved values alone (a few, however large the
+    table is): ``vmid IN (...) OR hostname IN (...)``.
     """
     numeric = isinstance(table.vmid.type, (sa.Integer, sa.Numeric))
     vmids = {(int(v) if numeric else v): rid for v, rid in held.get(VMID, {}).items() if v.isdigit()}
@@ -153,7 +152,7 @@ def ended_ids(conn: Connection, table: PlatformTable, held: dict[str, dict[str, 
     names = held.get(HOSTNAME, {}) if column_name else {}
     if not vmids and not names:
         return []
-    host = sa.func.lower(table.table.c[column_name]) if column_name else None
+    host = table.table.c[column_name] if column_name else None
     ended: set[int] = set()
     if len(vmids) + len(names) <= CHUNK:
         clauses = [table.vmid.in_(list(vmids))] if vmids else []
@@ -182,7 +181,7 @@ def _whole_or_none(value: Any) -> int | None:
         return None
 
 
-def _present(conn: Connection, column: sa.ColumnElement[Any], values: Sequence[Any]) -> Iterable[Any]:
+def _present(conn: Connection, column: sa.Column, values: Sequence[Any]) -> Iterable[Any]:
     for part in chunks(values, CHUNK):
         yield from conn.execute(sa.select(column).where(column.in_(part)).distinct()).scalars()
 

@@ -266,22 +266,6 @@ def test_a_reservation_ends_when_its_row_appears(sim, any_db):
     assert third.vmid == 106 and third.ports == {"public_port": [20105]}
 
 
-def test_hostnames_of_rows_count_in_any_case(sim, any_db):
-    """DNS names are case-insensitive: a row's ``Shop.Apps.Local`` takes ``shop.apps.local``, and
-    a row that appears as ``API`` ends the reservation of ``api``."""
-    table = scene(sim, any_db)
-    add_row(any_db, table, 130, hostname="Shop.Apps.Local", public_port=20130, internal_port=30130)
-    allocator = allocator_for(runtime_for(sim, any_db))
-    with pytest.raises(Refused) as refused:
-        allocator.allocate(Request(hostname="shop.apps.local"))
-    assert refused.value.kind == "hostname_taken" and "a row of 'apps'" in str(refused.value)
-    assert allocator.allocate(Request(hostname="shop.apps.local", suffix=True)).hostname == "shop-2.apps.local"
-    api = allocator.allocate(Request(hostname="api", ports={"public_port": 1}))
-    add_row(any_db, table, 141, hostname="API", public_port=20141, internal_port=30141)
-    later = allocator.allocate(Request())
-    assert api.id not in reservation_ids(any_db) and later.id in reservation_ids(any_db)
-
-
 def test_housekeeping_prunes_expired_and_used_reservations(sim, any_db):
     table = scene(sim, any_db)
     clock = Clock()
