@@ -26,11 +26,11 @@ value) is the UNIQUE constraint.  Why it is built this way:
   served one at a time after it, as below.
 - **Bounded retries, spread out.**  The first choice is the lowest free value.  Allocations
   served alone choose around the claims of others (:class:`_Claims`); after a conflict with
-  another receiver the choice is
-  random among the first few free values (8, 16, 32, then 64), so a crowd spreads out in a
-  few rounds instead of colliding once per member.  After :data:`MAX_TRIES` conflicts the
-  answer is "contention, try again" (HTTP 503); a range with no free value left is a conflict
-  of the request with the state (HTTP 409), as is a hostname in use.
+  another receiver the choice is random among the first few free values (8, 16, 32, then
+  64), so a crowd spreads out in a few rounds instead of colliding once per member.  After
+  :data:`MAX_TRIES` conflicts the answer is "contention, try again" (HTTP 503); a range with
+  no free value left is a conflict of the request with the state (HTTP 409), as is a
+  hostname in use.
 - **Fail closed.**  The guest list is read (completely and surely, as a sweep reads it)
   before anything is chosen, and the chosen VMID is confirmed with
   ``/cluster/nextid?vmid=N`` (:meth:`ProxmoxInventory.vmid_in_use`), which also sees guests
@@ -38,9 +38,10 @@ value) is the UNIQUE constraint.  Why it is built this way:
 - **Cheap on a large table.**  The lowest free values come from the database by an indexed
   scan from the range's low end that stops at the first gaps (``LAG()``/``LEAD()`` over the
   column's order, :func:`~receiver.freevalues.free_numbers`), not by loading the table's
-  VMIDs into Python; only the reserved values (a few) and the guest list are held in memory.  Within
-  :data:`FLOOR_S` of a scan from the low end, the next ones start where it found the first
-  value no row held (:meth:`Allocator._free`): 36 ms at 100,000 dense rows, 2 ms from there.
+  VMIDs into Python; only the reserved values (a few) and the guest list are held in memory.
+  Within :data:`FLOOR_S` of a scan from the low end, the next ones start where it found the
+  first value no row held (:meth:`Allocator._free`): 36 ms at 100,000 dense rows, 2 ms from
+  there.
 - **One guest-list read for a crowd.**  A guest list read at most :data:`GUEST_LIST_MAX_AGE`
   (2 s) before an allocation serves it, and allocations that arrive while a read is running
   wait for it and share it (:class:`FreshInventory`): a burst of allocations costs Proxmox a
@@ -319,8 +320,8 @@ class Allocator:
             self._pass_lead()
 
     def _serve(self, group: list[_Ask]) -> None:
-        """Serve every ask of ``group`` (a reservation or a failure each), waking all but the
-        caller's own as each is done."""
+        """Serve every ask of ``group``: a reservation or a failure each, its thread woken as it
+        is done.  A failure of the whole group goes to every ask not yet done."""
         try:
             try:
                 inventory = self.guests.get()
@@ -336,15 +337,12 @@ class Allocator:
                     ask.finish(self._allocate(ask.request, ask.hostname, ask.ports, inventory))
                 except Exception as exc:  # noqa: BLE001 - handed to the ask's own thread, raised there
                     ask.finish(failure=exc)
-        except Exception as exc:  # noqa: BLE001 - every ask of the group gets it, in its own thread
+        except BaseException as exc:  # every ask left gets it, raised in its own thread
             for ask in group:
                 if not ask.done:
                     ask.finish(failure=exc)
-        except BaseException as exc:
-            for ask in group:
-                if not ask.done:
-                    ask.finish(failure=exc)
-            raise
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: this thread's too
+                raise
 
     def _allocate_group(self, group: list[_Ask], inventory: Inventory) -> list[_Ask]:
         """Reserve for the asks of ``group`` in one transaction, from one read of what is free,
@@ -362,11 +360,7 @@ class Allocator:
         # Groups are served one at a time, so no other allocation of this allocator chooses
         # meanwhile: no claims to take (:class:`_Claims` is for those served alone).
         with self.table.engine.connect() as conn:
-            held, expired = reservations.read(conn, self.settings.table, now)
-            ended = reservations.ended_ids(conn, self.table, held)
-            if ended:  # their values are free (their VMID and hostname are a row's now)
-                gone = set(ended)
-                held = {k: {v: r for v, r in vs.items() if r not in gone} for k, vs in held.items()}
+            held, stale = self._held(conn, now)
             in_rows = self._names_in_rows(conn, {c for candidates in asked_names.values() for c in candidates})
             free_ports: dict[str, list[int]] = {}
             for column, low, high in self.settings.allocator_ports:
@@ -416,7 +410,7 @@ class Allocator:
                 now=now,
                 expires_at=now + timedelta(minutes=self.settings.reservation_minutes),
                 wanted=[Wanted(ask.request.source, ask.request.label, values) for ask, values in planned],
-                stale=expired + ended,
+                stale=stale,
             )
         except reservations.Taken as exc:
             with self._lock:
@@ -569,13 +563,8 @@ class Allocator:
     ) -> _Choice:
         """What is free, from one read of the reservations and the platform table: enough of
         each for this allocation and the ``window``."""
-        table_name = self.settings.table
         with self.table.engine.connect() as conn:
-            held, expired = reservations.read(conn, table_name, now)
-            ended = reservations.ended_ids(conn, self.table, held)
-            if ended:  # their values are free (their VMID and hostname are a row's now)
-                gone = set(ended)
-                held = {k: {v: r for v, r in vs.items() if r not in gone} for k, vs in held.items()}
+            held, stale = self._held(conn, now)
             free_names = self._hostnames(conn, hostname, suffix, names, held.get(HOSTNAME, {}))
             free_ports = {}
             for column, low, high in self.settings.allocator_ports:
@@ -599,8 +588,19 @@ class Allocator:
             _spread(free_vmids, window),
             None if free_names is None else _spread(free_names, window),
             free_ports,
-            expired + ended,
+            stale,
         )
+
+    def _held(self, conn: Connection, now: datetime) -> tuple[dict[str, dict[str, int]], list[int]]:
+        """The values reservations hold (kind -> {value: reservation id}), and the stale
+        reservations to delete when reserving: expired, or ended because their row appeared
+        (their values are free: their VMID and hostname are a row's now)."""
+        held, expired = reservations.read(conn, self.settings.table, now)
+        ended = reservations.ended_ids(conn, self.table, held)
+        if ended:
+            gone = set(ended)
+            held = {k: {v: r for v, r in vs.items() if r not in gone} for k, vs in held.items()}
+        return held, expired + ended
 
     def _free(
         self, conn: Connection, column: sa.Column, low: int, high: int, skip: Collection[int] | Skip, want: int
