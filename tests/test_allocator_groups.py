@@ -98,6 +98,24 @@ class Grouped:
         return got  # type: ignore[return-value]
 
 
+def another_receiver_reserves(grouped: Grouped, db: Any, vmid: int) -> Any:
+    """An ``on_probe`` that, at the first check of ``vmid``, reserves it as another receiver would."""
+    now = grouped.allocator.clock().replace(microsecond=0)
+    done: list[Reservation] = []
+
+    def reserve(probed: int) -> None:
+        if probed == vmid and not done:
+            expires = now.replace(year=now.year + 1)
+            values = [("vmid", str(vmid))]
+            done.append(
+                reservations.reserve(
+                    db.engine, "apps", now=now, expires_at=expires, source="cli", label="other", values=values
+                )
+            )
+
+    return reserve
+
+
 def test_allocations_that_arrive_together_are_served_in_one_transaction_in_their_order(sim, any_db, monkeypatch):
     scene(sim, any_db)  # rows and guests 100-104
     grouped = Grouped(sim, any_db)
@@ -156,24 +174,8 @@ def test_a_group_passes_over_a_vmid_taken_in_proxmox_since_its_list_was_read(sim
 def test_a_group_that_meets_another_receivers_values_is_served_one_by_one(sim, any_db, monkeypatch):
     scene(sim, any_db)
     grouped = Grouped(sim, any_db)
-    now = grouped.allocator.clock().replace(microsecond=0)
-    other: list[Reservation] = []
-
-    def another_receiver_takes_108(vmid: int) -> None:
-        if vmid == 108 and not other:  # after the group read what is free, before it reserves
-            other.append(
-                reservations.reserve(
-                    any_db.engine,
-                    "apps",
-                    now=now,
-                    expires_at=now.replace(year=now.year + 1),
-                    source="cli",
-                    label="other",
-                    values=[("vmid", "108")],
-                )
-            )
-
-    grouped.proxmox.on_probe = another_receiver_takes_108
+    # Another receiver reserves 108 after the group read what is free, before it reserves.
+    grouped.proxmox.on_probe = another_receiver_reserves(grouped, any_db, 108)
     got = grouped.run([Request(ports=1) for _ in range(4)], monkeypatch)
     assert all(isinstance(r, Reservation) for r in got), got
     vmids = [r.vmid for r in got if isinstance(r, Reservation)]
@@ -215,24 +217,8 @@ def test_a_group_wanting_more_ports_than_are_left(sim, any_db, monkeypatch):
 def test_asks_a_group_leaves_are_served_in_their_order_of_arrival(sim, any_db, monkeypatch):
     scene(sim, any_db)
     grouped = Grouped(sim, any_db)
-    now = grouped.allocator.clock().replace(microsecond=0)
-    other: list[Reservation] = []
-
-    def another_receiver_takes_106(vmid: int) -> None:
-        if vmid == 106 and not other:  # the group's transaction will meet it: one by one
-            other.append(
-                reservations.reserve(
-                    any_db.engine,
-                    "apps",
-                    now=now,
-                    expires_at=now.replace(year=now.year + 1),
-                    source="cli",
-                    label="other",
-                    values=[("vmid", "106")],
-                )
-            )
-
-    grouped.proxmox.on_probe = another_receiver_takes_106
+    # Another receiver reserves 106: the group's transaction meets it, so one by one.
+    grouped.proxmox.on_probe = another_receiver_reserves(grouped, any_db, 106)
     first, second = grouped.run([Request(hostname="api"), Request(hostname="api")], monkeypatch)
     # The first to come keeps the name; the second is told who has it.
     assert isinstance(first, Reservation) and first.hostname == "api"
