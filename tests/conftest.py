@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import yaml
 from proxmoxer import ProxmoxAPI
 
 from receiver.config import load_settings, without_settings
@@ -35,6 +37,7 @@ from receiver.simulator.launch import cli_command
 from receiver.simulator.scene import app_row, create_apps_table, load_into, seed_database
 
 ROOT = Path(__file__).resolve().parent.parent
+OPENAPI_SPEC = ROOT / "docs" / "openapi.yaml"
 PG_ENV, MY_ENV = "JANITOR_TEST_POSTGRES_URL", "JANITOR_TEST_MYSQL_URL"
 DEFAULT_URLS = {
     PG_ENV: "postgresql+psycopg://postgres@127.0.0.1:5432/test",
@@ -277,3 +280,30 @@ def after_read(sim, n, fn):
         return answer
 
     sim._api_resources = wrapped
+
+
+def openapi_spec() -> dict:
+    """docs/openapi.yaml, parsed."""
+    return yaml.safe_load(OPENAPI_SPEC.read_text())
+
+
+def served_routes(app: Any, endpoint: Any) -> set[tuple[str, str]]:
+    """(path in OpenAPI's spelling, METHOD) of every rule of ``app`` whose endpoint name
+    ``endpoint`` accepts; HEAD and OPTIONS, which every route answers, left out."""
+    return {
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)  # Flask's <int:id> is OpenAPI's {id}
+        for rule in app.url_map.iter_rules()
+        if endpoint(rule.endpoint)
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
+    }
+
+
+def documented_routes(prefixes: str | tuple[str, ...] = "") -> set[tuple[str, str]]:
+    """(path, METHOD) of every operation docs/openapi.yaml documents under ``prefixes``."""
+    return {
+        (path, method.upper())
+        for path, item in openapi_spec()["paths"].items()
+        if path.startswith(prefixes)
+        for method in item
+        if method in ("get", "post", "put", "patch", "delete")
+    }

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import yaml
-from conftest import janitor_env, table_vmids
+from conftest import documented_routes, janitor_env, openapi_spec, served_routes, table_vmids
 
 from receiver.app import ERROR_CODES, create_app
 from receiver.config import load_settings
@@ -506,29 +504,14 @@ def test_plans_and_holds_on_every_database(seed_sim, any_db):
 
 # --- the OpenAPI document ----------------------------------------------------------------------
 
-SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
-
 
 def test_openapi_documents_these_routes_as_served(app):
-    paths = yaml.safe_load(SPEC.read_text())["paths"]
-    served = {
-        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)
-        for rule in app.url_map.iter_rules()
-        if rule.endpoint.startswith("plans.")
-        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
-    }
-    documented = {
-        (path, method.upper())
-        for path, item in paths.items()
-        if path.startswith((PENDING, HOLDS))
-        for method in item
-        if method in ("get", "post", "put", "patch", "delete")
-    }
-    assert len(served) == 7 and documented == served
+    served = served_routes(app, lambda endpoint: endpoint.startswith("plans."))
+    assert len(served) == 7 and documented_routes((PENDING, HOLDS)) == served
 
 
 def test_openapi_documents_each_status_the_tests_see():
-    paths = yaml.safe_load(SPEC.read_text())["paths"]
+    paths = openapi_spec()["paths"]
     admin = {"401", "403"}
     assert set(paths[PENDING]["get"]["responses"]) >= {"200", "400", "503"} | admin
     assert set(paths[PENDING + "/{plan_id}"]["get"]["responses"]) >= {"200", "404"} | admin

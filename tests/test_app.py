@@ -10,16 +10,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import yaml
-from conftest import make_runtime, table_vmids
+from conftest import documented_routes, make_runtime, openapi_spec, served_routes, table_vmids
 
 from receiver import store
 from receiver.app import ERROR_CODES, create_app
@@ -30,7 +27,6 @@ from receiver.timeutil import utcnow
 
 HOOK_SECRET = "hook-secret-7f3a9c2e5b"
 ADMIN_TOKEN = "admin-token-91b2d4f6a8"
-SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 EVENTS, RUN = "/api/v1/events", "/api/v1/system/cleanup/run"
 STATS, HISTORY = "/api/v1/system/cleanup/stats", "/api/v1/system/cleanup/history"
 
@@ -693,41 +689,26 @@ def test_index_lists_the_routes(client):
 # --- the OpenAPI document --------------------------------------------------------------
 
 
-def spec() -> dict:
-    return yaml.safe_load(SPEC.read_text())
-
-
 def test_openapi_paths_and_methods_match_the_app(app):
-    documented = {
-        (path, method.upper())
-        for path, item in spec()["paths"].items()
-        for method in item
-        if method in ("get", "post", "put", "patch", "delete")
-    }
-    served = {
-        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)  # Flask's <int:id> is OpenAPI's {id}
-        for rule in app.url_map.iter_rules()
-        # /ui is the dashboard's HTML pages, not the API: docs/dashboard.md documents them.
-        if rule.endpoint != "static" and not rule.endpoint.startswith("ui.")
-        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
-    }
-    assert documented == served
+    # /ui is the dashboard's HTML pages, not the API: docs/dashboard.md documents them.
+    served = served_routes(app, lambda endpoint: endpoint != "static" and not endpoint.startswith("ui."))
+    assert documented_routes() == served
 
 
 def test_openapi_error_schema_names_every_error_code():
-    error = spec()["components"]["schemas"]["Error"]
+    error = openapi_spec()["components"]["schemas"]["Error"]
     assert error["required"] == ["error", "message"]
     assert set(error["properties"]["error"]["enum"]) == set(ERROR_CODES.values())
 
 
 def test_openapi_stats_schema_requires_what_the_app_returns(client):
-    required = set(spec()["components"]["schemas"]["Stats"]["required"])
+    required = set(openapi_spec()["components"]["schemas"]["Stats"]["required"])
     assert required == SEED_KEYS | EXTRA_KEYS
     assert required <= set(client.get(STATS).get_json())
 
 
 def test_openapi_documents_each_status_the_tests_see():
-    paths = spec()["paths"]
+    paths = openapi_spec()["paths"]
     assert set(paths[EVENTS]["post"]["responses"]) >= {"200", "202", "400", "401", "413", "415", "503"}
     assert set(paths[RUN]["post"]["responses"]) >= {"200", "400", "401", "403", "409", "422", "503"}
     assert set(paths[HISTORY]["get"]["responses"]) >= {"200", "400"}
