@@ -439,7 +439,7 @@ class Allocator:
             answers = list(self._pool().map(self._free_in_proxmox, batch))
             confirmed += [vmid for vmid, free in zip(batch, answers, strict=True) if free]
             passed_over += answers.count(False)
-        return sorted(confirmed)[:n]
+        return confirmed  # in candidate order, at most n: each batch asks only for what is missing
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
